@@ -1,0 +1,24 @@
+"""polymodal: one readable, fast PyTorch codebase for the multimodal stack.
+
+    import polymodal as pm
+    model = pm.load("openai/clip-vit-base-patch32")      # or a local Hugging Face / timm / open_clip directory
+    pm.save(model, "out/")                               # the same layout; the reference library reads it back
+    pipe = pm.pipeline("zero-shot-image-classification", model=model)
+"""
+
+from __future__ import annotations
+
+from polymodal.weights.checkpoint import CheckpointError
+from polymodal.weights.loader import build, load, save
+
+__version__ = "0.1.0"
+
+
+def pipeline(task: str, model=None, **options):
+    """A task pipeline (see `polymodal.pipelines`): `pm.pipeline("zero-shot-image-classification", model=...)`."""
+    from polymodal.pipelines import pipeline as _pipeline
+
+    return _pipeline(task, model=model, **options)
+
+
+__all__ = ["CheckpointError", "__version__", "build", "load", "pipeline", "save"]

@@ -1,0 +1,36 @@
+"""Shared building blocks. A block lives here once three families use it unchanged (STYLE.md, rule of
+three); blocks take explicit arguments, never a family config."""
+
+from polymodal.nn.attention import Attention, KVCache, padding_mask
+from polymodal.nn.block import Block
+from polymodal.nn.mlp import MLP, SwiGLU, QuickGELU, activation
+from polymodal.nn.norm import LayerNorm, RMSNorm
+from polymodal.nn.patch import PatchEmbed
+from polymodal.nn.position import (
+    LearnedPosition2D,
+    RoPE,
+    apply_rope,
+    interpolate_pos_2d,
+    sincos_1d,
+    sincos_2d,
+)
+
+__all__ = [
+    "MLP",
+    "Attention",
+    "Block",
+    "KVCache",
+    "LayerNorm",
+    "LearnedPosition2D",
+    "PatchEmbed",
+    "QuickGELU",
+    "RMSNorm",
+    "RoPE",
+    "SwiGLU",
+    "activation",
+    "apply_rope",
+    "interpolate_pos_2d",
+    "padding_mask",
+    "sincos_1d",
+    "sincos_2d",
+]

@@ -1,0 +1,146 @@
+"""Multi-head attention on `torch.nn.functional.scaled_dot_product_attention`.
+
+One block serves every family: self- and cross-attention, causal and padding masks, grouped-query heads
+(fewer key/value heads than query heads, as in LLaMA 2/3 and Qwen2), rotary positions applied from the
+outside, and a preallocated KV cache for generation.
+
+Self-attention keeps q, k and v in one fused projection (`qkv`): one matrix multiply instead of three,
+which is measurably faster at the sizes we run. Checkpoints that store q/k/v apart are fused by the key map
+at load time (`polymodal.weights.keymap.Fuse`) and split again when saving.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class KVCache:
+    """Preallocated key/value buffers for one attention layer: (B, KV, T_max, Dh) each.
+
+    Writing at position `pos` never reallocates, so decoding costs no copies of the whole history.
+    """
+
+    def __init__(self, batch: int, num_kv_heads: int, max_len: int, head_dim: int, *, dtype, device):
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append k, v (B, KV, T, Dh) and return everything cached so far (B, KV, L+T, Dh)."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions requested, {self.max_len} preallocated")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    """Multi-head attention: x (B, T, D) [, context (B, S, Dc)] -> (B, T, D).
+
+    Args:
+        dim: model width D.
+        num_heads: query heads H.
+        num_kv_heads: key/value heads (grouped-query attention); defaults to H.
+        head_dim: Dh; defaults to D // H.
+        context_dim: set for cross-attention: keys and values come from a context of this width.
+        bias: bias on the q/k/v projections.
+        out_bias: bias on the output projection (defaults to `bias`).
+        causal: each position attends only to itself and earlier ones.
+        scale: softmax scale; defaults to 1/sqrt(Dh) (T5 uses 1).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        context_dim: int | None = None,
+        bias: bool = True,
+        out_bias: bool | None = None,
+        causal: bool = False,
+        scale: float | None = None,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        if num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        self.head_dim = head_dim or dim // num_heads
+        self.causal = causal
+        self.scale = scale
+        q_out, kv_out = num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.is_cross = context_dim is not None
+        if self.is_cross:
+            self.q = nn.Linear(dim, q_out, bias=bias)
+            self.kv = nn.Linear(context_dim, 2 * kv_out, bias=bias)
+        else:
+            self.qkv = nn.Linear(dim, q_out + 2 * kv_out, bias=bias)
+        self.proj = nn.Linear(q_out, dim, bias=bias if out_bias is None else out_bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        rope: tuple[Tensor, Tensor] | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """x (B, T, D); context (B, S, Dc) for cross-attention; mask broadcastable to (B, H, T, S), bool
+        (True = may attend) or additive float; rope = (cos, sin) each (B or 1, T, Dh) for the new positions."""
+        B, T, _ = x.shape
+        H, KV, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.is_cross:
+            if context is None:
+                raise ValueError("cross-attention needs a context tensor")
+            q = self.q(x).view(B, T, H, Dh)
+            k, v = self.kv(context).view(B, -1, 2, KV, Dh).unbind(2)  # (B, S, KV, Dh) each
+        else:
+            q, k, v = self.qkv(x).split([H * Dh, KV * Dh, KV * Dh], dim=-1)
+            q, k, v = q.view(B, T, H, Dh), k.view(B, T, KV, Dh), v.view(B, T, KV, Dh)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T|S, Dh)
+        if rope is not None:
+            from polymodal.nn.position import apply_rope
+
+            cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)  # (B, 1, T, Dh)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(k, v)
+        if KV != H:
+            k = k.repeat_interleave(H // KV, dim=1)
+            v = v.repeat_interleave(H // KV, dim=1)
+        is_causal = False
+        if self.causal:
+            if mask is None and past == 0:
+                is_causal = T > 1  # SDPA's fast path: a plain lower-triangular mask
+            else:
+                S = k.shape[2]
+                allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                mask = allowed if mask is None else _merge_masks(mask, allowed)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(B, T, H * Dh))
+
+
+def _merge_masks(mask: Tensor, allowed: Tensor) -> Tensor:
+    """Combine a user mask (bool or additive) with a boolean causal pattern."""
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, float("-inf"))
+
+
+def padding_mask(attention_mask: Tensor) -> Tensor:
+    """(B, S) with 1 for real tokens -> boolean (B, 1, 1, S) mask for `Attention`."""
+    return attention_mask.bool()[:, None, None, :]

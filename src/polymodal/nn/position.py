@@ -1,0 +1,103 @@
+"""Positional encodings: sine-cosine (Vaswani et al. 2017; 2-D as in MAE), learned 2-D (ViT paper, App. D.4),
+interpolation of learned grids to new resolutions (ViT's fine-tuning at higher resolution), and rotary
+embeddings (Su et al. 2021, RoPE). M-RoPE and 2-D RoPE build on `apply_rope` later."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def sincos_1d(positions: Tensor, dim: int, base: float = 10000.0) -> Tensor:
+    """(N,) positions -> (N, dim): [sin(p * w_i) ..., cos(p * w_i) ...] with w_i = base^(-2i/dim)."""
+    if dim % 2:
+        raise ValueError(f"sine-cosine encoding needs an even dim, got {dim}")
+    omega = 1.0 / base ** (torch.arange(dim // 2, dtype=torch.float64, device=positions.device) / (dim / 2))
+    angles = positions.to(torch.float64)[:, None] * omega[None]  # (N, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def sincos_2d(h: int, w: int, dim: int, base: float = 10000.0) -> Tensor:
+    """Fixed 2-D encoding for an h x w grid -> (h*w, dim): half the channels encode the row, half the column."""
+    if dim % 4:
+        raise ValueError(f"2-D sine-cosine encoding needs dim divisible by 4, got {dim}")
+    rows = torch.arange(h).repeat_interleave(w)  # row index of each patch in raster order
+    cols = torch.arange(w).repeat(h)
+    return torch.cat([sincos_1d(rows, dim // 2, base), sincos_1d(cols, dim // 2, base)], dim=1)
+
+
+class LearnedPosition2D(nn.Module):
+    """ViT's "2-D" variant: learned row and column embeddings of D/2 each, concatenated per patch."""
+
+    def __init__(self, grid: tuple[int, int], dim: int):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"2-D learned positions need an even dim, got {dim}")
+        self.row = nn.Parameter(torch.zeros(grid[0], dim // 2))
+        self.col = nn.Parameter(torch.zeros(grid[1], dim // 2))
+
+    def forward(self, h: int, w: int) -> Tensor:
+        """-> (h*w, D); other grid sizes than the trained one are interpolated linearly."""
+        row, col = self.row, self.col
+        if h != row.shape[0]:
+            row = F.interpolate(row.T[None], size=h, mode="linear", align_corners=False)[0].T
+        if w != col.shape[0]:
+            col = F.interpolate(col.T[None], size=w, mode="linear", align_corners=False)[0].T
+        return torch.cat([row[:, None].expand(h, w, -1), col[None].expand(h, w, -1)], dim=-1).reshape(h * w, -1)
+
+
+def interpolate_pos_2d(pos: Tensor, old_hw: tuple[int, int], new_hw: tuple[int, int], mode: str = "bicubic") -> Tensor:
+    """Resample a learned (N, D) grid of patch positions from old_hw to new_hw -> (h*w, D).
+
+    ViT fine-tunes at higher resolution by "2-D interpolation of the pre-trained position embeddings
+    according to their location in the original image" (Dosovitskiy et al. 2020, sec. 3.2)."""
+    if tuple(old_hw) == tuple(new_hw):
+        return pos
+    D = pos.shape[-1]
+    grid = pos.reshape(1, old_hw[0], old_hw[1], D).permute(0, 3, 1, 2).float()  # (1, D, h, w)
+    grid = F.interpolate(grid, size=new_hw, mode=mode, align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(new_hw[0] * new_hw[1], D).to(pos.dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x_i, x_{i+Dh/2}) by the position's angle ("rotate half" layout of the HF checkpoints).
+
+    x (B, H, T, Dh); cos, sin broadcastable to it."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class RoPE(nn.Module):
+    """Rotary position embedding tables: positions (B, T) -> (cos, sin) each (B, T, Dh).
+
+    The inverse frequencies are recomputed (not loaded), so they never appear in a checkpoint."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device=None) -> Tensor:
+        steps = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+        return 1.0 / self.theta ** (steps / self.head_dim)
+
+    def materialize(self, device) -> None:
+        """Called by the loader after building on the meta device: recompute the non-persistent table."""
+        self.inv_freq = self._inv_freq(device)
+
+    def forward(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        angles = positions[..., None].float() * self.inv_freq  # (B, T, Dh/2)
+        emb = torch.cat([angles, angles], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def grid_size(n_patches: int) -> tuple[int, int]:
+    """The square grid holding n patches (a learned grid is square unless stated otherwise)."""
+    side = math.isqrt(n_patches)
+    if side * side != n_patches:
+        raise ValueError(f"{n_patches} position embeddings do not form a square grid")
+    return side, side

@@ -1,0 +1,94 @@
+"""The one explicit registry of model families (STYLE.md, point 14): plain dicts, no decorators, no scanning.
+
+Each family module defines `FAMILY`, a `Family`: how to build the model from its config, its presets, and
+the checkpoint layouts it reads and writes (transformers, timm, open_clip, ...).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from polymodal.weights.keymap import KeyMap
+
+# family name -> module defining FAMILY
+FAMILIES: dict[str, str] = {
+    "lenet": "polymodal.models.lenet",
+    "resnet": "polymodal.models.resnet",
+    "vit": "polymodal.models.vit",
+    "clip": "polymodal.models.clip",
+}
+
+# transformers' config.json `model_type` (and polymodal's own) -> family
+# (`polymodal-<family>` marks polymodal's own layout, for variants no reference library holds)
+MODEL_TYPES: dict[str, str] = {
+    "polymodal-lenet": "lenet",
+    "polymodal-resnet": "resnet",
+    "polymodal-vit": "vit",
+    "polymodal-clip": "clip",
+    "resnet": "resnet",
+    "vit": "vit",
+    "clip": "clip",
+}
+
+# timm's config.json `architecture` prefix -> family
+TIMM_ARCHITECTURES: dict[str, str] = {
+    "vit_": "vit",
+    "resnet": "resnet",
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one ecosystem stores a family on disk."""
+
+    name: str  # "transformers", "timm", "open_clip", "polymodal"
+    # (the config file's JSON, the checkpoint's {name: shape}) -> the family's config; the shapes settle what
+    # a config file leaves open (a pooler present or not, a timm model's depth)
+    read_config: Callable[[dict, dict[str, tuple[int, ...]]], Any]
+    write_config: Callable[[Any], dict]  # the family's config -> JSON the reference library reads back
+    key_map: Callable[[Any], KeyMap]  # config -> the key map for that config
+    config_file: str = "config.json"
+    weights_stem: str = "model"  # model.safetensors, model.safetensors.index.json, ...
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: its model class, presets and checkpoint layouts (the first is the default for saving)."""
+
+    name: str
+    model: type[nn.Module]
+    layouts: dict[str, Layout]
+    presets: dict[str, Any] = field(default_factory=dict)
+    hub_ids: dict[str, str] = field(default_factory=dict)  # hub id -> preset name
+    description: str = ""
+
+    @property
+    def default_layout(self) -> Layout:
+        return next(iter(self.layouts.values()))
+
+
+def family(name: str) -> Family:
+    """The family registered under `name` (imports its module on first use)."""
+    try:
+        module = FAMILIES[name]
+    except KeyError:
+        raise KeyError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}") from None
+    return importlib.import_module(module).FAMILY
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family a model instance belongs to (the FAMILY of the module its class is defined in)."""
+    module = importlib.import_module(type(model).__module__)
+    fam = getattr(module, "FAMILY", None)
+    if fam is None:
+        raise TypeError(f"{type(model).__name__} is not a polymodal family model")
+    return fam
+
+
+def all_families() -> list[Family]:
+    return [family(name) for name in FAMILIES]

@@ -1,0 +1,266 @@
+"""The one strict loader: `load(source)` and `save(model, directory)`.
+
+The model is built on the meta device, the key map is checked on meta tensors (every name and shape, before
+reading any data), then each tensor is read and moved into place one at a time: no second copy of the
+weights, and no half-loaded model. Missing, unexpected and mis-shaped tensors are reported together in one
+error that names them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from polymodal import registry
+from polymodal.weights.checkpoint import CheckpointError, open_checkpoint
+from polymodal.weights.keymap import KeyMap
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+
+
+def resolve(source: str | os.PathLike) -> Path:
+    """A local path as is; a hub id ("owner/name") through huggingface_hub, which honours HF_HUB_OFFLINE."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    text = str(source)
+    if not _HUB_ID.fullmatch(text):
+        raise CheckpointError(text, "no such file or directory (and not a hub id of the form owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=_HUB_FILES))
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated, network: all end here
+        raise CheckpointError(
+            text,
+            f"not a local path, and the Hugging Face hub could not provide it ({type(e).__name__}). "
+            "Offline? Download it once, or pass a local directory.",
+        ) from None
+
+
+def detect(directory: Path) -> tuple[registry.Family, registry.Layout, dict]:
+    """Find a directory's family and layout from its config files."""
+    if (directory / "model_index.json").exists():
+        raise CheckpointError(directory, "diffusers pipelines are not supported yet by this polymodal version")
+    if (directory / "open_clip_config.json").exists():
+        fam = registry.family("clip")
+        return fam, fam.layouts["open_clip"], _read_json(directory / "open_clip_config.json")
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(directory, "no config.json (or open_clip_config.json): cannot tell the model family")
+    cfg = _read_json(config_path)
+    if "model_type" in cfg:
+        name = registry.MODEL_TYPES.get(cfg["model_type"])
+        if name is None:
+            raise CheckpointError(
+                config_path,
+                f"unknown model_type {cfg['model_type']!r}; supported: {sorted(registry.MODEL_TYPES)}",
+            )
+        fam = registry.family(name)
+        native = str(cfg["model_type"]).startswith("polymodal-")
+        layout = fam.layouts["polymodal" if native else "transformers"]
+        return fam, layout, cfg
+    if "architecture" in cfg:
+        arch = str(cfg["architecture"])
+        for prefix, name in registry.TIMM_ARCHITECTURES.items():
+            if arch.startswith(prefix):
+                fam = registry.family(name)
+                if "timm" in fam.layouts:
+                    return fam, fam.layouts["timm"], cfg
+        raise CheckpointError(config_path, f"unsupported timm architecture {arch!r}")
+    if "_class_name" in cfg:
+        raise CheckpointError(config_path, f"diffusers model {cfg['_class_name']!r} is not supported yet")
+    raise CheckpointError(config_path, "cannot tell the model family (no model_type or architecture)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(path, f"unreadable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(path, "expected a JSON object")
+    return data
+
+
+def build(family: str, preset_or_config: Any, *, device: str | torch.device | None = None) -> nn.Module:
+    """A freshly initialized model of a family from a preset name or a config."""
+    fam = registry.family(family)
+    cfg = fam.presets[preset_or_config] if isinstance(preset_or_config, str) else preset_or_config
+    with torch.device(device or "cpu"):
+        return fam.model(cfg)
+
+
+def load(source: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+    """Load a checkpoint (local directory, file or hub id) into its family's model, in eval mode.
+
+    dtype: floating-point weights are cast to it (None keeps the stored dtype); device defaults to CPU."""
+    path = resolve(source)
+    if path.is_file() and path.suffix == ".gguf":
+        raise CheckpointError(path, "GGUF files are not supported yet by this polymodal version")
+    if not path.is_dir():
+        raise CheckpointError(path, "expected a checkpoint directory (config.json + weights)")
+    fam, layout, raw = detect(path)
+    ckpt = open_checkpoint(path, layout.weights_stem)
+    try:
+        cfg = layout.read_config(raw, ckpt.shapes)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(path / layout.config_file, f"unsupported or malformed config ({e})") from None
+    with torch.device("meta"):
+        model = fam.model(cfg)
+    load_weights(model, ckpt, layout.key_map(cfg), dtype=dtype, device=device, where=path)
+    model.pm_layout = layout.name
+    return model.eval()
+
+
+def load_weights(
+    model: nn.Module,
+    ckpt,
+    key_map: KeyMap,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    where: Any = None,
+) -> nn.Module:
+    """Fill `model` (typically on the meta device) from a checkpoint mapping, strictly."""
+    device = torch.device(device or "cpu")
+    steps, _dropped = key_map.plan_load(list(ckpt))
+    expected = model.state_dict(keep_vars=True)
+    # Tied parameters appear under several names; the checkpoint needs to provide any one of them.
+    aliases: dict[int, list[str]] = {}
+    for k, t in expected.items():
+        aliases.setdefault(id(t), []).append(k)
+
+    meta = ckpt.meta() if hasattr(ckpt, "meta") else {k: v.to("meta") for k, v in ckpt.items()}
+    produced: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
+    for step in steps:
+        for name, t in zip(step.dst, step.fn([meta[k] for k in step.src])):
+            produced[name] = (tuple(t.shape), step.src)
+    covered = {a for k in produced if k in expected for a in aliases[id(expected[k])]}
+    missing = [k for k in expected if k not in covered]
+    unexpected = [f"{k} (from {', '.join(src)})" if src != (k,) else k for k, (_, src) in produced.items()
+                  if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {list(shape)} vs model {list(expected[k].shape)}"
+        for k, (shape, _) in produced.items()
+        if k in expected and tuple(expected[k].shape) != shape
+    ]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(where, _strict_report(missing, unexpected, mismatched))
+
+    done: set[int] = set()
+    for step in steps:
+        for name, t in zip(step.dst, step.fn([ckpt[k] for k in step.src])):
+            target = expected[name]
+            if id(target) in done:
+                continue
+            if t.is_floating_point():
+                t = t.to(device=device, dtype=dtype or t.dtype)
+            else:
+                t = t.to(device=device)
+            new = nn.Parameter(t.contiguous(), requires_grad=target.requires_grad) if isinstance(
+                target, nn.Parameter
+            ) else t.contiguous()
+            for alias in aliases[id(target)]:
+                _assign(model, alias, new)
+            done.add(id(target))
+    for m in model.modules():
+        if hasattr(m, "materialize"):
+            m.materialize(device)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(where, f"internal error: tensors left unmaterialized: {left[:10]}")
+    return model
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = tensor
+    else:
+        module._buffers[leaf] = tensor
+
+
+def _strict_report(missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
+    parts = ["checkpoint does not match the model"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
+        if items:
+            shown = ", ".join(items[:20]) + (f", ... ({len(items) - 20} more)" if len(items) > 20 else "")
+            parts.append(f"{len(items)} {title}: {shown}")
+    return "; ".join(parts)
+
+
+def save(model: nn.Module, directory: str | os.PathLike, *, max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """Write the model in the layout it was loaded from (its family's default otherwise), so that the
+    reference library loads it back. Files are written to temporary names and renamed into place."""
+    from safetensors.torch import save_file
+
+    fam = registry.family_of(model)
+    layout = fam.layouts.get(getattr(model, "pm_layout", ""), fam.default_layout)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for step in layout.key_map(model.config).plan_save(list(state)):
+        for name, t in zip(step.dst, step.fn([state[k] for k in step.src])):
+            t = t.detach().cpu().contiguous()
+            if t.data_ptr() in seen and t.numel():  # tied or shared storage: safetensors wants distinct buffers
+                t = t.clone()
+            seen.add(t.data_ptr())
+            tensors[name] = t
+    _atomic_write_text(directory / layout.config_file, json.dumps(layout.write_config(model.config), indent=2))
+    shards = _shard(tensors, max_shard_bytes)
+    stem = layout.weights_stem
+    if len(shards) == 1:
+        _atomic(directory / f"{stem}.safetensors", lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
+        return directory
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _atomic(directory / fname, lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    _atomic_write_text(directory / f"{stem}.safetensors.index.json", json.dumps(index, indent=2))
+    return directory
+
+
+def _shard(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    return shards
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    def write(tmp):
+        Path(tmp).write_text(text + "\n", encoding="utf-8")
+
+    _atomic(path, write)
