@@ -3,7 +3,7 @@ three); blocks take explicit arguments, never a family config."""
 
 from polymodal.nn.attention import Attention, KVCache, padding_mask
 from polymodal.nn.block import Block
-from polymodal.nn.mlp import MLP, SwiGLU, QuickGELU, activation
+from polymodal.nn.mlp import MLP, QuickGELU, SwiGLU, activation
 from polymodal.nn.norm import LayerNorm, RMSNorm
 from polymodal.nn.patch import PatchEmbed
 from polymodal.nn.position import (

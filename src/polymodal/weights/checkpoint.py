@@ -84,7 +84,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
             raise CheckpointError(path, f"tensor {name!r}: byte range does not match {dtype} {shape}")
         spans.append((start, end, name))
     spans.sort()
-    for (s0, e0, a), (s1, _e1, b) in zip(spans, spans[1:]):
+    for (_s0, e0, a), (s1, _e1, b) in zip(spans, spans[1:]):
         if s1 < e0:
             raise CheckpointError(path, f"tensors {a!r} and {b!r} overlap in the file")
     return header

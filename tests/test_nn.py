@@ -1,0 +1,165 @@
+"""Unit tests of the shared blocks against direct computations of their definitions."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from polymodal.nn import (
+    MLP,
+    Attention,
+    KVCache,
+    LearnedPosition2D,
+    PatchEmbed,
+    QuickGELU,
+    RMSNorm,
+    RoPE,
+    SwiGLU,
+    apply_rope,
+    interpolate_pos_2d,
+    padding_mask,
+    sincos_1d,
+    sincos_2d,
+)
+
+ATOL = 1e-5  # fp32, same math in a different order of operations
+
+
+def naive_attention(attn: Attention, x, context=None, mask=None, causal=False):
+    """softmax(q k^T / sqrt(Dh) + mask) v, written out with the block's own weights."""
+    H, KV, Dh = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    B, T, _ = x.shape
+    if attn.is_cross:
+        q = attn.q(x)
+        k, v = attn.kv(context).chunk(2, dim=-1)
+    else:
+        q, k, v = attn.qkv(x).split([H * Dh, KV * Dh, KV * Dh], -1)
+    S = k.shape[1]
+    q = q.view(B, T, H, Dh).transpose(1, 2)
+    k = k.view(B, S, KV, Dh).transpose(1, 2).repeat_interleave(H // KV, 1)
+    v = v.view(B, S, KV, Dh).transpose(1, 2).repeat_interleave(H // KV, 1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(Dh)
+    if causal:
+        scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool).triu(1), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    out = scores.softmax(-1) @ v
+    return attn.proj(out.transpose(1, 2).reshape(B, T, H * Dh))
+
+
+def test_self_attention_matches_definition():
+    attn = Attention(32, 4)
+    x = torch.randn(2, 7, 32)
+    torch.testing.assert_close(attn(x), naive_attention(attn, x), atol=ATOL, rtol=0)
+
+
+def test_causal_and_padding_masks():
+    attn = Attention(32, 4, causal=True)
+    x = torch.randn(2, 6, 32)
+    torch.testing.assert_close(attn(x), naive_attention(attn, x, causal=True), atol=ATOL, rtol=0)
+    am = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])  # left padding in the second row
+    got = attn(x, mask=padding_mask(am))
+    want = naive_attention(attn, x, mask=padding_mask(am), causal=True)
+    torch.testing.assert_close(got[1, 2:], want[1, 2:], atol=ATOL, rtol=0)  # padded queries see nothing real
+    torch.testing.assert_close(got[0], want[0], atol=ATOL, rtol=0)
+
+
+def test_grouped_query_attention():
+    attn = Attention(64, 8, num_kv_heads=2, bias=False)
+    assert attn.qkv.out_features == 64 + 2 * 2 * 8
+    x = torch.randn(1, 5, 64)
+    torch.testing.assert_close(attn(x), naive_attention(attn, x), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="multiple"):
+        Attention(64, 8, num_kv_heads=3)
+
+
+def test_cross_attention():
+    attn = Attention(32, 4, context_dim=48)
+    x, ctx = torch.randn(2, 3, 32), torch.randn(2, 9, 48)
+    torch.testing.assert_close(attn(x, ctx), naive_attention(attn, x, ctx), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="context"):
+        attn(x)
+
+
+def test_kv_cache_decoding_equals_full_pass():
+    attn = Attention(32, 4, num_kv_heads=2, causal=True)
+    x = torch.randn(2, 8, 32)
+    full = attn(x)
+    cache = KVCache(2, 2, 16, 8, dtype=x.dtype, device=x.device)
+    parts = [attn(x[:, :5], cache=cache)] + [attn(x[:, t : t + 1], cache=cache) for t in range(5, 8)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=ATOL, rtol=0)
+    assert cache.length == 8
+    with pytest.raises(ValueError, match="full"):
+        attn(torch.randn(2, 9, 32), cache=cache)
+
+
+def test_mlp_and_activations():
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(QuickGELU()(x), x * torch.sigmoid(1.702 * x))
+    mlp = MLP(16, 40, "quick_gelu")
+    torch.testing.assert_close(mlp(x), mlp.fc2(QuickGELU()(mlp.fc1(x))))
+    sw = SwiGLU(16, 24)
+    torch.testing.assert_close(sw(x), sw.down_proj(F.silu(sw.gate_proj(x)) * sw.up_proj(x)))
+    with pytest.raises(ValueError, match="unknown activation"):
+        MLP(4, 4, "nope")
+
+
+def test_rmsnorm():
+    n = RMSNorm(16, eps=1e-6)
+    n.weight.data.uniform_()
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(n(x), n.weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert n.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16  # computed in fp32, returned in bf16
+
+
+def test_patch_embed_is_linear_map_of_flattened_patches():
+    pe = PatchEmbed(3, 24, 4)
+    x = torch.randn(2, 3, 8, 12)
+    patches = x.unfold(2, 4, 4).unfold(3, 4, 4)  # (B, C, h, w, P, P)
+    flat = patches.permute(0, 2, 3, 1, 4, 5).reshape(2, 6, 48)
+    want = flat @ pe.proj.weight.reshape(24, 48).T + pe.proj.bias
+    torch.testing.assert_close(pe(x), want, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        pe(torch.randn(1, 3, 10, 8))
+
+
+def test_sincos():
+    e = sincos_1d(torch.arange(5), 8)
+    assert e.shape == (5, 8)
+    torch.testing.assert_close(e[3, 0], torch.tensor(math.sin(3.0)))
+    torch.testing.assert_close(e[3, 4], torch.tensor(math.cos(3.0)))
+    g = sincos_2d(2, 3, 16)
+    assert g.shape == (6, 16)
+    torch.testing.assert_close(g[4, :8], sincos_1d(torch.tensor([1]), 8)[0])  # patch 4 is row 1
+    torch.testing.assert_close(g[4, 8:], sincos_1d(torch.tensor([1]), 8)[0])  # and column 1
+
+
+def test_learned_2d_and_interpolation():
+    p = LearnedPosition2D((3, 4), 8)
+    p.row.data.normal_()
+    p.col.data.normal_()
+    e = p(3, 4)
+    assert e.shape == (12, 8)
+    torch.testing.assert_close(e[5, :4], p.row[1])
+    torch.testing.assert_close(e[5, 4:], p.col[1])
+    grid = torch.randn(16, 8)
+    assert interpolate_pos_2d(grid, (4, 4), (4, 4)) is grid
+    up = interpolate_pos_2d(grid, (4, 4), (6, 6))
+    assert up.shape == (36, 8)
+    const = torch.ones(16, 8)
+    torch.testing.assert_close(interpolate_pos_2d(const, (4, 4), (7, 5), mode="bilinear"), torch.ones(35, 8))
+
+
+def test_rope_is_relative():
+    rope = RoPE(16)
+    q, k = torch.randn(16), torch.randn(16)
+
+    def score(i, j):
+        cq, sq = rope(torch.tensor([[i]]))
+        ck, sk = rope(torch.tensor([[j]]))
+        return (apply_rope(q, cq[0, 0], sq[0, 0]) * apply_rope(k, ck[0, 0], sk[0, 0])).sum()
+
+    torch.testing.assert_close(score(3, 1), score(10, 8), atol=1e-4, rtol=0)
+    cos, sin = rope(torch.arange(4)[None])
+    torch.testing.assert_close(apply_rope(q, cos[0, 2], sin[0, 2]).norm(), q.norm())
