@@ -118,6 +118,7 @@ def load(source: str | os.PathLike, dtype: torch.dtype | None = None, device: st
         model = fam.model(cfg)
     load_weights(model, ckpt, layout.key_map(cfg), dtype=dtype, device=device, where=path)
     model.pm_layout = layout.name
+    model.pm_source = path  # pipelines find the processor and tokenizer files beside the weights
     return model.eval()
 
 

@@ -1,0 +1,202 @@
+"""The `polymodal` command line. Every command calls a pipeline; `--json` prints one JSON document on stdout
+and nothing else there. Bad input exits with status 2 and one clear line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage block
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _split_labels(text: str) -> list[str]:
+    labels = [s.strip() for s in text.split(",") if s.strip()]
+    if not labels:
+        raise UsageError("--labels needs at least one label, separated by commas")
+    return labels
+
+
+def _emit(args, result, human: Callable[[object], str]) -> None:
+    if args.json:
+        json.dump(result, sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
+    else:
+        print(human(result))
+
+
+def _table(rows: list[dict]) -> str:
+    return "\n".join(f"{r['score']:.4f}  {r['label']}" for r in rows)
+
+
+def cmd_zero_shot(args) -> None:
+    import polymodal as pm
+
+    pipe = pm.pipeline("zero-shot-image-classification", model=args.model)
+    images = args.image
+    result = pipe(images if len(images) > 1 else images[0], candidate_labels=_split_labels(args.labels),
+                  template=args.template, templates=args.templates, top_k=args.top_k)
+    if len(images) > 1:
+        _emit(args, result, lambda r: "\n\n".join(f"{p}\n{_table(rows)}" for p, rows in zip(images, r)))
+    else:
+        _emit(args, result, _table)
+
+
+def cmd_classify(args) -> None:
+    import polymodal as pm
+
+    pipe = pm.pipeline("image-classification", model=args.model)
+    images = args.image
+    result = pipe(images if len(images) > 1 else images[0], top_k=args.top_k)
+    if len(images) > 1:
+        _emit(args, result, lambda r: "\n\n".join(f"{p}\n{_table(rows)}" for p, rows in zip(images, r)))
+    else:
+        _emit(args, result, _table)
+
+
+def cmd_retrieve(args) -> None:
+    import polymodal as pm
+
+    pipe = pm.pipeline("image-text-retrieval", model=args.model)
+    result = pipe(images=args.images, texts=args.texts, top_k=args.top_k)
+    result["images"] = [str(p) for p in args.images]
+
+    def human(r):
+        lines = ["image -> text"]
+        for path, hits in zip(args.images, r["image_to_text"]):
+            lines.append(f"  {path}: " + "; ".join(f"{h['text']!r} ({h['score']:.3f})" for h in hits))
+        lines.append("text -> image")
+        for text, hits in zip(args.texts, r["text_to_image"]):
+            lines.append(f"  {text!r}: " + "; ".join(f"{args.images[h['index']]} ({h['score']:.3f})" for h in hits))
+        return "\n".join(lines)
+
+    _emit(args, result, human)
+
+
+def cmd_embed(args) -> None:
+    import polymodal as pm
+
+    if not args.image and not args.text:
+        raise UsageError("embed needs --image and/or --text")
+    pipe = pm.pipeline("image-text-retrieval", model=args.model)
+    result = {}
+    if args.image:
+        result["image_embeddings"] = pipe.embed_images(args.image).tolist()
+    if args.text:
+        result["text_embeddings"] = pipe.embed_texts(args.text).tolist()
+    _emit(args, result, lambda r: "\n".join(f"{k}: {len(v)} x {len(v[0])}" for k, v in r.items()))
+
+
+def cmd_models(args) -> None:
+    from polymodal.registry import all_families
+
+    rows = []
+    for fam in all_families():
+        rows.append({
+            "family": fam.name,
+            "description": fam.description,
+            "layouts": list(fam.layouts),
+            "presets": list(fam.presets),
+            "hub_ids": dict(fam.hub_ids),
+        })
+
+    def human(rs):
+        out = []
+        for r in rs:
+            out.append(f"{r['family']}: {r['description']}")
+            out.append(f"  layouts: {', '.join(r['layouts'])}")
+            out.append(f"  presets: {', '.join(r['presets'])}")
+            if r["hub_ids"]:
+                out.append(f"  hub ids: {', '.join(r['hub_ids'])}")
+        return "\n".join(out)
+
+    _emit(args, rows, human)
+
+
+def cmd_demo(args) -> None:
+    from polymodal.demo import run_demo
+
+    summary = run_demo(args.out, quiet=args.json)
+    if args.json:
+        _emit(args, summary, str)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="polymodal", description="polymodal: multimodal models from LeNet to Stable Diffusion 3.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def add(name: str, fn, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("zero-shot", cmd_zero_shot, "zero-shot image classification with CLIP")
+    sp.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    sp.add_argument("--image", required=True, action="append", help="image file (repeatable)")
+    sp.add_argument("--labels", required=True, help='comma-separated labels, e.g. "cat,dog,car"')
+    sp.add_argument("--template", default="a photo of a {}.", help="prompt template with {} for the label")
+    sp.add_argument("--templates", default=None, help='a template set ("imagenet80") to ensemble')
+    sp.add_argument("--top-k", type=int, default=None)
+
+    sp = add("classify", cmd_classify, "image classification (ViT, ResNet, LeNet)")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--image", required=True, action="append")
+    sp.add_argument("--top-k", type=int, default=5)
+
+    sp = add("retrieve", cmd_retrieve, "rank images against texts and texts against images with CLIP")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--images", required=True, nargs="+")
+    sp.add_argument("--texts", required=True, nargs="+")
+    sp.add_argument("--top-k", type=int, default=5)
+
+    sp = add("embed", cmd_embed, "CLIP image and/or text embeddings (L2-normalized)")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--image", action="append", default=[])
+    sp.add_argument("--text", action="append", default=[])
+
+    add("models", cmd_models, "list model families, presets and hub ids")
+
+    sp = add("demo", cmd_demo, "run the offline demo and write DIR/report.html")
+    sp.add_argument("--out", default="polymodal-demo", help="output directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        args = build_parser().parse_args(argv)
+        args.fn(args)
+        return 0
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:  # bad input; CheckpointError and ImageError are ValueErrors
+        print(f"error: {_first_line(e)}", file=sys.stderr)
+    except Exception as e:  # a bug of ours: still one line; POLYMODAL_DEBUG=1 shows the traceback
+        if os.environ.get("POLYMODAL_DEBUG"):
+            raise
+        print(f"internal error: {type(e).__name__}: {_first_line(e)} (set POLYMODAL_DEBUG=1 for details)",
+              file=sys.stderr)
+        return 1
+    return 2
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

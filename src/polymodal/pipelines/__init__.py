@@ -1,0 +1,35 @@
+"""Task pipelines: `pm.pipeline(task, model=...)`. Task names follow transformers' pipelines."""
+
+from __future__ import annotations
+
+from polymodal.pipelines.vision import (
+    ImageClassificationPipeline,
+    ImageTextRetrievalPipeline,
+    ZeroShotImageClassificationPipeline,
+    recall_at_k,
+)
+
+TASKS = {
+    "image-classification": ImageClassificationPipeline,
+    "zero-shot-image-classification": ZeroShotImageClassificationPipeline,
+    "image-text-retrieval": ImageTextRetrievalPipeline,
+}
+
+
+def pipeline(task: str, model=None, **options):
+    """Build the pipeline for `task` around `model` (a polymodal model, a local checkpoint or a hub id)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; available: {sorted(TASKS)}")
+    if model is None:
+        raise ValueError(f"the {task} pipeline needs model=... (a checkpoint directory, hub id or model)")
+    return TASKS[task](model, **options)
+
+
+__all__ = [
+    "TASKS",
+    "ImageClassificationPipeline",
+    "ImageTextRetrievalPipeline",
+    "ZeroShotImageClassificationPipeline",
+    "pipeline",
+    "recall_at_k",
+]

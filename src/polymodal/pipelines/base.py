@@ -1,0 +1,90 @@
+"""What every pipeline shares: turning a source into a model, and finding its processor and tokenizer.
+
+A pipeline composes processor, model and post-processing with the loop written out (STYLE.md, point 13);
+the CLI and the server only call pipelines.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from polymodal import registry
+from polymodal.weights.loader import load
+
+ImageInput = Any  # a path, bytes, a file object or a PIL image
+
+
+class Pipeline:
+    task: str = ""
+
+    def __init__(self, model: nn.Module | str | os.PathLike, *, processor=None, device=None, dtype=None):
+        if isinstance(model, (str, os.PathLike)):
+            model = load(model, dtype=dtype, device=device)
+        elif not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a polymodal model or a checkpoint path/hub id, got {type(model).__name__}")
+        self.model = model.eval()
+        self.family = registry.family_of(model).name
+        self.source: Path | None = getattr(model, "pm_source", None)
+        self.processor = processor or default_image_processor(model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def pixels(self, images: list[ImageInput]) -> torch.Tensor:
+        """Open every image safely and preprocess the batch -> (B, C, H, W) on the model's device and dtype."""
+        from polymodal.processing import open_image
+
+        opened = [open_image(im) for im in images]
+        return self.processor(opened).to(self.device, self.dtype)
+
+
+def as_list(x) -> tuple[list, bool]:
+    """(items, was_single): pipelines accept one input or a list of them."""
+    if isinstance(x, (list, tuple)):
+        if not x:
+            raise ValueError("empty input list")
+        return list(x), False
+    return [x], True
+
+
+def default_image_processor(model: nn.Module):
+    """The processor that goes with a model: the checkpoint's own files first, then the family's default."""
+    from polymodal.processing import ImageProcessor
+
+    source: Path | None = getattr(model, "pm_source", None)
+    if source is not None and (source / "preprocessor_config.json").exists():
+        return ImageProcessor.from_pretrained(source)
+    if source is not None and (source / "open_clip_config.json").exists():
+        import json
+
+        cfg = json.loads((source / "open_clip_config.json").read_text())
+        return ImageProcessor.from_open_clip(cfg.get("preprocess_cfg") or {}, size=model.config.vision.image_size)
+    fam = registry.family_of(model).name
+    cfg = model.config
+    if fam == "clip":
+        return ImageProcessor.clip(size=cfg.vision.image_size)
+    if fam == "vit":
+        return ImageProcessor.vit(size=cfg.image_size)
+    if fam == "lenet":
+        return ImageProcessor.lenet()
+    return ImageProcessor.imagenet(size=224)
+
+
+def default_tokenizer(model: nn.Module):
+    """The checkpoint's tokenizer files when present, else open_clip's bundled CLIP vocabulary."""
+    from polymodal.processing import CLIPTokenizer
+
+    source: Path | None = getattr(model, "pm_source", None)
+    if source is not None and any((source / f).exists() for f in ("tokenizer.json", "vocab.json")):
+        return CLIPTokenizer.from_pretrained(source)
+    return CLIPTokenizer.default()
