@@ -1,0 +1,94 @@
+"""The CLI: --json prints exactly one JSON document; bad input exits 2 with one line on stderr."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+import polymodal as pm
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "polymodal.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_models_json():
+    r = run("models", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    names = {row["family"] for row in rows}
+    assert {"lenet", "resnet", "vit", "clip"} <= names
+    vit = next(row for row in rows if row["family"] == "vit")
+    assert "vit-b/16" in vit["presets"] and "google/vit-base-patch16-224" in vit["hub_ids"]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.CLIPConfig(
+        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 4},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 16},
+        projection_dim=16,
+    )
+    d = tmp_path_factory.mktemp("clip")
+    transformers.CLIPModel(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def image(tmp_path):
+    p = tmp_path / "red.png"
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(p)
+    return p
+
+
+def test_zero_shot_json(clip_dir, image):
+    r = run("zero-shot", "--model", str(clip_dir), "--image", str(image), "--labels", "red, green ,blue", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert sorted(x["label"] for x in out) == ["blue", "green", "red"]
+
+
+def test_retrieve_and_embed_json(clip_dir, image):
+    r = run("retrieve", "--model", str(clip_dir), "--images", str(image), str(image), "--texts", "a", "b", "--json")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["text_to_image"]) == 2
+    r = run("embed", "--model", str(clip_dir), "--image", str(image), "--text", "hi", "--json")
+    out = json.loads(r.stdout)
+    assert len(out["image_embeddings"]) == 1 and len(out["text_embeddings"]) == 1
+
+
+def test_classify_json(tmp_path, image):
+    from polymodal.models.vit import ViTConfig
+
+    model = pm.build("vit", ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      intermediate_size=64, image_size=32, patch_size=8, num_labels=3,
+                                      id2label=("cat", "dog", "car")))
+    pm.save(model, tmp_path / "vit")
+    r = run("classify", "--model", str(tmp_path / "vit"), "--image", str(image), "--top-k", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out) == 2 and {x["label"] for x in out} <= {"cat", "dog", "car"}
+
+
+@pytest.mark.parametrize("case", ["missing_image", "not_an_image", "unknown_model", "bad_flag"])
+def test_bad_input_exits_2_with_one_line(tmp_path, clip_dir, case):
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"this is not a png")
+    args = {
+        "missing_image": ["zero-shot", "--model", str(clip_dir), "--image", str(tmp_path / "nope.png"),
+                          "--labels", "a,b"],
+        "not_an_image": ["zero-shot", "--model", str(clip_dir), "--image", str(junk), "--labels", "a,b", "--json"],
+        "unknown_model": ["classify", "--model", str(tmp_path / "no-such-model"), "--image", str(junk)],
+        "bad_flag": ["zero-shot", "--frobnicate"],
+    }[case]
+    r = run(*args)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,98 @@
+"""Pipelines on a tiny CLIP saved by transformers: zero-shot (single template and ensembles), retrieval, recall."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import polymodal as pm
+from polymodal.pipelines import recall_at_k
+from polymodal.pipelines.templates import IMAGENET80, resolve_templates
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(
+        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "max_position_embeddings": 77},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": 64, "patch_size": 16},
+        projection_dim=16,
+    )
+    d = tmp_path_factory.mktemp("clip")
+    transformers.CLIPModel(cfg).save_pretrained(d)
+    return d
+
+
+def _images():
+    return [Image.new("RGB", (80, 64), c) for c in ((200, 30, 30), (30, 200, 30), (30, 30, 200))]
+
+
+def test_imagenet80_is_clips_list():
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    assert len(IMAGENET80) == 80
+    assert list(IMAGENET80) == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    del open_clip
+
+
+def test_template_resolution_errors():
+    assert resolve_templates() == ("a photo of a {}.",)
+    with pytest.raises(ValueError, match="unknown template set"):
+        resolve_templates(templates="imagenet81")
+    with pytest.raises(ValueError, match="where the label goes"):
+        resolve_templates(template="no placeholder")
+
+
+def test_zero_shot_output_and_ensemble(clip_dir):
+    pipe = pm.pipeline("zero-shot-image-classification", model=clip_dir)
+    labels = ["red", "green", "blue"]
+    out = pipe(_images()[0], candidate_labels=labels)
+    assert [set(r) for r in out] == [{"label", "score"}] * 3
+    assert sorted(r["label"] for r in out) == sorted(labels)
+    scores = [r["score"] for r in out]
+    assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-5
+    batch = pipe(_images(), candidate_labels=labels, templates="imagenet80")
+    assert len(batch) == 3 and all(len(r) == 3 for r in batch)
+    # the ensemble is the renormalized mean of the per-template normalized text embeddings
+    templates = ("a photo of a {}.", "a drawing of a {}.")
+    got = pipe.label_embeddings(labels, templates)
+    from polymodal.pipelines.vision import embed_texts
+
+    per = [F.normalize(embed_texts(pipe.model, pipe.tokenizer, [t.format(lab) for t in templates]), dim=-1)
+           for lab in labels]
+    want = F.normalize(torch.stack([p.mean(0) for p in per]), dim=-1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="candidate_labels"):
+        pipe(_images()[0], candidate_labels=[])
+
+
+def test_retrieval_and_recall(clip_dir):
+    pipe = pm.pipeline("image-text-retrieval", model=clip_dir)
+    texts = ["a red square", "a green square", "a blue square", "a cat"]
+    out = pipe(images=_images(), texts=texts, top_k=2)
+    assert len(out["image_to_text"]) == 3 and len(out["text_to_image"]) == 4
+    assert all(len(h) == 2 for h in out["image_to_text"])
+    sim = torch.tensor(out["similarity"])
+    assert sim.shape == (3, 4)
+    assert out["image_to_text"][0][0]["index"] == int(sim[0].argmax())
+    emb = pipe.embed_images(_images())
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
+
+
+def test_recall_at_k_definition():
+    sim = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5], [0.0, 0.8, 0.1]])
+    r = recall_at_k(sim, [0, 1, 2], ks=(1, 2))
+    assert r == {"R@1": 1 / 3, "R@2": 2 / 3}
+    assert recall_at_k(sim, [[0], [1, 2], [1]], ks=(1,))["R@1"] == 1.0
+
+
+def test_unknown_task_and_wrong_model(clip_dir):
+    with pytest.raises(ValueError, match="unknown task"):
+        pm.pipeline("image-to-sound", model=clip_dir)
+    vit = pm.build("vit", "vit-tiny-test")
+    with pytest.raises(ValueError, match="image-text model"):
+        pm.pipeline("zero-shot-image-classification", model=vit)
