@@ -91,7 +91,7 @@ def test_strict_loading_names_every_problem(tmp_path):
         pm.load(d)
     msg = str(e.value)
     assert str(d) in msg
-    assert "blocks.1.mlp.fc2.bias" in msg and "1 missing" in msg
+    assert "blocks.1.mlp.fc2.bias (checkpoint: encoder.layer.1.output.dense.bias)" in msg and "1 missing" in msg
     assert "encoder.layer.0.surprise.weight" in msg and "1 unexpected" in msg
     assert "norm.weight: checkpoint [31] vs model [32]" in msg
 

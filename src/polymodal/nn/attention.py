@@ -56,6 +56,7 @@ class Attention(nn.Module):
         out_bias: bias on the output projection (defaults to `bias`).
         causal: each position attends only to itself and earlier ones.
         scale: softmax scale; defaults to 1/sqrt(Dh) (T5 uses 1).
+        out_dim: width of the output projection; defaults to D (CLIP's attention pooling projects to P).
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class Attention(nn.Module):
         out_bias: bool | None = None,
         causal: bool = False,
         scale: float | None = None,
+        out_dim: int | None = None,
     ):
         super().__init__()
         self.num_heads = num_heads
@@ -86,7 +88,7 @@ class Attention(nn.Module):
             self.kv = nn.Linear(context_dim, 2 * kv_out, bias=bias)
         else:
             self.qkv = nn.Linear(dim, q_out + 2 * kv_out, bias=bias)
-        self.proj = nn.Linear(q_out, dim, bias=bias if out_bias is None else out_bias)
+        self.proj = nn.Linear(q_out, out_dim or dim, bias=bias if out_bias is None else out_bias)
 
     def forward(
         self,

@@ -174,7 +174,8 @@ def checkpoint_files(directory: Path, stem: str = "model") -> list[Path]:
             if missing:
                 raise CheckpointError(index, f"missing shard files: {missing}")
             return [directory / s for s in shards]
-    for name in (f"{stem}.safetensors", f"pytorch_{stem}.bin", f"{stem}.bin", f"{stem}.pt", f"{stem}.pth"):
+    pickled = (f"pytorch_{stem}.bin", f"{stem}.bin", f"{stem}.pt", f"{stem}.pth", "open_clip_pytorch_model.bin")
+    for name in (f"{stem}.safetensors", *pickled):
         if (directory / name).exists():
             return [directory / name]
     raise CheckpointError(directory, f"no weights found (looked for {stem}.safetensors and pytorch_{stem}.bin)")

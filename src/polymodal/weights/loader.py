@@ -142,14 +142,27 @@ def load_weights(
 
     meta = ckpt.meta() if hasattr(ckpt, "meta") else {k: v.to("meta") for k, v in ckpt.items()}
     produced: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
+    unbuildable: list[str] = []
+    unbuilt: set[str] = set()
     for step in steps:
-        for name, t in zip(step.dst, step.fn([meta[k] for k in step.src])):
+        try:
+            outs = step.fn([meta[k] for k in step.src])
+        except RuntimeError:  # e.g. q, k, v of disagreeing shapes cannot be fused into one qkv
+            parts = ", ".join(f"{k} {list(meta[k].shape)}" for k in step.src)
+            unbuildable.append(f"{', '.join(step.dst)}: cannot be built from {parts}")
+            unbuilt.update(step.dst)
+            continue
+        for name, t in zip(step.dst, outs):
             produced[name] = (tuple(t.shape), step.src)
     covered = {a for k in produced if k in expected for a in aliases[id(expected[k])]}
-    missing = [k for k in expected if k not in covered]
+    missing = [k for k in expected if k not in covered and k not in unbuilt]
+    if missing:  # name the checkpoint's key too: that is what a user can look for in the file
+        ckpt_names = {s.src[0]: s.dst for s in key_map.plan_save(missing)}
+        missing = [k if ckpt_names.get(k, (k,)) == (k,) else f"{k} (checkpoint: {', '.join(ckpt_names[k])})"
+                   for k in missing]
     unexpected = [f"{k} (from {', '.join(src)})" if src != (k,) else k for k, (_, src) in produced.items()
                   if k not in expected]
-    mismatched = [
+    mismatched = unbuildable + [
         f"{k}: checkpoint {list(shape)} vs model {list(expected[k].shape)}"
         for k, (shape, _) in produced.items()
         if k in expected and tuple(expected[k].shape) != shape
