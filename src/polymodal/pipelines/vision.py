@@ -90,7 +90,8 @@ class ImageTextRetrievalPipeline(Pipeline):
     def embed_images(self, images, batch_size: int = 32) -> torch.Tensor:
         """(N, P) L2-normalized image embeddings."""
         items, _ = as_list(images)
-        chunks = [self.model.encode_image(self.pixels(items[i : i + batch_size])) for i in range(0, len(items), batch_size)]
+        chunks = [self.model.encode_image(self.pixels(items[i : i + batch_size]))
+                  for i in range(0, len(items), batch_size)]
         return F.normalize(torch.cat(chunks).float(), dim=-1)
 
     @torch.inference_mode()
