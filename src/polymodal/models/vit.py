@@ -6,8 +6,9 @@
 
 ViT-B/16 turns a 224x224x3 image into 196 patches of 768, prepends [CLS] (197 x 768) and runs 12 blocks
 whose MLP widens 768 -> 3072 -> 768. The paper's tricks are options: global average pooling instead of
-[CLS] (`pool="gap"`), 1-D / 2-D / sine-cosine / no position encoding (`position`), and a hybrid stem
-(`backbone`: a ResNet feature map cut into 1x1 patches). Positions are interpolated for other resolutions.
+[CLS] (`pool="gap"`), learned 1-D / 2-D or no position encoding (`position`), and a hybrid stem (`backbone`:
+a ResNet feature map cut into patches, 1x1 in the paper). Fixed 2-D sine-cosine positions come from later
+work (MAE; Beyer et al. 2022, "Better plain ViT baselines"). Positions are interpolated for other resolutions.
 
 Checked against transformers' `ViTModel` / `ViTForImageClassification` and timm's `vit_*` models
 (tests/test_vit.py). Module names follow timm's, so timm checkpoints map onto ours one to one.
@@ -15,13 +16,14 @@ Checked against transformers' `ViTModel` / `ViTForImageClassification` and timm'
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import re
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from polymodal.config import from_dict
+from polymodal.config import from_dict, to_dict
 from polymodal.nn import Block, LearnedPosition2D, PatchEmbed, interpolate_pos_2d, sincos_2d
 from polymodal.registry import Family, Layout
 from polymodal.weights.keymap import Drop, Fuse, KeyMap, Rename
@@ -47,6 +49,17 @@ class ViTConfig:
     backbone: str | None = None  # a ResNet preset name: the hybrid stem (the patch embedding then runs on its map)
     id2label: tuple[str, ...] = ()
 
+    def __post_init__(self):
+        if self.pool not in ("cls", "gap"):
+            raise ValueError(f"pool must be 'cls' or 'gap', got {self.pool!r}")
+        if self.position not in ("learned", "learned_2d", "sincos", "none"):
+            raise ValueError(f"position must be 'learned', 'learned_2d', 'sincos' or 'none', got {self.position!r}")
+        if self.pool == "cls" and not self.class_token:
+            raise ValueError("pool='cls' needs the class token; use pool='gap' with class_token=False")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
+                             f"num_attention_heads={self.num_attention_heads}")
+
     @property
     def grid(self) -> tuple[int, int]:
         side = self.image_size // self.stem_stride // self.patch_size
@@ -61,20 +74,36 @@ class ViTConfig:
         return int(self.class_token)
 
 
-def _backbone(name: str) -> nn.Module:
-    from polymodal.models.resnet import PRESETS, ResNetFeatures
+def _resnet_preset(name: str):
+    from polymodal.models.resnet import PRESETS
 
-    return ResNetFeatures(PRESETS[name])
+    if name not in PRESETS:
+        raise ValueError(f"unknown hybrid backbone {name!r}; ResNet presets: {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def _backbone(name: str) -> nn.Module:
+    from polymodal.models.resnet import ResNetFeatures
+
+    return ResNetFeatures(_resnet_preset(name))
 
 
 def _backbone_stride(name: str) -> int:
-    from polymodal.models.resnet import PRESETS
+    return _resnet_preset(name).feature_stride
 
-    return PRESETS[name].feature_stride
+
+def _fits_transformers(c: ViTConfig) -> bool:
+    """transformers' ViT holds only the paper's default: [CLS] pooling, learned 1-D positions, no hybrid stem."""
+    return c.pool == "cls" and c.position == "learned" and c.class_token and not c.backbone
 
 
 class ViT(nn.Module):
-    """pixel_values (B, C, H, W) -> tokens (B, 1+N, D) after the final LayerNorm (transformers' `last_hidden_state`)."""
+    """pixel_values (B, C, H, W) -> tokens (B, 1+N, D).
+
+    With [CLS] pooling the tokens come after the final LayerNorm (transformers' `last_hidden_state`, timm's
+    `forward_features`). With GAP the LayerNorm is applied after pooling (timm's `fc_norm`), so the tokens
+    are returned un-normed, as timm's `forward_features` returns them.
+    """
 
     def __init__(self, config: ViTConfig):
         super().__init__()
@@ -96,6 +125,8 @@ class ViT(nn.Module):
         self.pooler = nn.Linear(D, D) if c.pooler else None
         self.head = nn.Linear(D, c.num_labels) if c.num_labels else None
         self._sincos: dict = {}
+        if not _fits_transformers(c):  # pm.save's default layout (transformers') cannot hold this variant
+            self.pm_layout = "polymodal"
 
     def positions(self, h: int, w: int, x: Tensor) -> Tensor | None:
         """Position encodings for an h x w patch grid -> (1, prefix + h*w, D), or None."""
@@ -113,7 +144,10 @@ class ViT(nn.Module):
             grid = self.pos_2d(h, w)  # (h*w, D); the class token gets no position, as in the paper's 2-D variant
             return torch.cat([grid.new_zeros(c.num_prefix_tokens, grid.shape[1]), grid])[None]
         pos = self.pos_embed
-        if (h, w) != c.grid:  # ViT sec. 3.2: 2-D interpolation for other resolutions
+        # ViT sec. 3.2: 2-D interpolation for other resolutions. Bicubic, align_corners=False, no antialiasing:
+        # transformers' `interpolate_pos_encoding=True` exactly. timm's `dynamic_img_size` antialiases, which
+        # changes upsampling too, so a timm checkpoint at another resolution follows transformers' recipe here.
+        if (h, w) != c.grid:
             p = c.num_prefix_tokens
             pos = torch.cat([pos[0, :p], interpolate_pos_2d(pos[0, p:], c.grid, (h, w))])[None]
         return pos
@@ -207,9 +241,10 @@ def _read_hf(raw: dict, shapes: dict) -> ViTConfig:
 
 
 def _write_hf(c: ViTConfig) -> dict:
-    if c.pool != "cls" or c.position != "learned" or not c.class_token or c.backbone:
-        raise ValueError("transformers' ViT layout holds only the [CLS] + learned 1-D position variant; "
-                         "save this model in timm's or polymodal's layout instead")
+    if not _fits_transformers(c):
+        raise ValueError(f"transformers' ViT holds only [CLS] pooling with learned 1-D positions and no hybrid "
+                         f"stem, not pool={c.pool!r}, position={c.position!r}, class_token={c.class_token}, "
+                         f"backbone={c.backbone!r}; save it in polymodal's layout (model.pm_layout = 'polymodal')")
     out = {
         "model_type": "vit",
         "architectures": ["ViTForImageClassification" if c.num_labels else "ViTModel"],
@@ -226,49 +261,88 @@ def _write_hf(c: ViTConfig) -> dict:
     return out
 
 
-# timm: our names are timm's. A `vit_*` architecture name gives the size; the shapes give the rest.
+# timm: our module names are timm's, so its keys are ours. A timm `config.json` names a registered
+# architecture (`vit_base_patch16_224`) and the `model_args` that override its defaults; the shapes settle
+# width, depth, MLP size and grid. Only the plain architectures are read: other `vit_*` factories hide
+# defaults (CLIP's pre-norm and QuickGELU, DINOv2's layer scale, SigLIP's attention pooling) that a config
+# file does not spell out.
+_TIMM_ARCH = re.compile(r"vit_(tiny|small|base|large|huge|giant|gigantic)_patch\d+_\d+")
+_TIMM_HEADS = {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16, "giant": 16, "gigantic": 16}
+_TIMM_SIZES = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
+               1024: "vit_large_patch16_224", 1280: "vit_huge_patch14_224"}
+# timm VisionTransformer arguments this ViT does not have, with the value that means "as in the paper"
+_TIMM_PLAIN = {"qk_norm": False, "scale_attn_norm": False, "scale_mlp_norm": False, "proj_bias": True,
+               "init_values": None, "no_embed_class": False, "reg_tokens": 0, "pre_norm": False,
+               "final_norm": True, "pool_include_prefix": False, "dynamic_img_pad": False,
+               "embed_norm_layer": None, "norm_layer": None}
+_TIMM_ACTS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu", "relu": "relu",
+              "silu": "silu"}  # timm `act_layer` -> transformers `hidden_act`
+_TO_TIMM_ACT = {**{v: k for k, v in _TIMM_ACTS.items()}, "gelu_new": "gelu_tanh", "gelu_tanh": "gelu_tanh",
+                "swish": "silu"}
+
+
 def _read_timm(raw: dict, shapes: dict) -> ViTConfig:
+    arch = str(raw.get("architecture"))
+    size = _TIMM_ARCH.fullmatch(arch)
+    if size is None:
+        raise ValueError(f"timm architecture {arch!r} is not a plain ViT (vit_<size>_patch<P>_<resolution>)")
     args = dict(raw.get("model_args") or {})
-    D = shapes["patch_embed.proj.weight"][0]
-    patch = shapes["patch_embed.proj.weight"][-1]
-    depth = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
-    heads = args.get("num_heads") or _TIMM_HEADS.get(D)
-    if heads is None:
-        raise ValueError(f"cannot tell the number of heads of a width-{D} timm ViT; add model_args.num_heads")
-    pool = raw.get("global_pool") or args.get("global_pool") or "token"
-    pre = raw.get("pretrained_cfg") or {}
-    n_pos = shapes["pos_embed"][1] if "pos_embed" in shapes else 0
+    pool = args.get("global_pool", raw.get("global_pool", "token"))
+    act = args.get("act_layer") or "gelu"
+    odd = [f"{k}={args[k]!r}" for k, plain in _TIMM_PLAIN.items() if args.get(k, plain) != plain]
+    odd += [f"global_pool={pool!r}"] if pool not in ("token", "avg") else []
+    odd += [f"fc_norm={args['fc_norm']!r}"] if args.get("fc_norm", pool == "avg") != (pool == "avg") else []
+    odd += [f"act_layer={act!r}"] if act not in _TIMM_ACTS else []
+    if odd:
+        raise ValueError(f"timm ViT options polymodal does not build: {', '.join(odd)}")
+    D, C, Ph, P = shapes["patch_embed.proj.weight"]
+    if Ph != P:
+        raise ValueError(f"non-square patches {Ph}x{P} are not supported")
     cls = "cls_token" in shapes
-    side = round((n_pos - int(cls)) ** 0.5) if n_pos else (pre.get("input_size") or [3, 224, 224])[-1] // patch
-    img = args.get("img_size") or side * patch
-    if isinstance(img, (list, tuple)):
-        img = img[-1]
+    if "pos_embed" in shapes:
+        side = round((shapes["pos_embed"][1] - int(cls)) ** 0.5)
+        image = side * P
+    else:
+        image = args.get("img_size") or (raw.get("pretrained_cfg") or {}).get("input_size", [0, 224])[-1]
+    if isinstance(image, (list, tuple)):
+        if image[0] != image[-1]:
+            raise ValueError(f"non-square img_size {image} is not supported")
+        image = image[0]
     return ViTConfig(
-        hidden_size=D, num_hidden_layers=depth, num_attention_heads=heads,
-        intermediate_size=shapes["blocks.0.mlp.fc1.weight"][0], hidden_act="gelu", layer_norm_eps=1e-6,
-        image_size=img, patch_size=patch, num_channels=shapes["patch_embed.proj.weight"][1],
+        hidden_size=D, num_hidden_layers=len({k.split(".")[1] for k in shapes if k.startswith("blocks.")}),
+        num_attention_heads=args.get("num_heads", _TIMM_HEADS[size.group(1)]),
+        intermediate_size=shapes["blocks.0.mlp.fc1.weight"][0], hidden_act=_TIMM_ACTS[act],
+        layer_norm_eps=1e-6, image_size=image, patch_size=P, num_channels=C,
         qkv_bias="blocks.0.attn.qkv.bias" in shapes, class_token=cls,
         pool="gap" if pool == "avg" else "cls", position="learned" if "pos_embed" in shapes else "none",
         num_labels=shapes["head.weight"][0] if "head.weight" in shapes else 0,
+        id2label=tuple(str(n) for n in raw.get("label_names") or ()),
     )
 
 
-_TIMM_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
-
-
 def _write_timm(c: ViTConfig) -> dict:
-    size = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}.get(c.hidden_size, "base")
-    return {
-        "architecture": f"vit_{size}_patch{c.patch_size}_{c.image_size}",
-        "num_classes": c.num_labels, "num_features": c.hidden_size,
-        "global_pool": "avg" if c.pool == "gap" else "token",
-        "model_args": {"img_size": c.image_size, "patch_size": c.patch_size, "embed_dim": c.hidden_size,
-                       "depth": c.num_hidden_layers, "num_heads": c.num_attention_heads,
-                       "mlp_ratio": c.intermediate_size / c.hidden_size, "qkv_bias": c.qkv_bias,
-                       "class_token": c.class_token, "num_classes": c.num_labels,
-                       "global_pool": "avg" if c.pool == "gap" else "token"},
-        "pretrained_cfg": {"input_size": [c.num_channels, c.image_size, c.image_size]},
-    }
+    # timm's LayerNorm eps is fixed at 1e-6; a model read with another (transformers' 1e-12) is written as is
+    if c.position not in ("learned", "none") or c.backbone or c.pooler or c.hidden_act not in _TO_TIMM_ACT:
+        raise ValueError("timm's VisionTransformer holds learned 1-D or no positions, no hybrid stem, no pooler "
+                         "and the activations gelu/gelu_tanh/quick_gelu/relu/silu; save this model in "
+                         "polymodal's layout instead (model.pm_layout = 'polymodal')")
+    ratio = c.intermediate_size / c.hidden_size
+    if int(c.hidden_size * ratio) != c.intermediate_size:  # timm sizes the MLP as int(dim * mlp_ratio)
+        ratio = (c.intermediate_size + 0.5) / c.hidden_size
+    pool = "avg" if c.pool == "gap" else "token"
+    args = {"img_size": c.image_size, "patch_size": c.patch_size, "in_chans": c.num_channels,
+            "embed_dim": c.hidden_size, "depth": c.num_hidden_layers, "num_heads": c.num_attention_heads,
+            "mlp_ratio": ratio, "qkv_bias": c.qkv_bias, "class_token": c.class_token, "global_pool": pool,
+            "pos_embed": "learn" if c.position == "learned" else "none", "num_classes": c.num_labels}
+    if c.hidden_act != "gelu":
+        args["act_layer"] = _TO_TIMM_ACT[c.hidden_act]
+    out = {"architecture": _TIMM_SIZES.get(c.hidden_size, "vit_base_patch16_224"), "num_classes": c.num_labels,
+           "num_features": c.hidden_size, "global_pool": pool, "model_args": args,
+           "pretrained_cfg": {"input_size": [c.num_channels, c.image_size, c.image_size],
+                              "num_classes": c.num_labels}}
+    if c.id2label:
+        out["label_names"] = list(c.id2label)
+    return out
 
 
 def _timm_key_map(c: ViTConfig) -> KeyMap:
@@ -281,8 +355,6 @@ def _read_native(raw: dict, shapes: dict) -> ViTConfig:
 
 
 def _write_native(c: ViTConfig) -> dict:
-    from polymodal.config import to_dict
-
     return {"model_type": "polymodal-vit", **to_dict(c)}
 
 

@@ -106,12 +106,12 @@ class Attention(nn.Module):
         if self.is_cross:
             if context is None:
                 raise ValueError("cross-attention needs a context tensor")
-            q = self.q(x).view(B, T, H, Dh)
-            k, v = self.kv(context).view(B, -1, 2, KV, Dh).unbind(2)  # (B, S, KV, Dh) each
+            q = self.q(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+            k, v = self.kv(context).view(B, -1, 2, KV, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, KV, S, Dh) each
+        elif KV == H:  # one view and permute, not split + 3 views + 3 transposes: less per-call overhead
+            q, k, v = self.qkv(x).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, Dh) each
         else:
-            q, k, v = self.qkv(x).split([H * Dh, KV * Dh, KV * Dh], dim=-1)
-            q, k, v = q.view(B, T, H, Dh), k.view(B, T, KV, Dh), v.view(B, T, KV, Dh)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T|S, Dh)
+            q, k, v = self.qkv(x).view(B, T, H + 2 * KV, Dh).transpose(1, 2).split([H, KV, KV], dim=1)
         if rope is not None:
             from polymodal.nn.position import apply_rope
 
