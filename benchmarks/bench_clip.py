@@ -37,8 +37,23 @@ def build_pair(preset: str, device: torch.device, dtype: torch.dtype):
     return ref.to(device, dtype), ours.eval().to(device, dtype)
 
 
-def inputs(preset: str, batch: int, device: torch.device, dtype: torch.dtype, masked: bool):
+PROMPT_LABELS = ("cat", "dog", "golden retriever", "fire truck", "espresso", "astronaut", "rocket", "tabby cat")
+
+
+def prompt_ids(preset: str, batch: int, device: torch.device):
+    """Zero-shot prompts ("a photo of a {label}.") padded to the context, as a classifier sends them."""
+    from polymodal.processing import CLIPTokenizer
+
     c = PRESETS[preset]
+    texts = [f"a photo of a {PROMPT_LABELS[i % len(PROMPT_LABELS)]}." for i in range(batch)]
+    ids, mask = CLIPTokenizer.default()(texts, context_length=c.text.max_position_embeddings)
+    return ids.clamp(max=c.text.vocab_size - 1).to(device), mask.to(device)
+
+
+def inputs(preset: str, batch: int, device: torch.device, dtype: torch.dtype, masked: bool):
+    """Random ids of random lengths (3..T) ending in the end-of-text token."""
+    c = PRESETS[preset]
+    torch.manual_seed(batch)
     pixels = torch.randn(batch, 3, c.vision.image_size, c.vision.image_size, device=device, dtype=dtype)
     T = c.text.max_position_embeddings
     ids = torch.randint(1, c.text.vocab_size - 2, (batch, T), device=device)
@@ -90,7 +105,7 @@ def main() -> None:
     p.add_argument("--sizes", default="tiny,b32", help=f"comma-separated, from {sorted(SIZES)}")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, from {sorted(DTYPES)}")
-    p.add_argument("--towers", default="image,text,text-masked")
+    p.add_argument("--towers", default="image,text,text-masked,text-prompts")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
@@ -105,9 +120,12 @@ def main() -> None:
             for batch in map(int, args.batches.split(",")):
                 for tower in args.towers.split(","):
                     x = inputs(SIZES[size], batch, device, dtype, tower == "text-masked")
+                    if tower == "text-prompts":
+                        x = (x[0], *prompt_ids(SIZES[size], batch, device))
                     ref_fn, our_fn = calls(ref, ours, tower, *x)
                     with torch.inference_mode():
                         bench(f"{size} {tower} b{batch} {dname}", ref_fn, our_fn, device, args.rounds)
+
 
 if __name__ == "__main__":
     main()

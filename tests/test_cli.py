@@ -75,14 +75,19 @@ def test_classify_json(tmp_path, image):
     assert len(out) == 2 and {x["label"] for x in out} <= {"cat", "dog", "car"}
 
 
-@pytest.mark.parametrize("case", ["missing_image", "not_an_image", "unknown_model", "bad_flag"])
+@pytest.mark.parametrize("case", ["missing_image", "not_an_image", "too_large", "unknown_model", "bad_flag"])
 def test_bad_input_exits_2_with_one_line(tmp_path, clip_dir, case):
+    from test_processing import _png  # a PNG header claiming 100k x 100k pixels, nothing behind it
+
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"this is not a png")
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png(100_000, 100_000))
     args = {
         "missing_image": ["zero-shot", "--model", str(clip_dir), "--image", str(tmp_path / "nope.png"),
                           "--labels", "a,b"],
         "not_an_image": ["zero-shot", "--model", str(clip_dir), "--image", str(junk), "--labels", "a,b", "--json"],
+        "too_large": ["retrieve", "--model", str(clip_dir), "--images", str(bomb), "--texts", "a", "--json"],
         "unknown_model": ["classify", "--model", str(tmp_path / "no-such-model"), "--image", str(junk)],
         "bad_flag": ["zero-shot", "--frobnicate"],
     }[case]

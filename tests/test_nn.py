@@ -163,3 +163,17 @@ def test_rope_is_relative():
     torch.testing.assert_close(score(3, 1), score(10, 8), atol=1e-4, rtol=0)
     cos, sin = rope(torch.arange(4)[None])
     torch.testing.assert_close(apply_rope(q, cos[0, 2], sin[0, 2]).norm(), q.norm())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_keep_first_equals_slicing_the_full_output(causal):
+    from polymodal.nn import Block
+
+    block = Block(32, 4, 64, causal=causal)
+    x = torch.randn(2, 7, 32)
+    full = block(x)
+    for n in (1, 3):
+        torch.testing.assert_close(block(x, keep_first=n), full[:, :n], atol=ATOL, rtol=0)
+    am = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    mask = padding_mask(am) | torch.eye(7, dtype=torch.bool)
+    torch.testing.assert_close(block(x, mask, keep_first=2), block(x, mask)[:, :2], atol=ATOL, rtol=0)

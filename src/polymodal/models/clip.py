@@ -152,9 +152,10 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positions(h, w)  # (B, 1+N, D)
         x = self.ln_pre(x)
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             x = block(x)
-        return self.proj(self.ln_post(x[:, 0]))  # the class token -> (B, P)
+        x = self.blocks[-1](x, keep_first=1)  # only the class token is read out: the last block computes it alone
+        return self.proj(self.ln_post(x[:, 0]))  # (B, P)
 
 
 class Bottleneck(nn.Module):
@@ -271,6 +272,12 @@ class TextTransformer(nn.Module):
             raise ValueError(
                 f"input_ids has {T} tokens; this CLIP text tower holds {self.config.max_position_embeddings}"
             )
+        pooled = self.eot_positions(input_ids)  # (B,)
+        # Attention is causal, so no position after the last pooled one can reach a pooled feature: drop them.
+        # (Zero-shot prompts of ~10 tokens padded to 77 cost ~10 positions instead of 77; the result is exact.)
+        T = int(pooled.max()) + 1
+        input_ids = input_ids[:, :T]
+        attention_mask = None if attention_mask is None else attention_mask[:, :T]
         x = self.token_embedding(input_ids) + self.positional_embedding[:T]  # (B, T, D)
         mask = None
         if attention_mask is not None:
@@ -281,7 +288,7 @@ class TextTransformer(nn.Module):
             mask = attention_mask.bool()[:, None, None, :] | eye  # (B, 1, T, T)
         for block in self.blocks:
             x = block(x, mask)
-        x = x[torch.arange(B, device=x.device), self.eot_positions(input_ids)]  # (B, D)
+        x = x[torch.arange(B, device=x.device), pooled]  # (B, D)
         return self.proj(self.ln_final(x))  # LayerNorm is per token: normalizing only the pooled one is enough
 
 

@@ -153,6 +153,10 @@ class ViT(nn.Module):
         return pos
 
     def forward(self, pixel_values: Tensor) -> Tensor:
+        return self._tokens(pixel_values)
+
+    def _tokens(self, pixel_values: Tensor, keep_first: int | None = None) -> Tensor:
+        """The token sequence; with keep_first=n the last block computes only the first n outputs."""
         x = pixel_values
         if x.ndim != 4 or x.shape[1] != self.config.num_channels:
             raise ValueError(f"expected pixel_values (B, {self.config.num_channels}, H, W), got {tuple(x.shape)}")
@@ -166,15 +170,15 @@ class ViT(nn.Module):
         pos = self.positions(h, w, x)
         if pos is not None:
             x = x + pos
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, keep_first=keep_first if i == len(self.blocks) - 1 else None)
         return self.norm(x) if self.config.pool == "cls" else x
 
     def pooled(self, pixel_values: Tensor) -> Tensor:
         """The image representation (B, D): the normed [CLS] token, or the normed mean of the patch tokens (GAP)."""
+        if self.config.pool == "cls":  # only [CLS] is read out, so the last block computes it alone
+            return self._tokens(pixel_values, keep_first=1)[:, 0]
         x = self(pixel_values)
-        if self.config.pool == "cls":
-            return x[:, 0]
         return self.norm(x[:, self.config.num_prefix_tokens :].mean(1))
 
     def classify(self, pixel_values: Tensor) -> Tensor:

@@ -98,9 +98,14 @@ class Attention(nn.Module):
         mask: Tensor | None = None,
         rope: tuple[Tensor, Tensor] | None = None,
         cache: KVCache | None = None,
+        keep_first: int | None = None,
     ) -> Tensor:
         """x (B, T, D); context (B, S, Dc) for cross-attention; mask broadcastable to (B, H, T, S), bool
-        (True = may attend) or additive float; rope = (cos, sin) each (B or 1, T, Dh) for the new positions."""
+        (True = may attend) or additive float; rope = (cos, sin) each (B or 1, T, Dh) for the new positions.
+
+        keep_first=n computes the output of the first n positions only -> (B, n, D); every position still
+        serves as a key and value. A model that reads out only its first tokens (CLIP's class token) saves
+        the rest of its last layer this way."""
         B, T, _ = x.shape
         H, KV, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         if self.is_cross:
@@ -124,10 +129,16 @@ class Attention(nn.Module):
         if KV != H:
             k = k.repeat_interleave(H // KV, dim=1)
             v = v.repeat_interleave(H // KV, dim=1)
+        if keep_first is not None and keep_first < T:
+            q, T = q[:, :, :keep_first], keep_first
+            if mask is not None and mask.dim() == 4 and mask.shape[2] > 1:
+                mask = mask[:, :, :keep_first]
         is_causal = False
         if self.causal:
             if mask is None and past == 0:
-                is_causal = T > 1  # SDPA's fast path: a plain lower-triangular mask
+                # SDPA's fast path; for T queries and S >= T keys it aligns the triangle top-left, so query i
+                # sees keys 0..i, which is right for the first T positions
+                is_causal = T > 1 or k.shape[2] > 1
             else:
                 S = k.shape[2]
                 allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)

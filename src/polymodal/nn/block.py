@@ -28,6 +28,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_hidden, act)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), mask=mask)
+    def forward(self, x: Tensor, mask: Tensor | None = None, keep_first: int | None = None) -> Tensor:
+        """keep_first=n returns only the first n positions (B, n, D), computing nothing else past attention's
+        keys and values: for a last block whose other outputs are never read."""
+        h = self.attn(self.norm1(x), mask=mask, keep_first=keep_first)
+        x = (x if keep_first is None else x[:, :keep_first]) + h
         return x + self.mlp(self.norm2(x))
