@@ -25,6 +25,7 @@ import os
 import struct
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -335,7 +336,11 @@ class ImageProcessor:
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         if not items:
             raise ValueError("ImageProcessor: got an empty list of images")
-        pixels = [self._geometry(self._array(im, i)) for i, im in enumerate(items)]  # each (h, w, C) uint8
+        prepare = lambda i: self._geometry(self._array(items[i], i))  # noqa: E731 - (h, w, C) uint8
+        if len(items) > 1:  # PIL's pixel copies and torch's resampler release the GIL: images overlap
+            pixels = list(_pool().map(prepare, range(len(items))))
+        else:
+            pixels = [prepare(0)]
         shapes = {tuple(p.shape) for p in pixels}
         if len(shapes) > 1:
             raise ValueError(
@@ -444,6 +449,17 @@ class ImageProcessor:
         if bool((s == 0).any()):
             raise ValueError(f"image_std={std} contains a zero")
         return m.view(-1, 1, 1), s.view(1, -1, 1, 1), None
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """A small shared thread pool for preparing the images of a batch side by side."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="polymodal-image")
+    return _POOL
 
 
 # transformers' class defaults, for configs that leave fields out
