@@ -177,3 +177,18 @@ def test_keep_first_equals_slicing_the_full_output(causal):
     am = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
     mask = padding_mask(am) | torch.eye(7, dtype=torch.bool)
     torch.testing.assert_close(block(x, mask, keep_first=2), block(x, mask)[:, :2], atol=ATOL, rtol=0)
+
+
+def test_block_fast_path_matches_module_path():
+    from polymodal.nn import Block
+
+    block = Block(32, 4, 64, eps=1e-6).eval()
+    for p in block.parameters():
+        p.data.normal_(0, 0.1)
+    assert block._fusable
+    x = torch.randn(3, 9, 32)
+    with torch.inference_mode():
+        fused = block(x)
+    slow = block.train()(x)  # training mode takes the module path (dropout-free, so the same function)
+    torch.testing.assert_close(fused, slow, atol=ATOL, rtol=0)
+    assert not Block(32, 4, 64, act="quick_gelu")._fusable and not Block(32, 4, 64, causal=True)._fusable
