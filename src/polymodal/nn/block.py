@@ -1,6 +1,6 @@
 """The pre-norm transformer block: x + MSA(LN(x)), then x + MLP(LN(x)) (ViT eq. 2-3; CLIP's both towers).
 
-Inference fast path: when no gradient is needed and the block is plain (no mask, no causal attention,
+Inference fast path: when no gradient is needed and the block is plain (fp32, no mask, no causal attention,
 exact GELU or ReLU, biases on q/k/v), the whole block runs as PyTorch's fused native encoder-layer kernel
 (`torch._transformer_encoder_layer_fwd`, the fast path of `nn.TransformerEncoderLayer`): one call instead of
 about fifteen, which matters most for small models (benchmarks/bench_vit.py). It computes the same math on
@@ -48,6 +48,7 @@ class Block(nn.Module):
         """keep_first=n returns only the first n positions (B, n, D), computing nothing else past attention's
         keys and values: for a last block whose other outputs are never read."""
         if (self._fusable and mask is None and keep_first is None and _FAST_PATH["enabled"] and not self.training
+                and x.dtype == torch.float32  # measured: in bf16 on a CPU without bf16 units the kernel is slower
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.norm1.weight.requires_grad))):
             try:
                 return self._fused(x)
