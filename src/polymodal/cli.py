@@ -38,6 +38,14 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(f"{r['score']:.4f}  {r['label']}" for r in rows)
 
 
+def _emit_ranked(args, images: list[str], result) -> None:
+    """A ranking per image: one table, or one per image under its path."""
+    if len(images) > 1:
+        _emit(args, result, lambda r: "\n\n".join(f"{p}\n{_table(rows)}" for p, rows in zip(images, r)))
+    else:
+        _emit(args, result, _table)
+
+
 def cmd_zero_shot(args) -> None:
     import polymodal as pm
 
@@ -45,10 +53,7 @@ def cmd_zero_shot(args) -> None:
     images = args.image
     result = pipe(images if len(images) > 1 else images[0], candidate_labels=_split_labels(args.labels),
                   template=args.template, templates=args.templates, top_k=args.top_k)
-    if len(images) > 1:
-        _emit(args, result, lambda r: "\n\n".join(f"{p}\n{_table(rows)}" for p, rows in zip(images, r)))
-    else:
-        _emit(args, result, _table)
+    _emit_ranked(args, images, result)
 
 
 def cmd_classify(args) -> None:
@@ -57,10 +62,7 @@ def cmd_classify(args) -> None:
     pipe = pm.pipeline("image-classification", model=args.model)
     images = args.image
     result = pipe(images if len(images) > 1 else images[0], top_k=args.top_k)
-    if len(images) > 1:
-        _emit(args, result, lambda r: "\n\n".join(f"{p}\n{_table(rows)}" for p, rows in zip(images, r)))
-    else:
-        _emit(args, result, _table)
+    _emit_ranked(args, images, result)
 
 
 def cmd_retrieve(args) -> None:

@@ -72,6 +72,19 @@ class Family:
         return next(iter(self.layouts.values()))
 
 
+def native_layout(name: str, config_cls: type) -> Layout:
+    """polymodal's own layout, for variants no reference library holds: config.json is the config's fields
+    plus `model_type: "polymodal-<name>"`, and the tensors keep our names."""
+    from polymodal.config import from_dict, to_dict
+
+    return Layout(
+        "polymodal",
+        read_config=lambda raw, shapes: from_dict(config_cls, raw),
+        write_config=lambda cfg: {"model_type": f"polymodal-{name}", **to_dict(cfg)},
+        key_map=lambda cfg: KeyMap(),
+    )
+
+
 def family(name: str) -> Family:
     """The family registered under `name` (imports its module on first use)."""
     try:

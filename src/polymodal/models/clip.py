@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polymodal.config import from_dict, to_dict
+from polymodal.config import from_dict
 from polymodal.nn import Attention, Block, PatchEmbed, interpolate_pos_2d
-from polymodal.registry import Family, Layout
+from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Drop, Fuse, KeyMap, Rename, Transform
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the image normalization CLIP was trained with
@@ -638,20 +638,6 @@ def _write_open_clip(c: CLIPConfig) -> dict:
 # polymodal's own layout: our names, our config
 
 
-def _read_native(raw: dict, shapes: dict) -> CLIPConfig:
-    return CLIPConfig(
-        text=from_dict(CLIPTextConfig, raw.get("text") or {}),
-        vision=from_dict(CLIPVisionConfig, raw.get("vision") or {}),
-        projection_dim=raw.get("projection_dim", 512),
-        logit_scale_init_value=raw.get("logit_scale_init_value", CLIPConfig.logit_scale_init_value),
-    )
-
-
-def _write_native(c: CLIPConfig) -> dict:
-    return {"model_type": "polymodal-clip", "text": to_dict(c.text), "vision": to_dict(c.vision),
-            "projection_dim": c.projection_dim, "logit_scale_init_value": c.logit_scale_init_value}
-
-
 FAMILY = Family(
     name="clip",
     model=CLIP,
@@ -659,7 +645,7 @@ FAMILY = Family(
         "transformers": Layout("transformers", _read_hf, _write_hf, _hf_key_map),
         "open_clip": Layout("open_clip", _read_open_clip, _write_open_clip, _open_clip_key_map,
                             config_file="open_clip_config.json", weights_stem="open_clip_model"),
-        "polymodal": Layout("polymodal", _read_native, _write_native, lambda c: KeyMap()),
+        "polymodal": native_layout("clip", CLIPConfig),
     },
     presets=PRESETS,
     hub_ids=HUB_IDS,

@@ -30,9 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polymodal.config import from_dict, to_dict
-from polymodal.registry import Family, Layout
-from polymodal.weights.keymap import KeyMap
+from polymodal.registry import Family, native_layout
 
 
 @dataclass(frozen=True)
@@ -215,18 +213,10 @@ PRESETS: dict[str, LeNetConfig] = {
 # "polymodal-lenet" and our tensor names).
 
 
-def _read_native(raw: dict, shapes: dict) -> LeNetConfig:
-    return from_dict(LeNetConfig, raw)
-
-
-def _write_native(c: LeNetConfig) -> dict:
-    return {"model_type": "polymodal-lenet", **to_dict(c)}
-
-
 FAMILY = Family(
     name="lenet",
     model=LeNet,
-    layouts={"polymodal": Layout("polymodal", _read_native, _write_native, lambda c: KeyMap())},
+    layouts={"polymodal": native_layout("lenet", LeNetConfig)},
     presets=PRESETS,
     description="LeNet-5 (1998): Table I partial connections, trainable subsampling, Euclidean RBF output",
 )

@@ -26,9 +26,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from polymodal.config import from_dict, to_dict
+from polymodal.config import from_dict
 from polymodal.nn import activation
-from polymodal.registry import Family, Layout
+from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import KeyMap, Rename
 
 
@@ -324,21 +324,13 @@ def _write_timm(c: ResNetConfig) -> dict:
     return out
 
 
-def _read_native(raw: dict, shapes: dict) -> ResNetConfig:
-    return from_dict(ResNetConfig, raw)
-
-
-def _write_native(c: ResNetConfig) -> dict:
-    return {"model_type": "polymodal-resnet", **to_dict(c)}
-
-
 FAMILY = Family(
     name="resnet",
     model=ResNet,
     layouts={
         "transformers": Layout("transformers", _read_hf, _write_hf, _hf_key_map),
         "timm": Layout("timm", _read_timm, _write_timm, _timm_key_map),
-        "polymodal": Layout("polymodal", _read_native, _write_native, lambda c: KeyMap()),
+        "polymodal": native_layout("resnet", ResNetConfig),
     },
     presets=PRESETS,
     hub_ids=HUB_IDS,

@@ -23,9 +23,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from polymodal.config import from_dict, to_dict
+from polymodal.config import from_dict
 from polymodal.nn import Block, LearnedPosition2D, PatchEmbed, interpolate_pos_2d, sincos_2d
-from polymodal.registry import Family, Layout
+from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Drop, Fuse, KeyMap, Rename
 
 
@@ -354,21 +354,13 @@ def _timm_key_map(c: ViTConfig) -> KeyMap:
     return KeyMap([Rename("fc_norm.{p}", "norm.{p}")] if c.pool == "gap" else [])
 
 
-def _read_native(raw: dict, shapes: dict) -> ViTConfig:
-    return from_dict(ViTConfig, raw)
-
-
-def _write_native(c: ViTConfig) -> dict:
-    return {"model_type": "polymodal-vit", **to_dict(c)}
-
-
 FAMILY = Family(
     name="vit",
     model=ViT,
     layouts={
         "transformers": Layout("transformers", _read_hf, _write_hf, _hf_key_map),
         "timm": Layout("timm", _read_timm, _write_timm, _timm_key_map),
-        "polymodal": Layout("polymodal", _read_native, _write_native, lambda c: KeyMap()),
+        "polymodal": native_layout("vit", ViTConfig),
     },
     presets=PRESETS,
     hub_ids=HUB_IDS,
