@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-TRAIN_STEPS = 400
+TRAIN_STEPS = 1000
 MAX_TRAIN_SECONDS = 240.0  # a safety stop on slow machines; the steps normally finish well before
 TRAIN_IMAGES = 6000
 BATCH = 128
+LR = 5e-3
 IMAGE_SIZE = 32
 
 
@@ -156,8 +157,8 @@ def _train_tiny_clip(out: Path, steps: int, max_seconds: float, say) -> tuple[Pa
     captions = sorted({s.caption for s in samples})
     ids, mask = CLIPTokenizer.default()(captions, context_length=cfg.text.max_position_embeddings)
     caption_of = torch.tensor([captions.index(s.caption) for s in samples])
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(0)
     losses, start = [], time.perf_counter()
     for step in range(steps):
