@@ -28,7 +28,7 @@ import timm
 import torch
 from timm.models import save_for_hf
 from transformers import ViTConfig as HFViTConfig
-from transformers import ViTModel
+from transformers import ViTForImageClassification, ViTModel
 
 import polymodal as pm
 
@@ -37,15 +37,31 @@ TINY_HF = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, inter
 TINY_TIMM = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=4, mlp_ratio=2.0)
 
 
-def pairs(size: str, workdir: Path) -> dict[str, tuple[Callable, torch.nn.Module, torch.nn.Module]]:
-    """reference name -> (reference forward returning tokens, reference model, our model on its weights)."""
-    hf = ViTModel(HFViTConfig(**(TINY_HF if size == "tiny" else {})), add_pooling_layer=False).eval()
-    hf.save_pretrained(workdir / f"hf-{size}")
-    tm = timm.create_model("vit_base_patch16_224", pretrained=False, **(TINY_TIMM if size == "tiny" else {}))
-    save_for_hf(tm.eval(), workdir / f"timm-{size}", safe_serialization=True)
+Pair = tuple[Callable, torch.nn.Module, Callable, torch.nn.Module]
+
+
+def pairs(size: str, workdir: Path, task: str) -> dict[str, Pair]:
+    """reference name -> (reference call, reference model, our call, our model on the reference's weights).
+
+    task "tokens": the full token output (`last_hidden_state`, timm's `forward_features`);
+    task "classify": class logits (`ViTForImageClassification`, timm's `model(x)` with its head)."""
+    tiny = size == "tiny"
+    if task == "classify":
+        labels = 10 if tiny else 1000
+        hf = ViTForImageClassification(HFViTConfig(**(TINY_HF if tiny else {}), num_labels=labels)).eval()
+        hf_call, timm_call, our_call = (lambda m, x: m(x).logits), (lambda m, x: m(x)), (lambda m, x: m.classify(x))
+        timm_kw = {"num_classes": labels}
+    else:
+        hf = ViTModel(HFViTConfig(**(TINY_HF if tiny else {})), add_pooling_layer=False).eval()
+        hf_call, timm_call, our_call = (lambda m, x: m(x).last_hidden_state), (lambda m, x: m.forward_features(x)), (
+            lambda m, x: m(x))
+        timm_kw = {}
+    hf.save_pretrained(workdir / f"hf-{size}-{task}")
+    tm = timm.create_model("vit_base_patch16_224", pretrained=False, **(TINY_TIMM if tiny else {}), **timm_kw)
+    save_for_hf(tm.eval(), workdir / f"timm-{size}-{task}", safe_serialization=True)
     return {
-        "transformers": (lambda m, x: m(x).last_hidden_state, hf, pm.load(workdir / f"hf-{size}")),
-        "timm": (lambda m, x: m.forward_features(x), tm, pm.load(workdir / f"timm-{size}")),
+        "transformers": (hf_call, hf, our_call, pm.load(workdir / f"hf-{size}-{task}")),
+        "timm": (timm_call, tm, our_call, pm.load(workdir / f"timm-{size}-{task}")),
     }
 
 
@@ -86,6 +102,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="ViT-B/16 dtypes, comma-separated")
     parser.add_argument("--batches", default="1,8", help="ViT-B/16 batch sizes, comma-separated")
+    parser.add_argument("--task", default="tokens", choices=["tokens", "classify"],
+                        help="compare the full token output, or class logits (image classification)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,15 +118,17 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, {rounds} rounds")
     print(f"{'case':<24} {'reference':<13} {'max|diff|':>9} {'ref ms':>9} {'ours ms':>9} {'ref/ours':>9}  range")
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        models = {size: pairs(size, Path(tmp)) for size in ("tiny", "ViT-B/16")}
+        models = {size: pairs(size, Path(tmp), args.task) for size in ("tiny", "ViT-B/16")}
         for size, batch, dtype in cases:
             side = 32 if size == "tiny" else 224
             x = torch.randn(batch, 3, side, side, device=device, dtype=dtype)
-            for ref_name, (ref_call, ref, ours) in models[size].items():
+            for ref_name, (ref_call, ref, our_call, ours) in models[size].items():
                 ref, ours = ref.to(device, dtype), ours.to(device, dtype)
-                diff = (ref_call(ref, x).float() - ours(x).float()).abs().max().item()
-                t_ref, t_ours, ratios = paired(partial(ref_call, ref, x), partial(ours, x), rounds, min_time, sync)
+                diff = (ref_call(ref, x).float() - our_call(ours, x).float()).abs().max().item()
+                t_ref, t_ours, ratios = paired(partial(ref_call, ref, x), partial(our_call, ours, x), rounds, min_time,
+                                               sync)
                 name = f"{size} b{batch} {str(dtype).removeprefix('torch.')}"
+                name += " cls" if args.task == "classify" else ""
                 print(f"{name:<24} {ref_name:<13} {diff:>9.1e} {t_ref * 1e3:>9.3f} {t_ours * 1e3:>9.3f} "
                       f"{statistics.median(ratios):>8.2f}x  {min(ratios):.2f}-{max(ratios):.2f}", flush=True)
 
