@@ -320,3 +320,13 @@ def test_open_clip_real_size(tmp_path, name, preset):
         torch.testing.assert_close(model.encode_image(pixels), ref.encode_image(pixels), atol=ATOL, rtol=0)
         torch.testing.assert_close(model.encode_text(ids), ref.encode_text(ids), atol=ATOL, rtol=0)
     assert time.perf_counter() - start < 60
+
+
+def test_open_clip_pickled_only_folder(tmp_path):
+    """A folder with only open_clip's `open_clip_pytorch_model.bin` loads through `weights_only`."""
+    ref, d = _open_clip_dir(tmp_path, _OC_VIT, "oc-bin")
+    (d / "open_clip_model.safetensors").unlink()
+    torch.save(ref.state_dict(), d / "open_clip_pytorch_model.bin")
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pm.load(d).encode_image(pixels), ref.encode_image(pixels), atol=ATOL, rtol=0)
