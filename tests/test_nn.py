@@ -192,3 +192,12 @@ def test_block_fast_path_matches_module_path():
     slow = block.train()(x)  # training mode takes the module path (dropout-free, so the same function)
     torch.testing.assert_close(fused, slow, atol=ATOL, rtol=0)
     assert not Block(32, 4, 64, act="quick_gelu")._fusable and not Block(32, 4, 64, causal=True)._fusable
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_split_and_fused_qkv_projections_agree(kv_heads):
+    attn = Attention(32, 4, num_kv_heads=kv_heads)
+    x = torch.randn(2, 5, 32)
+    for a, b in zip(attn.project_qkv(x, split=True), attn.project_qkv(x, split=False)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)

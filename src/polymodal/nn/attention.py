@@ -4,12 +4,11 @@ One block serves every family: self- and cross-attention, causal and padding mas
 (fewer key/value heads than query heads, as in LLaMA 2/3 and Qwen2), rotary positions applied from the
 outside, and a preallocated KV cache for generation.
 
-Self-attention keeps q, k and v in one fused projection (`qkv`): one matrix multiply instead of three, and
-the layout PyTorch's fused encoder-layer kernel takes (see `polymodal.nn.block`). Whether one wide multiply
-beats three narrow ones depends on the BLAS: on the 2-core AVX2 machine of benchmarks/ with MKL, a
-197x768 @ 768x2304 product took ~10% longer than three 768-wide ones, and equal time at 8x197 rows.
-Checkpoints that store q/k/v apart are fused by the key map at load time (`polymodal.weights.keymap.Fuse`)
-and split again when saving.
+Self-attention keeps q, k and v in one fused parameter (`qkv`): one matrix multiply on GPUs, and the layout
+PyTorch's fused encoder-layer kernel takes (see `polymodal.nn.block`). On CPUs the three products run on
+contiguous row blocks of it instead: with MKL on the 2-core AVX2 machine of benchmarks/, a 197x768 @ 768x2304
+product took ~10% longer than three 768-wide ones (equal at 8x197 rows). Checkpoints that store q/k/v apart
+are fused by the key map at load time (`polymodal.weights.keymap.Fuse`) and split again when saving.
 """
 
 from __future__ import annotations
@@ -93,6 +92,23 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(dim, q_out + 2 * kv_out, bias=bias)
         self.proj = nn.Linear(q_out, out_dim or dim, bias=bias if out_bias is None else out_bias)
 
+    def project_qkv(self, x: Tensor, split: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, D) -> q (B, H, T, Dh), k and v (B, KV, T, Dh) for self-attention.
+
+        split=True runs three products on contiguous row blocks of the fused weight (what CPUs get: with MKL,
+        ViT-B/16 at batch 1 gains ~6% of its whole forward; equal at batch 8); False, one fused product."""
+        B, T, _ = x.shape
+        H, KV, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        if split:
+            sizes = [H * Dh, KV * Dh, KV * Dh]
+            bias = self.qkv.bias.split(sizes) if self.qkv.bias is not None else (None,) * 3
+            q, k, v = (F.linear(x, w, b).view(B, T, n, Dh).transpose(1, 2)
+                       for w, b, n in zip(self.qkv.weight.split(sizes), bias, (H, KV, KV)))
+            return q, k, v
+        if KV == H:  # one view and permute, not split + 3 views + 3 transposes: less per-call overhead
+            return self.qkv(x).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.qkv(x).view(B, T, H + 2 * KV, Dh).transpose(1, 2).split([H, KV, KV], dim=1)
+
     def forward(
         self,
         x: Tensor,
@@ -116,10 +132,8 @@ class Attention(nn.Module):
                 raise ValueError("cross-attention needs a context tensor")
             q = self.q(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
             k, v = self.kv(context).view(B, -1, 2, KV, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, KV, S, Dh) each
-        elif KV == H:  # one view and permute, not split + 3 views + 3 transposes: less per-call overhead
-            q, k, v = self.qkv(x).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, Dh) each
         else:
-            q, k, v = self.qkv(x).view(B, T, H + 2 * KV, Dh).transpose(1, 2).split([H, KV, KV], dim=1)
+            q, k, v = self.project_qkv(x, split=x.device.type == "cpu")
         if rope is not None:
             from polymodal.nn.position import apply_rope
 
