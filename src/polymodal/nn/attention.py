@@ -5,10 +5,11 @@ One block serves every family: self- and cross-attention, causal and padding mas
 outside, and a preallocated KV cache for generation.
 
 Self-attention keeps q, k and v in one fused parameter (`qkv`): one matrix multiply on GPUs, and the layout
-PyTorch's fused encoder-layer kernel takes (see `polymodal.nn.block`). On CPUs the three products run on
-contiguous row blocks of it instead: with MKL on the 2-core AVX2 machine of benchmarks/, a 197x768 @ 768x2304
-product took ~10% longer than three 768-wide ones (equal at 8x197 rows). Checkpoints that store q/k/v apart
-are fused by the key map at load time (`polymodal.weights.keymap.Fuse`) and split again when saving.
+PyTorch's fused encoder-layer kernel takes (see `polymodal.nn.block`). On CPUs, for widths of 512 and more,
+the three products run on contiguous row blocks of it instead: with MKL on the 2-core AVX2 machine of
+benchmarks/, a 197x768 @ 768x2304 product took ~10% longer than three 768-wide ones (equal at 8x197 rows).
+Checkpoints that store q/k/v apart are fused by the key map at load time (`polymodal.weights.keymap.Fuse`) and
+split again when saving.
 """
 
 from __future__ import annotations
@@ -95,8 +96,9 @@ class Attention(nn.Module):
     def project_qkv(self, x: Tensor, split: bool) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, T, D) -> q (B, H, T, Dh), k and v (B, KV, T, Dh) for self-attention.
 
-        split=True runs three products on contiguous row blocks of the fused weight (what CPUs get: with MKL,
-        ViT-B/16 at batch 1 gains ~6% of its whole forward; equal at batch 8); False, one fused product."""
+        split=True runs three products on contiguous row blocks of the fused weight (what CPUs get for widths of
+        512 and more: with MKL, ViT-B/16 at batch 1 gains ~6% of its whole forward; equal at batch 8); False, one
+        fused product."""
         B, T, _ = x.shape
         H, KV, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         if split:
@@ -133,7 +135,8 @@ class Attention(nn.Module):
             q = self.q(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
             k, v = self.kv(context).view(B, -1, 2, KV, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, KV, S, Dh) each
         else:
-            q, k, v = self.project_qkv(x, split=x.device.type == "cpu")
+            # CPUs split wide projections (see project_qkv); for narrow ones the extra calls cost more than they save
+            q, k, v = self.project_qkv(x, split=x.device.type == "cpu" and x.shape[-1] >= 512)
         if rope is not None:
             from polymodal.nn.position import apply_rope
 
