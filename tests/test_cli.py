@@ -24,21 +24,6 @@ def test_models_json():
     assert "vit-b/16" in vit["presets"] and "google/vit-base-patch16-224" in vit["hub_ids"]
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.CLIPConfig(
-        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 4},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-                       "image_size": 32, "patch_size": 16},
-        projection_dim=16,
-    )
-    d = tmp_path_factory.mktemp("clip")
-    transformers.CLIPModel(cfg).save_pretrained(d)
-    return d
-
-
 @pytest.fixture
 def image(tmp_path):
     p = tmp_path / "red.png"

@@ -10,22 +10,6 @@ from polymodal.pipelines import recall_at_k
 from polymodal.pipelines.templates import IMAGENET80, resolve_templates
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.CLIPConfig(
-        text_config={"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "max_position_embeddings": 77},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                       "image_size": 64, "patch_size": 16},
-        projection_dim=16,
-    )
-    d = tmp_path_factory.mktemp("clip")
-    transformers.CLIPModel(cfg).save_pretrained(d)
-    return d
-
-
 def _images():
     return [Image.new("RGB", (80, 64), c) for c in ((200, 30, 30), (30, 200, 30), (30, 30, 200))]
 
