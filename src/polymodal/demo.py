@@ -267,11 +267,13 @@ def _retrieval(model_dir: Path) -> tuple[dict, str]:
 
 
 def _img_tag(image, size: int) -> str:
+    from PIL import Image
+
     buf = io.BytesIO()
-    im = image.copy()
-    im.thumbnail((size, size)) if max(im.size) > size else None
-    im = im.resize((size, round(size * im.height / im.width)), resample=0) if max(im.size) < size else im
-    im.save(buf, format="PNG")
+    # big photos shrink smoothly; small generated images grow with sharp pixels
+    resample = Image.Resampling.BICUBIC if max(image.size) > size else Image.Resampling.NEAREST
+    scale = size / max(image.size)
+    image.resize((round(image.width * scale), round(image.height * scale)), resample=resample).save(buf, format="PNG")
     return f"<img src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
 
 

@@ -33,57 +33,14 @@ class ImageClassificationPipeline(Pipeline):
         return out[0] if single else out
 
 
-class ZeroShotImageClassificationPipeline(Pipeline):
-    """CLIP's zero-shot classifier: labels written into prompt templates, the nearest text embedding wins.
-
-    `templates="imagenet80"` (or a list) averages the normalized embeddings of every template per label and
-    renormalizes, as CLIP's prompt ensembling does."""
-
-    task = "zero-shot-image-classification"
+class ImageTextPipeline(Pipeline):
+    """What zero-shot classification and retrieval share: a CLIP-like model, its tokenizer, and L2-normalized
+    embeddings of images and texts."""
 
     def __init__(self, model, *, tokenizer=None, **kw):
         super().__init__(model, **kw)
         if not hasattr(self.model, "encode_text"):
-            raise ValueError(f"zero-shot classification needs an image-text model (CLIP), not {self.family}")
-        self.tokenizer = tokenizer or default_tokenizer(self.model)
-        self._cache: dict = {}
-
-    @torch.inference_mode()
-    def label_embeddings(self, labels: list[str], templates: tuple[str, ...]) -> torch.Tensor:
-        """(L, P) normalized class embeddings, each the renormalized mean over its templates."""
-        key = (tuple(labels), templates)
-        if key not in self._cache:
-            prompts = [t.format(label) for label in labels for t in templates]
-            emb = F.normalize(embed_texts(self.model, self.tokenizer, prompts).float(), dim=-1)
-            emb = emb.view(len(labels), len(templates), -1).mean(1)
-            self._cache = {key: F.normalize(emb, dim=-1)}  # keep the last label set only
-        return self._cache[key]
-
-    @torch.inference_mode()
-    def __call__(self, images, candidate_labels, template: str = "a photo of a {}.", templates=None, top_k=None):
-        items, single = as_list(images)
-        labels = [str(lab).strip() for lab in candidate_labels]
-        if len(labels) < 1 or any(not lab for lab in labels):
-            raise ValueError("candidate_labels must be a non-empty list of non-empty labels")
-        text = self.label_embeddings(labels, resolve_templates(template, templates))
-        image = F.normalize(self.model.encode_image(self.pixels(items)).float(), dim=-1)
-        probs = (self.model.logit_scale.exp().float() * image @ text.T).softmax(-1)
-        out = [_ranked(labels, p, top_k or len(labels)) for p in probs]
-        return out[0] if single else out
-
-
-class ImageTextRetrievalPipeline(Pipeline):
-    """Rank a gallery both ways by cosine similarity of CLIP embeddings.
-
-    `pipe(images=[...], texts=[...], top_k=5)` -> {"image_to_text": per image [{"index", "text", "score"}],
-    "text_to_image": per text [{"index", "score"}], "similarity": (I, T) list of lists}."""
-
-    task = "image-text-retrieval"
-
-    def __init__(self, model, *, tokenizer=None, **kw):
-        super().__init__(model, **kw)
-        if not hasattr(self.model, "encode_text"):
-            raise ValueError(f"retrieval needs an image-text model (CLIP), not {self.family}")
+            raise ValueError(f"{self.task} needs an image-text model (CLIP), not {self.family}")
         self.tokenizer = tokenizer or default_tokenizer(self.model)
 
     @torch.inference_mode()
@@ -99,6 +56,50 @@ class ImageTextRetrievalPipeline(Pipeline):
         """(N, P) L2-normalized text embeddings."""
         items, _ = as_list(texts)
         return F.normalize(embed_texts(self.model, self.tokenizer, [str(t) for t in items]).float(), dim=-1)
+
+
+class ZeroShotImageClassificationPipeline(ImageTextPipeline):
+    """CLIP's zero-shot classifier: labels written into prompt templates, the nearest text embedding wins.
+
+    `templates="imagenet80"` (or a list) averages the normalized embeddings of every template per label and
+    renormalizes, as CLIP's prompt ensembling does."""
+
+    task = "zero-shot-image-classification"
+
+    def __init__(self, model, **kw):
+        super().__init__(model, **kw)
+        self._cache: dict = {}
+
+    @torch.inference_mode()
+    def label_embeddings(self, labels: list[str], templates: tuple[str, ...]) -> torch.Tensor:
+        """(L, P) normalized class embeddings, each the renormalized mean over its templates."""
+        key = (tuple(labels), templates)
+        if key not in self._cache:
+            emb = self.embed_texts([t.format(label) for label in labels for t in templates])
+            emb = emb.view(len(labels), len(templates), -1).mean(1)
+            self._cache = {key: F.normalize(emb, dim=-1)}  # keep the last label set only
+        return self._cache[key]
+
+    @torch.inference_mode()
+    def __call__(self, images, candidate_labels, template: str = "a photo of a {}.", templates=None, top_k=None):
+        items, single = as_list(images)
+        labels = [str(lab).strip() for lab in candidate_labels]
+        if len(labels) < 1 or any(not lab for lab in labels):
+            raise ValueError("candidate_labels must be a non-empty list of non-empty labels")
+        text = self.label_embeddings(labels, resolve_templates(template, templates))
+        image = self.embed_images(items)
+        probs = (self.model.logit_scale.exp().float() * image @ text.T).softmax(-1)
+        out = [_ranked(labels, p, top_k or len(labels)) for p in probs]
+        return out[0] if single else out
+
+
+class ImageTextRetrievalPipeline(ImageTextPipeline):
+    """Rank a gallery both ways by cosine similarity of CLIP embeddings.
+
+    `pipe(images=[...], texts=[...], top_k=5)` -> {"image_to_text": per image [{"index", "text", "score"}],
+    "text_to_image": per text [{"index", "score"}], "similarity": (I, T) list of lists}."""
+
+    task = "image-text-retrieval"
 
     def __call__(self, images, texts, top_k: int = 5):
         img, txt = self.embed_images(images), self.embed_texts(texts)
