@@ -7,6 +7,7 @@ times and the largest difference between the two outputs.
     python benchmarks/bench_clip.py                                  # tiny + ViT-B/32, batch 1 and 8, fp32 + bf16
     python benchmarks/bench_clip.py --sizes tiny --rounds 5 --dtypes fp32
     python benchmarks/bench_clip.py --sizes b32 --device cuda --rounds 50
+    python benchmarks/bench_clip.py --packed                         # ours after pm.optimize_for_inference
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 import torch
 
 from polymodal.models.clip import CLIP, PRESETS, _hf_key_map, _write_hf
+from polymodal.nn.inference import optimize_for_inference
 from polymodal.weights.loader import load_weights
 
 SIZES = {"tiny": "clip-tiny-test", "b32": "openai/clip-vit-base-patch32", "b16": "openai/clip-vit-base-patch16",
@@ -108,6 +110,8 @@ def main() -> None:
     p.add_argument("--towers", default="image,text,text-masked,text-prompts")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--packed", action="store_true",
+                   help="run ours after pm.optimize_for_inference (CPU: oneDNN-prepacked weights)")
     args = p.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, rounds {args.rounds}")
@@ -117,6 +121,8 @@ def main() -> None:
         for dname in args.dtypes.split(","):
             dtype = DTYPES[dname]
             ref, ours = build_pair(SIZES[size], device, dtype)
+            if args.packed:
+                optimize_for_inference(ours)
             for batch in map(int, args.batches.split(",")):
                 for tower in args.towers.split(","):
                     x = inputs(SIZES[size], batch, device, dtype, tower == "text-masked")

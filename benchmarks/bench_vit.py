@@ -3,6 +3,7 @@
     python benchmarks/bench_vit.py                 # ViT-B/16 at batch 1 and 8, fp32 and bf16; a tiny ViT
     python benchmarks/bench_vit.py --quick         # fewer rounds, shorter timings, batch 1 only at real size
     python benchmarks/bench_vit.py --rounds 11 --threads 4 --dtypes float32 --batches 1
+    python benchmarks/bench_vit.py --packed        # ours after pm.optimize_for_inference (prepacked CPU weights)
 
 On a CPU without native bf16 (no AVX512-BF16/AMX) bf16 is slower than fp32: ViT-B/16 at batch 1 took 7-12 s a
 call on our 2-core test machine, so a full CPU run can take an hour; `--dtypes float32` skips bf16.
@@ -40,7 +41,7 @@ TINY_TIMM = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=4, 
 Pair = tuple[Callable, torch.nn.Module, Callable, torch.nn.Module]
 
 
-def pairs(size: str, workdir: Path, task: str) -> dict[str, Pair]:
+def pairs(size: str, workdir: Path, task: str, packed: bool = False) -> dict[str, Pair]:
     """reference name -> (reference call, reference model, our call, our model on the reference's weights).
 
     task "tokens": the full token output (`last_hidden_state`, timm's `forward_features`);
@@ -59,9 +60,10 @@ def pairs(size: str, workdir: Path, task: str) -> dict[str, Pair]:
     hf.save_pretrained(workdir / f"hf-{size}-{task}")
     tm = timm.create_model("vit_base_patch16_224", pretrained=False, **(TINY_TIMM if tiny else {}), **timm_kw)
     save_for_hf(tm.eval(), workdir / f"timm-{size}-{task}", safe_serialization=True)
+    prepare = pm.optimize_for_inference if packed else (lambda m: m)
     return {
-        "transformers": (hf_call, hf, our_call, pm.load(workdir / f"hf-{size}-{task}")),
-        "timm": (timm_call, tm, our_call, pm.load(workdir / f"timm-{size}-{task}")),
+        "transformers": (hf_call, hf, our_call, prepare(pm.load(workdir / f"hf-{size}-{task}"))),
+        "timm": (timm_call, tm, our_call, prepare(pm.load(workdir / f"timm-{size}-{task}"))),
     }
 
 
@@ -104,6 +106,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8", help="ViT-B/16 batch sizes, comma-separated")
     parser.add_argument("--task", default="tokens", choices=["tokens", "classify"],
                         help="compare the full token output, or class logits (image classification)")
+    parser.add_argument("--packed", action="store_true",
+                        help="run ours after pm.optimize_for_inference (CPU: oneDNN-prepacked weights)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,7 +122,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, {rounds} rounds")
     print(f"{'case':<24} {'reference':<13} {'max|diff|':>9} {'ref ms':>9} {'ours ms':>9} {'ref/ours':>9}  range")
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        models = {size: pairs(size, Path(tmp), args.task) for size in ("tiny", "ViT-B/16")}
+        models = {size: pairs(size, Path(tmp), args.task, args.packed) for size in ("tiny", "ViT-B/16")}
         for size, batch, dtype in cases:
             side = 32 if size == "tiny" else 224
             x = torch.randn(batch, 3, side, side, device=device, dtype=dtype)

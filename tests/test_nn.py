@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from polymodal.nn import (
     MLP,
     Attention,
+    Block,
     KVCache,
     LearnedPosition2D,
     PatchEmbed,
@@ -201,3 +202,48 @@ def test_split_and_fused_qkv_projections_agree(kv_heads):
     for a, b in zip(attn.project_qkv(x, split=True), attn.project_qkv(x, split=False)):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_optimize_for_inference_keeps_outputs_names_and_training():
+    from polymodal.nn import PackedLinear, optimize_for_inference
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Block(512, 8, 1024), torch.nn.Linear(512, 2048))
+    narrow = torch.nn.Linear(64, 8)
+    x = torch.randn(2, 9, 512)
+    with torch.no_grad():
+        want = model(x)
+    keys = list(model.state_dict())
+    optimize_for_inference(model), optimize_for_inference(narrow)
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 5  # qkv, proj, fc1, fc2, the 512-wide one
+    assert type(narrow) is torch.nn.Linear  # too narrow to gain
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    # training takes the plain path (gradients flow), and the packed copy follows the updated weights
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(x).square().mean().backward()
+    assert model[1].weight.grad is not None
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        h = model[0](x)
+        packed, plain = model[1](h), F.linear(h, model[1].weight, model[1].bias)
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(x), got)
+
+
+def test_optimize_for_inference_under_inference_mode():
+    from polymodal.nn import PackedLinear, optimize_for_inference
+
+    with torch.inference_mode():  # weights made here carry no version counter
+        lin = torch.nn.Linear(512, 2048)
+        x = torch.randn(3, 512)
+        want = lin(x)
+        optimize_for_inference(lin)
+        assert isinstance(lin, PackedLinear)
+        torch.testing.assert_close(lin(x), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lin(x[:0]), want[:0])  # an empty batch takes the plain path

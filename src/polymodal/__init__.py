@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from polymodal.nn.inference import optimize_for_inference
 from polymodal.weights.checkpoint import CheckpointError
 from polymodal.weights.loader import build, load, save
 
@@ -21,4 +22,4 @@ def pipeline(task: str, model=None, **options):
     return _pipeline(task, model=model, **options)
 
 
-__all__ = ["CheckpointError", "__version__", "build", "load", "pipeline", "save"]
+__all__ = ["CheckpointError", "__version__", "build", "load", "optimize_for_inference", "pipeline", "save"]

@@ -3,6 +3,7 @@ three); blocks take explicit arguments, never a family config."""
 
 from polymodal.nn.attention import Attention, KVCache, padding_mask
 from polymodal.nn.block import Block
+from polymodal.nn.inference import PackedLinear, optimize_for_inference
 from polymodal.nn.mlp import MLP, QuickGELU, SwiGLU, activation
 from polymodal.nn.norm import LayerNorm, RMSNorm
 from polymodal.nn.patch import PatchEmbed
@@ -17,6 +18,7 @@ from polymodal.nn.position import (
 
 __all__ = [
     "MLP",
+    "PackedLinear",
     "Attention",
     "Block",
     "KVCache",
@@ -30,6 +32,7 @@ __all__ = [
     "activation",
     "apply_rope",
     "interpolate_pos_2d",
+    "optimize_for_inference",
     "padding_mask",
     "sincos_1d",
     "sincos_2d",

@@ -136,7 +136,9 @@ class Attention(nn.Module):
             k, v = self.kv(context).view(B, -1, 2, KV, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, KV, S, Dh) each
         else:
             # CPUs split wide projections (see project_qkv); for narrow ones the extra calls cost more than they save
-            q, k, v = self.project_qkv(x, split=x.device.type == "cpu" and x.shape[-1] >= 512)
+            # (a prepacked weight, see polymodal.nn.inference, is faster as one product)
+            split = x.device.type == "cpu" and x.shape[-1] >= 512 and not getattr(self.qkv, "packed", False)
+            q, k, v = self.project_qkv(x, split=split)
         if rope is not None:
             from polymodal.nn.position import apply_rope
 
