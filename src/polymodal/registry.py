@@ -21,6 +21,9 @@ FAMILIES: dict[str, str] = {
     "resnet": "polymodal.models.resnet",
     "vit": "polymodal.models.vit",
     "clip": "polymodal.models.clip",
+    "bert": "polymodal.models.bert",
+    "llama": "polymodal.models.llama",
+    "qwen2": "polymodal.models.qwen2",
 }
 
 # transformers' config.json `model_type` (and polymodal's own) -> family
@@ -33,6 +36,12 @@ MODEL_TYPES: dict[str, str] = {
     "resnet": "resnet",
     "vit": "vit",
     "clip": "clip",
+    "bert": "bert",
+    "polymodal-bert": "bert",
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "polymodal-llama": "llama",
+    "polymodal-qwen2": "qwen2",
 }
 
 # timm's config.json `architecture` prefix -> family

@@ -1,7 +1,7 @@
 """Shared building blocks. A block lives here once three families use it unchanged (STYLE.md, rule of
 three); blocks take explicit arguments, never a family config."""
 
-from polymodal.nn.attention import Attention, KVCache, padding_mask
+from polymodal.nn.attention import Attention, KVCache, causal_padding_mask, padding_mask
 from polymodal.nn.block import Block
 from polymodal.nn.inference import PackedLinear, optimize_for_inference
 from polymodal.nn.mlp import MLP, QuickGELU, SwiGLU, activation
@@ -31,6 +31,7 @@ __all__ = [
     "SwiGLU",
     "activation",
     "apply_rope",
+    "causal_padding_mask",
     "interpolate_pos_2d",
     "optimize_for_inference",
     "padding_mask",

@@ -35,6 +35,11 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index`, in that order (beam search)."""
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append k, v (B, KV, T, Dh) and return everything cached so far (B, KV, L+T, Dh)."""
         start, end = self.length, self.length + k.shape[2]
@@ -111,18 +116,25 @@ class Attention(nn.Module):
             return self.qkv(x).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
         return self.qkv(x).view(B, T, H + 2 * KV, Dh).transpose(1, 2).split([H, KV, KV], dim=1)
 
+    def project_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys and values of a context (B, S, Dc) -> (B, KV, S, Dh) each. A decoder that generates
+        computes them once per input and passes the pair as `context` at every step."""
+        B = context.shape[0]
+        return self.kv(context).view(B, -1, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
     def forward(
         self,
         x: Tensor,
-        context: Tensor | None = None,
+        context: Tensor | tuple[Tensor, Tensor] | None = None,
         *,
         mask: Tensor | None = None,
         rope: tuple[Tensor, Tensor] | None = None,
         cache: KVCache | None = None,
         keep_first: int | None = None,
     ) -> Tensor:
-        """x (B, T, D); context (B, S, Dc) for cross-attention; mask broadcastable to (B, H, T, S), bool
-        (True = may attend) or additive float; rope = (cos, sin) each (B or 1, T, Dh) for the new positions.
+        """x (B, T, D); context (B, S, Dc) for cross-attention, or its `project_kv` pair; mask broadcastable to
+        (B, H, T, S), bool (True = may attend) or additive float; rope = (cos, sin) each (B or 1, T, Dh) for the
+        new positions.
 
         keep_first=n computes the output of the first n positions only -> (B, n, D); every position still
         serves as a key and value. A model that reads out only its first tokens (CLIP's class token) saves
@@ -133,7 +145,7 @@ class Attention(nn.Module):
             if context is None:
                 raise ValueError("cross-attention needs a context tensor")
             q = self.q(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
-            k, v = self.kv(context).view(B, -1, 2, KV, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, KV, S, Dh) each
+            k, v = context if isinstance(context, tuple) else self.project_kv(context)  # (B, KV, S, Dh) each
         else:
             # CPUs split wide projections (see project_qkv); for narrow ones the extra calls cost more than they save
             # (a prepacked weight, see polymodal.nn.inference, is faster as one product)
@@ -179,3 +191,19 @@ def _merge_masks(mask: Tensor, allowed: Tensor) -> Tensor:
 def padding_mask(attention_mask: Tensor) -> Tensor:
     """(B, S) with 1 for real tokens -> boolean (B, 1, 1, S) mask for `Attention`."""
     return attention_mask.bool()[:, None, None, :]
+
+
+def causal_padding_mask(attention_mask: Tensor, num_queries: int) -> Tensor:
+    """A decoder's mask for its newest `num_queries` positions: (B, S) with 1 for real tokens, covering past and new
+    positions -> boolean (B, 1, T, S), True where a query may attend (causal and not padding).
+
+    A left-padding position would see no key at all (its softmax would be 0/0 = NaN, and the NaN would reach
+    real tokens through the next layer's values even at weight 0); it attends to itself instead. Its output is
+    never read."""
+    S, T = attention_mask.shape[1], num_queries
+    past = S - T
+    allowed = torch.ones(T, S, dtype=torch.bool, device=attention_mask.device).tril(diagonal=past)  # (T, S)
+    mask = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+    itself = torch.zeros(T, S, dtype=torch.bool, device=attention_mask.device)
+    itself[torch.arange(T), past + torch.arange(T)] = True
+    return mask | itself

@@ -71,19 +71,40 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class RoPE(nn.Module):
-    """Rotary position embedding tables: positions (B, T) -> (cos, sin) each (B, T, Dh).
+    """Rotary position embedding tables (Su et al. 2021): positions (B, T) -> (cos, sin) each (B, T, Dh).
 
-    The inverse frequencies are recomputed (not loaded), so they never appear in a checkpoint."""
+    scaling: a Hugging Face `rope_scaling` dict for longer contexts: {"rope_type": "linear", "factor": f}
+    (positions divided by f) or {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"} (Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth
+    blend between). The inverse frequencies are recomputed (not loaded), so they never appear in a checkpoint."""
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: dict | None = None):
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
+        self.scaling = dict(scaling or {})
+        kind = self.scaling.get("rope_type", self.scaling.get("type", "default"))
+        if kind not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope scaling {kind!r} is not supported; supported: default, linear, llama3")
+        self.kind = kind
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 
     def _inv_freq(self, device=None) -> Tensor:
         steps = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
-        return 1.0 / self.theta ** (steps / self.head_dim)
+        inv_freq = 1.0 / self.theta ** (steps / self.head_dim)
+        if self.kind == "linear":
+            return inv_freq / self.scaling["factor"]
+        if self.kind == "llama3":
+            s = self.scaling
+            factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+            context = s["original_max_position_embeddings"]
+            wavelen = 2 * math.pi / inv_freq
+            slowed = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+            smooth = (context / wavelen - low) / (high - low)
+            blended = (1 - smooth) * slowed / factor + smooth * slowed
+            medium = (wavelen >= context / high) & (wavelen <= context / low)
+            return torch.where(medium, blended, slowed)
+        return inv_freq
 
     def materialize(self, device) -> None:
         """Called by the loader after building on the meta device: recompute the non-persistent table."""

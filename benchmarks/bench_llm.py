@@ -1,0 +1,125 @@
+"""Language-model generation speed: polymodal vs transformers' `generate`, same weights, one process.
+
+    python benchmarks/bench_llm.py                      # tiny + SmolLM2-135M shape, batch 1 and 8, CPU fp32
+    python benchmarks/bench_llm.py --sizes smollm2 --batches 1 --rounds 5
+    python benchmarks/bench_llm.py --sizes 7b --device cuda --dtype bf16 --batches 1 --prompt 128 --new 128
+
+For each size a LLaMA-architecture model is built with random weights by transformers (`LlamaForCausalLM`,
+SmolLM2-135M-Instruct's shape, or a 7B shape on a GPU) and loaded into polymodal from its `save_pretrained`
+files, so both run identical weights; greedy outputs are compared token for token before anything is timed.
+End-of-sequence is disabled so both always generate `--new` tokens.
+
+Measured, per round and alternating which side runs first:
+  prefill  = time of generate(max_new_tokens=1) on a `--prompt`-token prompt  -> prompt tokens / s
+  decode   = (time of generate(max_new_tokens=N) - prefill time) / (N - 1)   -> generated tokens / s (per row)
+and we print the median over rounds of the paired ratio reference_time / our_time (> 1: polymodal is faster).
+On a GPU it also prints decode as a fraction of the memory-bandwidth ceiling (weights bytes / bandwidth per token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import polymodal as pm
+
+SIZES = {
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5,
+                    tie_word_embeddings=True),
+    "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, rope_theta=1000000.0),  # Qwen2-7B's shape
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build(size: str, workdir: Path, dtype: torch.dtype, device: torch.device):
+    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=4096, bos_token_id=1, eos_token_id=None,
+                      pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        ref = LlamaForCausalLM(cfg).to(dtype).eval()
+    ref.generation_config.eos_token_id = None
+    ref.save_pretrained(workdir / size)
+    ours = pm.load(workdir / size, dtype=dtype, device=device)
+    return ref, ours
+
+
+def timed(fn, sync) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="tiny,smollm2", help=f"comma-separated, from {sorted(SIZES)}")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--prompt", type=int, default=64, help="prompt tokens per row")
+    p.add_argument("--new", type=int, default=32, help="generated tokens per row in the decode measurement")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bandwidth", type=float, default=4.8e12, help="GPU memory bandwidth, bytes/s (H200: 4.8e12)")
+    args = p.parse_args()
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"torch {torch.__version__}, device {device}, {args.dtype}, threads {torch.get_num_threads()}, "
+          f"{args.rounds} rounds, prompt {args.prompt}, new {args.new}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes.split(","):
+            ref, ours = build(size, Path(tmp), dtype, device)
+            weight_bytes = sum(t.numel() * t.element_size() for t in ours.state_dict().values())
+            for batch in map(int, args.batches.split(",")):
+                g = torch.Generator().manual_seed(batch)
+                ids = torch.randint(3, SIZES[size]["vocab_size"], (batch, args.prompt), generator=g).to(device)
+                mask = torch.ones_like(ids)
+
+                def run_ref(n, ref=ref, ids=ids, mask=mask):
+                    return ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, min_new_tokens=n)
+
+                def run_ours(n, ours=ours, ids=ids, mask=mask):
+                    return ours.generate(ids, attention_mask=mask, max_new_tokens=n)
+
+                same = run_ref(args.new).tolist() == run_ours(args.new).tolist()
+                rows = {"prefill": [], "decode": []}
+                times = {"prefill": ([], []), "decode": ([], [])}
+                for r in range(args.rounds):
+                    sides = [("ref", run_ref), ("ours", run_ours)]
+                    if r % 2:
+                        sides.reverse()
+                    t = {}
+                    for name, fn in sides:
+                        first = timed(lambda fn=fn: fn(1), sync)
+                        full = timed(lambda fn=fn: fn(args.new), sync)
+                        t[name] = (first, (full - first) / (args.new - 1))
+                    for k, i in (("prefill", 0), ("decode", 1)):
+                        rows[k].append(t["ref"][i] / t["ours"][i])
+                        times[k][0].append(t["ref"][i])
+                        times[k][1].append(t["ours"][i])
+                for k in ("prefill", "decode"):
+                    ref_t, our_t = statistics.median(times[k][0]), statistics.median(times[k][1])
+                    per = args.prompt * batch if k == "prefill" else batch
+                    line = (f"{size:<8} b{batch:<2} {k:<7} ratio {statistics.median(rows[k]):5.2f}x "
+                            f"({min(rows[k]):.2f}-{max(rows[k]):.2f})   ref {per / ref_t:9.1f} tok/s   "
+                            f"ours {per / our_t:9.1f} tok/s")
+                    if k == "decode" and device.type == "cuda":
+                        ceiling = args.bandwidth / weight_bytes
+                        line += (f"   ceiling {ceiling:.0f} steps/s: ours {1 / our_t / ceiling:.0%}, "
+                                 f"ref {1 / ref_t / ceiling:.0%}")
+                    print(line + ("" if same else "   (outputs differ!)"), flush=True)
+            del ref, ours
+
+
+if __name__ == "__main__":
+    main()

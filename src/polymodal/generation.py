@@ -1,0 +1,347 @@
+"""Text generation: one implementation that every generative model in polymodal uses.
+
+A model takes part by providing two calls (decoder-only families get both from `CausalLM`):
+
+    state, logits = model.generation_prefill(input_ids, attention_mask, max_len, **extras)   # logits (B, V)
+    logits = model.generation_step(tokens, state)                                            # tokens (B,) -> (B, V)
+
+and its state a `reorder(index)` for beam search (an encoder-decoder's state also holds `prompt`, the decoder
+sequence its output starts from; see `_prefill`). Everything else lives here, written out once: greedy
+decoding, temperature / top-k / top-p sampling with a seedable generator, repetition penalty, beam search,
+stop tokens and stop strings, a time limit, streaming, and batches of left-padded prompts.
+
+Semantics follow transformers' `generate` so that outputs agree token for token (tests/test_generation.py and
+each family's parity tests): logits processors in the order repetition penalty -> temperature -> top-k -> top-p;
+a finished row keeps emitting the pad token until every row is done; beam search keeps (1 + #eos) x num_beams
+candidates a step, scores finished hypotheses by sum(log p) / generated_length ** length_penalty, and stops
+early by the same heuristic (`early_stopping` False / True / "never").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from polymodal.nn.attention import KVCache
+
+
+@dataclass
+class DecoderState:
+    """What a decoder-only model carries from one step to the next."""
+
+    cache: list[KVCache]
+    mask: Tensor  # (B, max_len): 1 where a position holds a real token
+    length: int  # positions filled so far
+    positions: Tensor  # (B,) the position id of the next token per row
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows `index` (B',), in that order: beam search regroups its hypotheses every step."""
+        for c in self.cache:
+            c.reorder(index)
+        self.mask = self.mask.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
+
+
+class CausalLM:
+    """Mixin for decoder-only models whose forward is
+
+        forward(input_ids (B, T), attention_mask (B, S) = None, *, cache=None, position_ids=None, logits_to_keep=0)
+            -> logits (B, T, V)
+
+    with `new_cache(batch, max_len, dtype, device)`; it provides prefill, step and `generate`."""
+
+    def new_cache(self, batch: int, max_len: int, *, dtype: torch.dtype, device: torch.device) -> list[KVCache]:
+        raise NotImplementedError
+
+    def generation_prefill(self, input_ids: Tensor, attention_mask: Tensor, max_len: int
+                           ) -> tuple[DecoderState, Tensor]:
+        B, T = input_ids.shape
+        p = next(self.parameters())
+        mask = torch.zeros(B, max_len, dtype=torch.long, device=input_ids.device)
+        mask[:, :T] = attention_mask
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
+        state = DecoderState(self.new_cache(B, max_len, dtype=p.dtype, device=p.device), mask, T, positions[:, -1] + 1)
+        logits = self(input_ids, mask[:, :T], cache=state.cache, position_ids=positions, logits_to_keep=1)
+        return state, logits[:, -1]
+
+    def generation_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
+        state.mask[:, state.length] = 1
+        state.length += 1
+        logits = self(tokens[:, None], state.mask[:, : state.length], cache=state.cache,
+                      position_ids=state.positions[:, None], logits_to_keep=1)
+        state.positions = state.positions + 1
+        return logits[:, -1]
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 20, do_sample: bool = False, **options) -> Tensor:
+        """input_ids (B, T) -> (B, T + N) token ids; see `polymodal.generation.generate` for the options."""
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, **options)
+
+
+# ------------------------------------------------------------------------------------------ logits processing
+
+
+def apply_repetition_penalty(scores: Tensor, sequences: Tensor, penalty: float) -> Tensor:
+    """CTRL's penalty (Keskar et al. 2019): a token already in the sequence has its score divided by `penalty`
+    if positive, multiplied if negative. scores (B, V), sequences (B, L)."""
+    seen = scores.gather(1, sequences)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return scores.scatter(1, sequences, seen)
+
+
+def top_k_filter(scores: Tensor, k: int) -> Tensor:
+    k = min(k, scores.shape[-1])
+    kth = scores.topk(k, dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def top_p_filter(scores: Tensor, p: float, min_keep: int = 1) -> Tensor:
+    """Nucleus sampling (Holtzman et al. 2019): keep the smallest set of most likely tokens whose probability
+    reaches p."""
+    sorted_scores, order = scores.sort(dim=-1, descending=False)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    drop = cumulative <= 1 - p  # ascending order: the unlikely tail whose mass stays within 1 - p
+    drop[..., -min_keep:] = False
+    return scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def process_logits(scores: Tensor, sequences: Tensor, *, repetition_penalty: float = 1.0, temperature: float = 1.0,
+                   top_k: int = 0, top_p: float = 1.0, sampling: bool = False) -> Tensor:
+    """The logits processors, in transformers' order. Temperature, top-k and top-p apply when sampling."""
+    if repetition_penalty != 1.0:
+        scores = apply_repetition_penalty(scores, sequences, repetition_penalty)
+    if sampling:
+        if temperature != 1.0:
+            scores = scores / temperature
+        if top_k:
+            scores = top_k_filter(scores, top_k)
+        if top_p < 1.0:
+            scores = top_p_filter(scores, top_p)
+    return scores
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+class StopStrings:
+    """Stops a row once its generated text contains one of `strings` (checked on the decoded tail)."""
+
+    def __init__(self, strings: Iterable[str], decode: Callable[[list[int]], str]):
+        self.strings = [s for s in strings if s]
+        self.decode = decode
+        self.window = 8 + 4 * max((len(s) for s in self.strings), default=0)  # tokens; at least one char each
+
+    def __call__(self, generated: Tensor) -> Tensor:
+        """generated (B, N) -> (B,) bool: row has produced a stop string."""
+        tails = [self.decode(row[-self.window:].tolist()) for row in generated]
+        return torch.tensor([any(s in t for s in self.strings) for t in tails], device=generated.device)
+
+
+def _eos_ids(model, eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        gen = getattr(model, "pm_generation_config", None) or {}
+        eos_token_id = gen.get("eos_token_id", getattr(getattr(model, "config", None), "eos_token_id", None))
+    if eos_token_id is None:
+        return []
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    stop_strings: Iterable[str] = (),
+    tokenizer=None,
+    max_time: float | None = None,
+    generator: torch.Generator | None = None,
+    streamer: Callable[[Tensor], None] | None = None,
+    **extras,
+) -> Tensor:
+    """Continue `input_ids` (B, T), left-padded where rows differ in length (`attention_mask` 0 there), and return
+    (B, T + N) token ids, N <= max_new_tokens. An encoder-decoder returns its decoder sequence (B, T' + N) instead,
+    its start token(s) first, as transformers does.
+
+    do_sample: sample from the processed distribution with `generator` (seed it for reproducible output);
+    otherwise greedy. num_beams > 1: beam search. Generation of a row ends at any of `eos_token_id` (default:
+    the model's generation config, then its config), at a stop string (needs `tokenizer`), or for all rows when
+    `max_time` seconds have passed. `streamer(tokens)` receives each step's new tokens (B,) as they come.
+    `extras` go to the model's prefill (pixel values and the like)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature <= 0 and do_sample:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False for greedy)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    eos = _eos_ids(model, eos_token_id)
+    if pad_token_id is None:
+        gen = getattr(model, "pm_generation_config", None) or {}
+        pad_token_id = gen.get("pad_token_id", getattr(getattr(model, "config", None), "pad_token_id", None))
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    stops = None
+    if stop_strings:
+        if tokenizer is None:
+            raise ValueError("stop_strings need the tokenizer (tokenizer=...) to read the generated text")
+        stops = StopStrings(stop_strings, lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+    if max_new_tokens == 0:
+        return input_ids
+    deadline = time.monotonic() + max_time if max_time is not None else None
+    max_len = input_ids.shape[1] + max_new_tokens
+    options = dict(repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p)
+    if num_beams > 1:
+        if stops is not None or streamer is not None:
+            raise ValueError("beam search does not support stop_strings or streaming")
+        return _beam_search(model, input_ids, attention_mask, max_len, num_beams, eos, pad, length_penalty,
+                            early_stopping, do_sample, generator, deadline, options, extras)
+    return _sample(model, input_ids, attention_mask, max_len, eos, pad, do_sample, generator, stops, deadline,
+                   streamer, options, extras)
+
+
+def _prefill(model, input_ids, attention_mask, max_len, extras) -> tuple[Any, Tensor, Tensor, int]:
+    """The model's prefill -> (state, logits (B, V), the sequence the output continues, its length limit).
+
+    A decoder-only model continues `input_ids`. An encoder-decoder reads them with its encoder and continues its
+    decoder prompt instead (T5: the start token), which its state hands back as `prompt` (B, T'); the output is
+    then that prompt plus the new tokens, as transformers returns it."""
+    state, logits = model.generation_prefill(input_ids, attention_mask, max_len, **extras)
+    prompt = getattr(state, "prompt", None)
+    if prompt is None:
+        return state, logits, input_ids, max_len
+    return state, logits, prompt, max_len - input_ids.shape[1] + prompt.shape[1]
+
+
+def _sample(model, input_ids, attention_mask, max_len, eos, pad, do_sample, generator, stops, deadline, streamer,
+            options, extras) -> Tensor:
+    """Greedy decoding or sampling, one token per row per step."""
+    state, logits, input_ids, max_len = _prefill(model, input_ids, attention_mask, max_len, extras)
+    B, T = input_ids.shape
+    sequences = input_ids
+    unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+    eos_t = torch.tensor(eos, device=input_ids.device)
+    while True:
+        scores = process_logits(logits.float(), sequences, sampling=do_sample, **options)
+        if do_sample:
+            probs = scores.softmax(dim=-1)
+            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            tokens = scores.argmax(dim=-1)
+        tokens = torch.where(unfinished, tokens, pad)
+        sequences = torch.cat([sequences, tokens[:, None]], dim=1)
+        if streamer is not None:
+            streamer(tokens)
+        if eos:
+            unfinished &= ~torch.isin(tokens, eos_t)
+        if stops is not None:
+            unfinished &= ~stops(sequences[:, T:])
+        timed_out = deadline is not None and time.monotonic() >= deadline
+        if not unfinished.any() or sequences.shape[1] >= max_len or timed_out:
+            return sequences
+        logits = model.generation_step(tokens, state)
+
+
+def _beam_search(model, input_ids, attention_mask, max_len, num_beams, eos, pad, length_penalty, early_stopping,
+                 do_sample, generator, deadline, options, extras) -> Tensor:
+    """Beam search over num_beams hypotheses per row (BLIP's captioning default)."""
+    state, logits, input_ids, max_len = _prefill(model, input_ids, attention_mask, max_len, extras)
+    B, T = input_ids.shape
+    K = num_beams
+    keep = max(2, 1 + len(eos)) * K  # candidates a step: enough that K survive even if the best K all end
+    dev = input_ids.device
+    state.reorder(torch.arange(B, device=dev).repeat_interleave(K))  # (B*K) rows: each prompt K times
+
+    # transformers fills unused places with `pad or eos[0]`, so a pad id of 0 shows as the eos id there
+    fill = pad if pad else (eos[0] if eos else -1)
+    running = torch.full((B, K, max_len), fill, dtype=torch.long, device=dev)
+    running[:, :, :T] = input_ids[:, None]
+    running_scores = torch.zeros(B, K, device=dev)
+    running_scores[:, 1:] = -1e9  # only the first beam is live at first, or all K would pick the same tokens
+    finished = running.clone()
+    finished_scores = torch.full((B, K), -1e9, device=dev)
+    finished_len = torch.full((B, K), T, dtype=torch.long, device=dev)  # length of each finished hypothesis
+    is_finished = torch.zeros(B, K, dtype=torch.bool, device=dev)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    eos_t = torch.tensor(eos, device=dev)
+    top_k_mask = torch.arange(keep, device=dev) < K
+    logits = logits.repeat_interleave(K, dim=0)
+    cur = T
+    while True:
+        log_probs = F.log_softmax(logits.float(), dim=-1)  # (B*K, V)
+        log_probs = process_logits(log_probs, running[:, :, :cur].reshape(B * K, cur), sampling=do_sample,
+                                   **options)
+        V = log_probs.shape[-1]
+        total = (log_probs.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)
+        if do_sample:
+            idx = torch.multinomial(total.softmax(-1), keep, generator=generator)
+            cand_scores = total.gather(1, idx)
+            cand_scores, order = cand_scores.sort(dim=-1, descending=True)
+            idx = idx.gather(1, order)
+        else:
+            cand_scores, idx = total.topk(keep, dim=-1)  # (B, keep)
+        beam, token = idx // V, idx % V
+        cand = running.gather(1, beam[:, :, None].expand(-1, -1, max_len)).clone()  # (B, keep, max_len)
+        cand[:, :, cur] = token
+        ends = torch.isin(token, eos_t) if eos else torch.zeros_like(token, dtype=torch.bool)
+        if cur + 1 >= max_len:
+            ends = torch.ones_like(ends)  # the length limit ends every candidate
+
+        # the best K candidates that did not end keep running
+        live_scores = cand_scores - ends.float() * 1e9
+        nxt = live_scores.topk(K, dim=-1).indices  # (B, K)
+        running = cand.gather(1, nxt[:, :, None].expand(-1, -1, max_len))
+        running_scores = live_scores.gather(1, nxt)
+        parent = beam.gather(1, nxt)  # (B, K) which old beam each survivor continues
+
+        # candidates among the top K that ended become hypotheses if they beat the worst kept one
+        just_ended = ends & top_k_mask[None]
+        scored = cand_scores / float(cur + 1 - T) ** length_penalty
+        closed = is_finished.all(dim=1, keepdim=True) & (early_stopping is True)
+        scored = scored - closed.float() * 1e9 - (~improvable).float() * 1e9 - (~just_ended).float() * 1e9
+        merged = torch.cat([finished_scores, scored], dim=1)
+        best = merged.topk(K, dim=-1).indices
+        finished = torch.cat([finished, cand], dim=1).gather(1, best[:, :, None].expand(-1, -1, max_len))
+        finished_scores = merged.gather(1, best)
+        cand_len = torch.full_like(token, cur + 1)
+        finished_len = torch.cat([finished_len, cand_len], dim=1).gather(1, best)
+        is_finished = torch.cat([is_finished, just_ended], dim=1).gather(1, best)
+
+        flat_parent = (parent + torch.arange(B, device=dev)[:, None] * K).view(-1)
+        state.reorder(flat_parent)
+        cur += 1
+        # can a running beam still beat the worst finished hypothesis?
+        best_len = (max_len - T) if (early_stopping == "never" and length_penalty > 0) else (cur - T)
+        best_possible = running_scores[:, :1] / float(best_len) ** length_penalty
+        worst = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, -1e9)
+        improvable = improvable & (best_possible > worst).any(dim=-1, keepdim=True)
+        done = (not improvable.any()) or (is_finished.all() and early_stopping is True) or bool(ends.all())
+        if done:
+            break
+        if deadline is not None and time.monotonic() >= deadline:  # out of time: the best running beam counts
+            none_yet = finished_scores[:, 0] <= -1e9
+            finished[none_yet, 0] = running[none_yet, 0]
+            finished_len[none_yet, 0] = cur
+            break
+        logits = model.generation_step(running[:, :, cur - 1].reshape(B * K), state)
+    out_len = int(finished_len[:, 0].max())
+    return finished[:, 0, :out_len]
