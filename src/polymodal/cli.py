@@ -124,6 +124,76 @@ def cmd_models(args) -> None:
     _emit(args, rows, human)
 
 
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p, top_k=args.top_k,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _text_pipeline(args):
+    import polymodal as pm
+
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    return pm.pipeline("text-generation", model=args.model)
+
+
+def cmd_generate(args) -> None:
+    pipe = _text_pipeline(args)
+    if args.json:
+        _emit(args, pipe(args.text, **_sampling(args)), str)
+        return
+    sys.stdout.write(args.text)
+    for piece in pipe.stream(args.text, **_sampling(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args) -> None:
+    pipe = _text_pipeline(args)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    if args.message is not None:  # one question, one answer
+        messages = [*history, {"role": "user", "content": args.message}]
+        if args.json:
+            _emit(args, pipe(messages, **_sampling(args)), str)
+            return
+        for piece in pipe.stream(messages, **_sampling(args)):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    if args.json:
+        raise UsageError("--json needs a message (the interactive chat streams text)")
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {getattr(pipe.model, 'pm_source', None) or 'the default model'}; "
+              "/reset clears the conversation, /exit or Ctrl-D ends it", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        answer = []
+        if interactive:
+            sys.stdout.write("assistant> ")
+        for piece in pipe.stream(history, **_sampling(args)):
+            answer.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(answer)})
+
+
 def cmd_demo(args) -> None:
     from polymodal.demo import run_demo
 
@@ -165,6 +235,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", required=True)
     sp.add_argument("--image", action="append", default=[])
     sp.add_argument("--text", action="append", default=[])
+
+    def add_sampling(sp):
+        sp.add_argument("--model", default=None, help="checkpoint directory, .gguf file or hub id "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
+        sp.add_argument("--max-new-tokens", type=int, default=256)
+        sp.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+        sp.add_argument("--top-p", type=float, default=1.0)
+        sp.add_argument("--top-k", type=int, default=0)
+        sp.add_argument("--repetition-penalty", type=float, default=1.0)
+        sp.add_argument("--seed", type=int, default=None, help="seed for sampling")
+
+    sp = add("generate", cmd_generate, "continue a text with a language model (streams the continuation)")
+    sp.add_argument("text", help="the text to continue")
+    add_sampling(sp)
+
+    sp = add("chat", cmd_chat, "chat with a language model: one answer to MESSAGE, or an interactive session")
+    sp.add_argument("message", nargs="?", default=None, help="answer this once; without it, an interactive chat")
+    sp.add_argument("--system", default=None, help="system prompt")
+    add_sampling(sp)
 
     add("models", cmd_models, "list model families, presets and hub ids")
 

@@ -183,7 +183,8 @@ def generate(
     do_sample: sample from the processed distribution with `generator` (seed it for reproducible output);
     otherwise greedy. num_beams > 1: beam search. Generation of a row ends at any of `eos_token_id` (default:
     the model's generation config, then its config), at a stop string (needs `tokenizer`), or for all rows when
-    `max_time` seconds have passed. `streamer(tokens)` receives each step's new tokens (B,) as they come.
+    `max_time` seconds have passed. `streamer(tokens)` receives each step's new tokens (B,) as they come; if it
+returns False, generation stops there (a client that went away).
     `extras` go to the model's prefill (pixel values and the like)."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -249,8 +250,8 @@ def _sample(model, input_ids, attention_mask, max_len, eos, pad, do_sample, gene
             tokens = scores.argmax(dim=-1)
         tokens = torch.where(unfinished, tokens, pad)
         sequences = torch.cat([sequences, tokens[:, None]], dim=1)
-        if streamer is not None:
-            streamer(tokens)
+        if streamer is not None and streamer(tokens) is False:  # the consumer is gone (a closed stream)
+            return sequences
         if eos:
             unfinished &= ~torch.isin(tokens, eos_t)
         if stops is not None:

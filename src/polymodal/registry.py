@@ -24,6 +24,7 @@ FAMILIES: dict[str, str] = {
     "bert": "polymodal.models.bert",
     "llama": "polymodal.models.llama",
     "qwen2": "polymodal.models.qwen2",
+    "opt": "polymodal.models.opt",
 }
 
 # transformers' config.json `model_type` (and polymodal's own) -> family
@@ -40,8 +41,10 @@ MODEL_TYPES: dict[str, str] = {
     "polymodal-bert": "bert",
     "llama": "llama",
     "qwen2": "qwen2",
+    "opt": "opt",
     "polymodal-llama": "llama",
     "polymodal-qwen2": "qwen2",
+    "polymodal-opt": "opt",
 }
 
 # timm's config.json `architecture` prefix -> family

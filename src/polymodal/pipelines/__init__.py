@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from polymodal.pipelines.text import TextGenerationPipeline
 from polymodal.pipelines.vision import (
     ImageClassificationPipeline,
     ImageTextRetrievalPipeline,
@@ -13,14 +14,16 @@ TASKS = {
     "image-classification": ImageClassificationPipeline,
     "zero-shot-image-classification": ZeroShotImageClassificationPipeline,
     "image-text-retrieval": ImageTextRetrievalPipeline,
+    "text-generation": TextGenerationPipeline,
 }
+DEFAULT_MODELS = {"text-generation"}  # tasks with an embedded default model
 
 
 def pipeline(task: str, model=None, **options):
     """Build the pipeline for `task` around `model` (a polymodal model, a local checkpoint or a hub id)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; available: {sorted(TASKS)}")
-    if model is None:
+    if model is None and task not in DEFAULT_MODELS:
         raise ValueError(f"the {task} pipeline needs model=... (a checkpoint directory, hub id or model)")
     return TASKS[task](model, **options)
 
@@ -29,6 +32,7 @@ __all__ = [
     "TASKS",
     "ImageClassificationPipeline",
     "ImageTextRetrievalPipeline",
+    "TextGenerationPipeline",
     "ZeroShotImageClassificationPipeline",
     "pipeline",
     "recall_at_k",

