@@ -25,6 +25,7 @@ FAMILIES: dict[str, str] = {
     "llama": "polymodal.models.llama",
     "qwen2": "polymodal.models.qwen2",
     "opt": "polymodal.models.opt",
+    "t5": "polymodal.models.t5",
 }
 
 # transformers' config.json `model_type` (and polymodal's own) -> family
@@ -42,9 +43,11 @@ MODEL_TYPES: dict[str, str] = {
     "llama": "llama",
     "qwen2": "qwen2",
     "opt": "opt",
+    "t5": "t5",
     "polymodal-llama": "llama",
     "polymodal-qwen2": "qwen2",
     "polymodal-opt": "opt",
+    "polymodal-t5": "t5",
 }
 
 # timm's config.json `architecture` prefix -> family
