@@ -41,7 +41,7 @@ SIZES = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build(size: str, workdir: Path, dtype: torch.dtype, device: torch.device):
+def build(size: str, workdir: Path, dtype: torch.dtype, device: torch.device, packed: bool):
     cfg = LlamaConfig(**SIZES[size], max_position_embeddings=4096, bos_token_id=1, eos_token_id=None,
                       pad_token_id=0)
     torch.manual_seed(0)
@@ -50,7 +50,7 @@ def build(size: str, workdir: Path, dtype: torch.dtype, device: torch.device):
     ref.generation_config.eos_token_id = None
     ref.save_pretrained(workdir / size)
     ours = pm.load(workdir / size, dtype=dtype, device=device)
-    return ref, ours
+    return ref, pm.optimize_for_inference(ours) if packed else ours
 
 
 def timed(fn, sync) -> float:
@@ -70,6 +70,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--packed", action="store_true",
+                   help="run ours after pm.optimize_for_inference, as the text-generation pipeline does")
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="GPU memory bandwidth, bytes/s (H200: 4.8e12)")
     args = p.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -78,7 +80,7 @@ def main() -> None:
           f"{args.rounds} rounds, prompt {args.prompt}, new {args.new}")
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
-            ref, ours = build(size, Path(tmp), dtype, device)
+            ref, ours = build(size, Path(tmp), dtype, device, args.packed)
             weight_bytes = sum(t.numel() * t.element_size() for t in ours.state_dict().values())
             for batch in map(int, args.batches.split(",")):
                 g = torch.Generator().manual_seed(batch)

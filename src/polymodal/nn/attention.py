@@ -160,9 +160,13 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(k, v)
+        gqa = {}
         if KV != H:
-            k = k.repeat_interleave(H // KV, dim=1)
-            v = v.repeat_interleave(H // KV, dim=1)
+            if _sdpa_takes_gqa():  # the kernel reads each key/value head for its group: no copies of the cache
+                gqa = {"enable_gqa": True}
+            else:
+                k = k.repeat_interleave(H // KV, dim=1)
+                v = v.repeat_interleave(H // KV, dim=1)
         if keep_first is not None and keep_first < T:
             q, T = q[:, :, :keep_first], keep_first
             if mask is not None and mask.dim() == 4 and mask.shape[2] > 1:
@@ -173,12 +177,27 @@ class Attention(nn.Module):
                 # SDPA's fast path; for T queries and S >= T keys it aligns the triangle top-left, so query i
                 # sees keys 0..i, which is right for the first T positions
                 is_causal = T > 1 or k.shape[2] > 1
-            else:
+            elif not (mask is None and T == 1):  # one new query may see every cached key: nothing to mask
                 S = k.shape[2]
                 allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)
                 mask = allowed if mask is None else _merge_masks(mask, allowed)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale, **gqa)
         return self.proj(out.transpose(1, 2).reshape(B, T, H * Dh))
+
+
+_GQA: dict[str, bool] = {}
+
+
+def _sdpa_takes_gqa() -> bool:
+    """Whether this torch's SDPA groups query heads over shared key/value heads itself (`enable_gqa`, 2.5+)."""
+    if "ok" not in _GQA:
+        try:
+            q, kv = torch.zeros(1, 2, 1, 4), torch.zeros(1, 1, 1, 4)
+            F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+            _GQA["ok"] = True
+        except (TypeError, RuntimeError):
+            _GQA["ok"] = False
+    return _GQA["ok"]
 
 
 def _merge_masks(mask: Tensor, allowed: Tensor) -> Tensor:
