@@ -86,3 +86,39 @@ def test_cli_chat_and_generate_use_it_by_default(capsys):
     assert main(["generate", "--max-new-tokens", "8", "The capital of France is"]) == 0
     assert capsys.readouterr().out.startswith("The capital of France is")
     assert main(["chat", "--max-new-tokens", "0", "hi"]) == 2
+
+
+def test_pipeline_batches_equal_single_calls_and_bad_input(ours):
+    pipe = pm.pipeline("text-generation", model=ours)
+    prompts = ["The capital of France is", "Water boils at"]
+    batched = pipe(prompts, max_new_tokens=8)
+    for prompt, out in zip(prompts, batched):
+        assert out == pipe(prompt, max_new_tokens=8)
+        assert out[0]["generated_text"].startswith(prompt)
+    with pytest.raises(ValueError, match="text-generation takes"):
+        pipe([1, 2], max_new_tokens=4)
+    with pytest.raises(ValueError, match="empty"):
+        pipe([], max_new_tokens=4)
+
+
+def test_interactive_chat_keeps_the_conversation(monkeypatch, capsys):
+    import io
+
+    from polymodal.pipelines.text import TextGenerationPipeline
+
+    seen = []
+    original = TextGenerationPipeline.stream
+
+    def spy(self, inputs, **kw):
+        seen.append([dict(m) for m in inputs])
+        return original(self, inputs, **kw)
+
+    monkeypatch.setattr(TextGenerationPipeline, "stream", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("My name is Ada.\nWhat is my name?\n/reset\nHi\n/exit\n"))
+    assert main(["chat", "--max-new-tokens", "12", "--system", "Be brief."]) == 0
+    answers = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(seen) == 3 and len(answers) >= 3
+    # the second turn carries the first question and the model's answer to it; /reset starts over
+    assert [m["role"] for m in seen[1]] == ["system", "user", "assistant", "user"]
+    assert seen[1][1]["content"] == "My name is Ada." and seen[1][2]["content"].strip() == answers[0].strip()
+    assert [m["role"] for m in seen[2]] == ["system", "user"] and seen[2][1]["content"] == "Hi"
