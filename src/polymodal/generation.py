@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from polymodal.nn.attention import KVCache
+from polymodal.nn.attention import KVCache, causal_padding_mask
 
 
 @dataclass
@@ -59,6 +59,29 @@ class CausalLM:
 
     def new_cache(self, batch: int, max_len: int, *, dtype: torch.dtype, device: torch.device) -> list[KVCache]:
         raise NotImplementedError
+
+    @staticmethod
+    def decoder_inputs(input_ids: Tensor, attention_mask: Tensor | None, cache: list[KVCache] | None,
+                       position_ids: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Check a decoder's inputs and derive what every decoder needs from them -> (position_ids (B, T),
+        mask (B, 1, T, S) or None). Positions count the real tokens before each one (left padding changes
+        nothing); the mask is None when nothing is padded (causal attention then needs no mask)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        past = cache[0].length if cache else 0
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask must be (batch, past + length) = {(B, past + T)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = causal_padding_mask(attention_mask, T)  # (B, 1, T, S)
+        return position_ids, mask
 
     def generation_prefill(self, input_ids: Tensor, attention_mask: Tensor, max_len: int
                            ) -> tuple[DecoderState, Tensor]:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from polymodal.config import from_dict
 from polymodal.generation import CausalLM
-from polymodal.nn import Attention, KVCache, RMSNorm, RoPE, SwiGLU, causal_padding_mask
+from polymodal.nn import Attention, KVCache, RMSNorm, RoPE, SwiGLU
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Fuse, KeyMap, Rename
 
@@ -93,21 +93,7 @@ class Llama(nn.Module, CausalLM):
         """attention_mask (B, S): 1 for real tokens, 0 for (left) padding, covering the cached positions too
         (S = past + T). position_ids (B, T) default to the count of real tokens before each one.
         logits_to_keep=n computes logits for the last n positions only (generation needs one)."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
-        past = cache[0].length if cache else 0
-        if attention_mask is not None and attention_mask.shape != (B, past + T):
-            raise ValueError(f"attention_mask must be (batch, past + length) = {(B, past + T)}, "
-                             f"got {tuple(attention_mask.shape)}")
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-            else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            mask = causal_padding_mask(attention_mask, T)  # (B, 1, T, S)
+        position_ids, mask = self.decoder_inputs(input_ids, attention_mask, cache, position_ids)
         h = self.embed_tokens(input_ids)  # (B, T, D)
         rope = self.rotary(position_ids, dtype=h.dtype)
         for i, layer in enumerate(self.layers):

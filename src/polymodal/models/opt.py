@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from polymodal.config import from_dict
 from polymodal.generation import CausalLM
-from polymodal.nn import MLP, Attention, KVCache, causal_padding_mask
+from polymodal.nn import MLP, Attention, KVCache
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Fuse, KeyMap, Rename
 
@@ -112,23 +112,9 @@ class OPT(nn.Module, CausalLM):
         (S = past + T). position_ids (B, T) default to the count of real tokens before each one; padding tokens
         take position -1 either way (see the module docstring). logits_to_keep=n computes logits for the last n
         positions only (generation needs one)."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
-        past = cache[0].length if cache else 0
-        if attention_mask is not None and attention_mask.shape != (B, past + T):
-            raise ValueError(f"attention_mask must be (batch, past + length) = {(B, past + T)}, "
-                             f"got {tuple(attention_mask.shape)}")
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = attention_mask.long().cumsum(-1)[:, -T:] - 1
-            else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
-        mask = None
-        if attention_mask is not None:
-            position_ids = position_ids.masked_fill(attention_mask[:, -T:] == 0, -1)
-            if not bool(attention_mask.all()):
-                mask = causal_padding_mask(attention_mask, T)  # (B, 1, T, S)
+        position_ids, mask = self.decoder_inputs(input_ids, attention_mask, cache, position_ids)
+        if attention_mask is not None:  # OPT gives padding the position -1 (see the module docstring)
+            position_ids = position_ids.masked_fill(attention_mask[:, -input_ids.shape[1]:] == 0, -1)
         if int(position_ids.max()) >= self.config.max_position_embeddings:
             raise ValueError(f"position {int(position_ids.max())} is past OPT's learned positions "
                              f"(max_position_embeddings={self.config.max_position_embeddings})")
