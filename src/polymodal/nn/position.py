@@ -87,7 +87,11 @@ class RoPE(nn.Module):
         if kind not in ("default", "linear", "llama3"):
             raise ValueError(f"rope scaling {kind!r} is not supported; supported: default, linear, llama3")
         self.kind = kind
-        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        # Built on the meta device (as the loader does), the table stays empty until `materialize`: arithmetic on
+        # meta tensors imports torch._dynamo on first use, ~2 s of every load.
+        on_meta = torch.get_default_device().type == "meta"
+        inv_freq = torch.empty((head_dim + 1) // 2, dtype=torch.float32) if on_meta else self._inv_freq()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _inv_freq(self, device=None) -> Tensor:
         steps = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)

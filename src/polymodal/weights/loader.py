@@ -123,11 +123,46 @@ def _build_and_fill(fam, layout, raw: dict, ckpt, dtype, device, where, config_w
         cfg = layout.read_config(raw, ckpt.shapes)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(config_where, f"unsupported or malformed config ({e})") from None
-    with torch.device("meta"):
+    with torch.device("meta"), _QuickMeta():
         model = fam.model(cfg)
     load_weights(model, ckpt, layout.key_map(cfg), dtype=dtype, device=device, where=where)
     model.pm_layout = layout.name
     return model.eval()
+
+
+class _QuickMeta(torch.overrides.TorchFunctionMode):
+    """Meta-device building and planning without torch's Python meta kernels for the two ops every decoder load
+    runs there: `normal_` (nn.Embedding's init; a meta tensor has no values to fill) and `cat` (key maps fusing
+    q, k, v; the shape is a sum). The first call of such a kernel imports torch._dynamo: ~2 s of every load."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.init.normal_ or func is torch.Tensor.normal_:
+            t = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                return t
+        if func is torch.cat and set(kwargs) <= {"tensors", "dim"}:
+            out = _meta_cat(*args, **kwargs)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)
+
+
+def _meta_cat(tensors, dim: int = 0) -> torch.Tensor | None:
+    """torch.cat of meta tensors of one dtype and matching shapes; None (torch decides) for anything else."""
+    if not tensors or not all(isinstance(t, torch.Tensor) and t.is_meta for t in tensors):
+        return None
+    first = tensors[0]
+    if first.dim() == 0 or not -first.dim() <= dim < first.dim():
+        return None
+    dim %= first.dim()
+    rest = [s for i, s in enumerate(first.shape) if i != dim]
+    for t in tensors:
+        if t.dtype != first.dtype or t.dim() != first.dim() or [s for i, s in enumerate(t.shape) if i != dim] != rest:
+            return None
+    shape = list(first.shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return torch.empty(shape, dtype=first.dtype, device="meta")
 
 
 def _load_gguf(path: Path, dtype, device) -> nn.Module:
@@ -174,7 +209,8 @@ def load_weights(
     unbuilt: set[str] = set()
     for step in steps:
         try:
-            outs = step.fn([meta[k] for k in step.src])
+            with _QuickMeta():
+                outs = step.fn([meta[k] for k in step.src])
         except RuntimeError:  # e.g. q, k, v of disagreeing shapes cannot be fused into one qkv
             parts = ", ".join(f"{k} {list(meta[k].shape)}" for k in step.src)
             unbuildable.append(f"{', '.join(step.dst)}: cannot be built from {parts}")
