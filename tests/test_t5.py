@@ -261,3 +261,14 @@ def test_bfloat16_runs_close_to_fp32(saved):
     # their range: 2% of it bounds that, and a wrong dtype path (e.g. the norm not in fp32) breaks it
     torch.testing.assert_close(low.float(), high, atol=0.02 * float(high.abs().max()), rtol=0)
     assert bool((low.argmax(-1) == high.argmax(-1)).all())
+
+
+def test_zero_new_tokens_returns_the_decoder_start(tmp_path):
+    """With nothing to generate, the output is the decoder prompt transformers would start from."""
+    import polymodal as pm
+
+    torch.manual_seed(0)
+    model = pm.build("t5", "t5-tiny-test").eval()
+    ids = torch.randint(2, model.config.vocab_size, (2, 5))
+    out = model.generate(ids, max_new_tokens=0)
+    assert out.tolist() == [[model.config.decoder_start_token_id]] * 2

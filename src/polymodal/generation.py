@@ -229,8 +229,8 @@ returns False, generation stops there (a client that went away).
         if tokenizer is None:
             raise ValueError("stop_strings need the tokenizer (tokenizer=...) to read the generated text")
         stops = StopStrings(stop_strings, lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
-    if max_new_tokens == 0:
-        return input_ids
+    if max_new_tokens == 0:  # the prompt the output would start from (an encoder-decoder's: its start token)
+        return _prefill(model, input_ids, attention_mask, input_ids.shape[1], extras)[2]
     deadline = time.monotonic() + max_time if max_time is not None else None
     max_len = input_ids.shape[1] + max_new_tokens
     options = dict(repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p)
