@@ -202,6 +202,19 @@ def cmd_demo(args) -> None:
         _emit(args, summary, str)
 
 
+def cmd_train(args) -> None:
+    from polymodal.train import ConfigError, run
+
+    try:
+        summary = run(args.recipe, args.out, overrides=args.set, resume=args.resume)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only the first process reports
+        return
+    _emit(args, summary, lambda s: f"trained {args.recipe}: {s['steps']} steps, final loss {s['final_loss']:.4f}; "
+          f"results in {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="polymodal", description="polymodal: multimodal models from LeNet to Stable Diffusion 3.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -259,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("demo", cmd_demo, "run the offline demo and write DIR/report.html")
     sp.add_argument("--out", default="polymodal-demo", help="output directory")
+
+    sp = add("train", cmd_train, "train a recipe (single process, or each process under torchrun)")
+    sp.add_argument("recipe", help="recipe name, e.g. clip-shapes")
+    sp.add_argument("--out", required=True, help="run directory: checkpoints/, metrics.jsonl, results.json")
+    sp.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     return p
 
 

@@ -155,6 +155,7 @@ def _train_tiny_clip(out: Path, steps: int, max_seconds: float, say) -> tuple[Pa
     import polymodal as pm
     from polymodal.data import ShapesWorld
     from polymodal.processing import CLIPTokenizer, ImageProcessor
+    from polymodal.train.losses import contrastive_loss
 
     cfg = _demo_clip_config()
     model = pm.build("clip", cfg).train()
@@ -174,10 +175,7 @@ def _train_tiny_clip(out: Path, steps: int, max_seconds: float, say) -> tuple[Pa
         img = F.normalize(model.encode_image(pixels[idx]), dim=-1)
         txt = F.normalize(model.encode_text(ids[c], attention_mask=mask[c]), dim=-1)
         logits = model.logit_scale.exp() * img @ txt.T
-        # several images in a batch share a caption: every matching pair counts as a positive
-        same = (c[:, None] == c[None, :]).float()
-        target = same / same.sum(1, keepdim=True)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        loss = contrastive_loss(logits, c)  # images sharing a caption are all positives
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
