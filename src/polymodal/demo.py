@@ -21,7 +21,6 @@ import io
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -141,23 +140,14 @@ def _parity_on_photos(out: Path) -> tuple[dict, str]:
 # ------------------------------------------------------------------------------------- 2. training
 
 
-def _demo_clip_config():
-    from polymodal.models.clip import PRESETS
-
-    base = PRESETS["clip-tiny-test"]
-    # the real CLIP vocabulary (open_clip's bundled BPE), short captions, 32x32 images in 16 patches
-    text = replace(base.text, vocab_size=49408, max_position_embeddings=16, bos_token_id=49406,
-                   eos_token_id=49407, pad_token_id=0)
-    return replace(base, text=text, vision=replace(base.vision, image_size=IMAGE_SIZE))
-
-
 def _train_tiny_clip(out: Path, steps: int, max_seconds: float, say) -> tuple[Path, dict]:
     import polymodal as pm
     from polymodal.data import ShapesWorld
     from polymodal.processing import CLIPTokenizer, ImageProcessor
     from polymodal.train.losses import contrastive_loss
+    from polymodal.train.recipes import shapes_clip_config
 
-    cfg = _demo_clip_config()
+    cfg = shapes_clip_config(IMAGE_SIZE)
     model = pm.build("clip", cfg).train()
     # A fixed training set, generated once: ShapesWorld is a pure function of (seed, index).
     samples = ShapesWorld(IMAGE_SIZE, seed=0, split="train").batch(0, TRAIN_IMAGES)

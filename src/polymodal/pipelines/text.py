@@ -86,14 +86,7 @@ class TextGenerationPipeline(Pipeline):
         rows = [self._prompt_ids(x, system) for x in items]
         if any(not r for r in rows):
             raise ValueError("empty prompt: nothing to continue")
-        T = max(map(len, rows))
-        pad = self.tokenizer.pad_token_id
-        pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
-        ids = torch.full((len(rows), T), pad, dtype=torch.long)
-        mask = torch.zeros(len(rows), T, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, T - len(r):] = torch.tensor(r)
-            mask[i, T - len(r):] = 1
+        ids, mask = self.tokenizer.pad(rows, padding_side="left")
         return ids.to(self.device), mask.to(self.device)
 
     def _options(self, max_new_tokens: int, seed: int | None, stop: list[str] | None, **sampling) -> dict:

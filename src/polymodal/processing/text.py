@@ -273,6 +273,12 @@ class TextTokenizer:
         if return_tensors not in ("pt", None):
             raise ValueError(f"return_tensors={return_tensors!r}: expected 'pt' or None")
         rows = [e.ids for e in self._tok.encode_batch(items, add_special_tokens=add_special_tokens)]
+        return self.pad(rows, padding_side=padding_side, return_tensors=return_tensors)
+
+    def pad(self, rows: Sequence[Sequence[int]], *, padding_side: Literal["left", "right"] = "left",
+            return_tensors: Literal["pt"] | None = "pt"):
+        """Rows of ids -> `(input_ids, attention_mask)` padded to the longest row, as `__call__` returns them."""
+        rows = [list(r) for r in rows]
         width = max((len(r) for r in rows), default=0)
         pad = self.pad_token_id if self.pad_token_id is not None else self.eos_token_id
         if pad is None and any(len(r) < width for r in rows):

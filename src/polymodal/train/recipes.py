@@ -102,7 +102,8 @@ class ClipShapesConfig(TrainConfig):
     eval_images: int = 120  # per split, for zero-shot; retrieval uses half as many
 
 
-def _clip_config(image_size: int):
+def shapes_clip_config(image_size: int):
+    """The tiny CLIP that clip-shapes and the demo train: clip-tiny-test with the real CLIP vocabulary."""
     from polymodal.models.clip import PRESETS
 
     base = PRESETS["clip-tiny-test"]
@@ -163,7 +164,7 @@ def build_clip_shapes(c: ClipShapesConfig, world: World) -> Task:
     from polymodal.data import ShapesWorld
     from polymodal.processing import CLIPTokenizer, ImageProcessor
 
-    cfg = _clip_config(c.image_size)
+    cfg = shapes_clip_config(c.image_size)
     model = pm.build("clip", cfg)
     # a fixed training set, generated once: ShapesWorld is a pure function of (seed, index)
     samples = ShapesWorld(c.image_size, seed=0, split="train").batch(0, c.train_images)
