@@ -102,7 +102,13 @@ def build(family: str, preset_or_config: Any, *, device: str | torch.device | No
 def load(source: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
     """Load a checkpoint (local directory, file or hub id) into its family's model, in eval mode.
 
-    dtype: floating-point weights are cast to it (None keeps the stored dtype); device defaults to CPU."""
+    dtype: floating-point weights are cast to it (None keeps the stored dtype); device defaults to CPU.
+    "openai:gpt-4o", "anthropic:...", "gemini:..." / "google:...": a hosted chat model (polymodal.providers)."""
+    if isinstance(source, str) and ":" in source:
+        from polymodal.providers import is_provider_spec, load_provider
+
+        if is_provider_spec(source):
+            return load_provider(source)
     path = resolve(source)
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path, dtype, device)
