@@ -185,6 +185,9 @@ PRESETS: dict[str, ResNetConfig] = {
     # 4 stages of 1 basic block, stride 32: milliseconds on CPU, and small enough for a hybrid ViT stem
     "resnet-tiny-test": ResNetConfig(embedding_size=8, hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1),
                                      layer_type="basic", num_labels=10),
+    # one basic stage on grayscale input, stride 4: the hybrid ViT stem of the vit-fashion-mnist recipe (28 -> 7)
+    "resnet-stem-gray": ResNetConfig(num_channels=1, embedding_size=32, hidden_sizes=(64,), depths=(1,),
+                                     layer_type="basic"),
     "resnet-18": ResNetConfig(hidden_sizes=_BASIC, depths=(2, 2, 2, 2), layer_type="basic", num_labels=1000),
     "resnet-34": ResNetConfig(hidden_sizes=_BASIC, depths=(3, 4, 6, 3), layer_type="basic", num_labels=1000),
     "resnet-50": ResNetConfig(hidden_sizes=_BOTTLENECK, depths=(3, 4, 6, 3), num_labels=1000),

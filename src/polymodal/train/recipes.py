@@ -8,6 +8,9 @@ All recipes live in the one explicit `RECIPES` dict below; `polymodal train NAME
   as zero-shot accuracy on color-shape combinations never seen in training and image <-> text recall@1/5.
 * `lenet-fashion-mnist`: the paper's LeNet-5 (Table I connections, RBF output) on Fashion-MNIST with the paper's
   MAP loss, reported as accuracy on the 10,000 test images.
+* `vit-fashion-mnist`: a small ViT on Fashion-MNIST (4x4 patches of the 28x28 images), test accuracy; with
+  `ablation=true` it trains the ViT paper's variants (CLS vs GAP, 1-D / 2-D / no positions, hybrid ResNet stem)
+  one after the other and prints their accuracies as a table.
 """
 
 from __future__ import annotations
@@ -255,6 +258,138 @@ def build_lenet_fashion(c: LeNetFashionConfig, world: World) -> Task:
                 export=lambda m, d: pm.save(m, d))
 
 
+# ------------------------------------------------------------------------------------- vit-fashion-mnist
+
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530  # the training images' pixel mean and deviation (in [0, 1])
+VIT_VARIANTS = ("cls-1d", "gap-1d", "cls-2d", "cls-none", "hybrid")
+
+
+@dataclass(frozen=True)
+class ViTFashionConfig(TrainConfig):
+    max_steps: int = 4700  # 10 epochs of the 60,000 training images at batch 128
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 300
+    weight_decay: float = 0.05
+    log_every: int = 100
+    save_every: int = 500
+    data_root: str = ""  # the IDX files; empty: $POLYMODAL_FASHION_MNIST, else Debian's folder
+    train_images: int = 0  # use the first N training images; 0: all 60,000
+    test_images: int = 0  # evaluate on the first N test images; 0: all 10,000
+    variant: str = "cls-1d"  # one of VIT_VARIANTS: the ViT paper's appendix D.4 / D.5 / hybrid choices
+    hidden_size: int = 64
+    layers: int = 6
+    heads: int = 4
+    mlp_size: int = 128
+    patch_size: int = 4
+    augment: bool = True  # random 2-pixel shifts and horizontal flips
+    ablation: bool = False  # train every variant (each for max_steps) and print the table
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.variant not in VIT_VARIANTS:
+            raise ConfigError(f"variant must be one of {', '.join(VIT_VARIANTS)}; got {self.variant!r}")
+
+
+def fashion_vit_config(c: ViTFashionConfig):
+    """The ViT of one ablation variant. The hybrid stem is a one-stage ResNet of stride 4 whose 7x7 map is
+    embedded with 1x1 "patches" (the paper's hybrid, section 3.1), so every variant sees 49 tokens."""
+    from polymodal.models.vit import ViTConfig
+
+    pool, _, position = c.variant.partition("-")
+    hybrid = c.variant == "hybrid"
+    return ViTConfig(hidden_size=c.hidden_size, num_hidden_layers=c.layers, num_attention_heads=c.heads,
+                     intermediate_size=c.mlp_size, layer_norm_eps=1e-6, image_size=28, num_channels=1,
+                     patch_size=1 if hybrid else c.patch_size, num_labels=10,
+                     pool="cls" if hybrid else pool, class_token=hybrid or pool == "cls",
+                     position={"1d": "learned", "2d": "learned_2d", "none": "none"}.get(position, "learned"),
+                     backbone="resnet-stem-gray" if hybrid else None, id2label=FASHION_LABELS)
+
+
+FASHION_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot")
+
+
+class Classifier(nn.Module):
+    """A model whose `classify` gives logits, with that as its forward (what DDP wraps and the loss calls)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.classify(pixel_values)
+
+
+def _fashion_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> normalized float (N, 1, 28, 28)."""
+    return ((images.float() / 255 - FASHION_MEAN) / FASHION_STD)[:, None]
+
+
+def shift_and_flip(x: torch.Tensor, shift: int = 2) -> torch.Tensor:
+    """Random translations by up to `shift` pixels (zero padding, as random-crop-with-padding does) and random
+    horizontal flips, per image, from torch's global generator (saved and restored with every checkpoint)."""
+    B, _, H, W = x.shape
+    padded = F.pad(x, (shift, shift, shift, shift), value=float(-FASHION_MEAN / FASHION_STD))  # the black level
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, B)).tolist()
+    out = torch.stack([padded[i, :, y: y + H, z: z + W] for i, (y, z) in enumerate(zip(dy, dx))])
+    flip = torch.rand(B) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor) -> dict:
+    device = next(model.parameters()).device
+    model.eval()
+    correct = 0
+    for start in range(0, len(labels), 1000):
+        logits = model(pixels[start: start + 1000].to(device))  # (b, 10)
+        correct += int((logits.argmax(1).cpu() == labels[start: start + 1000]).sum())
+    return {"test_accuracy": correct / len(labels), "test_images": len(labels)}
+
+
+def build_vit_fashion(c: ViTFashionConfig, world: World) -> Task:
+    import polymodal as pm
+    from polymodal.data.datasets import FashionMNIST
+
+    root = c.data_root or None
+    train, test = FashionMNIST(root, split="train"), FashionMNIST(root, split="test")
+    n = c.train_images or len(train)
+    pixels, labels = _fashion_pixels(train.images[:n]), train.labels[:n]  # (N, 1, 28, 28), (N,)
+    m = c.test_images or len(test)
+    test_pixels, test_labels = _fashion_pixels(test.images[:m]), test.labels[:m]
+    vit = pm.build("vit", fashion_vit_config(c))
+    for p in (vit.cls_token, vit.pos_embed):  # the paper's initialization of the learned tokens
+        if p is not None:
+            nn.init.trunc_normal_(p, std=0.02)
+    model = Classifier(vit)
+
+    def loss_fn(m: nn.Module, batch: dict):
+        x = shift_and_flip(batch["pixel_values"]) if c.augment else batch["pixel_values"]
+        logits = m(x)  # (B, 10)
+        accuracy = (logits.argmax(1) == batch["label"]).float().mean().detach()
+        return F.cross_entropy(logits, batch["label"]), {"accuracy": accuracy}
+
+    data = ShuffledBatches(n, c.batch_size // c.grad_accum, lambda i: {"pixel_values": pixels[i], "label": labels[i]},
+                           seed=c.seed, rank=world.rank, world_size=world.size)
+    return Task(model, loss_fn, data, evaluate=lambda m: evaluate_classifier(m, test_pixels, test_labels),
+                export=lambda m, d: pm.save(m.model, d))
+
+
+def vit_ablation_table(results: dict[str, dict]) -> str:
+    """A Markdown table of the ablation: one row per variant with its test accuracy and training time."""
+    names = {"cls-1d": "[CLS] token, learned 1-D positions (the paper's default)",
+             "gap-1d": "global average pooling (no [CLS]), 1-D positions",
+             "cls-2d": "[CLS], learned 2-D positions (row + column embeddings)",
+             "cls-none": "[CLS], no position encoding",
+             "hybrid": "hybrid: ResNet stem (stride 4), 1x1 patches, [CLS], 1-D positions"}
+    rows = ["| variant | what changes | test accuracy | minutes |", "|---|---|---|---|"]
+    for v, r in results.items():
+        rows.append(f"| `{v}` | {names[v]} | {100 * r['eval']['test_accuracy']:.2f}% | {r['seconds'] / 60:.1f} |")
+    return "\n".join(rows)
+
+
 # ---------------------------------------------------------------------------------------------- registry
 
 
@@ -271,6 +406,8 @@ RECIPES: dict[str, Recipe] = {
                           "tiny CLIP from scratch on ShapesWorld; zero-shot on held-out combinations, recall@1/5"),
     "lenet-fashion-mnist": Recipe(LeNetFashionConfig, build_lenet_fashion,
                                   "the paper's LeNet-5 on Fashion-MNIST (MAP loss); test accuracy"),
+    "vit-fashion-mnist": Recipe(ViTFashionConfig, build_vit_fashion,
+                                "a small ViT on Fashion-MNIST; ablation=true: the paper's variants as a table"),
 }
 
 
@@ -283,6 +420,8 @@ def recipe_config(name: str, overrides: list[str] = ()) -> TrainConfig:
 def run(name: str, out: str | Path, overrides: list[str] = (), resume: bool = False) -> dict:
     """Train recipe `name` into `out` (a single process, or each process of a torchrun launch)."""
     config = recipe_config(name, overrides)
+    if getattr(config, "ablation", False):
+        return run_ablation(name, out, overrides, resume)
     world = init_world()
     try:
         seed_everything(config.seed)  # the same initial weights on every process
@@ -294,3 +433,31 @@ def run(name: str, out: str | Path, overrides: list[str] = (), resume: bool = Fa
     if world.main:
         Path(out, "recipe.json").write_text(json.dumps({"recipe": name, "overrides": list(overrides)}))
     return summary
+
+
+def run_ablation(name: str, out: str | Path, overrides: list[str] = (), resume: bool = False) -> dict:
+    """Train every variant of an ablation recipe into `out/VARIANT/` (same seed, data and schedule), then write
+    the table (`out/ablation.md`, `out/ablation.json`). A variant already finished is not trained
+    again with --resume."""
+    import time
+
+    out = Path(out)
+    base = [o for o in overrides if not o.replace(" ", "").startswith(("ablation=", "variant="))]
+    results = {}
+    for variant in VIT_VARIANTS:
+        where = out / variant
+        done = where / "variant.json"  # written once the variant's run and evaluation are complete
+        if resume and done.is_file():
+            results[variant] = json.loads(done.read_text())
+            continue
+        t0 = time.perf_counter()
+        summary = run(name, where, [*base, f"variant={variant}"], resume=resume)
+        summary["seconds"] = time.perf_counter() - t0
+        done.write_text(json.dumps(summary, indent=2))
+        results[variant] = summary
+    table = vit_ablation_table(results)
+    (out / "ablation.md").write_text(table + "\n")
+    (out / "ablation.json").write_text(json.dumps({v: {"test_accuracy": r["eval"]["test_accuracy"],
+                                                       "seconds": r["seconds"]} for v, r in results.items()},
+                                                  indent=2))
+    return {"ablation": results, "table": table}
