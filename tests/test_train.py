@@ -61,7 +61,8 @@ def test_overrides_are_typed_and_checked():
         apply_overrides(ToyConfig(), ["precision=fp8"])
     with pytest.raises(ConfigError, match="batch_size must be at least 1"):
         apply_overrides(ToyConfig(), ["batch_size=0"])
-    for name in ("toy-regression", "clip-shapes", "lenet-fashion-mnist"):  # every recipe accepts the common settings
+    # every recipe accepts the common settings
+    for name in ("toy-regression", "clip-shapes", "lenet-fashion-mnist", "vit-fashion-mnist"):
         c = recipe_config(name, ["max_steps=3", "batch_size=8", "lr=0.1", "seed=4", "log_every=2", "save_every=3"])
         assert (c.max_steps, c.batch_size, c.lr, c.seed, c.log_every, c.save_every) == (3, 8, 0.1, 4, 2, 3)
 
@@ -335,9 +336,9 @@ def test_clip_shapes_recipe_tiny(tmp_path):
     assert model.logit_scale.item() <= 4.6052 + 1e-6
 
 
-def test_lenet_fashion_mnist_recipe_tiny(tmp_path):
-    """A few steps on generated IDX files (no dataset package needed): the MAP loss goes down and the test
-    accuracy is reported."""
+def _fake_fashion_mnist(tmp_path) -> Path:
+    """Small IDX files in Fashion-MNIST's layout (the training images gzipped, the test ones plain), 64 training
+    and 20 test images with a class-specific bright band: learnable in a few steps, no dataset package needed."""
     import gzip
     import struct
 
@@ -350,7 +351,7 @@ def test_lenet_fashion_mnist_recipe_tiny(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.arange(64) % 10
     images = rng.integers(0, 60, (64, 28, 28))
-    for k in range(10):  # a class-specific bright band: learnable in a few steps
+    for k in range(10):
         images[labels == k, 2 * k + 4: 2 * k + 8, :] = 250
     data = tmp_path / "fmnist"
     data.mkdir()
@@ -358,7 +359,13 @@ def test_lenet_fashion_mnist_recipe_tiny(tmp_path):
     (data / "train-labels-idx1-ubyte").write_bytes(idx(labels))
     (data / "t10k-images-idx3-ubyte").write_bytes(idx(images[:20]))
     (data / "t10k-labels-idx1-ubyte").write_bytes(idx(labels[:20]))
+    return data
 
+
+def test_lenet_fashion_mnist_recipe_tiny(tmp_path):
+    """A few steps on generated IDX files (no dataset package needed): the MAP loss goes down and the test
+    accuracy is reported."""
+    data = _fake_fashion_mnist(tmp_path)
     out = tmp_path / "run"
     assert main(["train", "lenet-fashion-mnist", "--out", str(out), "--set", f"data_root={data}",
                  "--set", "max_steps=30", "--set", "batch_size=32", "--set", "warmup_steps=2",
@@ -369,3 +376,53 @@ def test_lenet_fashion_mnist_recipe_tiny(tmp_path):
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     ev = json.loads((out / "results.json").read_text())["eval"]
     assert 0.0 <= ev["test_accuracy"] <= 1.0 and ev["test_images"] == 20
+
+
+_TINY_VIT = ["hidden_size=16", "layers=1", "heads=2", "mlp_size=32", "batch_size=32", "warmup_steps=2", "lr=0.005",
+             "augment=false", "log_every=1"]  # augmentation would shift the fake images' class bands
+
+
+def test_vit_fashion_mnist_recipe_tiny(tmp_path):
+    """A tiny ViT on generated IDX files: the loss goes down, the test accuracy is reported, and the exported
+    checkpoint loads back as a ViT classifier over the ten Fashion-MNIST labels."""
+    import polymodal as pm
+
+    data = _fake_fashion_mnist(tmp_path)
+    out = tmp_path / "run"
+    summary = run("vit-fashion-mnist", out, [f"data_root={data}", "max_steps=40", "save_every=40", *_TINY_VIT])
+    losses = [loss for _, loss in _losses(out)]
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+    assert 0.0 <= summary["eval"]["test_accuracy"] <= 1.0 and summary["eval"]["test_images"] == 20
+    model = pm.load(out / "model")
+    assert model.config.num_labels == 10 and model.config.id2label[0] == "T-shirt/top"
+    assert model.classify(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_vit_fashion_mnist_ablation_tiny(tmp_path, capsys):
+    """ablation=true trains each of the paper's variants and prints one table row per variant; --resume skips
+    the variants already done."""
+    from polymodal.models.vit import ViT
+    from polymodal.train.recipes import VIT_VARIANTS
+
+    data = _fake_fashion_mnist(tmp_path)
+    out = tmp_path / "abl"
+    args = ["train", "vit-fashion-mnist", "--out", str(out), "--set", "ablation=true", "--set", f"data_root={data}",
+            "--set", "max_steps=3", "--set", "save_every=3"]
+    for o in _TINY_VIT:
+        args += ["--set", o]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    for v in VIT_VARIANTS:
+        assert f"| `{v}` |" in table
+        assert (out / v / "model" / "config.json").is_file()
+    assert (out / "ablation.md").read_text().strip() in table
+    results = json.loads((out / "ablation.json").read_text())
+    assert set(results) == set(VIT_VARIANTS) and all(0 <= r["test_accuracy"] <= 1 for r in results.values())
+    import polymodal as pm
+
+    hybrid, gap = pm.load(out / "hybrid" / "model"), pm.load(out / "gap-1d" / "model")
+    assert isinstance(hybrid, ViT) and hybrid.backbone is not None and gap.cls_token is None
+    assert pm.load(out / "cls-none" / "model").config.position == "none"
+    mtime = (out / "cls-1d" / "variant.json").stat().st_mtime_ns
+    assert main([*args, "--resume"]) == 0  # every variant is complete: nothing is trained again
+    assert (out / "cls-1d" / "variant.json").stat().st_mtime_ns == mtime

@@ -211,8 +211,34 @@ def cmd_train(args) -> None:
         raise UsageError(str(e)) from None
     if os.environ.get("RANK", "0") != "0":  # under torchrun only the first process reports
         return
+    if "table" in summary:  # an ablation: one run per variant
+        _emit(args, summary, lambda s: f"{s['table']}\n(ablation of {args.recipe}: {args.out}/ablation.md)")
+        return
     _emit(args, summary, lambda s: f"trained {args.recipe}: {s['steps']} steps, final loss {s['final_loss']:.4f}; "
           f"results in {args.out}")
+
+
+def cmd_serve(args) -> None:
+    from polymodal.serve.app import MAX_BODY_BYTES, api_key_from_env, serve
+    from polymodal.serve.registry import load_served, parse_spec
+
+    for spec in args.model:
+        try:
+            parse_spec(spec)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise UsageError("--max-batch must be at least 1 and --max-queue at least 0")
+    if args.allow_remote_media and not args.allowed_domain:
+        raise UsageError("--allow-remote-media needs at least one --allowed-domain (remote media is allow-listed)")
+    from polymodal.serve.media import MediaPolicy
+
+    policy = MediaPolicy(allow_remote=args.allow_remote_media or bool(args.allowed_domain),
+                         allowed_domains=tuple(args.allowed_domain), local_root=args.media_root)
+    served = load_served(args.model, max_batch=args.max_batch, max_queue=args.max_queue)  # ValueError: exit 2
+    serve(served, host=args.host, port=args.port, api_key=api_key_from_env(args.api_key),
+          cors_origins=tuple(args.cors_origin), media_policy=policy,
+          max_body_bytes=args.max_body_mib * 1024 * 1024 if args.max_body_mib else MAX_BODY_BYTES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,6 +304,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="run directory: checkpoints/, metrics.jsonl, results.json")
     sp.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+
+    sp = add("serve", cmd_serve, "serve models over an OpenAI-compatible HTTP API (docs/serving.md)")
+    sp.add_argument("--model", action="append", default=[], metavar="SPEC",
+                    help="SOURCE or NAME=SOURCE: a checkpoint directory, .gguf file, hub id, or openai:/anthropic:/"
+                    "gemini: model (repeatable; default: the embedded SmolLM2-135M-Instruct)")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: "
+                    "$POLYMODAL_API_KEY; none: an open server)")
+    sp.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                    help="allow browser calls from this origin (repeatable)")
+    sp.add_argument("--max-batch", type=int, default=8, help="requests decoded together per model")
+    sp.add_argument("--max-queue", type=int, default=32, help="requests waiting per model before 429")
+    sp.add_argument("--max-body-mib", type=int, default=None, help="largest request body in MiB (default 32)")
+    sp.add_argument("--allow-remote-media", action="store_true",
+                    help="fetch http(s) media URLs from the --allowed-domain hosts")
+    sp.add_argument("--allowed-domain", action="append", default=[], metavar="DOMAIN",
+                    help="fetch media from this domain and its subdomains only (repeatable)")
+    sp.add_argument("--media-root", default=None, metavar="DIR", help="serve file:// media from inside DIR")
     return p
 
 

@@ -62,6 +62,10 @@ class ImageError(ValueError):
     """An image that cannot be used; the message names the input, the reason and what to do."""
 
 
+class ImageTooLarge(ImageError):
+    """An image refused for its size (pixels from the header, or frame count) before it was decoded."""
+
+
 # --------------------------------------------------------------------------------------------- opening
 
 
@@ -80,7 +84,7 @@ def open_image(src: ImageSource, *, max_pixels: int = 64_000_000, max_frames: in
         with _opened(src, name) as im:
             return _decode(im, name, max_pixels, max_frames)
     except Image.DecompressionBombError as e:  # Image.open's own check, for sizes above PIL's global limit
-        raise ImageError(f"{name}: {e}; refusing to decode it") from None
+        raise ImageTooLarge(f"{name}: {e}; refusing to decode it") from None
 
 
 def _decode(im: Image.Image, name: str, max_pixels: int, max_frames: int) -> Image.Image:
@@ -88,7 +92,7 @@ def _decode(im: Image.Image, name: str, max_pixels: int, max_frames: int) -> Ima
     try:
         im.load()
     except Image.DecompressionBombError as e:  # PIL's own limit, met while decoding (e.g. a larger frame)
-        raise ImageError(f"{name}: {e}; refusing to decode it") from None
+        raise ImageTooLarge(f"{name}: {e}; refusing to decode it") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error) as e:
         raise ImageError(f"{name}: the image is truncated or corrupt ({e}); re-export or re-download it") from None
     if _orientation(im) != 1:
@@ -171,13 +175,13 @@ def _check_size(im: Image.Image, name: str, max_pixels: int, max_frames: int) ->
     if w <= 0 or h <= 0:
         raise ImageError(f"{name}: the header claims an empty image ({w}x{h})")
     if w * h > max_pixels:
-        raise ImageError(
+        raise ImageTooLarge(
             f"{name}: the header claims {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
             f"(possible decompression bomb); refusing to decode it. Pass max_pixels= if you trust this file"
         )
     frames = getattr(im, "n_frames", 1)
     if frames > max_frames:
-        raise ImageError(
+        raise ImageTooLarge(
             f"{name}: the file claims {frames:,} frames, over the limit of {max_frames:,}; refusing to read it. "
             f"Pass max_frames= if you trust this file"
         )

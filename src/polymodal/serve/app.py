@@ -1,0 +1,597 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over the served models.
+
+    app = create_app(load_served(["tiny=./ckpt"]), api_key="secret")
+    serve(served, host="127.0.0.1", port=8000)                      # runs uvicorn
+
+Routes follow OpenAI's API reference (https://platform.openai.com/docs/api-reference) closely enough that the
+official `openai` Python client works unchanged (checked in tests/test_serve.py): GET /v1/models,
+POST /v1/chat/completions (with server-sent-event streaming), POST /v1/embeddings, POST /v1/images/generations,
+plus GET /health. Every refusal is a 4xx with OpenAI's error body (polymodal/serve/errors.py).
+
+What runs where: the event loop only parses, routes and streams. Media decoding (media.resolve_messages), chat
+templates, embeddings and provider calls run in worker threads; local decoders run in their ChatEngine's own
+thread, which batches concurrent requests (continuous batching).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from polymodal.serve.errors import APIError, error_body
+from polymodal.serve.registry import ServedModel, ServedModels
+from polymodal.serve.schemas import (
+    PART_MODALITY,
+    ChatCompletionRequest,
+    EmbeddingRequest,
+    ImageGenerationRequest,
+)
+
+log = logging.getLogger("polymodal.serve")
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_TOKENS = 512  # when a request sets none (and the model's context leaves room for it)
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
+_TYPE_LABELS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+# ------------------------------------------------------------------------------------------------ the app
+def create_app(served: ServedModels, *, api_key: str | None = None, cors_origins=(), media_policy=None,
+               max_body_bytes: int = MAX_BODY_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+    """The FastAPI app serving `served`.
+
+    api_key: when set, /v1/* and /health need `Authorization: Bearer <api_key>`. cors_origins: origins allowed to
+    call from a browser (no CORS headers at all when empty). media_policy: a polymodal.serve.media.MediaPolicy
+    (default: local data URLs only, no remote fetches). max_body_bytes: larger request bodies get 413 unread."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        served.start()  # idempotent; whoever built `served` closes it (serve() does at exit)
+        yield
+
+    app = FastAPI(title="polymodal", summary="OpenAI-compatible server for polymodal models", lifespan=lifespan)
+    app.state.served = served
+    app.state.media_policy = media_policy
+    app.state.default_max_tokens = default_max_tokens
+    _add_error_handlers(app)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    if cors_origins:  # added last: the outermost layer, so refusals (401, 413) carry CORS headers too
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": served.ids()}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [m.card() for m in served.models.values()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str):
+        return served.get(model_id).card()
+
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        req = await _parse(request, ChatCompletionRequest)
+        return await _chat(app, request, req)
+
+    @app.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
+    async def embeddings(request: Request):
+        req = await _parse(request, EmbeddingRequest)
+        return await _embeddings(app, req)
+
+    @app.post("/v1/images/generations", openapi_extra=_body_schema(ImageGenerationRequest))
+    async def image_generations(request: Request):
+        req = await _parse(request, ImageGenerationRequest)
+        if req.model is not None:
+            m = served.get(req.model)
+            raise APIError(400, f"The model {m.id!r} does not generate images (it is a {m.kind} model); no model "
+                           "served here generates images yet.", param="model", code="model_not_supported")
+        raise APIError(400, "No served model generates images: polymodal has no text-to-image family to serve yet.",
+                       param="model", code="model_not_supported")
+
+    _add_ui_routes(app)
+    return app
+
+
+def serve(served: ServedModels, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          **options) -> None:
+    """Run the server with uvicorn until interrupted; `options` go to create_app. Closes the engines at exit."""
+    import uvicorn
+
+    app = create_app(served, **options)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        served.close()
+
+
+# ------------------------------------------------------------------------------------------------ web UI
+UI_DIR = Path(__file__).parent / "ui"
+_UI_FILES = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+_UI_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+def _ui_csp(nonce: str) -> str:
+    """The page's Content-Security-Policy: only our own script file and styles, fetches to this server only.
+
+    The nonce (new for every page load) is the one way an artifact's scripts can run: an about:srcdoc iframe
+    inherits its parent's policy (CSP 3), so app.js gives the nonce to the artifact's <script> tags. Artifacts
+    stay in a sandbox without allow-same-origin, under their own policy that forbids all network. frame-src
+    'none': srcdoc frames need no source, and it stops an artifact from navigating its frame anywhere."""
+    return (f"default-src 'self'; script-src 'self' 'nonce-{nonce}'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data: blob:; media-src 'self' data: blob:; connect-src 'self'; frame-src 'none'; "
+            "child-src 'none'; worker-src 'none'; object-src 'none'; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'")
+
+
+def _add_ui_routes(app: FastAPI) -> None:
+    """GET / -> the web UI's page (ui/index.html, with a fresh CSP nonce); GET /ui/NAME -> its script and style.
+    Neither needs the API key: the page asks for it when /v1/* answers 401."""
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        nonce = secrets.token_urlsafe(18)
+        page = (UI_DIR / "index.html").read_text(encoding="utf-8").replace("__CSP_NONCE__", nonce)
+        return HTMLResponse(page, headers={**_UI_HEADERS, "Content-Security-Policy": _ui_csp(nonce),
+                                           "Cache-Control": "no-store"})
+
+    @app.get("/ui/{name}", include_in_schema=False)
+    async def ui_file(name: str):
+        if name not in _UI_FILES:  # a fixed list: no path from the URL ever reaches the file system
+            raise APIError(404, f"The web UI has no file {name!r}.", code="not_found")
+        return Response((UI_DIR / name).read_bytes(), media_type=_UI_FILES[name],
+                        headers={**_UI_HEADERS, "Cache-Control": "no-cache"})
+
+
+# ------------------------------------------------------------------------------------------------ chat
+async def _chat(app: FastAPI, request: Request, req: ChatCompletionRequest):
+    m = app.state.served.get(req.model)
+    if m.kind != "chat":
+        raise APIError(400, f"The model {m.id!r} is an {m.kind} model: it does not chat (use /v1/embeddings).",
+                       param="model")
+    if req.n not in (None, 1):
+        raise APIError(400, f"n={req.n} is not supported: this server returns exactly one choice (n=1).", param="n")
+    if req.tools:
+        raise APIError(400, "tools are not supported by this server.", param="tools")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+        raise APIError(400, "stop takes at most 4 non-empty strings.", param="stop")
+    _check_modalities(m, req)
+    messages = await _canonical_messages(app, req)
+    temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default: sample at 1
+    sampling = dict(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
+                    top_p=req.top_p if req.top_p is not None else 1.0, seed=req.seed, stop=stop or None)
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    if m.engine is not None:
+        events = await _engine_events(app, m, messages, max_tokens, sampling)
+    else:
+        events = await _provider_events(m, messages, max_tokens or app.state.default_max_tokens, sampling)
+    if req.stream:
+        return _SSEResponse(_sse(m.id, events, include_usage), media_type="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _completion(m.id, events)
+
+
+def _check_modalities(m: ServedModel, req: ChatCompletionRequest) -> None:
+    """A part the model cannot take is refused before anything is decoded: 400 naming the modality and model."""
+    for i, msg in enumerate(req.messages):
+        if isinstance(msg.content, str):
+            continue
+        for j, part in enumerate(msg.content):
+            modality = PART_MODALITY[part.type]
+            if modality not in m.modalities:
+                raise APIError(400, f"The model {m.id!r} does not accept {modality} input (it takes: "
+                               f"{', '.join(sorted(m.modalities))}).", param=f"messages[{i}].content[{j}]",
+                               code="unsupported_modality")
+
+
+async def _canonical_messages(app: FastAPI, req: ChatCompletionRequest) -> list[dict]:
+    """OpenAI messages -> canonical messages (serve_arch.md). Media parts are fetched and decoded by the media
+    layer in a worker thread, never on the event loop; text-only requests skip it."""
+    raw = [{"role": "system" if msg.role == "developer" else msg.role,
+            "content": msg.content if isinstance(msg.content, str) else [p.model_dump(exclude_none=True)
+                                                                        for p in msg.content]}
+           for msg in req.messages]
+    if all(isinstance(msg["content"], str) or all(p["type"] == "text" for p in msg["content"]) for msg in raw):
+        return raw
+    from polymodal.serve import media
+
+    policy = app.state.media_policy or media.MediaPolicy()
+    try:
+        return await run_in_threadpool(media.resolve_messages, raw, policy)
+    except media.MediaError as e:
+        raise APIError(e.status, str(getattr(e, "message", e)), param="messages") from None
+
+
+def _text_only(messages: list[dict]) -> list[dict]:
+    """Canonical messages with text parts joined into one string: what text-only chat templates expect."""
+    return [{"role": msg["role"], "content": msg["content"] if isinstance(msg["content"], str)
+             else "\n".join(p["text"] for p in msg["content"])} for msg in messages]
+
+
+# Events a chat answer is made of, whatever serves it: ("delta", text) ... then ("finish", reason, usage).
+async def _engine_events(app: FastAPI, m: ServedModel, messages: list[dict], max_tokens: int | None,
+                         sampling: dict) -> AsyncIterator[tuple]:
+    from polymodal.processing.chat import ChatTemplateError
+    from polymodal.serve.engine import Delta, QueueFull
+
+    def prompt_ids() -> list[int]:
+        text = m.tokenizer.apply_chat_template(_text_only(messages), add_generation_prompt=True)
+        return m.tokenizer.encode(text, add_special_tokens=False)  # the template placed the special tokens
+
+    try:
+        ids = await run_in_threadpool(prompt_ids)
+    except ChatTemplateError as e:
+        raise APIError(400, f"The model's chat template refused these messages: {e}", param="messages") from None
+    if max_tokens is None:
+        room = (getattr(m.engine, "max_len", None) or math.inf) - len(ids)
+        max_tokens = int(max(1, min(app.state.default_max_tokens, room)))
+    try:
+        handle = m.engine.submit(ids, max_new_tokens=max_tokens, **sampling)
+    except QueueFull as e:
+        raise _busy(m, getattr(e, "retry_after", 1.0)) from None
+    except ValueError as e:  # e.g. prompt + max_tokens longer than the model's context
+        raise APIError(400, f"{e}", param="max_tokens" if "max" in str(e) else "messages") from None
+
+    async def events():
+        finished = False
+        try:
+            async for ev in handle.aevents():
+                if isinstance(ev, Delta):
+                    if ev.text:
+                        yield ("delta", ev.text)
+                    continue
+                finished = True
+                if ev.reason == "error":
+                    log.error("generation failed for model %s: %s", m.id, ev.error)
+                    raise APIError(500, "The model failed while generating; see the server log.")
+                usage = _usage(ev.prompt_tokens, ev.completion_tokens)
+                yield ("finish", "length" if ev.reason == "length" else "stop", usage)
+        finally:
+            if not finished:  # the client left (or the stream was closed): free the engine's slot now
+                handle.cancel()
+
+    return events()
+
+
+async def _provider_events(m: ServedModel, messages: list[dict], max_tokens: int,
+                           sampling: dict) -> AsyncIterator[tuple]:
+    """A provider's `stream` runs in a thread (it blocks on the network); pieces cross to the event loop through
+    a queue. At most `provider_slots` calls at once: the next is answered 429."""
+    if not m.provider_slots.acquire(blocking=False):
+        raise _busy(m, 1.0)
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    left = threading.Event()
+    done = object()
+
+    def work():
+        try:
+            stream = m.provider.stream(messages, max_new_tokens=max_tokens, **sampling)
+            for piece in stream:
+                if left.is_set():  # the client left: stop the provider's stream
+                    getattr(stream, "close", lambda: None)()
+                    break
+                loop.call_soon_threadsafe(pieces.put_nowait, piece)
+            loop.call_soon_threadsafe(pieces.put_nowait, done)
+        except BaseException as e:  # handed to the event loop, which answers it
+            loop.call_soon_threadsafe(pieces.put_nowait, e)
+        finally:
+            m.provider_slots.release()
+
+    threading.Thread(target=work, daemon=True, name=f"provider-{m.id}").start()
+    first = await pieces.get()  # errors before the first piece (missing key, bad input) get a real status
+    if isinstance(first, BaseException):
+        raise _provider_error(m, first)
+
+    async def events():
+        item = first
+        try:
+            while item is not done:
+                if isinstance(item, BaseException):
+                    raise _provider_error(m, item)
+                if item:
+                    yield ("delta", item)
+                item = await pieces.get()
+            yield ("finish", "stop", None)  # providers' streams carry no token counts
+        finally:
+            left.set()
+
+    return events()
+
+
+def _provider_error(m: ServedModel, e: BaseException) -> APIError:
+    status = getattr(e, "status", None)
+    message = str(getattr(e, "message", e))
+    if isinstance(status, int) and status in (400, 404, 413, 415, 422):
+        return APIError(status, f"{m.id}: {message}")
+    if status == 429:
+        return _busy(m, 1.0)
+    log.error("provider %s failed: %r", m.id, e)
+    return APIError(502, f"The upstream provider for {m.id!r} failed: {message}", type="server_error")
+
+
+def _busy(m: ServedModel, retry_after: float) -> APIError:
+    seconds = max(1, math.ceil(retry_after or 1))
+    return APIError(429, f"The model {m.id!r} is busy: too many requests are waiting. Retry in {seconds} s.",
+                    code="rate_limit_exceeded", headers={"Retry-After": str(seconds)})
+
+
+def _usage(prompt: int | None, completion: int | None) -> dict | None:
+    if prompt is None or completion is None:
+        return None
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _completion(model_id: str, events: AsyncIterator[tuple]) -> dict:
+    pieces, reason, usage = [], "stop", None
+    async for ev in events:
+        if ev[0] == "delta":
+            pieces.append(ev[1])
+        else:
+            reason, usage = ev[1], ev[2]
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": model_id, "system_fingerprint": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
+                         "finish_reason": reason, "logprobs": None}],
+            "usage": usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+
+
+async def _sse(model_id: str, events: AsyncIterator[tuple], include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's chunk stream: a first chunk with the role, one per text piece, one with finish_reason, the usage
+    chunk when asked for (`stream_options.include_usage`), then `data: [DONE]`."""
+    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        if include_usage:
+            body["usage"] = None
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for ev in events:
+            if ev[0] == "delta":
+                yield chunk({"content": ev[1]})
+                continue
+            yield chunk({}, ev[1])
+            if include_usage:
+                usage = ev[2] or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+                body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
+                        "system_fingerprint": None, "choices": [], "usage": usage}
+                yield f"data: {json.dumps(body)}\n\n"
+    except APIError as e:  # the status line is already sent: the error goes into the stream, as OpenAI does
+        yield f"data: {json.dumps(e.body())}\n\n"
+    finally:
+        await events.aclose()
+    yield "data: [DONE]\n\n"
+
+
+class _SSEResponse(StreamingResponse):
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:  # a client that left: close the stream now, which cancels its engine request
+            await self.body_iterator.aclose()
+
+
+# ------------------------------------------------------------------------------------------------ embeddings
+async def _embeddings(app: FastAPI, req: EmbeddingRequest) -> dict:
+    m = app.state.served.get(req.model)
+    if m.kind != "embedding":
+        raise APIError(400, f"The model {m.id!r} is a {m.kind} model: it has no embeddings.", param="model")
+    items = [req.input] if isinstance(req.input, str) else list(req.input)
+    if not items:
+        raise APIError(400, "input must not be empty.", param="input")
+    if len(items) > MAX_EMBEDDING_INPUTS:
+        raise APIError(400, f"input has {len(items)} items; at most {MAX_EMBEDDING_INPUTS} per request.",
+                       param="input")
+    if any(isinstance(x, str) and not x for x in items):
+        raise APIError(400, "input strings must not be empty.", param="input")
+    from polymodal.serve import media
+
+    policy = app.state.media_policy if app.state.media_policy is not None else media.MediaPolicy()
+    lock = app.state.__dict__.setdefault("embed_lock", threading.Lock())
+    try:
+        vectors, tokens = await run_in_threadpool(_embed, m, items, policy, lock)
+    except media.MediaError as e:
+        raise APIError(e.status, str(getattr(e, "message", e)), param="input") from None
+    if req.dimensions is not None and req.dimensions != vectors.shape[1]:
+        raise APIError(400, f"The model {m.id!r} gives {vectors.shape[1]}-dimensional embeddings; dimensions="
+                       f"{req.dimensions} is not available.", param="dimensions")
+    data = []
+    for i, v in enumerate(vectors):
+        emb = (base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") if req.encoding_format == "base64"
+               else v.tolist())
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    return {"object": "list", "data": data, "model": m.id, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _embed(m: ServedModel, items: list, policy, lock: threading.Lock):
+    """(N, P) float32 numpy embeddings in input order (texts and images L2-normalized, as CLIP compares them) and
+    the number of text tokens. Runs in a worker thread: images are fetched and decoded here."""
+    import numpy as np
+
+    from polymodal.serve import media
+
+    pipe = m.embedder
+    texts = [(i, x) for i, x in enumerate(items) if isinstance(x, str)]
+    images = [(i, media.load_image(x.image_url.url, policy)) for i, x in enumerate(items) if not isinstance(x, str)]
+    out: list = [None] * len(items)
+    tokens = 0
+    with lock:
+        if texts:
+            for (i, _), v in zip(texts, pipe.embed_texts([t for _, t in texts]).numpy()):
+                out[i] = v
+            ctx = min(77, pipe.model.config.text.max_position_embeddings)
+            tokens = int(pipe.tokenizer([t for _, t in texts], context_length=ctx)[1].sum())
+        if images:
+            for (i, _), v in zip(images, pipe.embed_images([im for _, im in images]).numpy()):
+                out[i] = v
+    return np.stack(out), tokens
+
+
+# ------------------------------------------------------------------------------------------------ parsing, errors
+async def _parse(request: Request, schema: type[BaseModel]):
+    """The JSON body checked against `schema`; anything else is a 400 naming the field (never FastAPI's 422)."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise APIError(400, f"We could not parse the JSON body of your request ({_first_line(e)}). The body must "
+                       "be one JSON object.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"The request body must be a JSON object, not a JSON {type(data).__name__}.")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e.errors(include_url=False)) from None
+    except RecursionError:
+        raise APIError(400, "The request body is nested too deeply.") from None
+
+
+def _validation_error(errors) -> APIError:
+    err = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    param = _param([p for p in err.get("loc", ()) if not _is_type_label(p)])
+    if err.get("type") == "missing":
+        return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    if err.get("type") == "extra_forbidden":
+        return APIError(400, f"Unrecognized parameter: '{param}'.", param=param, code="unknown_parameter")
+    return APIError(400, f"Invalid value for '{param}': {err.get('msg', 'invalid')}.", param=param or None,
+                    code="invalid_value")
+
+
+def _is_type_label(p) -> bool:
+    """pydantic puts union members' names into error locations ("str", "list[...]"); people need field names."""
+    return isinstance(p, str) and ("[" in p or p in _TYPE_LABELS or p.startswith(("function-", "tagged-union")))
+
+
+def _param(loc: list) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        err = _validation_error(e.errors())
+        return JSONResponse(err.body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        message = (f"No route {request.method} {request.url.path} on this server." if e.status_code == 404
+                   else f"{request.method} is not allowed on {request.url.path}." if e.status_code == 405
+                   else str(e.detail))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return JSONResponse(APIError(e.status_code, message, code=code).body(), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        log.exception("unexpected error answering %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("The server had an internal error; see its log.", "server_error"),
+                            status_code=500)
+
+
+def _body_schema(schema: type[BaseModel]) -> dict[str, Any]:
+    """The request body's JSON schema for /docs (the routes read the body themselves, for OpenAI-shaped errors)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema(
+        ref_template="#/components/schemas/{model}")}}}}
+
+
+# ------------------------------------------------------------------------------------------------ auth, body size
+class _Guard:
+    """ASGI middleware, before any routing or parsing: the API key (constant-time comparison) on /v1/* and
+    /health, then the body size limit (413 before the body is parsed, also for chunked bodies)."""
+
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int):
+        self.app = app
+        self.key = f"Bearer {api_key}".encode() if api_key else None
+        self.limit = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        path = scope.get("path", "")
+        if self.key and scope["method"] != "OPTIONS" and (path == "/health" or path.startswith("/v1")):
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.key):
+                msg = ("Incorrect API key provided." if given else
+                       "Missing API key: send it as `Authorization: Bearer <key>`.")
+                return await _send_error(scope, receive, send, APIError(401, msg, code="invalid_api_key"),
+                                         {"WWW-Authenticate": "Bearer"})
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        too_large = APIError(413, f"The request body is larger than this server accepts ({self.limit} bytes).",
+                             code="request_too_large")
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await _send_error(scope, receive, send, too_large if length.isdigit() else
+                                     APIError(400, "Malformed Content-Length header."))
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await _send_error(scope, receive, send, too_large)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # then the real stream: http.disconnect for streaming responses
+
+        return await self.app(scope, replay, send)
+
+
+async def _send_error(scope, receive, send, e: APIError, headers: dict | None = None) -> None:
+    await JSONResponse(e.body(), status_code=e.status, headers={**e.headers, **(headers or {})})(scope, receive, send)
+
+
+def api_key_from_env(given: str | None) -> str | None:
+    """--api-key, else $POLYMODAL_API_KEY, else none (an open server)."""
+    return given or os.environ.get("POLYMODAL_API_KEY") or None

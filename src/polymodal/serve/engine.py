@@ -1,0 +1,560 @@
+"""Continuous batching for `polymodal serve`: concurrent chat requests share the decoder's forward passes.
+
+Requests join and leave the running batch between decode steps: iteration-level scheduling, from Orca (Yu et
+al., OSDI 2022), as vLLM and Hugging Face's text-generation-inference serve. Without it, a request that arrives
+while others decode waits for the whole batch to end, and a short request holds its row until the longest is done.
+Its outputs are checked against `polymodal.generation.generate` run on each request alone: the same greedy
+tokens, and the same sampled tokens for the same seed (tests/test_serve_engine.py).
+
+The running batch is a left-padded ragged batch that the decoders' forward takes as it is (see
+`CausalLM.decoder_inputs`): one `KVCache` per layer, (B, KV, T_cap, Dh), with one write head shared by every row,
+an attention mask (B, T_cap) whose zeros mark columns a row does not use, and per-row positions.
+
+    columns:   0  1  2  3  4  5  6  7 | head (next step writes here)
+    row a:     a  a  a  a  a  a  a  a |   3 prompt tokens, then 5 generated ones
+    row b:     .  .  .  .  b  b  b  b |   joined later, with a prompt of 4: right-aligned to the head
+    row c:     .  .  c  c  c  c  c  c |
+
+- A new request is prefilled alone (a cache sized to its prompt), its first token chosen, and the row inserted
+  right-aligned to the head. A prompt longer than the head shifts the batch right first.
+- Each step feeds every row its last token at the head: one forward for the whole batch; then each row chooses
+  its next token with its own settings (greedy, or sampling with its own seeded generator, so a request's sample
+  does not depend on what else runs).
+- A finished or cancelled row is dropped (rows kept by index); its columns stay masked until the head reaches
+  the capacity, when columns that no row uses are dropped, or the cache grows (doubling, at most `max_len`).
+
+Layout changes copy the cache once per join, leave or relayout, never per step. vLLM's paged KV cache avoids
+those copies but needs an attention kernel that reads block tables; this layout needs nothing from the models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from polymodal.generation import CausalLM, _eos_ids, process_logits
+from polymodal.nn.attention import KVCache
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """Too many requests wait already; try again after `retry_after` seconds (an estimate)."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class Delta:
+    """One generated token and the text it makes final ("" while text is held back: an unfinished character, or
+    what may be the start of a stop string). Every generated token gives one Delta."""
+
+    text: str
+    token_id: int
+
+
+@dataclass
+class Finished:
+    """The last event of a request. reason: "stop" (an end token or a stop string), "length" (max_new_tokens),
+    "cancelled" (cancel() or close()), "error" (the model failed; `error` says how)."""
+
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+class EngineRequest:
+    """A submitted request: read its events with `events()` (blocking) or `aevents()` (asyncio), once."""
+
+    def __init__(self, engine: ChatEngine, prompt_ids: list[int], *, max_new_tokens: int, do_sample: bool,
+                 temperature: float, top_p: float, top_k: int, generator: torch.Generator | None, stop: list[str]):
+        self._engine = engine
+        self.prompt_ids = prompt_ids
+        self.prompt_tokens = len(prompt_ids)
+        self.max_new_tokens = max_new_tokens
+        self.do_sample = do_sample
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.generator = generator
+        self.stop = stop
+        self.completion_tokens = 0
+        self.finished: Finished | None = None
+        self.decoder = engine.tokenizer.stream_decoder()
+        self._pending = ""  # decoded text not delivered yet (it may begin a stop string)
+        self._cancelled = False
+        self._lock = threading.Lock()  # orders events against a consumer switching to asyncio
+        self._queue: queue.Queue[Delta | Finished] = queue.Queue()  # at most max_new_tokens + 1 events
+        self._bridge: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None
+        self._started = time.monotonic()
+
+    # ---------------------------------------------------------------------------------------- consumer side
+
+    def events(self) -> Iterator[Delta | Finished]:
+        """Deltas as they come, then one Finished. Leaving the loop early cancels the request."""
+        done = False
+        try:
+            while not done:
+                event = self._queue.get()
+                done = isinstance(event, Finished)
+                yield event
+        finally:
+            if not done:
+                self.cancel()
+
+    async def aevents(self) -> AsyncIterator[Delta | Finished]:
+        """As `events()`, without blocking the event loop: the engine thread hands each event to the loop with
+        `call_soon_threadsafe`. Leaving early (a client that disconnected) cancels the request."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Delta | Finished] = asyncio.Queue()
+        with self._lock:  # events that came before: move them over, in order
+            while not self._queue.empty():
+                inbox.put_nowait(self._queue.get_nowait())
+            self._bridge = (loop, inbox)
+        done = False
+        try:
+            while not done:
+                event = await inbox.get()
+                done = isinstance(event, Finished)
+                yield event
+        finally:
+            if not done:
+                self.cancel()
+
+    def text(self) -> tuple[str, Finished]:
+        """Wait for the end -> (the whole generated text, the Finished event)."""
+        pieces = []
+        for event in self.events():
+            if isinstance(event, Finished):
+                return "".join(pieces), event
+            pieces.append(event.text)
+        raise AssertionError("unreachable: events() ends with Finished")
+
+    def cancel(self) -> None:
+        """Stop generating (from any thread): a waiting request ends now, a running one at the next step."""
+        self._cancelled = True
+        self._engine._cancel(self)
+
+    # ---------------------------------------------------------------------------------------- engine side
+
+    def _emit(self, event: Delta | Finished) -> None:
+        with self._lock:
+            if self._bridge is None:
+                self._queue.put(event)
+                return
+            loop, inbox = self._bridge
+            try:
+                loop.call_soon_threadsafe(inbox.put_nowait, event)
+            except RuntimeError:  # the event loop is closed: nobody listens any more
+                self._cancelled = True
+
+    def _finish(self, reason: str, error: str | None = None) -> bool:
+        """End the request once; False if it had ended already."""
+        with self._lock:
+            if self.finished is not None:
+                return False
+            self.finished = Finished(reason, self.prompt_tokens, self.completion_tokens, error)
+        self._emit(self.finished)
+        return True
+
+    def _take_text(self, piece: str, final: bool) -> tuple[str, bool]:
+        """Add decoded text -> (the text that may be delivered now, whether a stop string ends the request here).
+        The text before a stop string is delivered, the stop string and what follows it are not; a tail that may
+        be the start of a stop string waits for the next piece (unless this is the last)."""
+        self._pending += piece
+        found = [i for i in (self._pending.find(s) for s in self.stop) if i >= 0]
+        if found:
+            text, self._pending = self._pending[: min(found)], ""
+            return text, True
+        hold = 0 if final else _partial_stop(self._pending, self.stop)
+        text = self._pending[: len(self._pending) - hold]
+        self._pending = self._pending[len(text):]
+        return text, False
+
+
+def _partial_stop(text: str, stops: list[str]) -> int:
+    """The length of the longest end of `text` that begins some stop string."""
+    longest = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
+
+
+class _Batch:
+    """The running rows: a left-padded ragged batch with one shared KV write head (see the module docstring)."""
+
+    headroom = 64  # free columns a new or grown cache gets beyond what it needs now
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len  # no row spans more columns: the capacity never needs to pass it
+        self.rows: list[EngineRequest] = []
+        self.cache: list[KVCache] = []  # (B, KV, T_cap, Dh) each
+        self.mask: Tensor | None = None  # (B, T_cap) 1 where a row has a token
+        self.positions: Tensor | None = None  # (B,) position id of each row's next token
+        self.tokens: Tensor | None = None  # (B,) the token each row feeds at the next step
+        self.relayouts = 0
+
+    @property
+    def head(self) -> int:
+        return self.cache[0].length if self.cache else 0
+
+    @property
+    def capacity(self) -> int:
+        return self.cache[0].max_len if self.cache else 0
+
+    def clear(self) -> None:
+        self.rows, self.cache, self.mask, self.positions, self.tokens = [], [], None, None, None
+
+    def add(self, request: EngineRequest, prompt_cache: list[KVCache], token: int) -> None:
+        """Insert a prefilled request as the last row, its prompt right-aligned to the head."""
+        P = prompt_cache[0].length
+        if not self.rows:
+            _, KV, _, Dh = prompt_cache[0].k.shape
+            k = prompt_cache[0].k
+            self.cache = [_kv_cache(k.new_zeros(0, KV, 0, Dh), k.new_zeros(0, KV, 0, Dh), 0) for _ in prompt_cache]
+            self.mask = torch.zeros(0, 0, dtype=torch.long, device=k.device)
+            self.positions = self.tokens = torch.zeros(0, dtype=torch.long, device=k.device)
+        self._arrange(min_head=P)
+        head, cap = self.head, self.capacity
+        cache = []
+        for old, new in zip(self.cache, prompt_cache):
+            k = old.k.new_zeros(1, *old.k.shape[1:])  # (1, KV, T_cap, Dh)
+            v = torch.zeros_like(k)
+            k[:, :, head - P : head] = new.k[:, :, :P]
+            v[:, :, head - P : head] = new.v[:, :, :P]
+            cache.append(_kv_cache(torch.cat([old.k, k]), torch.cat([old.v, v]), head))
+        row_mask = self.mask.new_zeros(1, cap)
+        row_mask[:, head - P : head] = 1
+        # assigned together at the end: a failure above (out of memory) leaves the batch as it was
+        self.cache = cache
+        self.mask = torch.cat([self.mask, row_mask])
+        self.positions = torch.cat([self.positions, self.positions.new_tensor([P])])
+        self.tokens = torch.cat([self.tokens, self.tokens.new_tensor([token])])
+        self.rows.append(request)
+
+    def keep(self, index: list[int]) -> None:
+        """Keep rows `index`, in that order; the others are gone."""
+        if not index:
+            return self.clear()
+        if len(index) == len(self.rows):
+            return None
+        idx = torch.tensor(index, device=self.mask.device)
+        for c in self.cache:
+            c.reorder(idx)
+        self.mask = self.mask.index_select(0, idx)
+        self.positions = self.positions.index_select(0, idx)
+        self.tokens = self.tokens.index_select(0, idx)
+        self.rows = [self.rows[i] for i in index]
+        return None
+
+    def step(self, model) -> Tensor:
+        """One forward of every row's last token at the head -> logits (B, V)."""
+        self._arrange(min_head=0)
+        head = self.head
+        self.mask[:, head] = 1
+        logits = model(self.tokens[:, None], self.mask[:, : head + 1], cache=self.cache,
+                       position_ids=self.positions[:, None], logits_to_keep=1)  # (B, 1, V)
+        self.positions = self.positions + 1
+        return logits[:, -1]
+
+    def _arrange(self, min_head: int) -> None:
+        """Make sure the head is at least `min_head` and has a free column to write: otherwise drop the columns
+        left of every row's first token, shift right, and grow the capacity when compacting frees little."""
+        head, cap = self.head, self.capacity
+        if min_head <= head < cap:
+            return
+        used = self.mask[:, :head].any(dim=0)  # (head,)
+        first = int(used.long().argmax()) if bool(used.any()) else head
+        span = head - first
+        new_head = max(span, min_head)
+        new_cap = cap
+        if cap - new_head < max(cap // 4, 1) and cap < self.max_len:  # doubling keeps relayouts rare
+            new_cap = min(self.max_len, max(2 * cap, new_head + self.headroom))
+        if new_head >= new_cap:
+            raise RuntimeError(f"internal error: the batch needs {new_head + 1} columns, more than max_len "
+                               f"{self.max_len}")
+        start = new_head - span  # where the kept columns go
+        cache = []
+        for c in self.cache:
+            B, KV, _, Dh = c.k.shape
+            k, v = c.k.new_zeros(B, KV, new_cap, Dh), c.v.new_zeros(B, KV, new_cap, Dh)
+            k[:, :, start:new_head] = c.k[:, :, first:head]
+            v[:, :, start:new_head] = c.v[:, :, first:head]
+            cache.append(_kv_cache(k, v, new_head))
+        mask = self.mask.new_zeros(self.mask.shape[0], new_cap)
+        mask[:, start:new_head] = self.mask[:, first:head]
+        self.cache, self.mask = cache, mask
+        self.relayouts += 1
+
+
+def _kv_cache(k: Tensor, v: Tensor, length: int) -> KVCache:
+    """A KVCache over existing buffers (B, KV, T_cap, Dh) holding `length` positions."""
+    cache = KVCache(0, k.shape[1], 0, k.shape[3], dtype=k.dtype, device=k.device)
+    cache.k, cache.v, cache.length = k, v, length
+    return cache
+
+
+class ChatEngine:
+    """Serves a polymodal decoder (`polymodal.generation.CausalLM`) to concurrent requests with continuous
+    batching. A background thread owns the model; `submit` from any thread.
+
+    max_batch: rows decoded together at most; max_queue: requests waiting for a row at most (then `submit` raises
+    QueueFull); max_len: the context (prompt + new tokens) a request may use, by default the model's
+    `max_position_embeddings`. Generation ends at the tokenizer's end tokens and the model config's.
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 32, max_len: int | None = None):
+        if not isinstance(model, CausalLM):
+            raise TypeError(f"ChatEngine serves decoder-only language models (polymodal CausalLM); got "
+                            f"{type(model).__name__}")
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_len = max_len if max_len is not None else _context_length(model, tokenizer)
+        self.eos = set(_eos_ids(model, None)) | set(tokenizer.eos_token_ids)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+        self.stats = {"prefills": 0, "steps": 0}  # forwards run: prompts prefilled, batched decode steps
+        self._batch = _Batch(self.max_len)
+        self._waiting: deque[EngineRequest] = deque()
+        self._cond = threading.Condition()  # guards _waiting and _closing; wakes the engine thread
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._request_seconds = 1.0  # running mean of how long a request holds a row: for retry_after
+
+    @property
+    def num_active(self) -> int:
+        """Requests decoding now."""
+        return len(self._batch.rows)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests waiting for a row."""
+        return len(self._waiting)
+
+    def start(self) -> None:
+        """Start the engine thread (once)."""
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("this engine is closed; create a new one")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="polymodal-engine", daemon=True)
+                self._thread.start()
+
+    def close(self) -> None:
+        """End every request (reason "cancelled") and stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._end_all("cancelled")  # a thread never started leaves its queue to end here
+
+    def __enter__(self) -> ChatEngine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def submit(self, prompt_ids: list[int], *, max_new_tokens: int = 256, do_sample: bool = False,
+               temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+               stop: list[str] | None = None) -> EngineRequest:
+        """Queue a prompt (token ids) for generation -> its EngineRequest. Raises ValueError for bad arguments and
+        QueueFull when `max_queue` requests wait already."""
+        prompt_ids = [int(i) for i in prompt_ids]
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: there is nothing to continue")
+        if self.vocab_size is not None and not all(0 <= i < self.vocab_size for i in prompt_ids):
+            bad = next(i for i in prompt_ids if not 0 <= i < self.vocab_size)
+            raise ValueError(f"prompt token id {bad} is outside the model's vocabulary (0..{self.vocab_size - 1})")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if len(prompt_ids) + max_new_tokens > self.max_len:
+            raise ValueError(f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({max_new_tokens}) is over "
+                             f"the model's context of {self.max_len} tokens; shorten the prompt or ask for fewer "
+                             f"tokens")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False for "
+                             f"greedy)")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: no limit), got {top_k}")
+        stop = [s for s in (stop or []) if s]
+        if not all(isinstance(s, str) for s in stop):
+            raise ValueError("stop must be a list of strings")
+        generator = None
+        if do_sample:  # the request's own random stream: its sample does not depend on the rest of the batch
+            generator = torch.Generator(device=self.device)
+            if seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(seed)
+        request = EngineRequest(self, prompt_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                temperature=temperature, top_p=top_p, top_k=top_k, generator=generator, stop=stop)
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("this engine is closed")
+            if len(self._waiting) >= self.max_queue:
+                waves = len(self._waiting) // self.max_batch + 1
+                retry = round(max(0.1, waves * self._request_seconds), 1)
+                raise QueueFull(f"the server is busy: {len(self._waiting)} requests wait already; retry in about "
+                                f"{retry} s", retry_after=retry)
+            self._waiting.append(request)
+            self._cond.notify()
+        return request
+
+    # ---------------------------------------------------------------------------------------- the engine thread
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (self._closing or self._waiting or self._batch.rows):
+                        self._cond.wait()
+                    if self._closing:
+                        break
+                try:
+                    self._drop_cancelled()
+                    self._admit()
+                    if self._batch.rows:
+                        self._step()
+                except Exception as e:  # a bug here must not stop the server: end the running rows, go on
+                    log.exception("engine step failed")
+                    for request in self._batch.rows:
+                        self._end(request, "error", _describe(e))
+                    self._batch.clear()
+        self._end_all("cancelled")
+
+    def _drop_cancelled(self) -> None:
+        rows = self._batch.rows
+        if any(r._cancelled for r in rows):
+            for r in rows:
+                if r._cancelled:
+                    self._end(r, "cancelled")
+            self._batch.keep([i for i, r in enumerate(rows) if not r._cancelled])
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free rows."""
+        while len(self._batch.rows) < self.max_batch:
+            with self._cond:
+                if self._closing or not self._waiting:
+                    return
+                request = self._waiting.popleft()
+            request._started = time.monotonic()
+            try:
+                ids = torch.tensor([request.prompt_ids], device=self.device)  # (1, P)
+                cache = self.model.new_cache(1, ids.shape[1], dtype=self.dtype, device=self.device)
+                logits = self.model(ids, None, cache=cache, logits_to_keep=1)[:, -1]  # (1, V)
+                self.stats["prefills"] += 1
+                token = self._choose(logits[0], request, int(logits[0].float().argmax()))
+                if not self._deliver(request, token):
+                    self._batch.add(request, cache, token)
+            except Exception as e:  # this request alone fails; the batch is untouched
+                log.exception("prefill failed")
+                self._end(request, "error", _describe(e))
+
+    def _step(self) -> None:
+        """One decode step of every row; rows that finish leave the batch."""
+        rows = self._batch.rows
+        try:
+            logits = self._batch.step(self.model)  # (B, V)
+        except Exception as e:  # a forward that fails midway leaves the shared cache half-written: all rows end
+            log.exception("decode step failed")
+            for request in rows:
+                self._end(request, "error", _describe(e))
+            self._batch.clear()
+            return
+        self.stats["steps"] += 1
+        greedy = logits.float().argmax(dim=-1).tolist()
+        tokens, keep = list(greedy), []
+        for i, request in enumerate(rows):
+            try:
+                tokens[i] = self._choose(logits[i], request, greedy[i])
+                if not self._deliver(request, tokens[i]):
+                    keep.append(i)
+            except Exception as e:  # e.g. a tokenizer failing on this row's text: the others go on
+                log.exception("request failed")
+                self._end(request, "error", _describe(e))
+        self._batch.tokens = torch.tensor(tokens, device=self.device)
+        self._batch.keep(keep)
+
+    def _choose(self, logits: Tensor, request: EngineRequest, greedy: int) -> int:
+        """The next token from one row's logits (V,): greedy, or sampled as `generate` samples."""
+        if not request.do_sample:
+            return greedy
+        scores = process_logits(logits.float()[None], None, temperature=request.temperature, top_k=request.top_k,
+                                top_p=request.top_p, sampling=True)  # (1, V)
+        return int(torch.multinomial(scores.softmax(dim=-1), 1, generator=request.generator))
+
+    def _deliver(self, request: EngineRequest, token: int) -> bool:
+        """Send the token's Delta; True if the request ends with it (end token, stop string, length)."""
+        request.completion_tokens += 1
+        end_token = token in self.eos
+        at_limit = request.completion_tokens >= request.max_new_tokens
+        if end_token:  # its text is not part of the answer
+            piece = request.decoder.flush()
+        else:
+            piece = request.decoder.step(token)
+            if at_limit:
+                piece += request.decoder.flush()
+        text, stopped = request._take_text(piece, final=end_token or at_limit)
+        request._emit(Delta(text, token))
+        if end_token or stopped or at_limit:
+            self._end(request, "length" if at_limit and not (end_token or stopped) else "stop")
+            return True
+        return False
+
+    def _end(self, request: EngineRequest, reason: str, error: str | None = None) -> None:
+        if request._finish(reason, error) and reason in ("stop", "length"):
+            self._request_seconds = 0.8 * self._request_seconds + 0.2 * (time.monotonic() - request._started)
+
+    def _cancel(self, request: EngineRequest) -> None:
+        with self._cond:
+            waiting = request in self._waiting
+            if waiting:
+                self._waiting.remove(request)
+            self._cond.notify()
+        if waiting:
+            self._end(request, "cancelled")
+
+    def _end_all(self, reason: str) -> None:
+        for request in self._batch.rows:
+            self._end(request, reason)
+        self._batch.clear()
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for request in waiting:
+            self._end(request, reason)
+
+
+def _context_length(model, tokenizer) -> int:
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 10**7:  # transformers writes ~1e30 for "no limit"
+        return value
+    raise ValueError("cannot tell this model's context length from its config; pass max_len=")
+
+
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"

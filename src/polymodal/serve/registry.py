@@ -1,0 +1,180 @@
+"""The models a server serves: parsed from `--model` specs, loaded once, looked up by id per request.
+
+    served = load_served(["tiny=./ckpt", "clip=./clip-dir", "openai:gpt-4o"])
+    served.get("tiny")          # -> ServedModel(id="tiny", kind="chat", modalities={"text"}, engine=...)
+
+A SPEC is `SOURCE` or `NAME=SOURCE`; SOURCE a checkpoint directory, a .gguf file, a hub id, or a closed model
+(`openai:...`, `anthropic:...`, `gemini:...`). Decoder language models are served through a ChatEngine each
+(continuous batching, polymodal/serve/engine.py); CLIP checkpoints serve embeddings through the image-text
+pipeline; closed models through their provider (polymodal/providers)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from polymodal.serve.errors import APIError
+
+PROVIDER_PREFIXES = ("openai:", "anthropic:", "gemini:")
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class ServedModel:
+    """One served model. Exactly one of `engine` (local decoder), `provider` (closed model) or `embedder`
+    (CLIP pipeline) is set."""
+
+    id: str
+    kind: Literal["chat", "embedding"]
+    modalities: frozenset[str]
+    source: str
+    engine: Any = None  # polymodal.serve.engine.ChatEngine
+    tokenizer: Any = None  # polymodal.processing.text.TextTokenizer (with engine)
+    provider: Any = None  # a polymodal.providers ChatProvider
+    provider_slots: threading.BoundedSemaphore | None = None  # concurrent calls allowed to a provider
+    embedder: Any = None  # polymodal.pipelines.vision.ImageTextPipeline
+    owned_by: str = "polymodal"
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def card(self) -> dict:
+        """The model's entry in GET /v1/models (OpenAI's shape, plus what it serves)."""
+        return {"id": self.id, "object": "model", "created": self.created, "owned_by": self.owned_by,
+                "kind": self.kind, "modalities": sorted(self.modalities)}
+
+
+class ServedModels:
+    """The served models by id; starts and closes their engines."""
+
+    def __init__(self, models: list[ServedModel]):
+        self.models: dict[str, ServedModel] = {}
+        for m in models:
+            if m.id in self.models:
+                raise ValueError(f"two served models are called {m.id!r}: name one with NAME=SOURCE")
+            self.models[m.id] = m
+        self._started = False
+        self._lock = threading.Lock()
+
+    def ids(self) -> list[str]:
+        return list(self.models)
+
+    def get(self, model_id: str) -> ServedModel:
+        """The model, or a 404 `model_not_found` naming the models that are served."""
+        try:
+            return self.models[model_id]
+        except KeyError:
+            served = ", ".join(repr(i) for i in self.models) or "none"
+            raise APIError(404, f"The model {model_id!r} does not exist on this server (served: {served}).",
+                           code="model_not_found", param="model") from None
+
+    def start(self) -> None:
+        """Start every engine's background thread (idempotent)."""
+        with self._lock:
+            if not self._started:
+                for m in self.models.values():
+                    if m.engine is not None:
+                        m.engine.start()
+                self._started = True
+
+    def close(self) -> None:
+        with self._lock:
+            for m in self.models.values():
+                if m.engine is not None:
+                    m.engine.close()
+            self._started = False
+
+
+def parse_spec(spec: str) -> tuple[str | None, str]:
+    """`SOURCE` or `NAME=SOURCE` -> (name or None, source). A bad spec raises ValueError with a clear line."""
+    spec = spec.strip()
+    if not spec:
+        raise ValueError("empty --model spec: give SOURCE or NAME=SOURCE")
+    name, sep, source = spec.partition("=")
+    if not sep:
+        return None, spec
+    name, source = name.strip(), source.strip()
+    if not name or not source:
+        raise ValueError(f"bad --model spec {spec!r}: expected NAME=SOURCE with both parts non-empty")
+    if any(c.isspace() for c in name):
+        raise ValueError(f"bad --model spec {spec!r}: the name may not contain spaces")
+    return name, source
+
+
+def default_id(source: str) -> str:
+    """The id a model gets without NAME=: a provider's own name, a file's stem, a directory's name, a hub id."""
+    if source.startswith(PROVIDER_PREFIXES):
+        return source
+    path = Path(source)
+    if path.suffix == ".gguf":
+        return path.stem
+    if path.exists():
+        return path.resolve().name
+    return source
+
+
+def load_served(specs: list[str] | None, *, max_batch: int = 8, max_queue: int = 32,
+                provider_concurrency: int = 8) -> ServedModels:
+    """Load every spec (the embedded default chat model when there are none). Anything that cannot be loaded
+    raises ValueError naming the spec and the reason."""
+    if not specs:
+        from polymodal.pipelines.text import default_chat_model
+
+        try:
+            path = default_chat_model()
+        except FileNotFoundError as e:
+            raise ValueError(str(e)) from None
+        return ServedModels([load_model(DEFAULT_MODEL_ID, str(path), max_batch=max_batch, max_queue=max_queue)])
+    models = []
+    for spec in specs:
+        name, source = parse_spec(spec)
+        try:
+            models.append(load_model(name or default_id(source), source, max_batch=max_batch, max_queue=max_queue,
+                                     provider_concurrency=provider_concurrency))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # one line naming what could not be served
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"cannot serve --model {spec!r}: {first}") from e
+    return ServedModels(models)
+
+
+def load_model(model_id: str, source, *, max_batch: int = 8, max_queue: int = 32,
+               provider_concurrency: int = 8) -> ServedModel:
+    """Load one source (or wrap an already loaded model / provider object) as a ServedModel."""
+    import polymodal as pm
+
+    obj = pm.load(source) if isinstance(source, (str, Path)) else source
+    return serve_model(model_id, obj, source=str(source), max_batch=max_batch, max_queue=max_queue,
+                       provider_concurrency=provider_concurrency)
+
+
+def serve_model(model_id: str, obj, *, source: str = "", tokenizer=None, max_batch: int = 8, max_queue: int = 32,
+                provider_concurrency: int = 8) -> ServedModel:
+    """Wrap a loaded polymodal model or a provider as a ServedModel: decoders get a ChatEngine, CLIP models an
+    image-text pipeline, providers a bounded number of concurrent calls."""
+    from torch import nn
+
+    from polymodal.generation import CausalLM
+
+    if not isinstance(obj, nn.Module) and callable(getattr(obj, "chat", None)):  # a closed-model provider
+        return ServedModel(model_id, "chat", frozenset(getattr(obj, "modalities", {"text"})), source or obj.name,
+                           provider=obj, provider_slots=threading.BoundedSemaphore(provider_concurrency),
+                           owned_by=str(getattr(obj, "name", model_id)).split(":")[0])
+    if hasattr(obj, "encode_text") and hasattr(obj, "encode_image"):
+        from polymodal.pipelines.vision import ImageTextPipeline
+
+        embedder = ImageTextPipeline(obj, tokenizer=tokenizer, optimize=False)
+        return ServedModel(model_id, "embedding", frozenset({"text", "image"}), source, embedder=embedder)
+    if isinstance(obj, CausalLM):
+        from polymodal.pipelines.text import default_text_tokenizer
+        from polymodal.serve.engine import ChatEngine
+
+        tokenizer = tokenizer or default_text_tokenizer(obj)
+        if tokenizer.chat_template is None:
+            raise ValueError("its tokenizer has no chat template, so it cannot serve chat completions")
+        engine = ChatEngine(obj.eval(), tokenizer, max_batch=max_batch, max_queue=max_queue)
+        return ServedModel(model_id, "chat", frozenset({"text"}), source, engine=engine, tokenizer=tokenizer)
+    raise ValueError(f"a {type(obj).__name__} can be neither chatted with nor embedded: the server serves decoder "
+                     "language models, CLIP models and closed models (openai:/anthropic:/gemini:)")

@@ -1,0 +1,113 @@
+"""Request bodies of the OpenAI routes, as pydantic models: what a field may hold, checked before any work.
+
+Field names and meanings follow OpenAI's API reference (chat completions, embeddings, images). Fields OpenAI
+defines that we do not act on are accepted and ignored (`extra="allow"`), except those whose silent omission
+would change the answer (`n` > 1, tools): the routes refuse those by name."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+_MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ------------------------------------------------------------------------------------------------ content parts
+class ImageURL(_Strict):
+    url: StrictStr
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class AudioData(_Strict):
+    data: StrictStr  # base64
+    format: StrictStr
+
+
+class VideoURL(_Strict):
+    url: StrictStr
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class AudioPart(_Strict):
+    type: Literal["input_audio"]
+    input_audio: AudioData
+
+
+class VideoPart(_Strict):
+    type: Literal["video_url"]  # our extension
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | AudioPart | VideoPart, Field(discriminator="type")]
+
+# the modality each part carries (what a served model must accept)
+PART_MODALITY = {"text": "text", "image_url": "image", "input_audio": "audio", "video_url": "video"}
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[ContentPart]
+    name: StrictStr | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
+
+
+class ChatCompletionRequest(_Body):
+    model: StrictStr
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: StrictFloat | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: StrictFloat | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    seed: StrictInt | None = Field(None, ge=0, le=_MAX_SEED)
+    stop: StrictStr | list[StrictStr] | None = None
+    n: StrictInt | None = None
+    tools: list | None = None
+    tool_choice: object | None = None
+
+
+# ------------------------------------------------------------------------------------------------ embeddings
+class ImageInput(_Strict):
+    """Our extension of /v1/embeddings: an image among the inputs gets the image embedding."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class EmbeddingRequest(_Body):
+    model: StrictStr
+    input: StrictStr | list[StrictStr | ImageInput] = Field(union_mode="left_to_right")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = Field(None, ge=1)
+    user: StrictStr | None = None
+
+
+# ------------------------------------------------------------------------------------------------ images
+class ImageGenerationRequest(_Body):
+    prompt: StrictStr
+    model: StrictStr | None = None
+    n: StrictInt | None = Field(None, ge=1, le=10)
+    size: StrictStr | None = None
+    response_format: Literal["url", "b64_json"] | None = None

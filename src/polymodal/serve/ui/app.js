@@ -1,0 +1,430 @@
+// The web UI of `polymodal serve`: chat with streaming answers, image and audio attachments, image generation
+// and an Artifacts panel. Plain JavaScript, no build step, nothing fetched from anywhere but this server.
+//
+// Safety rule: everything a model writes goes into this page as text (textContent), never as HTML. The one place
+// model output is rendered is an artifact, inside an iframe with sandbox="allow-scripts" (no allow-same-origin:
+// an opaque origin that cannot reach this page, its cookies or its storage) whose own CSP forbids all network.
+"use strict";
+
+// The page's CSP nonce (the server writes a fresh one per load). An about:srcdoc iframe inherits the page's CSP,
+// so an artifact's scripts run only if they carry it; they still run sandboxed, with no network.
+const NONCE = (document.currentScript && document.currentScript.nonce) || "";
+const ARTIFACT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'";
+const ARTIFACT_LANGS = new Set(["html", "svg", "xml"]);
+const AUDIO_FORMATS = {"audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav", "audio/mpeg": "mp3",
+                       "audio/mp3": "mp3", "audio/flac": "flac", "audio/x-flac": "flac", "audio/ogg": "ogg",
+                       "audio/webm": "webm", "audio/mp4": "m4a", "audio/x-m4a": "m4a", "audio/aac": "aac"};
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  models: [],          // the cards of GET /v1/models
+  history: [],         // OpenAI messages of this conversation
+  attachments: [],     // {kind: "image", name, url} | {kind: "audio", name, data, format}
+  controller: null,    // the AbortController of the answer being streamed
+  artifacts: [],       // {label, source}
+  apiKey: sessionStorage.getItem("polymodal.apiKey") || "",
+  retry: null,         // what to run again once an API key is given
+};
+
+// ------------------------------------------------------------------------------------------------ helpers
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;  // text, never HTML
+    else if (key.startsWith("data-")) node.setAttribute(key, value);
+    else node[key] = value;
+  }
+  node.append(...children);  // strings become text nodes
+  return node;
+}
+
+function headers(json = true) {
+  const h = {};
+  if (json) h["Content-Type"] = "application/json";
+  if (state.apiKey) h["Authorization"] = `Bearer ${state.apiKey}`;
+  return h;
+}
+
+async function errorMessage(response) {
+  // The server answers OpenAI's {"error": {"message": ...}}; anything else is shown as it came.
+  let text = "";
+  try {
+    text = await response.text();
+    const body = JSON.parse(text);
+    if (body && body.error && body.error.message) return body.error.message;
+  } catch (_) { /* not JSON */ }
+  return `HTTP ${response.status}${text ? ": " + text.slice(0, 300) : ""}`;
+}
+
+function setStatus(text) {
+  $("status").textContent = text;
+  $("status").hidden = !text;
+}
+
+function askForKey(message, retry) {
+  state.retry = retry || null;
+  $("key-message").textContent = `${message} Enter the server's API key:`;
+  $("key-form").hidden = false;
+  $("api-key").focus();
+}
+
+function readAsDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------ models
+async function loadModels() {
+  let response;
+  try {
+    response = await fetch("/v1/models", {headers: headers(false)});
+  } catch (e) {
+    setStatus(`Cannot reach the server: ${e.message}`);
+    return;
+  }
+  if (response.status === 401) return askForKey(await errorMessage(response), loadModels);
+  if (!response.ok) return setStatus(await errorMessage(response));
+  state.models = (await response.json()).data || [];
+  const select = $("model");
+  const previous = select.value;
+  select.replaceChildren(...state.models.map((m) => el("option", {
+    value: m.id, text: m.kind === "chat" ? m.id : `${m.id} (${m.kind})`, disabled: m.kind !== "chat"})));
+  const chat = state.models.filter((m) => m.kind === "chat");
+  if (chat.some((m) => m.id === previous)) select.value = previous;
+  else if (chat.length) select.value = chat[0].id;
+  setStatus(chat.length ? "" : "No chat model is served here.");
+  updateModel();
+}
+
+function currentModel() {
+  return state.models.find((m) => m.id === $("model").value);
+}
+
+function updateModel() {
+  // Media buttons follow what the chosen model takes (its card's `modalities`).
+  const modalities = (currentModel() || {}).modalities || [];
+  $("attach-image").disabled = !modalities.includes("image");
+  $("attach-audio").disabled = !modalities.includes("audio");
+  $("model-info").textContent = modalities.length ? `takes ${modalities.join(", ")}` : "";
+}
+
+// ------------------------------------------------------------------------------------------------ attachments
+async function addFiles(files) {
+  for (const file of files) {
+    try {
+      if (file.type.startsWith("image/")) {
+        state.attachments.push({kind: "image", name: file.name || "pasted image", url: await readAsDataURL(file)});
+      } else if (file.type.startsWith("audio/") || /\.(wav|mp3|flac|ogg|m4a|webm|aac)$/i.test(file.name)) {
+        const url = await readAsDataURL(file);
+        const ext = (file.name.match(/\.(\w+)$/) || [])[1];
+        const format = AUDIO_FORMATS[file.type] || (ext ? ext.toLowerCase() : "wav");
+        state.attachments.push({kind: "audio", name: file.name, data: url.slice(url.indexOf(",") + 1), format});
+      } else {
+        setStatus(`${file.name} is neither an image nor audio: not attached.`);
+      }
+    } catch (e) {
+      setStatus(`Could not read ${file.name}: ${e.message}`);
+    }
+  }
+  renderAttachments();
+}
+
+function renderAttachments() {
+  $("attachments").replaceChildren(...state.attachments.map((a, i) => {
+    const remove = el("button", {type: "button", class: "remove", title: "Remove", text: "×"});
+    remove.addEventListener("click", () => { state.attachments.splice(i, 1); renderAttachments(); });
+    const preview = a.kind === "image" ? el("img", {src: a.url, alt: a.name}) : el("span", {text: `♪ ${a.name}`});
+    return el("span", {class: `chip ${a.kind}`, "data-kind": a.kind}, preview, remove);
+  }));
+}
+
+function userContent(text) {
+  // A plain string, or OpenAI parts when media is attached.
+  if (!state.attachments.length) return text;
+  const parts = text ? [{type: "text", text}] : [];
+  for (const a of state.attachments) {
+    if (a.kind === "image") parts.push({type: "image_url", image_url: {url: a.url}});
+    else parts.push({type: "input_audio", input_audio: {data: a.data, format: a.format}});
+  }
+  return parts;
+}
+
+// ------------------------------------------------------------------------------------------------ messages
+function addMessage(role) {
+  const view = el("div", {class: `message ${role}`, "data-role": role},
+                  el("div", {class: "who", text: role === "user" ? "You" : (currentModel() || {}).id || role}),
+                  el("div", {class: "body"}));
+  $("messages").append(view);
+  view.scrollIntoView({block: "end"});
+  return view;
+}
+
+function renderUser(view, text, attachments) {
+  const body = view.querySelector(".body");
+  if (text) body.append(el("div", {class: "text", text}));
+  for (const a of attachments) {
+    body.append(a.kind === "image" ? el("img", {class: "thumb", src: a.url, alt: a.name})
+                                   : el("div", {class: "audio", text: `♪ ${a.name}`}));
+  }
+}
+
+function showError(view, message) {
+  view.dataset.status = "error";
+  view.querySelector(".body").append(el("div", {class: "error", text: message}));
+}
+
+// Split an answer into text and fenced code blocks (```lang ... ```); the last block may still be open.
+function segments(text) {
+  const out = [];
+  let lines = [];
+  let code = null;
+  for (const line of text.split("\n")) {
+    const open = line.match(/^\s*```\s*([\w+#.-]*)/);
+    if (code === null && open) {
+      if (lines.length) out.push({type: "text", text: lines.join("\n")});
+      lines = [];
+      code = {type: "code", lang: open[1].toLowerCase(), lines: [], closed: false};
+    } else if (code !== null && /^\s*```\s*$/.test(line)) {
+      code.closed = true;
+      out.push(code);
+      code = null;
+    } else if (code !== null) {
+      code.lines.push(line);
+    } else {
+      lines.push(line);
+    }
+  }
+  if (code !== null) out.push(code);
+  else if (lines.length) out.push({type: "text", text: lines.join("\n")});
+  for (const s of out) if (s.type === "code") s.text = s.lines.join("\n");
+  return out.filter((s) => s.type === "code" || s.text.trim());
+}
+
+function codeBlock(seg, final) {
+  const copy = el("button", {type: "button", class: "copy", text: "Copy"});
+  copy.addEventListener("click", async () => {
+    try { await navigator.clipboard.writeText(seg.text); copy.textContent = "Copied"; }
+    catch (_) { copy.textContent = "Copy failed"; }
+  });
+  const head = el("div", {class: "code-head"}, el("span", {text: seg.lang || "code"}), copy);
+  if (final && seg.closed && ARTIFACT_LANGS.has(seg.lang)) {
+    const index = addArtifact(seg.lang, seg.text);
+    const show = el("button", {type: "button", class: "show-artifact", text: "Show in Artifacts"});
+    show.addEventListener("click", () => showArtifact(index));
+    head.append(show);
+  }
+  return el("div", {class: "code"}, head, el("pre", {}, el("code", {text: seg.text})));
+}
+
+function renderAnswer(view, text, final) {
+  // Re-rendered on every piece; artifacts are made once, when the answer is complete.
+  const body = view.querySelector(".body");
+  const nodes = [];
+  for (const seg of segments(text)) {
+    if (seg.type === "code") {
+      nodes.push(codeBlock(seg, final));
+      continue;
+    }
+    nodes.push(el("div", {class: "text", text: seg.text}));
+    if (final) for (const svg of seg.text.match(/<svg\b[\s\S]*?<\/svg>/gi) || []) addArtifact("svg", svg);
+  }
+  body.replaceChildren(...nodes);
+}
+
+// ------------------------------------------------------------------------------------------------ chat
+async function streamChat(model, messages, view) {
+  // POST /v1/chat/completions with stream: true, read as server-sent events; Stop aborts the fetch, which closes
+  // the connection, and the server cancels the generation.
+  const controller = new AbortController();
+  state.controller = controller;
+  setBusy(true);
+  view.dataset.status = "streaming";
+  let text = "";
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers(), signal: controller.signal,
+      body: JSON.stringify({model, messages, stream: true})});
+    if (!response.ok) {
+      const message = await errorMessage(response);
+      if (response.status === 401) askForKey(message, null);
+      showError(view, message);
+      return {status: "error", text};
+    }
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, {stream: true}).replace(/\r/g, "");
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        for (const line of event.split("\n")) {
+          if (!line.startsWith("data:")) continue;
+          const data = line.slice(5).trim();
+          if (data === "[DONE]") continue;
+          const chunk = JSON.parse(data);
+          if (chunk.error) {  // an error after the stream began comes inside it, as OpenAI does
+            renderAnswer(view, text, true);
+            showError(view, chunk.error.message || "The server failed while answering.");
+            return {status: "error", text};
+          }
+          const piece = chunk.choices && chunk.choices[0] && chunk.choices[0].delta.content;
+          if (piece) {
+            text += piece;
+            renderAnswer(view, text, false);
+          }
+        }
+      }
+    }
+    renderAnswer(view, text, true);
+    view.dataset.status = "done";
+    return {status: "done", text};
+  } catch (e) {
+    if (e.name === "AbortError") {
+      renderAnswer(view, text, true);
+      view.querySelector(".body").append(el("div", {class: "muted", text: "(stopped)"}));
+      view.dataset.status = "stopped";
+      return {status: "stopped", text};
+    }
+    showError(view, `The connection failed: ${e.message}`);
+    return {status: "error", text};
+  } finally {
+    state.controller = null;
+    setBusy(false);
+  }
+}
+
+function setBusy(busy) {
+  $("send").disabled = busy;
+  $("stop").disabled = !busy;
+  document.body.dataset.busy = busy ? "1" : "";
+}
+
+async function send(event) {
+  event.preventDefault();
+  if (state.controller) return;
+  const text = $("prompt").value.trim();
+  if (!text && !state.attachments.length) return;
+  const model = $("model").value;
+  if (!model) return setStatus("No chat model to send to.");
+  const user = {role: "user", content: userContent(text)};
+  renderUser(addMessage("user"), text, state.attachments);
+  $("prompt").value = "";
+  state.attachments = [];
+  renderAttachments();
+  const view = addMessage("assistant");
+  const answer = await streamChat(model, [...state.history, user], view);
+  if (answer.status !== "error") {  // a refused turn stays out of the history, so the next one can go through
+    state.history.push(user, {role: "assistant", content: answer.text});
+  }
+  view.scrollIntoView({block: "end"});
+}
+
+function newChat() {
+  if (state.controller) state.controller.abort();
+  state.history = [];
+  $("messages").replaceChildren();
+}
+
+// ------------------------------------------------------------------------------------------------ artifacts
+function artifactDocument(source) {
+  // The artifact's own CSP comes first, before any of its markup; its scripts get the page's nonce (see NONCE).
+  const scripts = NONCE ? source.replace(/<script\b/gi, `<script nonce="${NONCE}"`) : source;
+  return "<!doctype html><meta charset=\"utf-8\">" +
+    `<meta http-equiv="Content-Security-Policy" content="${ARTIFACT_CSP}">` +
+    "<style>html,body{margin:0;background:#fff;color:#111;font-family:system-ui,sans-serif}" +
+    "body{padding:8px}svg{max-width:100%;height:auto}</style>" + scripts;
+}
+
+function addArtifact(kind, source) {
+  state.artifacts.push({label: `${state.artifacts.length + 1}. ${kind}`, source});
+  const index = state.artifacts.length - 1;
+  const tab = el("button", {type: "button", class: "tab", text: state.artifacts[index].label});
+  tab.addEventListener("click", () => showArtifact(index));
+  $("artifact-tabs").append(tab);
+  showArtifact(index);
+  return index;
+}
+
+function showArtifact(index) {
+  const frame = $("artifact-frame");
+  frame.srcdoc = artifactDocument(state.artifacts[index].source);
+  frame.hidden = false;
+  $("artifact-empty").hidden = true;
+  [...$("artifact-tabs").children].forEach((tab, i) => tab.classList.toggle("active", i === index));
+}
+
+// ------------------------------------------------------------------------------------------------ images
+async function generateImage(event) {
+  event.preventDefault();
+  const prompt = $("image-prompt").value.trim();
+  const out = $("imagegen-out");
+  if (!prompt) return;
+  out.replaceChildren(el("p", {class: "muted", text: "Generating…"}));
+  let response;
+  try {
+    response = await fetch("/v1/images/generations", {
+      method: "POST", headers: headers(), body: JSON.stringify({prompt, n: 1, response_format: "b64_json"})});
+  } catch (e) {
+    return out.replaceChildren(el("p", {class: "error", text: `The connection failed: ${e.message}`}));
+  }
+  if (!response.ok) {
+    const message = await errorMessage(response);
+    if (response.status === 401) askForKey(message, null);
+    return out.replaceChildren(el("p", {class: "error", text: message}));
+  }
+  const images = ((await response.json()).data || []).filter((d) => typeof d.b64_json === "string");
+  out.replaceChildren(...images.map((d) => el("img", {class: "generated", alt: prompt,
+                                                      src: `data:image/png;base64,${d.b64_json}`})));
+}
+
+// ------------------------------------------------------------------------------------------------ wiring
+$("composer").addEventListener("submit", send);
+$("prompt").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+$("stop").addEventListener("click", () => state.controller && state.controller.abort());
+$("model").addEventListener("change", updateModel);
+$("new-chat").addEventListener("click", newChat);
+$("attach-image").addEventListener("click", () => $("image-input").click());
+$("attach-audio").addEventListener("click", () => $("audio-input").click());
+for (const id of ["image-input", "audio-input"]) {
+  $(id).addEventListener("change", async (e) => { await addFiles([...e.target.files]); e.target.value = ""; });
+}
+document.addEventListener("paste", (e) => {  // images from the clipboard
+  const files = [...((e.clipboardData && e.clipboardData.files) || [])].filter((f) => f.type.startsWith("image/"));
+  if (files.length) {
+    e.preventDefault();
+    addFiles(files);
+  }
+});
+$("chat").addEventListener("dragover", (e) => { e.preventDefault(); $("chat").classList.add("dropping"); });
+$("chat").addEventListener("dragleave", () => $("chat").classList.remove("dropping"));
+$("chat").addEventListener("drop", (e) => {
+  e.preventDefault();
+  $("chat").classList.remove("dropping");
+  addFiles([...e.dataTransfer.files]);
+});
+$("key-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  state.apiKey = $("api-key").value.trim();
+  sessionStorage.setItem("polymodal.apiKey", state.apiKey);  // this tab only, gone when it closes
+  $("key-form").hidden = true;
+  const retry = state.retry;
+  state.retry = null;
+  if (retry) retry();
+});
+$("imagegen-form").addEventListener("submit", generateImage);
+
+loadModels();

@@ -1,0 +1,387 @@
+"""The web UI of `polymodal serve` (src/polymodal/serve/ui) in a real browser: Playwright drives Debian's Chromium
+against a real uvicorn server that serves scripted fake chat models through the provider path of ServedModel.
+
+Checked: the page's security headers; an uploaded image reaches the model with the same pixels and the answer
+streams in; a pasted and a dropped image are attached; a WAV file reaches the model as audio; an ```svg answer
+renders in the sandboxed Artifacts iframe, whose scripts cannot reach the page or the network; model output is
+inserted as text, never HTML; the server's 400s are shown; Stop closes the stream; a server with an API key gets it
+from the page. Screenshots go to tmp_path (and docs/img/webui.png with
+POLYMODAL_UPDATE_SCREENSHOTS=1)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import socket
+import threading
+import time
+import wave
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from polymodal.serve import ServedModels, create_app
+from polymodal.serve.registry import serve_model
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"the web UI tests drive Debian's Chromium, and {CHROMIUM} is absent", allow_module_level=True)
+
+KEY = "webui-key-42"
+DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "img" / "webui.png"
+
+
+class ScriptedChat:
+    """A stand-in for a chat model with the ChatProvider interface (polymodal/providers): `stream` yields the
+    scripted `answer` a few characters at a time with small sleeps, records the canonical messages it got, and
+    notes when its stream is closed before the end (the server closes it when the client leaves)."""
+
+    def __init__(self, name: str, modalities: set[str], delay: float = 0.02):
+        self.name = name
+        self.modalities = modalities
+        self.delay = delay
+        self.answer = "Hello!"
+        self.calls: list[list[dict]] = []
+        self.closed_early = threading.Event()
+
+    def stream(self, messages, **options):
+        self.calls.append(messages)
+        text = self.answer
+        try:
+            for i in range(0, len(text), 6):
+                time.sleep(self.delay)
+                yield text[i:i + 6]
+        except GeneratorExit:
+            self.closed_early.set()
+            raise
+
+    def chat(self, messages, **options):
+        return "".join(self.stream(messages, **options))
+
+
+class PathLog:
+    """ASGI wrapper that records every HTTP path the server is asked for."""
+
+    def __init__(self, app):
+        self.app = app
+        self.paths: list[str] = []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            self.paths.append(scope["path"])
+        await self.app(scope, receive, send)
+
+
+@contextmanager
+def running(app):
+    """A real uvicorn server in a background thread on a free loopback port (as tests/test_serve.py does)."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert srv.started
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def fakes():
+    return {"vision": ScriptedChat("fake:vision", {"text", "image"}),
+            "text": ScriptedChat("fake:text", {"text"}, delay=0.05),
+            "listener": ScriptedChat("fake:listener", {"text", "audio"})}
+
+
+def _served(fakes) -> ServedModels:
+    return ServedModels([serve_model(name, fake) for name, fake in fakes.items()])
+
+
+@pytest.fixture(scope="module")
+def server(fakes):
+    app = PathLog(create_app(_served(fakes)))
+    with running(app) as url:
+        yield url, app.paths
+
+
+@pytest.fixture(scope="module")
+def keyed_server(fakes):
+    with running(create_app(_served(fakes), api_key=KEY)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1200, "height": 720})
+    pg = context.new_page()
+    pg.set_default_timeout(10_000)
+    yield pg
+    context.close()
+
+
+def _png(seed: int = 0, size=(24, 16)) -> tuple[bytes, np.ndarray]:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue(), pixels
+
+
+def _open(page, url: str) -> None:
+    page.goto(url + "/")
+    page.locator("#model option").nth(1).wait_for(state="attached")  # (no wait_for_function: the CSP forbids eval)
+
+
+def _ask(page, text: str, status: str = "done"):
+    """Send `text` and wait until the new answer reaches `status`; returns the answer's element."""
+    count = page.locator(".message.assistant").count()
+    page.fill("#prompt", text)
+    page.click("#send")
+    answer = page.locator(".message.assistant").nth(count)
+    answer.and_(page.locator(f"[data-status={status}]")).wait_for()
+    return answer
+
+
+def _screenshot(page, tmp_path: Path, name: str, docs: bool = False) -> Path:
+    path = tmp_path / name
+    page.screenshot(path=str(path))
+    assert path.stat().st_size > 1000
+    if docs and os.environ.get("POLYMODAL_UPDATE_SCREENSHOTS") == "1":
+        shutil.copyfile(path, DOCS_SCREENSHOT)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ tests
+def test_page_headers(server, page):
+    url, _ = server
+    response = page.goto(url + "/")
+    h = response.headers
+    csp = h["content-security-policy"]
+    assert "default-src 'self'" in csp and "frame-src 'none'" in csp and "'unsafe-inline'" not in csp.split(
+        "script-src")[1].split(";")[0]
+    assert h["x-content-type-options"] == "nosniff" and h["referrer-policy"] == "no-referrer"
+    nonce = csp.split("'nonce-")[1].split("'")[0]
+    assert page.evaluate("document.querySelector('script').nonce") == nonce  # the page's one script, external
+    assert page.evaluate("[...document.scripts].every(s => s.src)")
+    js = page.request.get(url + "/ui/app.js")
+    assert js.status == 200 and js.headers["x-content-type-options"] == "nosniff"
+    assert js.headers["content-type"].startswith("text/javascript")
+    assert page.request.get(url + "/ui/../app.py").status == 404
+    assert page.request.get(url + "/ui/index.html").status == 404  # only / serves the page (it needs the nonce)
+
+
+def test_upload_image_streams_answer(server, fakes, page, tmp_path):
+    url, _ = server
+    _open(page, url)
+    assert page.input_value("#model") == "vision"
+    assert page.is_enabled("#attach-image") and page.is_disabled("#attach-audio")  # from the card's modalities
+    page.evaluate("""() => {
+        window.snapshots = [];
+        new MutationObserver(() => {
+            const body = document.querySelector('.message.assistant:last-child .body');
+            if (body) window.snapshots.push(body.textContent);
+        }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
+    }""")
+    fakes["vision"].answer = "I see a small picture made of random coloured pixels, like television noise."
+    png, pixels = _png(1)
+    page.set_input_files("#image-input", files=[{"name": "noise.png", "mimeType": "image/png", "buffer": png}])
+    page.locator("#attachments .chip img").wait_for()
+    answer = _ask(page, "What is in this image?")
+
+    assert answer.locator(".body").inner_text().strip() == fakes["vision"].answer
+    updates = [s for s in dict.fromkeys(page.evaluate("window.snapshots")) if s]
+    assert len(updates) > 1, updates  # the answer arrived piece by piece
+    content = fakes["vision"].calls[-1][-1]["content"]
+    assert [p["type"] for p in content] == ["text", "image"]
+    assert content[0]["text"] == "What is in this image?"
+    np.testing.assert_array_equal(np.asarray(content[1]["image"].convert("RGB")), pixels)
+    assert page.locator(".message.user img.thumb").count() == 1
+    assert page.locator("#attachments .chip").count() == 0  # sent attachments are cleared
+    _screenshot(page, tmp_path, "upload.png")
+
+    # multi-turn: the second request carries the first exchange
+    fakes["vision"].answer = "Yes."
+    _ask(page, "Are you sure?")
+    sent = fakes["vision"].calls[-1]
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+    assert sent[1]["content"].startswith("I see a small picture")
+
+
+def test_paste_image_attaches(server, page):
+    url, _ = server
+    _open(page, url)
+    png, _ = _png(2)
+    page.evaluate("""(bytes) => {
+        const data = new DataTransfer();
+        data.items.add(new File([new Uint8Array(bytes)], 'clip.png', {type: 'image/png'}));
+        document.getElementById('prompt').dispatchEvent(
+            new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true}));
+    }""", list(png))
+    chip = page.locator("#attachments .chip img")
+    chip.wait_for()
+    src = chip.get_attribute("src")
+    assert src.startswith("data:image/png;base64,")
+    assert base64.b64decode(src.split(",", 1)[1]) == png
+
+    # drag-and-drop onto the chat attaches too
+    page.evaluate("""(bytes) => {
+        const data = new DataTransfer();
+        data.items.add(new File([new Uint8Array(bytes)], 'dropped.png', {type: 'image/png'}));
+        document.getElementById('chat').dispatchEvent(
+            new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));
+    }""", list(png))
+    sync_api.expect(page.locator("#attachments .chip img")).to_have_count(2)
+
+
+def test_audio_attachment(server, fakes, page):
+    url, _ = server
+    _open(page, url)
+    page.select_option("#model", "listener")
+    assert page.is_enabled("#attach-audio") and page.is_disabled("#attach-image")
+    rate = 16000
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(rate // 4) / rate) * 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(tone.tobytes())
+    wav = {"name": "tone.wav", "mimeType": "audio/wav", "buffer": buf.getvalue()}
+    page.set_input_files("#audio-input", files=[wav])
+    page.locator("#attachments .chip.audio").wait_for()
+    fakes["listener"].answer = "A beep."
+    answer = _ask(page, "What do you hear?")
+    assert answer.locator(".body").inner_text().strip() == "A beep."
+    audio = fakes["listener"].calls[-1][-1]["content"][1]  # the media layer decoded the input_audio part
+    assert audio["type"] == "audio" and audio["sampling_rate"] == rate
+    np.testing.assert_allclose(audio["audio"], tone / 32768, atol=1e-3)  # 16-bit PCM, at most a resampling nudge
+
+
+def test_svg_artifact_is_sandboxed(server, fakes, page, tmp_path):
+    url, paths = server
+    _open(page, url)
+    # The artifact's script probes the parent page, its storage and the network, and writes what happened into
+    # its own document (no '<' or '&' in it: it sits in SVG, parsed as foreign content).
+    probe = ("var r = [];"
+             "try { r.push('parent:' + parent.document.title); } catch (e) { r.push('parent:' + e.name); }"
+             "try { localStorage.setItem('k', '1'); r.push('storage:ok'); } catch (e) { r.push('storage:' + e.name); }"
+             "document.documentElement.setAttribute('data-probe', r.join(' '));"
+             f"fetch('{url}/leak').then(function () {{ document.documentElement.setAttribute('data-fetch', 'sent'); }},"
+             " function (e) { document.documentElement.setAttribute('data-fetch', 'blocked:' + e.name); });")
+    svg = ('<svg xmlns="http://www.w3.org/2000/svg" width="240" height="160" viewBox="0 0 240 160">'
+           '<rect x="10" y="10" width="220" height="140" rx="16" fill="#2f6feb"/>'
+           '<circle cx="120" cy="80" r="44" fill="#ffd33d"/>'
+           f'<script>{probe}</script></svg>')
+    fakes["vision"].answer = f"Here is a sun on a blue card:\n```svg\n{svg}\n```\nThe script inside stays in its box."
+    png, _ = _png(3)
+    page.set_input_files("#image-input", files=[{"name": "sketch.png", "mimeType": "image/png", "buffer": png}])
+    answer = _ask(page, "Draw this as an SVG, please.")
+
+    frame_el = page.locator("#artifact-frame")
+    assert frame_el.is_visible()
+    sandbox = frame_el.get_attribute("sandbox")
+    assert sandbox == "allow-scripts" and "allow-same-origin" not in sandbox
+    srcdoc = frame_el.get_attribute("srcdoc")
+    assert "default-src 'none'" in srcdoc and "<circle" in srcdoc
+    frame = page.frame_locator("#artifact-frame")
+    frame.locator("svg circle").wait_for()
+    frame.locator("html[data-fetch]").wait_for()
+    root = frame.locator("html")
+    assert root.get_attribute("data-probe") == "parent:SecurityError storage:SecurityError"  # the script ran
+    assert root.get_attribute("data-fetch").startswith("blocked:")
+    assert "/leak" not in paths
+    assert page.title() == "polymodal"
+    # the chat shows the block as code (text), with a button back to the artifact
+    assert "<circle" in answer.locator(".code pre").inner_text()
+    assert answer.locator(".show-artifact").count() == 1
+    _screenshot(page, tmp_path, "artifact.png", docs=True)
+
+    # an artifact cannot navigate its frame to send data out either (the page's frame-src 'none')
+    fakes["vision"].answer = f"```html\n<p>bye</p><script>location.href = '{url}/nav?secret=1';</script>\n```"
+    _ask(page, "Leave.")
+    page.wait_for_timeout(500)
+    assert "/nav" not in paths
+    assert page.locator("#artifact-tabs .tab").count() == 2
+
+
+def test_model_html_is_text(server, fakes, page):
+    url, _ = server
+    _open(page, url)
+    page.on("dialog", lambda d: d.dismiss())
+    fakes["vision"].answer = ("Careful: <img src=x onerror=\"document.title='pwned'; window.pwned=1\"> and "
+                              "<b>bold</b> <script>window.pwned=2</script>")
+    answer = _ask(page, "Say something risky.")
+    assert answer.locator(".body").inner_text().strip() == fakes["vision"].answer
+    assert page.locator("#messages img, #messages b, #messages script").count() == 0
+    page.wait_for_timeout(200)
+    assert page.evaluate("window.pwned") is None and page.title() == "polymodal"
+    assert page.locator("#artifact-tabs .tab").count() == 0  # no svg, no artifact
+
+
+def test_errors_and_stop(server, fakes, page):
+    url, _ = server
+    _open(page, url)
+    png, _ = _png(4)
+    page.set_input_files("#image-input", files=[{"name": "a.png", "mimeType": "image/png", "buffer": png}])
+    page.select_option("#model", "text")
+    assert page.is_disabled("#attach-image")
+    answer = _ask(page, "Describe this.", status="error")  # the image is still attached: the server refuses it
+    assert "does not accept image" in answer.locator(".error").inner_text()
+
+    page.click("#imagegen summary")
+    page.fill("#image-prompt", "a red bicycle")
+    page.click("#imagegen-form button")
+    error = page.locator("#imagegen-out .error")
+    error.wait_for()
+    assert "generates images" in error.inner_text()
+
+    fakes["text"].answer = "Once upon a time " * 40  # 114 pieces, 50 ms apart
+    fakes["text"].closed_early.clear()
+    page.fill("#prompt", "Tell me a long story.")
+    page.click("#send")
+    answer = page.locator(".message.assistant").last
+    sync_api.expect(answer.locator(".body")).to_contain_text("Once upon a time Once upon a time")
+    page.click("#stop")
+    answer.and_(page.locator("[data-status=stopped]")).wait_for()
+    assert fakes["text"].closed_early.wait(5)  # the server closed the model's stream
+    assert len(answer.locator(".body").inner_text()) < len(fakes["text"].answer)
+    assert page.is_enabled("#send")
+
+
+def test_api_key(keyed_server, fakes, page):
+    page.goto(keyed_server + "/")
+    form = page.locator("#key-form")
+    form.wait_for()
+    assert "API key" in page.inner_text("#key-message")
+    page.fill("#api-key", KEY)
+    page.click("#key-form button")
+    page.locator("#model option").nth(1).wait_for(state="attached")
+    assert form.is_hidden()
+    fakes["vision"].answer = "Authorized."
+    answer = _ask(page, "Hello?")
+    assert answer.locator(".body").inner_text().strip() == "Authorized."
+    assert page.evaluate("sessionStorage.getItem('polymodal.apiKey')") == KEY
