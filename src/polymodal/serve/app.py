@@ -293,12 +293,18 @@ async def _provider_events(m: ServedModel, messages: list[dict], max_tokens: int
     def work():
         try:
             stream = m.provider.stream(messages, max_new_tokens=max_tokens, **sampling)
-            for piece in stream:
+            result = None
+            while True:
+                try:
+                    piece = next(stream)
+                except StopIteration as end:  # polymodal's providers return their ChatResult at the end
+                    result = end.value
+                    break
                 if left.is_set():  # the client left: stop the provider's stream
                     getattr(stream, "close", lambda: None)()
                     break
                 loop.call_soon_threadsafe(pieces.put_nowait, piece)
-            loop.call_soon_threadsafe(pieces.put_nowait, done)
+            loop.call_soon_threadsafe(pieces.put_nowait, (done, result))
         except BaseException as e:  # handed to the event loop, which answers it
             loop.call_soon_threadsafe(pieces.put_nowait, e)
         finally:
@@ -312,13 +318,17 @@ async def _provider_events(m: ServedModel, messages: list[dict], max_tokens: int
     async def events():
         item = first
         try:
-            while item is not done:
+            while not (isinstance(item, tuple) and item[0] is done):
                 if isinstance(item, BaseException):
                     raise _provider_error(m, item)
                 if item:
                     yield ("delta", item)
                 item = await pieces.get()
-            yield ("finish", "stop", None)  # providers' streams carry no token counts
+            result = item[1]  # the provider's ChatResult (None from a plain generator): finish reason, usage
+            reason = getattr(result, "finish_reason", None) or "stop"
+            prompt, completion = getattr(result, "prompt_tokens", None), getattr(result, "completion_tokens", None)
+            yield ("finish", reason if reason in ("stop", "length", "content_filter") else "stop",
+                   _usage(prompt, completion))
         finally:
             left.set()
 
