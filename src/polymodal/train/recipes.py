@@ -284,11 +284,13 @@ class ViTFashionConfig(TrainConfig):
     patch_size: int = 4
     augment: bool = True  # random 2-pixel shifts and horizontal flips
     ablation: bool = False  # train every variant (each for max_steps) and print the table
+    variants: tuple[str, ...] = VIT_VARIANTS  # the ablation's variants (a subset lets runs share the work)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.variant not in VIT_VARIANTS:
-            raise ConfigError(f"variant must be one of {', '.join(VIT_VARIANTS)}; got {self.variant!r}")
+        for v in (self.variant, *self.variants):
+            if v not in VIT_VARIANTS:
+                raise ConfigError(f"variant must be one of {', '.join(VIT_VARIANTS)}; got {v!r}")
 
 
 def fashion_vit_config(c: ViTFashionConfig):
@@ -437,14 +439,15 @@ def run(name: str, out: str | Path, overrides: list[str] = (), resume: bool = Fa
 
 def run_ablation(name: str, out: str | Path, overrides: list[str] = (), resume: bool = False) -> dict:
     """Train every variant of an ablation recipe into `out/VARIANT/` (same seed, data and schedule), then write
-    the table (`out/ablation.md`, `out/ablation.json`). A variant already finished is not trained
-    again with --resume."""
+    the table (`out/ablation.md`, `out/ablation.json`). A variant already finished is not trained again with
+    --resume, so several processes can each train some `variants` into one directory, and a last `--resume` run
+    over all of them writes the whole table."""
     import time
 
     out = Path(out)
-    base = [o for o in overrides if not o.replace(" ", "").startswith(("ablation=", "variant="))]
+    base = [o for o in overrides if not o.replace(" ", "").startswith(("ablation=", "variant=", "variants="))]
     results = {}
-    for variant in VIT_VARIANTS:
+    for variant in recipe_config(name, overrides).variants:
         where = out / variant
         done = where / "variant.json"  # written once the variant's run and evaluation are complete
         if resume and done.is_file():
