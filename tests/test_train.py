@@ -106,6 +106,22 @@ def test_loss_goes_down_and_metrics_are_logged(tmp_path):
     assert [p.name for p in CheckpointDir(tmp_path / "checkpoints").complete()] == ["step-00000030"]
 
 
+def test_tensorboard_gets_the_logged_metrics(tmp_path):
+    """With TensorBoard installed (the test extras install it), OUT/tensorboard/ holds every logged scalar."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    task, config = _toy(max_steps=6, log_every=2, save_every=6)
+    fit(task, config, tmp_path)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert [s for s, _ in logged] == [s for s, _ in _losses(tmp_path)] == [2, 4, 6]
+    for (_, a), (_, b) in zip(logged, _losses(tmp_path)):
+        assert a == pytest.approx(b, rel=1e-6)  # TensorBoard stores float32
+    assert {"lr", "grad_norm"} <= set(events.Tags()["scalars"])
+
+
 def test_progress_bar_shows_loss_rate_and_eta(tmp_path, monkeypatch):
     import io
 
