@@ -11,7 +11,8 @@ def test_demo_runs_and_reports(tmp_path, monkeypatch):
     assert summary["parity"]["max_abs_diff"] < 1e-4  # fp32: the same weights through two implementations
     assert summary["training"]["steps"] == 8 and not summary["training"]["cached"]
     assert summary["training"]["command"] == ("polymodal train clip-shapes --out DIR --set max_steps=8 "
-                                              "--set save_every=8 --set log_every=1 --set warmup_steps=1")
+                                              "--set save_every=8 --set log_every=1 --set warmup_steps=1 "
+                                              "--set train_images=2000 --set eval_images=120")
     zs = summary["zero_shot"]
     assert zs["labels"] == 30 and 0 <= zs["seen_accuracy"] <= 1 and 0 <= zs["heldout_accuracy"] <= 1
     assert set(summary["retrieval"]["image_to_text"]) == {"R@1", "R@5"}

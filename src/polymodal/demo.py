@@ -152,9 +152,9 @@ def _train_tiny_clip(out: Path, steps: int, max_seconds: float, say) -> tuple[Pa
     from polymodal import __version__
     from polymodal.train.recipes import run
 
-    overrides = [] if steps == TRAIN_STEPS else [
+    overrides = [] if steps == TRAIN_STEPS else [  # a short run (the tests): a smaller set and evaluation
         f"max_steps={steps}", f"save_every={steps}", f"log_every={max(1, steps // 20)}",
-        f"warmup_steps={max(1, steps // 10)}"]
+        f"warmup_steps={max(1, steps // 10)}", "train_images=2000", "eval_images=120"]
     command = "polymodal train clip-shapes --out DIR" + "".join(f" --set {o}" for o in overrides)
     run_dir = cache_dir() / "demo" / f"clip-shapes-{steps}-v{__version__}"
     cached = (run_dir / "model" / "model.safetensors").is_file() and (run_dir / "results.json").is_file()

@@ -101,8 +101,8 @@ class ClipShapesConfig(TrainConfig):
     log_every: int = 50
     save_every: int = 250
     image_size: int = 32
-    train_images: int = 6000
-    eval_images: int = 120  # per split, for zero-shot; retrieval uses half as many
+    train_images: int = 20000  # a fixed set generated once (6000 gave 64% on never-seen combinations, 20000 76%)
+    eval_images: int = 600  # per split, for zero-shot; retrieval uses half as many
 
 
 def shapes_clip_config(image_size: int):
