@@ -10,15 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from serve_helpers import save_tiny_chat_llama
 
 transformers = pytest.importorskip("transformers")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "load_serve.py"
-CHATML = ("{% for message in messages %}"
-          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -35,24 +31,7 @@ def load_serve():
 def llama_dir(tmp_path_factory):
     """A tiny random Llama with a byte-level BPE tokenizer and a ChatML template, saved by transformers."""
     corpus = ["Tell me a short story about a lighthouse keeper.", "Why is the sky blue? Describe the water cycle."]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus * 20, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    d = tmp_path_factory.mktemp("tiny-chat")
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                                pad_token="<|endoftext|>")
-    fast.chat_template = CHATML
-    fast.save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=256, eos_token_id=tok.token_to_id("<|im_end|>"),
-                                   pad_token_id=0, bos_token_id=None)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    return d
+    return save_tiny_chat_llama(tmp_path_factory.mktemp("tiny-chat"), corpus * 20)
 
 
 def test_load_report(load_serve, llama_dir, capsys):

@@ -8,20 +8,17 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
-import threading
 import time
 
 import httpx
 import numpy as np
 import openai
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from serve_helpers import running, save_tiny_chat_llama
 
 import polymodal as pm
 from polymodal.pipelines.text import TextGenerationPipeline
@@ -32,9 +29,6 @@ from polymodal.serve.registry import load_model, parse_spec, serve_model
 transformers = pytest.importorskip("transformers")
 
 KEY = "test-key-123"
-CHATML = ("{% for message in messages %}"
-          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there, how are you?"}]
 ALLOWED = {400, 404, 413, 415, 422, 429}
 
@@ -44,26 +38,7 @@ ALLOWED = {400, 404, 413, 415, 422, 429}
 def llama_dir(tmp_path_factory):
     """A tiny random Llama with a byte-level BPE tokenizer and a ChatML template, both saved by transformers."""
     corpus = ["Hello there, how are you? I am fine, thank you.", "Be brief. The quick brown fox jumps."] * 20
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    from tokenizers import decoders
-
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    d = tmp_path_factory.mktemp("tiny-chat")
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                                pad_token="<|endoftext|>")
-    fast.chat_template = CHATML
-    fast.save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=256, eos_token_id=tok.token_to_id("<|im_end|>"),
-                                   pad_token_id=0, bos_token_id=None)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    return d
+    return save_tiny_chat_llama(tmp_path_factory.mktemp("tiny-chat"), corpus)
 
 
 class EchoProvider:
@@ -106,22 +81,8 @@ def client(app):
 @pytest.fixture(scope="module")
 def server(app):
     """A real uvicorn server in a background thread, on a free port."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert srv.started
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with running(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
-import threading
-import time
 
 import pytest
 
@@ -19,6 +16,7 @@ pytest.importorskip("google.genai")
 
 from fake_providers import FakeAnthropic, FakeGemini, FakeOpenAI  # noqa: E402
 from PIL import Image  # noqa: E402
+from serve_helpers import running  # noqa: E402
 from test_providers import _media, _turns  # noqa: E402
 
 from polymodal.providers import load_provider  # noqa: E402
@@ -37,7 +35,6 @@ def fakes():
 
 @pytest.fixture(scope="module")
 def server(fakes):
-    import uvicorn
 
     served = []
     for name, (kind, model) in MODELS.items():
@@ -46,19 +43,8 @@ def server(fakes):
         served.append(serve_model(name, provider))
     models = ServedModels(served)
     models.start()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(create_app(models), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert srv.started
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with running(create_app(models)) as url:
+        yield url
     models.close()
 
 

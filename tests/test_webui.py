@@ -14,16 +14,15 @@ import base64
 import io
 import os
 import shutil
-import socket
 import threading
 import time
 import wave
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from serve_helpers import running
 
 from polymodal.serve import ServedModels, create_app
 from polymodal.serve.registry import serve_model
@@ -76,28 +75,6 @@ class PathLog:
         if scope["type"] == "http":
             self.paths.append(scope["path"])
         await self.app(scope, receive, send)
-
-
-@contextmanager
-def running(app):
-    """A real uvicorn server in a background thread on a free loopback port (as tests/test_serve.py does)."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert srv.started
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

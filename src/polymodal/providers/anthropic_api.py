@@ -23,9 +23,8 @@ from polymodal.providers.base import (
     jpeg_bytes,
     parts,
     png_bytes,
-    retry_after,
+    sdk_error,
     split_system,
-    status_message,
     video_note,
 )
 
@@ -116,11 +115,4 @@ class AnthropicProvider(ChatProvider):
     def _error(self, exc):
         import anthropic
 
-        if isinstance(exc, anthropic.APIStatusError):
-            return ProviderError(exc.status_code, status_message(self.label, exc.status_code, exc.body, exc.message),
-                                 retry_after=retry_after(exc.response.headers))
-        if isinstance(exc, anthropic.APITimeoutError):
-            return ProviderError(504, f"{self.label} API did not answer in time")
-        if isinstance(exc, anthropic.APIConnectionError):
-            return ProviderError(502, f"could not reach the {self.label} API at {self._client.base_url} ({exc})")
-        return None
+        return sdk_error(self.label, self._client.base_url, exc, anthropic)

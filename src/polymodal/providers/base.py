@@ -351,6 +351,19 @@ def transport_error(label: str, exc: Exception) -> ProviderError | None:
     return None
 
 
+def sdk_error(label: str, base_url, exc: Exception, sdk) -> ProviderError | None:
+    """The exceptions of the SDKs generated from one template (`openai`, `anthropic`: APIStatusError,
+    APITimeoutError, APIConnectionError) as ProviderError; None for anything else."""
+    if isinstance(exc, sdk.APIStatusError):
+        return ProviderError(exc.status_code, status_message(label, exc.status_code, exc.body, exc.message),
+                             retry_after=retry_after(exc.response.headers))
+    if isinstance(exc, sdk.APITimeoutError):
+        return ProviderError(504, f"{label} API did not answer in time")
+    if isinstance(exc, sdk.APIConnectionError):
+        return ProviderError(502, f"could not reach the {label} API at {base_url} ({exc})")
+    return None
+
+
 def retry_after(headers) -> float | None:
     try:
         value = headers.get("retry-after") if headers is not None else None

@@ -21,8 +21,7 @@ from polymodal.providers.base import (
     jpeg_bytes,
     parts,
     png_bytes,
-    retry_after,
-    status_message,
+    sdk_error,
     text_of,
     video_note,
     wav_bytes,
@@ -116,11 +115,4 @@ class OpenAIProvider(ChatProvider):
     def _error(self, exc):
         import openai
 
-        if isinstance(exc, openai.APIStatusError):
-            return ProviderError(exc.status_code, status_message(self.label, exc.status_code, exc.body, exc.message),
-                                 retry_after=retry_after(exc.response.headers))
-        if isinstance(exc, openai.APITimeoutError):
-            return ProviderError(504, f"{self.label} API did not answer in time")
-        if isinstance(exc, openai.APIConnectionError):
-            return ProviderError(502, f"could not reach the {self.label} API at {self._client.base_url} ({exc})")
-        return None
+        return sdk_error(self.label, self._client.base_url, exc, openai)
