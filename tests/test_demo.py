@@ -16,9 +16,11 @@ def test_demo_runs_and_reports(tmp_path, monkeypatch):
     zs = summary["zero_shot"]
     assert zs["labels"] == 30 and 0 <= zs["seen_accuracy"] <= 1 and 0 <= zs["heldout_accuracy"] <= 1
     assert set(summary["retrieval"]["image_to_text"]) == {"R@1", "R@5"}
+    assert all(len(hits) == 3 for hits in summary["retrieval"]["photos"].values())  # photos as retrieval queries
     assert set(zs["photos"]) == {"astronaut", "coffee", "chelsea", "rocket"}  # zero-shot on real photos too
     page = (tmp_path / "out" / "report.html").read_text()
-    assert page.count("data:image/png;base64,") >= 4 + 12 + 4  # the photos, the zero-shot pictures, the photos
+    # the parity photos, the zero-shot pictures and photos, the photos as retrieval queries
+    assert page.count("data:image/png;base64,") >= 4 + 12 + 4 + 4
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["report"].endswith("report.html")
     assert (tmp_path / "out" / "checkpoints" / "clip-shapes-demo" / "model.safetensors").exists()
     chat = summary["chat"]

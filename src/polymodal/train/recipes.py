@@ -223,17 +223,9 @@ def _lenet_pixels(images: torch.Tensor) -> torch.Tensor:
     return ImageProcessor.lenet()(list(images[:, None]))
 
 
-@torch.no_grad()
 def evaluate_lenet(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, j: float) -> dict:
     """Accuracy and MAP loss over held-out images, in batches."""
-    device = next(model.parameters()).device
-    correct, loss = 0, 0.0
-    for start in range(0, len(labels), 1000):
-        x, y = pixels[start: start + 1000].to(device), labels[start: start + 1000].to(device)
-        logits = model(x)  # (b, 10)
-        correct += int((logits.argmax(1) == y).sum())
-        loss += float(map_loss(logits, y, j)) * len(y)
-    return {"test_accuracy": correct / len(labels), "test_loss": loss / len(labels), "test_images": len(labels)}
+    return evaluate_classifier(model, pixels, labels, loss=lambda logits, y: map_loss(logits, y, j))
 
 
 def build_lenet_fashion(c: LeNetFashionConfig, world: World) -> Task:
@@ -341,14 +333,22 @@ def shift_and_flip(x: torch.Tensor, shift: int = 2) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor) -> dict:
+def evaluate_classifier(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, loss=None) -> dict:
+    """Test accuracy (and the mean `loss(logits, labels)` when given) of a model whose forward gives logits, over
+    held-out images in batches of 1000."""
     device = next(model.parameters()).device
     model.eval()
-    correct = 0
+    correct, total_loss = 0, 0.0
     for start in range(0, len(labels), 1000):
-        logits = model(pixels[start: start + 1000].to(device))  # (b, 10)
-        correct += int((logits.argmax(1).cpu() == labels[start: start + 1000]).sum())
-    return {"test_accuracy": correct / len(labels), "test_images": len(labels)}
+        x, y = pixels[start: start + 1000].to(device), labels[start: start + 1000].to(device)
+        logits = model(x)  # (b, classes)
+        correct += int((logits.argmax(1) == y).sum())
+        if loss is not None:
+            total_loss += float(loss(logits, y)) * len(y)
+    result = {"test_accuracy": correct / len(labels), "test_images": len(labels)}
+    if loss is not None:
+        result["test_loss"] = total_loss / len(labels)
+    return result
 
 
 def build_vit_fashion(c: ViTFashionConfig, world: World) -> Task:
