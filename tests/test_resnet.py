@@ -60,8 +60,9 @@ def test_tiny_preset_shapes():
 
 
 def test_features_interface_for_hybrid_stems():
-    for name, cfg in PRESETS.items():
-        assert cfg.feature_stride == 32, name
+    for name, cfg in PRESETS.items():  # the paper's networks; the vit-fashion-mnist stem stops after one stage
+        assert cfg.feature_stride == (4 if name == "resnet-stem-gray" else 32), name
+    assert ResNetFeatures(PRESETS["resnet-stem-gray"])(torch.zeros(1, 1, 28, 28)).shape == (1, 64, 7, 7)
     cfg = ResNetConfig(embedding_size=8, hidden_sizes=(8, 16), depths=(1, 1), layer_type="basic")
     assert cfg.feature_stride == 8
     assert ResNetConfig(downsample_in_first_stage=True).feature_stride == 64
