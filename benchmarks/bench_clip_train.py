@@ -117,6 +117,12 @@ def memory_child(args) -> None:
         gc.collect()
         pixels, ids = batch(args.sizes, args.batch, device)
         step = make_step(args.child, model, pixels, ids)
+        # The weights count as held before the first step. A pm.load-ed model's parameters can still be pages of
+        # the memory-mapped checkpoint that nothing has touched (not yet resident); the first step would write
+        # them anyway, so write them here (in place, values unchanged) on both sides before taking the baseline.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
