@@ -36,8 +36,8 @@ def test_demo_reuses_the_recipe_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setenv("POLYMODAL_CACHE", str(tmp_path / "cache"))
     lines = []
-    a, first = _train_tiny_clip(tmp_path / "a", 3, 60.0, lines.append)
-    b, second = _train_tiny_clip(tmp_path / "b", 3, 60.0, lines.append)
+    a, first = _train_tiny_clip(tmp_path / "a", 3, lines.append)
+    b, second = _train_tiny_clip(tmp_path / "b", 3, lines.append)
     assert not first["cached"] and second["cached"] and "first run: training it now" in lines[0]
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()  # the same weights
     assert not list((tmp_path / "cache" / "demo").glob("*.partial-*"))

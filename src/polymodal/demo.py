@@ -17,6 +17,7 @@ that loading, parity, training, zero-shot and retrieval work end to end, not tha
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -28,7 +29,6 @@ from pathlib import Path
 import torch
 
 TRAIN_STEPS = 1000  # the clip-shapes recipe's default: its checkpoint is what the demo shows
-MAX_TRAIN_SECONDS = 240.0
 IMAGE_SIZE = 32  # the recipe's image size
 
 
@@ -52,7 +52,7 @@ def run_demo(out_dir: str | Path, quiet: bool = False, train_steps: int = TRAIN_
         say(f"     skipped: {parity['skipped']}\n")
 
     say(f"2/4  A tiny CLIP trained from scratch on ShapesWorld by the clip-shapes recipe ({train_steps} steps)")
-    model_dir, train = _train_tiny_clip(out, train_steps, MAX_TRAIN_SECONDS, say)
+    model_dir, train = _train_tiny_clip(out, train_steps, say)
     summary["training"] = train
     say(f"     {train['steps']} steps in {train['seconds']:.0f} s, contrastive loss {train['first_loss']:.2f} -> "
         f"{train['last_loss']:.2f}; saved to {model_dir}\n")
@@ -83,15 +83,17 @@ def run_demo(out_dir: str | Path, quiet: bool = False, train_steps: int = TRAIN_
 # --------------------------------------------------------------------------------------- 1. parity
 
 
-def _photos() -> list[tuple[str, object]]:
+@functools.lru_cache(maxsize=1)
+def _photos() -> tuple[tuple[str, object], ...]:
+    """scikit-image's four sample photos, read once per process (parity, zero-shot and retrieval all show them)."""
     try:
         from skimage import data
     except ImportError:
-        return []
+        return ()
     from PIL import Image
 
     names = ["astronaut", "coffee", "chelsea", "rocket"]
-    return [(n, Image.fromarray(getattr(data, n)())) for n in names]
+    return tuple((n, Image.fromarray(getattr(data, n)())) for n in names)
 
 
 def _parity_on_photos(out: Path) -> tuple[dict, str]:
@@ -144,10 +146,9 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _train_tiny_clip(out: Path, steps: int, max_seconds: float, say) -> tuple[Path, dict]:
+def _train_tiny_clip(out: Path, steps: int, say) -> tuple[Path, dict]:
     """The clip-shapes recipe's checkpoint: trained on first use by `polymodal train clip-shapes` (the same
-    code), then reused from the cache. `max_seconds` is not a knob of the recipe: the default 1000 steps take
-    about 2 minutes on 2 cores."""
+    code), then reused from the cache; the default 1000 steps take about a minute on 2 cores."""
     import shutil
 
     from polymodal import __version__
