@@ -298,6 +298,26 @@ def test_sigkill_twice_then_resume_gives_the_same_loss_curve(tmp_path, reference
     assert "resumed from" in (tmp_path / "train.log").read_text()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_autocast_and_grad_scaler_resume_exactly(tmp_path, precision):
+    """On a GPU (the CLI trains there when one is present): bf16 autocast, and fp16 with its grad scaler, whose
+    state is checkpointed too. A run SIGKILLed at step 5 and resumed gives the uninterrupted run's losses."""
+    args = ("--set", "max_steps=10", "--set", "save_every=3", "--set", f"precision={precision}")
+    full = _cli(tmp_path / "full", *args)
+    assert full.returncode == 0, full.stderr[-3000:]
+    losses = _losses(tmp_path / "full")
+    assert losses[-1][1] < losses[0][1]
+    killed = _cli(tmp_path / "resumed", *args, env={"POLYMODAL_TRAIN_FAULT": "step:5"})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _cli(tmp_path / "resumed", *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _losses(tmp_path / "resumed") == losses
+    newest = sorted((tmp_path / "full" / "checkpoints").glob("step-*"))[-1]
+    scaler = torch.load(newest / "state.pt", weights_only=True)["scaler"]
+    assert bool(scaler) == (precision == "fp16")  # fp16's loss scale travels with the checkpoint
+
+
 # -------------------------------------------------------------------------------------- distributed
 
 

@@ -8,7 +8,8 @@ All recipes live in the one explicit `RECIPES` dict below; `polymodal train NAME
   as zero-shot accuracy on color-shape combinations never seen in training and image <-> text recall@1/5.
 * `lenet-fashion-mnist`: the paper's LeNet-5 (Table I connections, RBF output) on Fashion-MNIST with the paper's
   MAP loss, reported as accuracy on the 10,000 test images.
-* `vit-fashion-mnist`: a small ViT on Fashion-MNIST (4x4 patches of the 28x28 images), test accuracy; with
+* `vit-fashion-mnist`: a small ViT on Fashion-MNIST (by default the ViT paper's hybrid: a ResNet stem, then the
+  transformer on its 7x7 map; `variant=cls-1d` etc. take 4x4 patches of the 28x28 images), test accuracy; with
   `ablation=true` it trains the ViT paper's variants (CLS vs GAP, 1-D / 2-D / no positions, hybrid ResNet stem)
   one after the other and prints their accuracies as a table.
 """
@@ -268,7 +269,9 @@ class ViTFashionConfig(TrainConfig):
     data_root: str = ""  # the IDX files; empty: $POLYMODAL_FASHION_MNIST, else Debian's folder
     train_images: int = 0  # use the first N training images; 0: all 60,000
     test_images: int = 0  # evaluate on the first N test images; 0: all 10,000
-    variant: str = "cls-1d"  # one of VIT_VARIANTS: the ViT paper's appendix D.4 / D.5 / hybrid choices
+    # one of VIT_VARIANTS: the ViT paper's appendix D.4 / D.5 / hybrid choices. The hybrid is the default: it is
+    # the variant that reaches 90% in 10 epochs here (90.74%; the pure cls-1d ViT 88.45%, docs/training.md)
+    variant: str = "hybrid"
     hidden_size: int = 64
     layers: int = 6
     heads: int = 4
