@@ -4,6 +4,9 @@
     python benchmarks/bench_llm.py --sizes smollm2 --batches 1 --rounds 5
     python benchmarks/bench_llm.py --sizes 7b --device cuda --dtype bf16 --batches 1 --prompt 128 --new 128
 
+On a GPU ours decodes with `generate(..., static_cache=True)` (the fixed-shape step replayed as a CUDA graph) by
+default; `--modes eager,static,compile` compares the ways ours can decode, each against the same reference, in
+one run (compile: `compile_step=True`, the step compiled by torch.compile; its compilation is part of the warm-up).
 For each size a LLaMA-architecture model is built with random weights by transformers (`LlamaForCausalLM`,
 SmolLM2-135M-Instruct's shape, or a 7B shape on a GPU) and loaded into polymodal from its `save_pretrained`
 files, so both run identical weights; greedy outputs are compared token for token before anything is timed.
@@ -61,6 +64,9 @@ def timed(fn, sync) -> float:
     return time.perf_counter() - start
 
 
+MODES = {"eager": {}, "static": {"static_cache": True}, "compile": {"compile_step": True}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="tiny,smollm2", help=f"comma-separated, from {sorted(SIZES)}")
@@ -72,12 +78,19 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--packed", action="store_true",
                    help="run ours after pm.optimize_for_inference, as the text-generation pipeline does")
+    p.add_argument("--modes", default=None,
+                   help=f"how ours decodes, comma-separated from {sorted(MODES)} (static: generate(static_cache=True), "
+                        "a CUDA graph on a GPU; compile: compile_step=True); default: static on a GPU, else eager")
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="GPU memory bandwidth, bytes/s (H200: 4.8e12)")
     args = p.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    modes = (args.modes or ("static" if device.type == "cuda" else "eager")).split(",")
+    for mode in modes:
+        if mode not in MODES:
+            p.error(f"unknown mode {mode!r}; choose from {sorted(MODES)}")
     print(f"torch {torch.__version__}, device {device}, {args.dtype}, threads {torch.get_num_threads()}, "
-          f"{args.rounds} rounds, prompt {args.prompt}, new {args.new}")
+          f"{args.rounds} rounds, prompt {args.prompt}, new {args.new}, ours: {', '.join(modes)}")
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
             ref, ours = build(size, Path(tmp), dtype, device, args.packed)
@@ -85,42 +98,47 @@ def main() -> None:
             for batch in map(int, args.batches.split(",")):
                 g = torch.Generator().manual_seed(batch)
                 ids = torch.randint(3, SIZES[size]["vocab_size"], (batch, args.prompt), generator=g).to(device)
-                mask = torch.ones_like(ids)
-
-                def run_ref(n, ref=ref, ids=ids, mask=mask):
-                    return ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, min_new_tokens=n)
-
-                def run_ours(n, ours=ours, ids=ids, mask=mask):
-                    return ours.generate(ids, attention_mask=mask, max_new_tokens=n)
-
-                same = run_ref(args.new).tolist() == run_ours(args.new).tolist()
-                rows = {"prefill": [], "decode": []}
-                times = {"prefill": ([], []), "decode": ([], [])}
-                for r in range(args.rounds):
-                    sides = [("ref", run_ref), ("ours", run_ours)]
-                    if r % 2:
-                        sides.reverse()
-                    t = {}
-                    for name, fn in sides:
-                        first = timed(lambda fn=fn: fn(1), sync)
-                        full = timed(lambda fn=fn: fn(args.new), sync)
-                        t[name] = (first, (full - first) / (args.new - 1))
-                    for k, i in (("prefill", 0), ("decode", 1)):
-                        rows[k].append(t["ref"][i] / t["ours"][i])
-                        times[k][0].append(t["ref"][i])
-                        times[k][1].append(t["ours"][i])
-                for k in ("prefill", "decode"):
-                    ref_t, our_t = statistics.median(times[k][0]), statistics.median(times[k][1])
-                    per = args.prompt * batch if k == "prefill" else batch
-                    line = (f"{size:<8} b{batch:<2} {k:<7} ratio {statistics.median(rows[k]):5.2f}x "
-                            f"({min(rows[k]):.2f}-{max(rows[k]):.2f})   ref {per / ref_t:9.1f} tok/s   "
-                            f"ours {per / our_t:9.1f} tok/s")
-                    if k == "decode" and device.type == "cuda":
-                        ceiling = args.bandwidth / weight_bytes
-                        line += (f"   ceiling {ceiling:.0f} steps/s: ours {1 / our_t / ceiling:.0%}, "
-                                 f"ref {1 / ref_t / ceiling:.0%}")
-                    print(line + ("" if same else "   (outputs differ!)"), flush=True)
+                for mode in modes:
+                    compare(size, batch, mode, ref, ours, ids, args, sync, weight_bytes, device)
             del ref, ours
+
+
+def compare(size, batch, mode, ref, ours, ids, args, sync, weight_bytes, device) -> None:
+    """Paired rounds of one (size, batch, mode): print prefill and decode ratios."""
+    mask = torch.ones_like(ids)
+
+    def run_ref(n):
+        return ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, min_new_tokens=n)
+
+    def run_ours(n):
+        return ours.generate(ids, attention_mask=mask, max_new_tokens=n, **MODES[mode])
+
+    same = run_ref(args.new).tolist() == run_ours(args.new).tolist()  # also the warm-up (and compile)
+    rows = {"prefill": [], "decode": []}
+    times = {"prefill": ([], []), "decode": ([], [])}
+    for r in range(args.rounds):
+        sides = [("ref", run_ref), ("ours", run_ours)]
+        if r % 2:
+            sides.reverse()
+        t = {}
+        for name, fn in sides:
+            first = timed(lambda fn=fn: fn(1), sync)
+            full = timed(lambda fn=fn: fn(args.new), sync)
+            t[name] = (first, (full - first) / (args.new - 1))
+        for k, i in (("prefill", 0), ("decode", 1)):
+            rows[k].append(t["ref"][i] / t["ours"][i])
+            times[k][0].append(t["ref"][i])
+            times[k][1].append(t["ours"][i])
+    for k in ("prefill", "decode"):
+        ref_t, our_t = statistics.median(times[k][0]), statistics.median(times[k][1])
+        per = args.prompt * batch if k == "prefill" else batch
+        line = (f"{size:<8} b{batch:<2} {mode:<7} {k:<7} ratio {statistics.median(rows[k]):5.2f}x "
+                f"({min(rows[k]):.2f}-{max(rows[k]):.2f})   ref {per / ref_t:9.1f} tok/s   "
+                f"ours {per / our_t:9.1f} tok/s")
+        if k == "decode" and device.type == "cuda":
+            ceiling = args.bandwidth / weight_bytes
+            line += f"   ceiling {ceiling:.0f} steps/s: ours {1 / our_t / ceiling:.0%}, ref {1 / ref_t / ceiling:.0%}"
+        print(line + ("" if same else "   (outputs differ!)"), flush=True)
 
 
 if __name__ == "__main__":

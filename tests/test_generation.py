@@ -86,6 +86,61 @@ def test_bad_arguments_are_clear_errors(model, prompt):
     assert generate(model, prompt, max_new_tokens=0).tolist() == prompt.tolist()
 
 
+def _padded_batch():
+    ids = torch.randint(3, 256, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fixed_shape_step_gives_the_same_tokens(family):
+    """static_cache=True decodes with the fixed-shape step (a static cache written at a device-side index, attention
+    over the whole buffer under a mask); on the CPU it runs eagerly: the same greedy and seeded-sampling tokens
+    as the ordinary step, left padding included."""
+    torch.manual_seed(0)
+    model = pm.build(family, f"{family}-tiny-test").eval()
+    ids, mask = _padded_batch()
+    for options in ({}, {"do_sample": True, "top_k": 20, "temperature": 0.8}):
+        runs = [generate(model, ids, mask, max_new_tokens=12, eos_token_id=[], static_cache=static,
+                         generator=torch.Generator().manual_seed(2), **options) for static in (False, True)]
+        assert runs[0].tolist() == runs[1].tolist()
+    with pytest.raises(ValueError, match="beam search"):
+        generate(model, ids, num_beams=2, static_cache=True)
+    with pytest.raises(ValueError, match="fixed-shape"):
+        generate(pm.build("opt", "opt-tiny-test").eval(), ids, static_cache=True)
+
+
+@pytest.mark.slow  # inductor compiles C++ on the CPU: ~40 s
+def test_compiled_step_gives_the_same_tokens():
+    """compile_step=True: the fixed-shape step compiled by torch.compile (also through prepacked layers, which
+    step aside for inductor) decodes the same greedy tokens."""
+    from dataclasses import replace
+
+    from polymodal.models.llama import PRESETS
+    from polymodal.nn import PackedLinear
+
+    torch.manual_seed(0)
+    config = replace(PRESETS["llama-tiny-test"], hidden_size=256, intermediate_size=512)  # wide enough to pack
+    model = pm.optimize_for_inference(pm.build("llama", config).eval())
+    assert isinstance(model.layers[0].mlp.gate_proj, PackedLinear)
+    ids, mask = _padded_batch()
+    runs = [generate(model, ids, mask, max_new_tokens=10, eos_token_id=[], compile_step=c) for c in (False, True)]
+    assert runs[0].tolist() == runs[1].tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_step_on_a_gpu():
+    """The captured CUDA graph replays the step: greedy tokens equal the eager step's, on the GPU, in fp32."""
+    torch.manual_seed(0)
+    model = pm.build("llama", "llama-tiny-test").eval().cuda()
+    ids, mask = (t.cuda() for t in _padded_batch())
+    runs = [generate(model, ids, mask, max_new_tokens=16, eos_token_id=[], static_cache=static)
+            for static in (False, True)]
+    assert runs[0].tolist() == runs[1].tolist()
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "t5"])
 def test_tiny_presets_train_in_seconds(family):
     """Each language-model family's tiny preset learns: next-token loss on 8 fixed sequences falls by more than

@@ -218,6 +218,13 @@ def test_optimize_for_inference_keeps_outputs_names_and_training():
     assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 5  # qkv, proj, fc1, fc2, the 512-wide one
     assert type(narrow) is torch.nn.Linear  # too narrow to gain
     assert list(model.state_dict()) == keys
+    # wide outputs are laid out column-major for one-row products; the values and the shape stay
+    fc1, fc2 = model[0].mlp.fc1.weight, model[0].mlp.fc2.weight  # 1024x512, 512x1024
+    assert fc1.shape == (1024, 512) and fc1.t().is_contiguous() and fc2.is_contiguous()
+    h = torch.randn(1, 512)  # a decode-shaped call: one row, the plain product on the column-major weight
+    with torch.no_grad():
+        lin = model[0].mlp.fc1
+        torch.testing.assert_close(lin(h), F.linear(h, fc1.contiguous(), lin.bias), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         got = model(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from polymodal.nn.attention import KVCache, causal_padding_mask
+from polymodal.nn.attention import KVCache, StaticKVCache, causal_padding_mask
 
 
 @dataclass
@@ -55,7 +55,12 @@ class CausalLM:
         forward(input_ids (B, T), attention_mask (B, S) = None, *, cache=None, position_ids=None, logits_to_keep=0)
             -> logits (B, T, V)
 
-    with `new_cache(batch, max_len, dtype, device)`; it provides prefill, step and `generate`."""
+    with `new_cache(batch, max_len, dtype, device)`; it provides prefill, step and `generate`.
+
+    A family whose forward reads nothing back to the host when given position ids and a ready 4-D mask sets
+    `fixed_shape_step = True`: its decode step can then be captured as a CUDA graph (`FixedShapeStep`)."""
+
+    fixed_shape_step = False
 
     def new_cache(self, batch: int, max_len: int, *, dtype: torch.dtype, device: torch.device) -> list[KVCache]:
         raise NotImplementedError
@@ -65,10 +70,14 @@ class CausalLM:
                        position_ids: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Check a decoder's inputs and derive what every decoder needs from them -> (position_ids (B, T),
         mask (B, 1, T, S) or None). Positions count the real tokens before each one (left padding changes
-        nothing); the mask is None when nothing is padded (causal attention then needs no mask)."""
+        nothing); the mask is None when nothing is padded (causal attention then needs no mask). A boolean
+        (B, 1, T, S) `attention_mask` with `position_ids` given is taken as it is (the fixed-shape decode step:
+        it must not read tensors back to the host)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
+        if attention_mask is not None and attention_mask.dim() == 4 and position_ids is not None:
+            return position_ids, attention_mask
         past = cache[0].length if cache else 0
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask must be (batch, past + length) = {(B, past + T)}, "
@@ -105,6 +114,68 @@ class CausalLM:
     def generate(self, input_ids: Tensor, max_new_tokens: int = 20, do_sample: bool = False, **options) -> Tensor:
         """input_ids (B, T) -> (B, T + N) token ids; see `polymodal.generation.generate` for the options."""
         return generate(self, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, **options)
+
+
+STATIC_CACHE_BUCKET = 256
+
+
+class FixedShapeStep:
+    """`generation_step` with the same shapes at every token, for a decoder-only model (`fixed_shape_step`).
+
+    After the prefill the caches become `StaticKVCache`s over the same buffers: each step writes its key and value
+    at a position held in a device tensor and attends over the whole preallocated length, masked to the filled
+    positions. Inputs are copied into fixed buffers, so nothing the step computes depends on Python-side values.
+    On CUDA (graph=True) the step is captured once as a CUDA graph and replayed for every later token: one launch
+    instead of a few hundred, which is what bounds small-batch decoding on a GPU. Elsewhere it runs eagerly (the
+    same arithmetic; tests compare its tokens with the ordinary step). compile=True first hands the step to
+    `torch.compile`, which fuses its small elementwise kernels (norms, rotary, activations) before the capture."""
+
+    def __init__(self, model, state: DecoderState, graph: bool, compile: bool = False):
+        if not getattr(model, "fixed_shape_step", False):
+            raise ValueError(f"{type(model).__name__} has no fixed-shape decode step (static_cache=True)")
+        self.model, self.state = model, state
+        device = state.mask.device
+        self.index = torch.tensor([state.length], device=device)
+        state.cache = [StaticKVCache.over(c.k, c.v, c.length, index=self.index) for c in state.cache]
+        self.tokens = torch.zeros(state.mask.shape[0], dtype=torch.long, device=device)
+        self.positions = state.positions.clone()
+        self.graph = torch.cuda.CUDAGraph() if graph and device.type == "cuda" else None
+        self.captured = False
+        self.logits: Tensor | None = None
+        self.run = torch.compile(self._step, dynamic=False) if compile else self._step
+
+    def _step(self) -> Tensor:
+        mask = self.state.mask.bool()[:, None, None, :]  # (B, 1, 1, T_max): the filled positions
+        return self.model(self.tokens[:, None], mask, cache=self.state.cache, position_ids=self.positions[:, None],
+                          logits_to_keep=1)[:, -1]
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        state = self.state
+        if state.length >= state.mask.shape[1]:
+            raise ValueError(f"KV cache full: {state.length + 1} positions requested, "
+                             f"{state.mask.shape[1]} preallocated")
+        state.mask[:, state.length] = 1
+        self.index.fill_(state.length)
+        self.tokens.copy_(tokens)
+        self.positions.copy_(state.positions)
+        state.length += 1
+        state.positions = state.positions + 1
+        if self.graph is None:
+            return self.run()
+        if not self.captured:
+            # warm-up runs on a side stream (the allocator and lazy initialisations settle), then the capture; each
+            # warm-up writes this step's own key and value, so running it more than once changes nothing
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self.run()
+            torch.cuda.current_stream().wait_stream(stream)
+            with torch.cuda.graph(self.graph):
+                self.logits = self.run()
+            self.captured = True
+        self.graph.replay()
+        return self.logits.clone()
 
 
 # ------------------------------------------------------------------------------------------ logits processing
@@ -197,6 +268,8 @@ def generate(
     max_time: float | None = None,
     generator: torch.Generator | None = None,
     streamer: Callable[[Tensor], None] | None = None,
+    static_cache: bool = False,
+    compile_step: bool = False,
     **extras,
 ) -> Tensor:
     """Continue `input_ids` (B, T), left-padded where rows differ in length (`attention_mask` 0 there), and return
@@ -208,6 +281,10 @@ def generate(
     the model's generation config, then its config), at a stop string (needs `tokenizer`), or for all rows when
     `max_time` seconds have passed. `streamer(tokens)` receives each step's new tokens (B,) as they come; if it
 returns False, generation stops there (a client that went away).
+    static_cache: decode with a fixed-shape step over a static KV cache (`FixedShapeStep`), captured once as a
+    CUDA graph on a GPU and run eagerly elsewhere; greedy and sampling (not beam search), for families with
+    `fixed_shape_step`. compile_step: the same step compiled by `torch.compile` (implies static_cache; the first
+    call for each batch size and length compiles: about a minute for SmolLM2 on 2 CPU cores).
     `extras` go to the model's prefill (pixel values and the like)."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -235,12 +312,12 @@ returns False, generation stops there (a client that went away).
     max_len = input_ids.shape[1] + max_new_tokens
     options = dict(repetition_penalty=repetition_penalty, temperature=temperature, top_k=top_k, top_p=top_p)
     if num_beams > 1:
-        if stops is not None or streamer is not None:
-            raise ValueError("beam search does not support stop_strings or streaming")
+        if stops is not None or streamer is not None or static_cache or compile_step:
+            raise ValueError("beam search does not support stop_strings, streaming, static_cache or compile_step")
         return _beam_search(model, input_ids, attention_mask, max_len, num_beams, eos, pad, length_penalty,
                             early_stopping, do_sample, generator, deadline, options, extras)
     return _sample(model, input_ids, attention_mask, max_len, eos, pad, do_sample, generator, stops, deadline,
-                   streamer, options, extras)
+                   streamer, options, extras, static_cache, compile_step)
 
 
 def _prefill(model, input_ids, attention_mask, max_len, extras) -> tuple[Any, Tensor, Tensor, int]:
@@ -257,9 +334,18 @@ def _prefill(model, input_ids, attention_mask, max_len, extras) -> tuple[Any, Te
 
 
 def _sample(model, input_ids, attention_mask, max_len, eos, pad, do_sample, generator, stops, deadline, streamer,
-            options, extras) -> Tensor:
+            options, extras, static_cache=False, compile_step=False) -> Tensor:
     """Greedy decoding or sampling, one token per row per step."""
-    state, logits, input_ids, max_len = _prefill(model, input_ids, attention_mask, max_len, extras)
+    static_cache = static_cache or compile_step
+    if static_cache and not getattr(model, "fixed_shape_step", False):
+        raise ValueError(f"{type(model).__name__} has no fixed-shape decode step (static_cache=True)")
+    # a compiled step is specialised to its cache length: lengths rounded up to STATIC_CACHE_BUCKET let calls with
+    # other prompt lengths reuse it (the extra positions stay masked)
+    cache_len = -(-max_len // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET if compile_step else max_len
+    state, logits, input_ids, limit = _prefill(model, input_ids, attention_mask, cache_len, extras)
+    max_len = limit - (cache_len - max_len)
+    step = (FixedShapeStep(model, state, graph=True, compile=compile_step) if static_cache
+            else lambda t: model.generation_step(t, state))
     B, T = input_ids.shape
     sequences = input_ids
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
@@ -282,7 +368,7 @@ def _sample(model, input_ids, attention_mask, max_len, eos, pad, do_sample, gene
         timed_out = deadline is not None and time.monotonic() >= deadline
         if not unfinished.any() or sequences.shape[1] >= max_len or timed_out:
             return sequences
-        logits = model.generation_step(tokens, state)
+        logits = step(tokens)
 
 
 def _beam_search(model, input_ids, attention_mask, max_len, num_beams, eos, pad, length_penalty, early_stopping,

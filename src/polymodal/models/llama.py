@@ -77,6 +77,8 @@ class DecoderLayer(nn.Module):
 class Llama(nn.Module, CausalLM):
     """input_ids (B, T) -> logits (B, T, V); with a KV cache for generation (`polymodal.generation`)."""
 
+    fixed_shape_step = True  # nothing in forward reads back to the host given positions and a 4-D mask
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = c = config

@@ -18,6 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from polymodal.nn.position import apply_rope
+
+# Fewer rows than this take one fused q/k/v product on CPUs even at widths of 512 and more (a decode step: B rows)
+SPLIT_MIN_ROWS = 8
+
 
 class KVCache:
     """Preallocated key/value buffers for one attention layer: (B, KV, T_max, Dh) each.
@@ -25,11 +30,22 @@ class KVCache:
     Writing at position `pos` never reallocates, so decoding costs no copies of the whole history.
     """
 
+    static = False  # see StaticKVCache
+
     def __init__(self, batch: int, num_kv_heads: int, max_len: int, head_dim: int, *, dtype, device):
         shape = (batch, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
+
+    @classmethod
+    def over(cls, k: Tensor, v: Tensor, length: int, **kwargs) -> KVCache:
+        """A cache over existing buffers (B, KV, T_max, Dh) whose first `length` positions are filled."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.length = k, v, length
+        for name, value in kwargs.items():
+            setattr(cache, name, value)
+        return cache
 
     @property
     def max_len(self) -> int:
@@ -49,6 +65,27 @@ class KVCache:
         self.v[:, :, start:end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class StaticKVCache(KVCache):
+    """A KVCache for a decode step of fixed shapes, which a CUDA graph can capture once and replay for every token
+    (`polymodal.generation.generate(..., static_cache=True)`): a one-position update writes at `index`, a (1,) tensor
+    the caller advances between steps, and returns the whole buffers; the caller's mask (B, 1, 1, T_max) marks the
+    filled positions, so nothing in the step depends on a Python-side length. Longer updates (a prefill) write
+    as KVCache does."""
+
+    static = True
+    index: Tensor
+
+    def reorder(self, index: Tensor) -> None:
+        raise ValueError("a fixed-shape decode step keeps its rows in place (beam search uses KVCache)")
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if k.shape[2] != 1:
+            return super().update(k, v)
+        self.k.index_copy_(2, self.index, k)
+        self.v.index_copy_(2, self.index, v)
+        return self.k, self.v
 
 
 class Attention(nn.Module):
@@ -98,12 +135,15 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(dim, q_out + 2 * kv_out, bias=bias)
         self.proj = nn.Linear(q_out, out_dim or dim, bias=bias if out_bias is None else out_bias)
 
-    def project_qkv(self, x: Tensor, split: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, T, D) -> q (B, H, T, Dh), k and v (B, KV, T, Dh) for self-attention.
+    def project_qkv(self, x: Tensor, split: bool, rope: tuple[Tensor, Tensor] | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, D) -> q (B, H, T, Dh), k and v (B, KV, T, Dh) for self-attention, with rotary positions
+        applied to q and k when `rope` = (cos, sin) each (B or 1, T, Dh) is given.
 
         split=True runs three products on contiguous row blocks of the fused weight (what CPUs get for widths of
-        512 and more: with MKL, ViT-B/16 at batch 1 gains ~6% of its whole forward; equal at batch 8); False, one
-        fused product."""
+        512 and more: with MKL, ViT-B/16 at batch 1 gains ~6% of its whole forward; equal at 8x197 rows); False, one
+        fused product, whose q and k are then rotated together in one pass (a decode step is made of such small
+        calls that their number matters)."""
         B, T, _ = x.shape
         H, KV, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         if split:
@@ -111,10 +151,17 @@ class Attention(nn.Module):
             bias = self.qkv.bias.split(sizes) if self.qkv.bias is not None else (None,) * 3
             q, k, v = (F.linear(x, w, b).view(B, T, n, Dh).transpose(1, 2)
                        for w, b, n in zip(self.qkv.weight.split(sizes), bias, (H, KV, KV)))
+            if rope is not None:
+                cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)  # (B, 1, T, Dh)
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             return q, k, v
-        if KV == H:  # one view and permute, not split + 3 views + 3 transposes: less per-call overhead
-            return self.qkv(x).view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.qkv(x).view(B, T, H + 2 * KV, Dh).transpose(1, 2).split([H, KV, KV], dim=1)
+        y = self.qkv(x).view(B, T, H + 2 * KV, Dh)
+        if rope is None:
+            if KV == H:  # one permute, not split + 3 transposes: less per-call overhead
+                return y.view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
+            return y.transpose(1, 2).split([H, KV, KV], dim=1)
+        qk = apply_rope(y[:, :, : H + KV], rope[0].unsqueeze(2), rope[1].unsqueeze(2))  # (B, T, H + KV, Dh)
+        return qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), y[:, :, H + KV:].transpose(1, 2)
 
     def project_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-attention keys and values of a context (B, S, Dc) -> (B, KV, S, Dh) each. A decoder that generates
@@ -144,18 +191,17 @@ class Attention(nn.Module):
         if self.is_cross:
             if context is None:
                 raise ValueError("cross-attention needs a context tensor")
+            if rope is not None:
+                raise ValueError("rotary positions belong to self-attention; this layer attends to a context")
             q = self.q(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
             k, v = context if isinstance(context, tuple) else self.project_kv(context)  # (B, KV, S, Dh) each
         else:
-            # CPUs split wide projections (see project_qkv); for narrow ones the extra calls cost more than they save
-            # (a prepacked weight, see polymodal.nn.inference, is faster as one product)
-            split = x.device.type == "cpu" and x.shape[-1] >= 512 and not getattr(self.qkv, "packed", False)
-            q, k, v = self.project_qkv(x, split=split)
-        if rope is not None:
-            from polymodal.nn.position import apply_rope
-
-            cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)  # (B, 1, T, Dh)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            # CPUs split wide projections of many rows (see project_qkv); for narrow ones, and for the few rows of a
+            # decode step, the extra calls cost more than they save (a prepacked weight, see polymodal.nn.inference,
+            # is faster as one product)
+            split = (x.device.type == "cpu" and x.shape[-1] >= 512 and B * T > SPLIT_MIN_ROWS
+                     and not getattr(self.qkv, "packed", False))
+            q, k, v = self.project_qkv(x, split=split, rope=rope)
         past = 0
         if cache is not None:
             past = cache.length
@@ -177,7 +223,8 @@ class Attention(nn.Module):
                 # SDPA's fast path; for T queries and S >= T keys it aligns the triangle top-left, so query i
                 # sees keys 0..i, which is right for the first T positions
                 is_causal = T > 1 or k.shape[2] > 1
-            elif not (mask is None and T == 1):  # one new query may see every cached key: nothing to mask
+            # one new query may see every cached key: nothing to mask (a static cache's mask marks the filled ones)
+            elif not (T == 1 and (mask is None or getattr(cache, "static", False))):
                 S = k.shape[2]
                 allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)
                 mask = allowed if mask is None else _merge_masks(mask, allowed)

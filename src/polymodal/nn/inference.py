@@ -13,6 +13,13 @@ which keep no version counter, only when the tensor itself is replaced), and use
 means the same: fp32 tensors on the CPU with no gradient needed. Elsewhere (GPUs, bf16, training): `F.linear`.
 The cost is memory: the packed copy doubles the size of every packed weight. These are private PyTorch ops;
 where a torch build lacks them or refuses an input, the layer falls back to `F.linear` with the same result.
+
+One more change serves the matrix-vector products of decoding (one row per sequence, below `MIN_MACS`, so
+`F.linear`): a weight with more outputs than inputs is stored column-major (the same values and shape, the
+transpose contiguous), which MKL multiplies as a sum of columns, streaming long runs of memory. Measured on that
+machine at one row (fp32, 2 threads, weights not in cache): 960x576 and 1536x576 products 1.31x and 1.38x
+faster, 576x576 1.08x; narrower outputs (576x1536) are 0.8x that way and keep the row-major layout. No extra memory;
+`state_dict` and saving are unchanged (saving writes contiguous tensors).
 """
 
 from __future__ import annotations
@@ -56,11 +63,13 @@ class PackedLinear(nn.Linear):
             version = -1
         key = (version, w.data_ptr())
         if self._pack is None or self._pack[0] != key:
-            self._pack = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
+            self._pack = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), None))
         return self._pack[1]
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
+        if torch.compiler.is_compiling():  # inductor lowers the plain product itself (and cannot take a packed one)
+            return F.linear(x, w, self.bias)
         if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
                 and x.numel() * self.out_features >= MIN_MACS
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and _available()):
@@ -75,13 +84,22 @@ class PackedLinear(nn.Linear):
 def optimize_for_inference(model: nn.Module) -> nn.Module:
     """Turn the `nn.Linear` layers of `model` that are wide enough to gain (`MIN_IN_FEATURES`) into
     `PackedLinear` (in place; returns the model, in eval mode); each call with fewer than `MIN_MACS`
-    multiply-adds still takes the plain product.
+    multiply-adds still takes the plain product, for which CPU weights with more outputs than inputs are laid
+    out column-major (see the module docstring).
 
     Outputs stay those of the plain model (up to fp32 rounding, ~1e-6); names, parameters and checkpoints are
     unchanged. Pays on CPUs in fp32; elsewhere it changes nothing but costs no time either."""
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
     for module in model.modules():
         if type(module) is nn.Linear and module.in_features >= MIN_IN_FEATURES:
             module.__class__ = PackedLinear
+            w = module.weight
+            if (w.device.type == "cpu" and w.dtype == torch.float32 and uses.get(id(w)) == 1
+                    and module.in_features < module.out_features and w.numel() < MIN_MACS and w.is_contiguous()):
+                with torch.no_grad():  # a tied weight (an embedding's too) keeps its layout
+                    w.data = w.data.t().contiguous().t()
     return model.eval()
 
 

@@ -224,7 +224,7 @@ class _Batch:
         if not self.rows:
             _, KV, _, Dh = prompt_cache[0].k.shape
             k = prompt_cache[0].k
-            self.cache = [_kv_cache(k.new_zeros(0, KV, 0, Dh), k.new_zeros(0, KV, 0, Dh), 0) for _ in prompt_cache]
+            self.cache = [KVCache.over(k.new_zeros(0, KV, 0, Dh), k.new_zeros(0, KV, 0, Dh), 0) for _ in prompt_cache]
             self.mask = torch.zeros(0, 0, dtype=torch.long, device=k.device)
             self.positions = self.tokens = torch.zeros(0, dtype=torch.long, device=k.device)
         self._arrange(min_head=P)
@@ -235,7 +235,7 @@ class _Batch:
             v = torch.zeros_like(k)
             k[:, :, head - P : head] = new.k[:, :, :P]
             v[:, :, head - P : head] = new.v[:, :, :P]
-            cache.append(_kv_cache(torch.cat([old.k, k]), torch.cat([old.v, v]), head))
+            cache.append(KVCache.over(torch.cat([old.k, k]), torch.cat([old.v, v]), head))
         row_mask = self.mask.new_zeros(1, cap)
         row_mask[:, head - P : head] = 1
         # assigned together at the end: a failure above (out of memory) leaves the batch as it was
@@ -293,18 +293,11 @@ class _Batch:
             k, v = c.k.new_zeros(B, KV, new_cap, Dh), c.v.new_zeros(B, KV, new_cap, Dh)
             k[:, :, start:new_head] = c.k[:, :, first:head]
             v[:, :, start:new_head] = c.v[:, :, first:head]
-            cache.append(_kv_cache(k, v, new_head))
+            cache.append(KVCache.over(k, v, new_head))
         mask = self.mask.new_zeros(self.mask.shape[0], new_cap)
         mask[:, start:new_head] = self.mask[:, first:head]
         self.cache, self.mask = cache, mask
         self.relayouts += 1
-
-
-def _kv_cache(k: Tensor, v: Tensor, length: int) -> KVCache:
-    """A KVCache over existing buffers (B, KV, T_cap, Dh) holding `length` positions."""
-    cache = KVCache(0, k.shape[1], 0, k.shape[3], dtype=k.dtype, device=k.device)
-    cache.k, cache.v, cache.length = k, v, length
-    return cache
 
 
 class ChatEngine:

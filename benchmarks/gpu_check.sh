@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The GPU checks in one prepared run, for a session lent the GPU machine (15 minutes of device time in all):
+#   bash benchmarks/gpu_check.sh            # run from the repository root there; logs go to $OUT (or /tmp/gpu_check)
+# 1. the test suite's CUDA tests (the CUDA-graph decode step; the training engine's CUDA paths where present);
+# 2. bench_llm on a Qwen2-7B-shaped LLaMA in bf16 at batch 1: transformers' generate vs ours eager, with the CUDA
+#    graph, and with the compiled step, as a fraction of the memory-bandwidth ceiling (issue 3's GPU goal).
+# It needs only what that machine's image holds (torch, transformers, safetensors, tokenizers, jinja2, pytest).
+set -u -o pipefail
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/gpu_check}"
+mkdir -p "$OUT"
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" 2>&1 | tee "$OUT/gpu.txt"
+timeout 180 python3 -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/test_generation.py tests/test_train.py \
+    2>&1 | tee "$OUT/tests.log"
+timeout 420 python3 benchmarks/bench_llm.py --sizes 7b --device cuda --dtype bf16 --batches 1 --prompt 128 \
+    --new 128 --rounds 3 --modes eager,static,compile 2>&1 | tee "$OUT/bench_llm_7b.log"
