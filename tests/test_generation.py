@@ -128,6 +128,10 @@ def test_compiled_step_gives_the_same_tokens():
     ids, mask = _padded_batch()
     runs = [generate(model, ids, mask, max_new_tokens=10, eos_token_id=[], compile_step=c) for c in (False, True)]
     assert runs[0].tolist() == runs[1].tolist()
+    # the weights are compiled in as constants: another model of the same shape gets its own compiled step
+    other = pm.optimize_for_inference(pm.build("llama", config).eval())
+    theirs = [generate(other, ids, mask, max_new_tokens=10, eos_token_id=[], compile_step=c) for c in (False, True)]
+    assert theirs[0].tolist() == theirs[1].tolist() != runs[0].tolist()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -128,7 +128,8 @@ class FixedShapeStep:
     On CUDA (graph=True) the step is captured once as a CUDA graph and replayed for every later token: one launch
     instead of a few hundred, which is what bounds small-batch decoding on a GPU. Elsewhere it runs eagerly (the
     same arithmetic; tests compare its tokens with the ordinary step). compile=True first hands the step to
-    `torch.compile`, which fuses its small elementwise kernels (norms, rotary, activations) before the capture."""
+    `torch.compile`, which fuses its small elementwise kernels (norms, rotary, activations) before the capture,
+    with inductor's freezing: the weights are taken as constants, so it suits inference on fixed weights."""
 
     def __init__(self, model, state: DecoderState, graph: bool, compile: bool = False):
         if not getattr(model, "fixed_shape_step", False):
@@ -142,7 +143,9 @@ class FixedShapeStep:
         self.graph = torch.cuda.CUDAGraph() if graph and device.type == "cuda" else None
         self.captured = False
         self.logits: Tensor | None = None
-        self.run = torch.compile(self._step, dynamic=False) if compile else self._step
+        # freezing: inductor takes the weights as constants (generation runs under inference_mode) and lays them out
+        # for its own products (on CPUs, oneDNN-packed); a compiled step is tied to the model it was traced with
+        self.run = torch.compile(self._step, dynamic=False, options={"freezing": True}) if compile else self._step
 
     def _step(self) -> Tensor:
         mask = self.state.mask.bool()[:, None, None, :]  # (B, 1, 1, T_max): the filled positions
