@@ -10,7 +10,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT"
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" 2>&1 | tee "$OUT/gpu.txt"
-timeout 180 python3 -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/test_generation.py tests/test_train.py \
+timeout 120 python3 -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/test_generation.py tests/test_train.py \
     2>&1 | tee "$OUT/tests.log"
 timeout 420 python3 benchmarks/bench_llm.py --sizes 7b --device cuda --dtype bf16 --batches 1 --prompt 128 \
-    --new 128 --rounds 3 --modes eager,static,compile 2>&1 | tee "$OUT/bench_llm_7b.log"
+    --new 64 --rounds 3 --modes eager,static,compile 2>&1 | tee "$OUT/bench_llm_7b.log"

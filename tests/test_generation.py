@@ -134,6 +134,21 @@ def test_compiled_step_gives_the_same_tokens():
     assert theirs[0].tolist() == theirs[1].tolist() != runs[0].tolist()
 
 
+@pytest.mark.slow  # inductor compiles C++ on the CPU
+def test_cli_generate_compile_flag(tmp_path, capsys):
+    """`polymodal generate --compile` takes the compiled step and prints what the plain one prints."""
+    from serve_helpers import save_tiny_chat_llama
+
+    from polymodal.cli import main
+
+    model = save_tiny_chat_llama(tmp_path / "tiny", ["the cat sat on the mat", "a dog ran in the park"] * 20)
+    outputs = []
+    for flags in ([], ["--compile"]):
+        assert main(["generate", "--model", str(model), "--max-new-tokens", "6", *flags, "the cat"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].startswith("the cat")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_step_on_a_gpu():
     """The captured CUDA graph replays the step: greedy tokens equal the eager step's, on the GPU, in fp32."""

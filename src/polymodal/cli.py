@@ -127,7 +127,7 @@ def cmd_models(args) -> None:
 def _sampling(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                 temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p, top_k=args.top_k,
-                repetition_penalty=args.repetition_penalty, seed=args.seed)
+                repetition_penalty=args.repetition_penalty, seed=args.seed, compile_step=args.compile)
 
 
 def _text_pipeline(args):
@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--top-k", type=int, default=0)
         sp.add_argument("--repetition-penalty", type=float, default=1.0)
         sp.add_argument("--seed", type=int, default=None, help="seed for sampling")
+        sp.add_argument("--compile", action="store_true",
+                        help="decode with the torch.compile'd fixed-shape step: faster per token for one "
+                             "sequence, after about a minute of compiling per length bucket (LLaMA/Qwen2 models)")
 
     sp = add("generate", cmd_generate, "continue a text with a language model (streams the continuation)")
     sp.add_argument("text", help="the text to continue")

@@ -114,9 +114,10 @@ class TextGenerationPipeline(Pipeline):
     def __call__(self, inputs, *, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, num_beams: int = 1,
                  seed: int | None = None, stop: list[str] | None = None, system: str | None = None,
-                 return_full_text: bool = True, max_time: float | None = None):
+                 return_full_text: bool = True, max_time: float | None = None, compile_step: bool = False):
         """inputs: a string, chat messages, or a list of either -> a list of {"generated_text": ...} per input
-        (a list of such lists for a list of inputs)."""
+        (a list of such lists for a list of inputs). compile_step: decode with the compiled fixed-shape step
+        (`polymodal.generation.generate`)."""
         single = isinstance(inputs, str) or _is_chat(inputs)
         items = [inputs] if single else list(inputs)
         if not items:
@@ -124,7 +125,7 @@ class TextGenerationPipeline(Pipeline):
         ids, mask = self._batch(items, system)
         out = generate(self.model, ids, mask, **self._options(
             max_new_tokens, seed, stop, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, num_beams=num_beams, max_time=max_time))
+            repetition_penalty=repetition_penalty, num_beams=num_beams, max_time=max_time, compile_step=compile_step))
         results = []
         for item, row in zip(items, out[:, ids.shape[1]:].tolist()):
             answer = self._answer(row, stop)
