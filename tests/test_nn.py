@@ -243,6 +243,25 @@ def test_optimize_for_inference_keeps_outputs_names_and_training():
     assert not torch.allclose(model(x), got)
 
 
+def test_optimized_model_saves_and_loads_back(tmp_path):
+    """Column-major weights (optimize_for_inference) are written as ordinary contiguous tensors by pm.save."""
+    from dataclasses import replace
+
+    import polymodal as pm
+    from polymodal.models.llama import PRESETS
+
+    torch.manual_seed(0)
+    model = pm.build("llama", replace(PRESETS["llama-tiny-test"], hidden_size=256, intermediate_size=512)).eval()
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        want = model(ids)
+    pm.optimize_for_inference(model)
+    assert model.layers[0].mlp.gate_proj.weight.t().is_contiguous()  # 512 x 256: laid out column-major
+    pm.save(model, tmp_path / "saved")
+    with torch.no_grad():
+        torch.testing.assert_close(pm.load(tmp_path / "saved")(ids), want, atol=1e-5, rtol=1e-5)
+
+
 def test_optimize_for_inference_under_inference_mode():
     from polymodal.nn import PackedLinear, optimize_for_inference
 
