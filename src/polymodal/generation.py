@@ -120,29 +120,29 @@ STATIC_CACHE_BUCKET = 256
 
 
 class FixedShapeStep:
-    """`generation_step` with the same shapes at every token, for a decoder-only model (`fixed_shape_step`).
+    """`generation_step` with the same shapes at every token, for a decoder-only model whose family sets
+    `fixed_shape_step` (`generate` checks that before the prefill).
 
     After the prefill the caches become `StaticKVCache`s over the same buffers: each step writes its key and value
     at a position held in a device tensor and attends over the whole preallocated length, masked to the filled
     positions. Inputs are copied into fixed buffers, so nothing the step computes depends on Python-side values.
-    On CUDA (graph=True) the step is captured once as a CUDA graph and replayed for every later token: one launch
+    On CUDA the step is captured once as a CUDA graph and replayed for every later token: one launch
     instead of a few hundred, which is what bounds small-batch decoding on a GPU. Elsewhere it runs eagerly (the
     same arithmetic; tests compare its tokens with the ordinary step). compile=True first hands the step to
     `torch.compile`, which fuses its small elementwise kernels (norms, rotary, activations) before the capture,
     with inductor's freezing: the weights are taken as constants, so it suits inference on fixed weights."""
 
-    def __init__(self, model, state: DecoderState, graph: bool, compile: bool = False):
-        if not getattr(model, "fixed_shape_step", False):
-            raise ValueError(f"{type(model).__name__} has no fixed-shape decode step (static_cache=True)")
+    def __init__(self, model, state: DecoderState, compile: bool = False):
         self.model, self.state = model, state
         device = state.mask.device
         self.index = torch.tensor([state.length], device=device)
-        state.cache = [StaticKVCache.over(c.k, c.v, c.length, index=self.index) for c in state.cache]
+        state.cache = [StaticKVCache.over(c.k, c.v, c.length) for c in state.cache]
+        for c in state.cache:
+            c.index = self.index
         self.tokens = torch.zeros(state.mask.shape[0], dtype=torch.long, device=device)
         self.positions = state.positions.clone()
-        self.graph = torch.cuda.CUDAGraph() if graph and device.type == "cuda" else None
-        self.captured = False
-        self.logits: Tensor | None = None
+        self.graph = torch.cuda.CUDAGraph() if device.type == "cuda" else None
+        self.logits: Tensor | None = None  # the captured graph's output buffer
         # freezing: inductor takes the weights as constants (generation runs under inference_mode) and lays them out
         # for its own products (on CPUs, oneDNN-packed); a compiled step is tied to the model it was traced with
         self.run = torch.compile(self._step, dynamic=False, options={"freezing": True}) if compile else self._step
@@ -165,7 +165,7 @@ class FixedShapeStep:
         state.positions = state.positions + 1
         if self.graph is None:
             return self.run()
-        if not self.captured:
+        if self.logits is None:
             # warm-up runs on a side stream (the allocator and lazy initialisations settle), then the capture; each
             # warm-up writes this step's own key and value, so running it more than once changes nothing
             stream = torch.cuda.Stream()
@@ -176,7 +176,6 @@ class FixedShapeStep:
             torch.cuda.current_stream().wait_stream(stream)
             with torch.cuda.graph(self.graph):
                 self.logits = self.run()
-            self.captured = True
         self.graph.replay()
         return self.logits.clone()
 
@@ -347,7 +346,7 @@ def _sample(model, input_ids, attention_mask, max_len, eos, pad, do_sample, gene
     cache_len = -(-max_len // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET if compile_step else max_len
     state, logits, input_ids, limit = _prefill(model, input_ids, attention_mask, cache_len, extras)
     max_len = limit - (cache_len - max_len)
-    step = (FixedShapeStep(model, state, graph=True, compile=compile_step) if static_cache
+    step = (FixedShapeStep(model, state, compile=compile_step) if static_cache
             else lambda t: model.generation_step(t, state))
     B, T = input_ids.shape
     sequences = input_ids

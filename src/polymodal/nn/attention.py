@@ -39,12 +39,10 @@ class KVCache:
         self.length = 0
 
     @classmethod
-    def over(cls, k: Tensor, v: Tensor, length: int, **kwargs) -> KVCache:
+    def over(cls, k: Tensor, v: Tensor, length: int) -> KVCache:
         """A cache over existing buffers (B, KV, T_max, Dh) whose first `length` positions are filled."""
         cache = cls.__new__(cls)
         cache.k, cache.v, cache.length = k, v, length
-        for name, value in kwargs.items():
-            setattr(cache, name, value)
         return cache
 
     @property
