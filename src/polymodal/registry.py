@@ -26,6 +26,7 @@ FAMILIES: dict[str, str] = {
     "qwen2": "polymodal.models.qwen2",
     "opt": "polymodal.models.opt",
     "t5": "polymodal.models.t5",
+    "blip": "polymodal.models.blip",
 }
 
 # transformers' config.json `model_type` (and polymodal's own) -> family
@@ -48,6 +49,8 @@ MODEL_TYPES: dict[str, str] = {
     "polymodal-qwen2": "qwen2",
     "polymodal-opt": "opt",
     "polymodal-t5": "t5",
+    "blip": "blip",
+    "polymodal-blip": "blip",
 }
 
 # timm's config.json `architecture` prefix -> family

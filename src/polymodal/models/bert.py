@@ -28,8 +28,11 @@ from torch import Tensor, nn
 
 from polymodal.config import from_dict
 from polymodal.nn import MLP, Attention, activation, padding_mask
+from polymodal.nn.attention import KVCache, causal_padding_mask
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Drop, Fuse, KeyMap, Rename
+
+Context = Tensor | tuple[Tensor, Tensor]  # cross-attended states (B, S, Dc), or their keys and values
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class BertConfig:
     intermediate_size: int = 3072
     hidden_act: str = "gelu"
     max_position_embeddings: int = 512
-    type_vocab_size: int = 2
+    type_vocab_size: int = 2  # 0: no token-type embeddings (BLIP's text transformer)
     layer_norm_eps: float = 1e-12
     pad_token_id: int | None = 0
     is_decoder: bool = False  # causal self-attention
@@ -81,9 +84,11 @@ class BertLayer(nn.Module):
         self.mlp = MLP(dim, mlp_hidden, act)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, context: Tensor | None = None,
-                context_mask: Tensor | None = None) -> Tensor:
-        x = self.norm1(x + self.attn(x, mask=mask))
+    def forward(self, x: Tensor, mask: Tensor | None = None, context: Context | None = None,
+                context_mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """context: the states to cross-attend (B, S, Dc), or their keys and values from `cross_attn.project_kv`
+        (what a decoder computes once per input when it generates); cache: self-attention's KV cache."""
+        x = self.norm1(x + self.attn(x, mask=mask, cache=cache))
         if self.cross_attn is not None and context is not None:
             x = self.norm_cross(x + self.cross_attn(x, context, mask=context_mask))
         return self.norm2(x + self.mlp(x))
@@ -98,7 +103,7 @@ class Bert(nn.Module):
         D = c.hidden_size
         self.word_embeddings = nn.Embedding(c.vocab_size, D, padding_idx=c.pad_token_id)
         self.position_embeddings = nn.Embedding(c.max_position_embeddings, D)
-        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, D)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, D) if c.type_vocab_size else None
         self.embed_norm = nn.LayerNorm(D, eps=c.layer_norm_eps)
         self.layers = nn.ModuleList(
             BertLayer(D, c.num_attention_heads, c.intermediate_size, act=c.hidden_act, eps=c.layer_norm_eps,
@@ -115,25 +120,39 @@ class Bert(nn.Module):
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         *,
-        encoder_hidden_states: Tensor | None = None,
+        encoder_hidden_states: Tensor | list[tuple[Tensor, Tensor]] | None = None,
         encoder_attention_mask: Tensor | None = None,
+        cache: list[KVCache] | None = None,
+        position_ids: Tensor | None = None,
     ) -> Tensor:
         """input_ids (B, T); attention_mask (B, T), 1 for real tokens, 0 for padding; token_type_ids (B, T),
         zeros by default; encoder_hidden_states (B, S, Dc) for the cross-attention layers, with their padding in
         encoder_attention_mask (B, S). Without encoder_hidden_states the cross-attention blocks are skipped, as in
-        transformers."""
+        transformers.
+
+        Generating (a decoder): `cache` holds each layer's self-attention keys and values; the tokens follow the
+        cached ones, attention_mask then covers past and new positions (B, past + T), position_ids (B, T) count
+        each row's real tokens, and encoder_hidden_states may be each layer's `cross_attn.project_kv` pair."""
         c = self.config
-        self._check(input_ids, attention_mask, token_type_ids, encoder_hidden_states, encoder_attention_mask)
+        self._check(input_ids, attention_mask, token_type_ids, encoder_hidden_states, encoder_attention_mask, cache)
         T = input_ids.shape[1]
-        positions = torch.arange(T, device=input_ids.device)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)  # (B, T, D)
-        x = self.embed_norm(x + self.position_embeddings(positions))
-        mask = self_attention_mask(attention_mask, T, causal=c.is_decoder)
+        past = cache[0].length if cache else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device)
+        x = self.word_embeddings(input_ids)  # (B, T, D)
+        if self.token_type_embeddings is not None:
+            types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+            x = x + self.token_type_embeddings(types)
+        x = self.embed_norm(x + self.position_embeddings(position_ids))
+        if cache:  # the mask covers past and new positions
+            padded = attention_mask is not None and not bool(attention_mask.all())
+            mask = causal_padding_mask(attention_mask, T) if padded else None
+        else:
+            mask = self_attention_mask(attention_mask, T, causal=c.is_decoder)
         context_mask = None if encoder_attention_mask is None else padding_mask(encoder_attention_mask)
-        for layer in self.layers:
-            x = layer(x, mask, encoder_hidden_states, context_mask)
+        for i, layer in enumerate(self.layers):
+            context = encoder_hidden_states[i] if isinstance(encoder_hidden_states, list) else encoder_hidden_states
+            x = layer(x, mask, context, context_mask, cache[i] if cache else None)
         return x
 
     def pooled(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
@@ -144,17 +163,24 @@ class Bert(nn.Module):
         x = self(input_ids, attention_mask, token_type_ids, **cross)
         return torch.tanh(self.pooler(x[:, 0]))
 
-    def _check(self, input_ids, attention_mask, token_type_ids, context, context_mask) -> None:
+    def _check(self, input_ids, attention_mask, token_type_ids, context, context_mask, cache) -> None:
         c = self.config
         if input_ids.ndim != 2 or input_ids.is_floating_point():
             raise ValueError(f"expected input_ids as integer token ids (B, T), got {input_ids.dtype} of shape "
                              f"{tuple(input_ids.shape)}; add a batch dimension with input_ids[None]")
-        if input_ids.shape[1] > c.max_position_embeddings:
-            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens; this BERT holds "
+        past = cache[0].length if cache else 0
+        if past + input_ids.shape[1] > c.max_position_embeddings:
+            raise ValueError(f"input_ids has {past + input_ids.shape[1]} tokens; this BERT holds "
                              f"{c.max_position_embeddings} positions (truncate the text)")
-        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
-            if t is not None and t.shape != input_ids.shape:
-                raise ValueError(f"{name} has shape {tuple(t.shape)}; expected input_ids' {tuple(input_ids.shape)}")
+        if cache and not c.is_decoder:
+            raise ValueError("a KV cache is for a causal decoder (is_decoder=True)")
+        if token_type_ids is not None and token_type_ids.shape != input_ids.shape:
+            raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}; expected input_ids' "
+                             f"{tuple(input_ids.shape)}")
+        expected = (input_ids.shape[0], past + input_ids.shape[1])
+        if attention_mask is not None and tuple(attention_mask.shape) != expected:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {expected} "
+                             f"(batch, {'past + ' if past else ''}length)")
         if context is None:
             if context_mask is not None:
                 raise ValueError("encoder_attention_mask was given without encoder_hidden_states")
@@ -162,6 +188,10 @@ class Bert(nn.Module):
         if not c.add_cross_attention:
             raise ValueError("encoder_hidden_states were given, but this BERT has no cross-attention layers "
                              "(add_cross_attention=False)")
+        if isinstance(context, list):  # per-layer keys and values, made by this model's own cross_attn.project_kv
+            if len(context) != len(self.layers):
+                raise ValueError(f"expected {len(self.layers)} cross-attention (key, value) pairs, got {len(context)}")
+            return
         if context.ndim != 3 or context.shape[0] != input_ids.shape[0] or context.shape[2] != c.context_size:
             raise ValueError(f"expected encoder_hidden_states ({input_ids.shape[0]}, S, {c.context_size}), "
                              f"got {tuple(context.shape)}")
@@ -213,34 +243,35 @@ HUB_IDS = {
 _HEADS = ("cls.{rest*}", "classifier.{rest*}", "qa_outputs.{rest*}")
 
 
-def _rules(prefix: str) -> list:
-    p, layer = prefix, f"{prefix}encoder.layer.{{i}}"
-    emb = {"word_embeddings": "word_embeddings", "position_embeddings": "position_embeddings",
-           "token_type_embeddings": "token_type_embeddings"}
+def hf_rules(prefix: str, ours: str = "") -> list:
+    """Key-map rules from transformers' BERT names under `prefix` to ours under `ours` (BLIP's text towers use
+    them with their own prefixes)."""
+    p, layer, o = prefix, f"{prefix}encoder.layer.{{i}}", ours
+    emb = ("word_embeddings", "position_embeddings", "token_type_embeddings")
     return [
         Drop(f"{p}embeddings.position_ids"),  # buffers older checkpoints carry; we recompute them
         Drop(f"{p}embeddings.token_type_ids"),
-        *[Rename(f"{p}embeddings.{theirs}.weight", f"{ours}.weight") for theirs, ours in emb.items()],
-        Rename(f"{p}embeddings.LayerNorm.{{p}}", "embed_norm.{p}"),
+        *[Rename(f"{p}embeddings.{name}.weight", f"{o}{name}.weight") for name in emb],
+        Rename(f"{p}embeddings.LayerNorm.{{p}}", f"{o}embed_norm.{{p}}"),
         *[Fuse(tuple(f"{layer}.attention.self.{n}.{w}" for n in ("query", "key", "value")),
-               f"layers.{{i}}.attn.qkv.{w}") for w in ("weight", "bias")],
-        Rename(f"{layer}.attention.output.dense.{{p}}", "layers.{i}.attn.proj.{p}"),
-        Rename(f"{layer}.attention.output.LayerNorm.{{p}}", "layers.{i}.norm1.{p}"),
-        Rename(f"{layer}.crossattention.self.query.{{p}}", "layers.{i}.cross_attn.q.{p}"),
+               f"{o}layers.{{i}}.attn.qkv.{w}") for w in ("weight", "bias")],
+        Rename(f"{layer}.attention.output.dense.{{p}}", f"{o}layers.{{i}}.attn.proj.{{p}}"),
+        Rename(f"{layer}.attention.output.LayerNorm.{{p}}", f"{o}layers.{{i}}.norm1.{{p}}"),
+        Rename(f"{layer}.crossattention.self.query.{{p}}", f"{o}layers.{{i}}.cross_attn.q.{{p}}"),
         *[Fuse(tuple(f"{layer}.crossattention.self.{n}.{w}" for n in ("key", "value")),
-               f"layers.{{i}}.cross_attn.kv.{w}") for w in ("weight", "bias")],
-        Rename(f"{layer}.crossattention.output.dense.{{p}}", "layers.{i}.cross_attn.proj.{p}"),
-        Rename(f"{layer}.crossattention.output.LayerNorm.{{p}}", "layers.{i}.norm_cross.{p}"),
-        Rename(f"{layer}.intermediate.dense.{{p}}", "layers.{i}.mlp.fc1.{p}"),
-        Rename(f"{layer}.output.dense.{{p}}", "layers.{i}.mlp.fc2.{p}"),
-        Rename(f"{layer}.output.LayerNorm.{{p}}", "layers.{i}.norm2.{p}"),
-        Rename(f"{p}pooler.dense.{{p}}", "pooler.{p}"),
+               f"{o}layers.{{i}}.cross_attn.kv.{w}") for w in ("weight", "bias")],
+        Rename(f"{layer}.crossattention.output.dense.{{p}}", f"{o}layers.{{i}}.cross_attn.proj.{{p}}"),
+        Rename(f"{layer}.crossattention.output.LayerNorm.{{p}}", f"{o}layers.{{i}}.norm_cross.{{p}}"),
+        Rename(f"{layer}.intermediate.dense.{{p}}", f"{o}layers.{{i}}.mlp.fc1.{{p}}"),
+        Rename(f"{layer}.output.dense.{{p}}", f"{o}layers.{{i}}.mlp.fc2.{{p}}"),
+        Rename(f"{layer}.output.LayerNorm.{{p}}", f"{o}layers.{{i}}.norm2.{{p}}"),
+        Rename(f"{p}pooler.dense.{{p}}", f"{o}pooler.{{p}}"),
     ]
 
 
 def _hf_key_map(c: BertConfig) -> KeyMap:
     # unprefixed rules first: saving takes the first rule that matches, so it writes BertModel's names
-    return KeyMap([*_rules(""), *_rules("bert."), *[Drop(h) for h in _HEADS]])
+    return KeyMap([*hf_rules(""), *hf_rules("bert."), *[Drop(h) for h in _HEADS]])
 
 
 def _read_hf(raw: dict, shapes: dict) -> BertConfig:

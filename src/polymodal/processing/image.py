@@ -251,6 +251,12 @@ class ImageProcessor:
                    image_mean=HALF, image_std=HALF)
 
     @classmethod
+    def blip(cls, size: int = 384) -> ImageProcessor:
+        """transformers' `BlipImageProcessor` (BLIP, BLIP-2): resize to exactly `size x size` (bicubic), CLIP
+        mean/std."""
+        return cls(size=(size, size), resize_mode="squash", crop_size=None)
+
+    @classmethod
     def imagenet(cls, size: int = 224) -> ImageProcessor:
         """The ImageNet evaluation recipe: short side to `size / 0.875` (256 for 224), bicubic, center crop,
         ImageNet mean/std (transformers' ResNet/ConvNeXt processors and timm's default crop_pct)."""
@@ -281,9 +287,10 @@ class ImageProcessor:
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], source: Any = "preprocessor_config.json") -> ImageProcessor:
         """From the dict of a transformers `preprocessor_config.json`. Missing fields take the defaults of its
-        `image_processor_type` (CLIP, ViT or ConvNeXt; CLIP's otherwise)."""
+        `image_processor_type` (CLIP, ViT, ConvNeXt or BLIP; CLIP's otherwise)."""
         kind = str(cfg.get("image_processor_type", "CLIPImageProcessor")).removesuffix("Fast").removesuffix("Pil")
-        default = {"ViTImageProcessor": _HF_VIT, "ConvNextImageProcessor": _HF_CONVNEXT}.get(kind, _HF_CLIP)
+        default = {"ViTImageProcessor": _HF_VIT, "ConvNextImageProcessor": _HF_CONVNEXT,
+                   "BlipImageProcessor": _HF_BLIP}.get(kind, _HF_CLIP)
         c = {**default, **{k: v for k, v in cfg.items() if v is not None}}
         resample = _BY_NUMBER.get(int(c["resample"]))
         if resample is None:
@@ -476,6 +483,7 @@ _HF_VIT = {
     **_HF_CLIP, "size": {"height": 224, "width": 224}, "resample": 2, "do_center_crop": False,
     "image_mean": HALF, "image_std": HALF, "shortest_default": False,
 }
+_HF_BLIP = {**_HF_CLIP, "size": {"height": 384, "width": 384}, "do_center_crop": False, "shortest_default": False}
 _HF_CONVNEXT = {
     **_HF_CLIP, "size": {"shortest_edge": 384}, "do_center_crop": False, "crop_pct": 224 / 256,
     "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD,

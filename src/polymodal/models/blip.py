@@ -1,0 +1,403 @@
+"""BLIP (Li et al. 2022, "BLIP: Bootstrapping Language-Image Pre-training for Unified Vision-Language
+Understanding and Generation").
+
+    v = ViT(image)                                    (B, 1+N, Dv): [CLS] and patch tokens after the final LN
+    ITC:  sim = <norm(W_v v_[CLS]), norm(W_t BERT(text)_[CLS])>        unimodal text encoder, no cross-attention
+    ITM:  p(match) = softmax(W_itm BERT(text, cross=v)_[CLS])          image-grounded text encoder
+    LM:   p(w_t | w_<t, image) = head(BERT_causal(w_<t, cross=v))        image-grounded text decoder
+    VQA:  q = BERT(question, cross=v); answer = BERT_causal(bos, cross=q)
+
+The paper's multimodal mixture of encoder-decoder (MED) is one BERT per role over a ViT: every text layer is
+self-attention -> cross-attention to the image -> MLP, post-norm; the encoder attends both ways, the decoder
+causally and starts from [DEC] (the `bos_token_id`). CapFilt (the paper's dataset bootstrapping) is a use of
+these parts: the captioner writes synthetic captions, the ITM head filters noisy pairs
+(`polymodal.pipelines`, `Blip.itm`).
+
+The released checkpoints are task models, as in transformers: `BlipForConditionalGeneration` (captioning: ViT +
+decoder), `BlipForImageTextRetrieval` (ViT + encoder + ITC projections + ITM head), `BlipForQuestionAnswering`
+(ViT + encoder + decoder). `BlipConfig.task` chooses which parts are built. The vision tower is polymodal's ViT
+(`models/vit.py`: pre-norm blocks, learned positions, no LN before the blocks); the text towers are polymodal's
+BERT (`models/bert.py`) without token-type embeddings.
+
+Checked against transformers' `BlipForConditionalGeneration`, `BlipForImageTextRetrieval` and
+`BlipForQuestionAnswering` (tests/test_blip.py): logits, ITM/ITC scores, and greedy and beam captions and
+answers token for token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polymodal.config import from_dict
+from polymodal.generation import generate
+from polymodal.models.bert import Bert, BertConfig, hf_rules
+from polymodal.models.vit import ViT, ViTConfig
+from polymodal.nn import activation
+from polymodal.nn.attention import KVCache
+from polymodal.registry import Family, Layout, native_layout
+from polymodal.weights.keymap import Drop, KeyMap, Rename
+
+Task = Literal["captioning", "retrieval", "vqa"]
+TASKS: dict[str, str] = {  # transformers' architecture -> task
+    "BlipForConditionalGeneration": "captioning",
+    "BlipForImageTextRetrieval": "retrieval",
+    "BlipForQuestionAnswering": "vqa",
+}
+
+
+@dataclass(frozen=True)
+class BlipTextConfig:
+    """transformers' `BlipTextConfig` fields (and its defaults, so that a config file leaving one out reads the
+    same): a BERT-base-shaped text transformer over BERT's uncased WordPiece plus [DEC] and [ENC]."""
+
+    vocab_size: int = 30524
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 512
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    bos_token_id: int = 30522  # [DEC]: the decoder's first token
+    pad_token_id: int = 0
+    sep_token_id: int = 102  # [SEP]: a caption or answer ends here
+
+    def bert(self, *, decoder: bool, context_dim: int) -> BertConfig:
+        """The BERT of one role: the causal decoder or the bidirectional encoder, both cross-attending."""
+        return BertConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                          num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+                          intermediate_size=self.intermediate_size, hidden_act=self.hidden_act,
+                          max_position_embeddings=self.max_position_embeddings, type_vocab_size=0,
+                          layer_norm_eps=self.layer_norm_eps, pad_token_id=self.pad_token_id, is_decoder=decoder,
+                          add_cross_attention=True, encoder_hidden_size=context_dim, pooler=False)
+
+
+def _blip_vit(**kw) -> ViTConfig:
+    return ViTConfig(**{"image_size": 384, "layer_norm_eps": 1e-5, **kw})
+
+
+@dataclass(frozen=True)
+class BlipConfig:
+    vision: ViTConfig = field(default_factory=_blip_vit)
+    text: BlipTextConfig = field(default_factory=BlipTextConfig)
+    task: Task = "captioning"
+    image_text_hidden_size: int = 256  # ITC's shared embedding width (retrieval)
+
+    def __post_init__(self):
+        if self.task not in ("captioning", "retrieval", "vqa"):
+            raise ValueError(f"task must be 'captioning', 'retrieval' or 'vqa', got {self.task!r}")
+        if self.vision.pool != "cls" or not self.vision.class_token or self.vision.backbone:
+            raise ValueError("BLIP's vision tower is a plain ViT with a class token (pool='cls', no backbone)")
+        if self.task == "vqa" and self.text.hidden_size != self.vision.hidden_size:
+            # the answer decoder cross-attends the question encoder through layers sized for the image
+            raise ValueError(f"VQA needs text and vision of one width, got {self.text.hidden_size} and "
+                             f"{self.vision.hidden_size}")
+
+
+class LMHead(nn.Module):
+    """BERT's masked-LM head (`cls.predictions`): dense -> activation -> LayerNorm -> the tied word embeddings
+    plus a bias: (B, T, D) -> (B, T, V)."""
+
+    def __init__(self, dim: int, vocab: int, act: str, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.act = activation(act)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.bias = nn.Parameter(torch.zeros(vocab))
+
+    def forward(self, x: Tensor, embedding: Tensor) -> Tensor:
+        return F.linear(self.norm(self.act(self.dense(x))), embedding, self.bias)
+
+
+@dataclass
+class BlipState:
+    """What generation carries from one decoder step to the next."""
+
+    cache: list[KVCache]  # decoder self-attention, one per layer
+    mask: Tensor  # (B, max_len): 1 where a decoder position holds a real token
+    length: int  # decoder positions filled so far
+    positions: Tensor  # (B,) the position id of the next token per row
+    cross: list[tuple[Tensor, Tensor]]  # cross-attention keys and values per layer, (B, H, S, Dh) each
+    context_mask: Tensor | None  # (B, S) padding of the cross-attended states (a VQA question), None: none
+    prompt: Tensor | None = None  # VQA: the decoder's start tokens (B, 1), which the output begins with
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows `index` (B',), in that order: beam search regroups its hypotheses every step."""
+        for c in self.cache:
+            c.reorder(index)
+        self.mask = self.mask.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
+        self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
+        if self.context_mask is not None:
+            self.context_mask = self.context_mask.index_select(0, index)
+        if self.prompt is not None:
+            self.prompt = self.prompt.index_select(0, index)
+
+
+class Blip(nn.Module):
+    """The parts of `config.task`: captioning (vision_model, text_decoder, lm_head), retrieval (vision_model,
+    text_encoder, vision_proj, text_proj, itm_head) or VQA (vision_model, text_encoder, text_decoder, lm_head)."""
+
+    def __init__(self, config: BlipConfig):
+        super().__init__()
+        self.config = c = config
+        t, Dv = c.text, c.vision.hidden_size
+        self.vision_model = ViT(c.vision)
+        if c.task in ("retrieval", "vqa"):
+            self.text_encoder = Bert(t.bert(decoder=False, context_dim=Dv))
+        if c.task in ("captioning", "vqa"):
+            self.text_decoder = Bert(t.bert(decoder=True, context_dim=Dv))
+            self.lm_head = LMHead(t.hidden_size, t.vocab_size, t.hidden_act, t.layer_norm_eps)
+        if c.task == "retrieval":
+            self.vision_proj = nn.Linear(Dv, c.image_text_hidden_size)
+            self.text_proj = nn.Linear(t.hidden_size, c.image_text_hidden_size)
+            self.itm_head = nn.Linear(t.hidden_size, 2)
+
+    # ------------------------------------------------------------------------------ the three objectives
+
+    def image_embeds(self, pixel_values: Tensor) -> Tensor:
+        """pixel_values (B, 3, H, W) -> the ViT's tokens (B, 1+N, Dv), transformers' `last_hidden_state`."""
+        return self.vision_model(pixel_values)
+
+    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The task's main output for images (B, 3, H, W) and texts (B, T): captioning, the decoder's next-token
+        logits (B, T, V) (transformers' `BlipForConditionalGeneration(...).logits`); retrieval, the ITM logits
+        (B, 2) of image i with text i. VQA models answer through `generate` (or `answer_logits`)."""
+        if self.config.task == "captioning":
+            self._needs("captioning")
+            return self.decode(input_ids, attention_mask, self._checked_image(pixel_values, input_ids))
+        if self.config.task == "retrieval":
+            return self.itm(pixel_values, input_ids, attention_mask)
+        raise ValueError("a VQA model's forward needs the answer too: use answer_logits(pixel_values, question_ids, "
+                         "answer_ids, ...) or generate(pixel_values, question_ids)")
+
+    def itm(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Image-text matching: logits (B, 2) over (no match, match) for image i and text i."""
+        self._needs("retrieval")
+        image = self._checked_image(pixel_values, input_ids)
+        h = self.text_encoder(input_ids, attention_mask, encoder_hidden_states=image)  # (B, T, D)
+        return self.itm_head(h[:, 0])
+
+    def encode_image(self, pixel_values: Tensor) -> Tensor:
+        """ITC's image embedding (B, E), unit length."""
+        self._needs("retrieval")
+        return F.normalize(self.vision_proj(self.vision_model.pooled(pixel_values)), dim=-1)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """ITC's text embedding (B, E), unit length: the text encoder without the image."""
+        self._needs("retrieval")
+        return F.normalize(self.text_proj(self.text_encoder(input_ids, attention_mask)[:, 0]), dim=-1)
+
+    def itc(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Image-text contrastive similarity (B_images, B_texts): cosine of the projected [CLS] features
+        (transformers' `use_itm_head=False` score)."""
+        return self.encode_image(pixel_values) @ self.encode_text(input_ids, attention_mask).T
+
+    def answer_logits(self, pixel_values: Tensor, question_ids: Tensor, answer_ids: Tensor,
+                      question_mask: Tensor | None = None, answer_mask: Tensor | None = None) -> Tensor:
+        """VQA's decoder logits (B, T_a, V) for answers (B, T_a) that start with [DEC], given the question
+        (B, T_q) about each image."""
+        self._needs("vqa")
+        question = self.text_encoder(question_ids, question_mask,
+                                     encoder_hidden_states=self._checked_image(pixel_values, question_ids))
+        return self.decode(answer_ids, answer_mask, question, question_mask)
+
+    def decode(self, input_ids: Tensor, attention_mask: Tensor | None, context: Tensor | list[tuple[Tensor, Tensor]],
+               context_mask: Tensor | None = None, cache: list[KVCache] | None = None,
+               position_ids: Tensor | None = None) -> Tensor:
+        """The text decoder and LM head: input_ids (B, T) -> logits (B, T, V), cross-attending `context` (B, S, Dc)
+        (or its per-layer keys and values) with padding `context_mask` (B, S)."""
+        h = self.text_decoder(input_ids, attention_mask, encoder_hidden_states=context,
+                              encoder_attention_mask=context_mask, cache=cache, position_ids=position_ids)
+        return self.lm_head(h, self.text_decoder.word_embeddings.weight)
+
+    # ------------------------------------------------------------------------------ generation
+
+    def generate(self, pixel_values: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                 max_new_tokens: int = 20, **options) -> Tensor:
+        """Captioning: continue each image's prompt (B, T), [DEC] first (default: [DEC] alone) -> (B, T + N).
+        VQA: answer the questions input_ids (B, T) -> (B, 1 + N), [DEC] first. Generation ends at [SEP]; see
+        `polymodal.generation.generate` for the options (num_beams, do_sample, ...)."""
+        t = self.config.text
+        if input_ids is None:
+            if self.config.task == "vqa":
+                raise ValueError("a VQA model needs the question: generate(pixel_values, question_ids)")
+            input_ids = torch.full((pixel_values.shape[0], 1), t.bos_token_id, dtype=torch.long,
+                                   device=pixel_values.device)
+        options.setdefault("eos_token_id", t.sep_token_id)
+        options.setdefault("pad_token_id", t.pad_token_id)
+        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, pixel_values=pixel_values,
+                        **options)
+
+    def generation_prefill(self, input_ids: Tensor, attention_mask: Tensor, max_len: int, *,
+                           pixel_values: Tensor | None = None) -> tuple[BlipState, Tensor]:
+        """See `polymodal.generation`. Captioning: the image is encoded once, every decoder layer's cross-attention
+        keys and values are cached, and the prompt is decoded. VQA: the question (input_ids) is encoded against
+        the image, and the decoder starts from [DEC] over it."""
+        if pixel_values is None:
+            raise ValueError("BLIP generates from images: pass pixel_values")
+        self._needs("captioning", "vqa")
+        B = input_ids.shape[0]
+        image = self._checked_image(pixel_values, input_ids)
+        prompt = None
+        if self.config.task == "vqa":
+            context = self.text_encoder(input_ids, attention_mask, encoder_hidden_states=image)  # (B, S, D)
+            context_mask = None if bool(attention_mask.all()) else attention_mask
+            prompt = torch.full((B, 1), self.config.text.bos_token_id, dtype=torch.long, device=input_ids.device)
+            input_ids, attention_mask = prompt, torch.ones_like(prompt)
+            max_len = max_len - context.shape[1] + 1
+        else:
+            context, context_mask = image, None
+        T = input_ids.shape[1]
+        cross = [layer.cross_attn.project_kv(context) for layer in self.text_decoder.layers]
+        t, p = self.config.text, self.lm_head.bias
+        cache = [KVCache(B, t.num_attention_heads, max_len, t.hidden_size // t.num_attention_heads,
+                         dtype=p.dtype, device=p.device) for _ in range(t.num_hidden_layers)]
+        mask = torch.zeros(B, max_len, dtype=torch.long, device=input_ids.device)
+        mask[:, :T] = attention_mask
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
+        state = BlipState(cache, mask, T, positions[:, -1] + 1, cross, context_mask, prompt)
+        logits = self.decode(input_ids, mask[:, :T], cross, context_mask, cache, positions)
+        return state, logits[:, -1]
+
+    def generation_step(self, tokens: Tensor, state: BlipState) -> Tensor:
+        """tokens (B,) -> next-token logits (B, V)."""
+        state.mask[:, state.length] = 1
+        state.length += 1
+        logits = self.decode(tokens[:, None], state.mask[:, : state.length], state.cross, state.context_mask,
+                             state.cache, state.positions[:, None])
+        state.positions = state.positions + 1
+        return logits[:, -1]
+
+    # ------------------------------------------------------------------------------ checks
+
+    def _needs(self, *tasks: str) -> None:
+        if self.config.task not in tasks:
+            raise ValueError(f"this BLIP checkpoint is a {self.config.task} model; this call needs a "
+                             f"{' or '.join(tasks)} one")
+
+    def _checked_image(self, pixel_values: Tensor, input_ids: Tensor) -> Tensor:
+        if input_ids.ndim != 2:
+            raise ValueError(f"expected token ids (B, T), got shape {tuple(input_ids.shape)}")
+        if pixel_values.ndim != 4 or pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"expected one image per text: pixel_values ({input_ids.shape[0]}, 3, H, W), got "
+                             f"{tuple(pixel_values.shape)}")
+        return self.vision_model(pixel_values)
+
+
+# ----------------------------------------------------------------------------------------------- presets
+
+_BASE = _blip_vit()
+_LARGE = _blip_vit(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+_TEXT = BlipTextConfig(num_attention_heads=12)
+PRESETS: dict[str, BlipConfig] = {
+    "blip-tiny-test": BlipConfig(
+        vision=_blip_vit(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                         image_size=32, patch_size=8),
+        text=BlipTextConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=64, bos_token_id=97, sep_token_id=3),
+        image_text_hidden_size=16),
+    "Salesforce/blip-image-captioning-base": BlipConfig(vision=_BASE, text=_TEXT),
+    "Salesforce/blip-image-captioning-large": BlipConfig(vision=_LARGE, text=_TEXT),
+    "Salesforce/blip-itm-base-coco": BlipConfig(vision=_BASE, text=_TEXT, task="retrieval"),
+    "Salesforce/blip-itm-large-coco": BlipConfig(vision=_LARGE, text=_TEXT, task="retrieval"),
+    "Salesforce/blip-vqa-base": BlipConfig(vision=_BASE, text=_TEXT, task="vqa"),
+}
+HUB_IDS = {name: name for name in PRESETS if name.startswith("Salesforce/")}
+
+# ------------------------------------------------------------------------------------------ checkpoints
+# transformers: `vision_model.embeddings.*` and `vision_model.encoder.layers.{i}.{self_attn.qkv,...}` (already
+# fused), BERT names under `text_decoder.bert.` / `text_encoder.`, the LM head as `text_decoder.cls.predictions.*`
+# (its decoder weight and bias are tied to the word embeddings and the head's bias: never stored apart here).
+
+
+def _hf_key_map(c: BlipConfig) -> KeyMap:
+    v, layer = "vision_model.", "vision_model.encoder.layers.{i}."
+    vision = [
+        Rename(f"{v}embeddings.class_embedding", "vision_model.cls_token"),
+        Rename(f"{v}embeddings.patch_embedding.{{p}}", "vision_model.patch_embed.proj.{p}"),
+        Rename(f"{v}embeddings.position_embedding", "vision_model.pos_embed"),
+        Rename(f"{layer}self_attn.qkv.{{p}}", "vision_model.blocks.{i}.attn.qkv.{p}"),
+        Rename(f"{layer}self_attn.projection.{{p}}", "vision_model.blocks.{i}.attn.proj.{p}"),
+        Rename(f"{layer}layer_norm1.{{p}}", "vision_model.blocks.{i}.norm1.{p}"),
+        Rename(f"{layer}layer_norm2.{{p}}", "vision_model.blocks.{i}.norm2.{p}"),
+        Rename(f"{layer}mlp.{{fc}}.{{p}}", "vision_model.blocks.{i}.mlp.{fc}.{p}"),
+        Rename(f"{v}post_layernorm.{{p}}", "vision_model.norm.{p}"),
+    ]
+    head = "text_decoder.cls.predictions."
+    decoder = [
+        *hf_rules("text_decoder.bert.", "text_decoder."),
+        Rename(f"{head}transform.dense.{{p}}", "lm_head.dense.{p}"),
+        Rename(f"{head}transform.LayerNorm.{{p}}", "lm_head.norm.{p}"),
+        Rename(f"{head}bias", "lm_head.bias"),
+        Drop(f"{head}decoder.{{p}}"),  # tied: the word embeddings and lm_head.bias
+    ]
+    return KeyMap([*vision, *(hf_rules("text_encoder.", "text_encoder.") if c.task != "captioning" else []),
+                   *(decoder if c.task != "retrieval" else [])])
+
+
+_HF_TEXT = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "max_position_embeddings", "hidden_act", "layer_norm_eps", "bos_token_id", "pad_token_id", "sep_token_id")
+_HF_VISION = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+              "patch_size", "hidden_act", "layer_norm_eps")
+
+
+def _task(raw: dict, shapes: dict) -> str:
+    archs = raw.get("architectures") or []
+    if archs:
+        if archs[0] not in TASKS:
+            raise ValueError(f"architecture {archs[0]!r} is not supported; BLIP checkpoints here are "
+                             f"{', '.join(TASKS)}")
+        return TASKS[archs[0]]
+    if "itm_head.weight" in shapes:
+        return "retrieval"
+    return "vqa" if any(k.startswith("text_encoder.") for k in shapes) else "captioning"
+
+
+def _read_hf(raw: dict, shapes: dict) -> BlipConfig:
+    vision = dict(raw.get("vision_config") or {})
+    for key in ("image_size", "patch_size"):
+        size = vision.get(key)
+        if isinstance(size, (list, tuple)):
+            if len(set(size)) != 1:
+                raise ValueError(f"vision_config.{key}={list(size)} is not square")
+            vision[key] = size[0]
+    return BlipConfig(
+        vision=from_dict(ViTConfig, {k: vision[k] for k in _HF_VISION if k in vision},
+                         image_size=vision.get("image_size", 384), layer_norm_eps=vision.get("layer_norm_eps", 1e-5)),
+        text=from_dict(BlipTextConfig, raw.get("text_config") or {}),
+        task=_task(raw, shapes),
+        image_text_hidden_size=raw.get("image_text_hidden_size", 256),
+    )
+
+
+def _write_hf(c: BlipConfig) -> dict:
+    if c.vision.position != "learned" or not c.vision.qkv_bias or c.vision.num_channels != 3:
+        raise ValueError("transformers' BLIP holds a ViT with learned positions and q/k/v biases over RGB; save "
+                         "this variant in polymodal's layout (model.pm_layout = 'polymodal')")
+    arch = next(a for a, task in TASKS.items() if task == c.task)
+    return {
+        "model_type": "blip",
+        "architectures": [arch],
+        "image_text_hidden_size": c.image_text_hidden_size,
+        "text_config": {**{k: getattr(c.text, k) for k in _HF_TEXT}, "encoder_hidden_size": c.vision.hidden_size},
+        "vision_config": {k: getattr(c.vision, k) for k in _HF_VISION},
+    }
+
+
+FAMILY = Family(
+    name="blip",
+    model=Blip,
+    layouts={
+        "transformers": Layout("transformers", _read_hf, _write_hf, _hf_key_map),
+        "polymodal": native_layout("blip", BlipConfig),
+    },
+    presets=PRESETS,
+    hub_ids=HUB_IDS,
+    description="BLIP: ViT + BERT multimodal encoder-decoder; captioning, image-text matching/retrieval, VQA",
+)

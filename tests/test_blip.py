@@ -1,0 +1,282 @@
+"""BLIP: parity with transformers' `BlipForConditionalGeneration`, `BlipForImageTextRetrieval` and
+`BlipForQuestionAnswering` on tiny random models saved by transformers (logits, ITM/ITC scores, greedy and beam
+generation token for token), round trips, batching, the image processor, training and input errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BlipConfig as HFBlipConfig
+from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
+
+import polymodal as pm
+from polymodal.models.blip import PRESETS, Blip
+from polymodal.weights.loader import CheckpointError
+
+# fp32 parity tolerance: the same math in another order (fused products, SDPA instead of an explicit softmax)
+# moves fp32 results by ~1e-7 here; a wrong weight, eps, mask or activation moves them by 1e-3 or more.
+ATOL = 1e-4
+
+TEXT = dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, bos_token_id=97, sep_token_id=3, pad_token_id=0, initializer_range=0.2)
+# weights drawn at std 0.2: at transformers' defaults (vision 1e-10, text 0.02) every image gets the same caption
+VISION = dict(hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+              patch_size=8, initializer_range=0.2)
+BOS, SEP = 97, 3
+CLASSES = {"captioning": BlipForConditionalGeneration, "retrieval": BlipForImageTextRetrieval,
+           "vqa": BlipForQuestionAnswering}
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """task -> (transformers model, directory)."""
+    out = {}
+    for task, cls in CLASSES.items():
+        torch.manual_seed(0)
+        ref = cls(HFBlipConfig(text_config=TEXT, vision_config=VISION, image_text_hidden_size=16,
+                               initializer_range=0.2)).eval()
+        d = tmp_path_factory.mktemp(task)
+        ref.save_pretrained(d)
+        out[task] = (ref, d)
+    return out
+
+
+def images(B: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def texts(B: int = 3, T: int = 7, start: int = BOS, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (row 1 has 4 real tokens), as BLIP's processor pads."""
+    ids = torch.randint(4, 90, (B, T), generator=torch.Generator().manual_seed(seed))
+    ids[:, 0] = start
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 4:] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------------------- captioning
+
+
+def test_caption_logits_match_transformers(saved):
+    ref, d = saved["captioning"]
+    model = pm.load(d)
+    assert isinstance(model, Blip) and model.config.task == "captioning"
+    px, (ids, mask) = images(), texts()
+    with torch.no_grad():
+        close(model(px, ids, mask), ref(pixel_values=px, input_ids=ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_captions_match_transformers_token_for_token(saved, num_beams):
+    ref, d = saved["captioning"]
+    model = pm.load(d)
+    px = images()
+    expected = ref.generate(pixel_values=px, max_new_tokens=12, num_beams=num_beams, do_sample=False)
+    got = model.generate(px, max_new_tokens=12, num_beams=num_beams)
+    assert got.tolist() == expected.tolist()
+    assert len({tuple(row) for row in got.tolist()}) > 1  # the images matter: not one caption for all
+
+
+def test_prompted_caption_matches_transformers(saved):
+    """transformers takes the processor's "[CLS] prompt [SEP]", puts [DEC] first and drops the [SEP]; we take
+    the decoder prompt itself."""
+    ref, d = saved["captioning"]
+    model = pm.load(d)
+    px = images()
+    prompt = torch.tensor([[BOS, 11, 12, 13]] * 3)
+    expected = ref.generate(pixel_values=px, input_ids=torch.cat([prompt, torch.full((3, 1), SEP)], 1),
+                            max_new_tokens=8, do_sample=False)
+    assert model.generate(px, prompt, max_new_tokens=8).tolist() == expected.tolist()
+
+
+def test_left_padded_prompts_caption_as_one_by_one(saved):
+    model = pm.load(saved["captioning"][1])
+    px = images()
+    prompts = [[BOS, 11, 12, 13], [BOS], [BOS, 20]]
+    T = max(map(len, prompts))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    batched = model.generate(px, ids, mask, max_new_tokens=8)
+    for i, p in enumerate(prompts):
+        alone = model.generate(px[i : i + 1], torch.tensor([p]), max_new_tokens=8)[0].tolist()
+        row = [t for t, m in zip(batched[i].tolist(), mask[i].tolist() + [1] * 8) if m]
+        assert row[: len(alone)] == alone
+
+
+# -------------------------------------------------------------------------------------------- retrieval
+
+
+def test_itm_and_itc_match_transformers(saved):
+    ref, d = saved["retrieval"]
+    model = pm.load(d)
+    px, (ids, mask) = images(), texts(start=1)
+    with torch.no_grad():
+        close(model.itm(px, ids, mask), ref(input_ids=ids, pixel_values=px, attention_mask=mask).itm_score)
+        close(model(px, ids, mask), ref(input_ids=ids, pixel_values=px, attention_mask=mask).itm_score)
+        expected = ref(input_ids=ids, pixel_values=px, attention_mask=mask, use_itm_head=False).itm_score
+        close(model.itc(px, ids, mask), expected)
+    assert model.itc(px, ids, mask).shape == (3, 3)
+
+
+# -------------------------------------------------------------------------------------------------- VQA
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_answers_match_transformers_token_for_token(saved, num_beams):
+    ref, d = saved["vqa"]
+    model = pm.load(d)
+    px = images()
+    question = texts(start=1)[0][:, :4]  # unpadded: transformers attends to a question's padding (see below)
+    expected = ref.generate(input_ids=question, pixel_values=px, max_new_tokens=8, num_beams=num_beams)
+    assert model.generate(px, question, max_new_tokens=8, num_beams=num_beams).tolist() == expected.tolist()
+
+
+def test_answer_logits_match_transformers(saved):
+    """Padded answers; the questions unpadded, because transformers' BLIP text attention drops the cross-attention
+    mask (BlipTextAttention does not hand `encoder_attention_mask` on), so it attends to a question's padding."""
+    ref, d = saved["vqa"]
+    model = pm.load(d)
+    px, question = images(), texts(start=1)[0][:, :4]
+    answer, amask = texts(T=5, seed=3)
+    with torch.no_grad():
+        image = ref.vision_model(pixel_values=px).last_hidden_state
+        q = ref.text_encoder(input_ids=question, encoder_hidden_states=image).last_hidden_state
+        expected = ref.text_decoder(input_ids=answer, attention_mask=amask, encoder_hidden_states=q).logits
+        close(model.answer_logits(px, question, answer, answer_mask=amask), expected)
+
+
+def test_padded_questions_answer_as_one_by_one(saved):
+    """We mask the question's padding when answering (as the BLIP authors' code trains), so a batch answers as each
+    question alone."""
+    model = pm.load(saved["vqa"][1])
+    px, (question, qmask) = images(), texts(start=1)
+    batched = model.generate(px, question, qmask, max_new_tokens=6)
+    for i in range(3):
+        n = int(qmask[i].sum())
+        alone = model.generate(px[i : i + 1], question[i : i + 1, :n], max_new_tokens=6)[0].tolist()
+        assert batched[i].tolist()[: len(alone)] == alone
+
+
+# ------------------------------------------------------------------------------------- saving and loading
+
+
+@pytest.mark.parametrize("task", list(CLASSES))
+def test_round_trip_back_into_transformers(saved, tmp_path, task):
+    ref, d = saved[task]
+    model = pm.load(d)
+    pm.save(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [CLASSES[task].__name__]
+    back = CLASSES[task].from_pretrained(tmp_path / "out").eval()
+    for name, p in ref.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], p, atol=0, rtol=0, msg=name)
+
+
+def test_polymodal_layout_round_trip(saved, tmp_path):
+    model = pm.load(saved["vqa"][1])
+    model.pm_layout = "polymodal"
+    pm.save(model, tmp_path / "pm")
+    again = pm.load(tmp_path / "pm")
+    px, (q, qm) = images(), texts(start=1)
+    assert again.generate(px, q, qm, max_new_tokens=5).tolist() == model.generate(px, q, qm, max_new_tokens=5).tolist()
+
+
+def test_strict_loading_names_the_missing_tensor(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = saved["captioning"][1]
+    (tmp_path / "config.json").write_text((d / "config.json").read_text())
+    tensors = load_file(d / "model.safetensors")
+    del tensors["text_decoder.cls.predictions.transform.dense.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="lm_head.dense.weight"):
+        pm.load(tmp_path)
+
+
+def test_blipmodel_checkpoint_is_refused_by_name(saved, tmp_path):
+    d = saved["retrieval"][1]
+    raw = json.loads((d / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "architectures": ["BlipModel"]}))
+    (tmp_path / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="BlipModel"):
+        pm.load(tmp_path)
+
+
+def test_preset_sizes_match_transformers():
+    """Our presets build exactly as many parameters as transformers' models of the hub configs (on meta)."""
+    hub = {
+        "Salesforce/blip-image-captioning-base": (BlipForConditionalGeneration, {}),
+        "Salesforce/blip-itm-large-coco": (BlipForImageTextRetrieval, dict(hidden_size=1024, num_hidden_layers=24,
+                                                                          num_attention_heads=16,
+                                                                          intermediate_size=4096)),
+        "Salesforce/blip-vqa-base": (BlipForQuestionAnswering, {}),
+    }
+    for name, (cls, vision) in hub.items():
+        with torch.device("meta"):
+            hf = HFBlipConfig(text_config=dict(num_attention_heads=12), vision_config=dict(image_size=384, **vision))
+            ref = cls(hf)
+            ours = Blip(PRESETS[name])
+        assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters()), name
+
+
+# ------------------------------------------------------------------------------------- processing, training
+
+
+def test_image_processor_matches_blip_image_processor():
+    from transformers import BlipImageProcessor
+
+    from polymodal.processing import ImageProcessor
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (57, 83, 3), dtype=np.uint8)
+    ref = BlipImageProcessor()
+    expected = torch.as_tensor(np.asarray(ref(image, return_tensors="np")["pixel_values"]))
+    ours = ImageProcessor.from_hf(json.loads(ref.to_json_string()))
+    assert ours == ImageProcessor.blip()
+    torch.testing.assert_close(ours([image]), expected, atol=1e-5, rtol=0)
+
+
+def test_tiny_preset_trains():
+    """A few steps of the captioning loss on one batch drive it down: gradients reach every part."""
+    torch.manual_seed(0)
+    model = Blip(PRESETS["blip-tiny-test"]).train()
+    px, (ids, mask) = images(), texts()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        logits = model(px, ids, mask)[:, :-1]
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+def test_calls_outside_the_checkpoint_task_say_so(saved):
+    caption = pm.load(saved["captioning"][1])
+    vqa = pm.load(saved["vqa"][1])
+    px, (ids, _) = images(), texts()
+    with pytest.raises(ValueError, match="captioning model.*retrieval"):
+        caption.itm(px, ids)
+    with pytest.raises(ValueError, match="needs the question"):
+        vqa.generate(px)
+    with pytest.raises(ValueError, match="answer_logits"):
+        vqa(px, ids)
+    with pytest.raises(ValueError, match="one image per text"):
+        caption(px[:2], ids)
+    with pytest.raises(ValueError, match="pixel_values"):
+        caption.generation_prefill(ids, torch.ones_like(ids), 9)
