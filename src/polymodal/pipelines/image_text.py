@@ -1,0 +1,160 @@
+"""Image-grounded text: captioning, visual question answering, image-text matching, and BLIP's CapFilt.
+
+Outputs follow transformers' pipelines: `[{"generated_text": ...}]` per image for "image-to-text",
+`[{"answer": ...}]` for "visual-question-answering"; "image-text-matching" ranks texts by the probability that
+they describe the image ([{"text", "score", "similarity"}]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from polymodal.pipelines.base import Pipeline, as_list
+from polymodal.pipelines.text import default_text_tokenizer
+
+
+class _ImageTextModelPipeline(Pipeline):
+    """A BLIP checkpoint of the task this pipeline serves, with its tokenizer."""
+
+    needs: str = ""  # the checkpoint's task (BlipConfig.task)
+
+    def __init__(self, model, *, tokenizer=None, **kw):
+        super().__init__(model, **kw)
+        task = getattr(self.model.config, "task", None)
+        if self.family != "blip" or task != self.needs:
+            what = f"a BLIP {task} checkpoint" if self.family == "blip" else f"a {self.family} model"
+            raise ValueError(f"{self.task} needs a BLIP {self.needs} checkpoint (BlipFor"
+                             f"{_ARCH[self.needs]}), got {what}")
+        self.tokenizer = tokenizer or default_text_tokenizer(self.model)
+
+    def _generate(self, pixels, ids, mask, max_new_tokens, seed, **options):
+        if seed is not None:
+            options["generator"] = torch.Generator(device=self.device).manual_seed(seed)
+        return self.model.generate(pixels, ids.to(self.device), mask.to(self.device), max_new_tokens=max_new_tokens,
+                                   **options)
+
+
+_ARCH = {"captioning": "ConditionalGeneration", "vqa": "QuestionAnswering", "retrieval": "ImageTextRetrieval"}
+
+
+class ImageToTextPipeline(_ImageTextModelPipeline):
+    """`pipe(image, prompt=None)` -> [{"generated_text"}]: a caption of each image, continuing `prompt` if given
+    (BLIP's "a picture of"), which the text then starts with."""
+
+    task = "image-to-text"
+    needs = "captioning"
+
+    @torch.inference_mode()
+    def __call__(self, images, prompt: str | None = None, *, max_new_tokens: int = 30, num_beams: int = 1,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 repetition_penalty: float = 1.0, seed: int | None = None, batch_size: int = 8):
+        items, single = as_list(images)
+        if prompt is not None and not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, not {type(prompt).__name__}")
+        start = [self.model.config.text.bos_token_id]
+        row = start + (self.tokenizer.encode(prompt, add_special_tokens=False) if prompt else [])
+        out = []
+        for i in range(0, len(items), batch_size):
+            chunk = items[i : i + batch_size]
+            ids, mask = self.tokenizer.pad([row] * len(chunk))
+            generated = self._generate(self.pixels(chunk), ids, mask, max_new_tokens, seed, num_beams=num_beams,
+                                       do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                       repetition_penalty=repetition_penalty)
+            out += [[{"generated_text": self.tokenizer.decode(g, skip_special_tokens=True).strip()}]
+                    for g in generated.tolist()]
+        return out[0] if single else out
+
+
+class VisualQuestionAnsweringPipeline(_ImageTextModelPipeline):
+    """`pipe(image, question)` -> [{"answer"}]; a list of images with one question, or a question per image."""
+
+    task = "visual-question-answering"
+    needs = "vqa"
+
+    @torch.inference_mode()
+    def __call__(self, image, question, *, max_new_tokens: int = 10, num_beams: int = 1, batch_size: int = 8):
+        images, single = as_list(image)
+        questions = [question] * len(images) if isinstance(question, str) else list(question)
+        if len(questions) != len(images) or not all(isinstance(q, str) and q.strip() for q in questions):
+            raise ValueError("visual-question-answering takes one non-empty question (a string) for all images, or "
+                             f"one per image; got {len(questions)} for {len(images)} image(s)")
+        out = []
+        for i in range(0, len(images), batch_size):
+            ids, mask = self.tokenizer(questions[i : i + batch_size], padding_side="right")
+            ids, mask = _fit(ids, mask, self.model.config.text.max_position_embeddings)
+            generated = self._generate(self.pixels(images[i : i + batch_size]), ids, mask, max_new_tokens, None,
+                                       num_beams=num_beams)
+            out += [[{"answer": self.tokenizer.decode(g, skip_special_tokens=True).strip()}]
+                    for g in generated.tolist()]
+        return out[0] if single else out
+
+
+class ImageTextMatchingPipeline(_ImageTextModelPipeline):
+    """`pipe(image, texts)` -> [{"text", "score", "similarity"}] sorted by score: `score` is the ITM head's
+    probability that the text describes the image, `similarity` the ITC cosine of their embeddings."""
+
+    task = "image-text-matching"
+    needs = "retrieval"
+
+    @torch.inference_mode()
+    def scores(self, images, texts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image i with text i, or one image with every text -> (ITM match probability (N,), ITC cosine (N,))."""
+        images, texts = list(images), list(texts)
+        if len(images) not in (1, len(texts)):
+            raise ValueError(f"expected one image, or one per text: {len(images)} images, {len(texts)} texts")
+        ids, mask = self.tokenizer(texts, padding_side="right")
+        ids, mask = _fit(ids.to(self.device), mask.to(self.device), self.model.config.text.max_position_embeddings)
+        tokens = self.model.image_embeds(self.pixels(images))  # (1 or N, 1+P, D): each image encoded once
+        logits, cosine = self.model.match(tokens.expand(len(texts), -1, -1), ids, mask)
+        return logits.float().softmax(-1)[:, 1], cosine.float()
+
+    def __call__(self, image, texts):
+        items, _ = as_list(texts)
+        if not all(isinstance(t, str) for t in items):
+            raise TypeError("texts must be strings")
+        match, similarity = self.scores([image], items)
+        ranked = sorted(zip(items, match.tolist(), similarity.tolist()), key=lambda r: -r[1])
+        return [{"text": t, "score": s, "similarity": c} for t, s, c in ranked]
+
+
+def _fit(ids: torch.Tensor, mask: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncate right-padded texts to the model's positions (BLIP's processor truncates as well)."""
+    return ids[:, :max_len], mask[:, :max_len]
+
+
+@dataclass
+class CapFiltResult:
+    """One image's captions after CapFilt: those kept, with their ITM match probabilities."""
+
+    kept: list[str]
+    scores: dict[str, float]
+    synthetic: list[str]
+
+
+def capfilt(captioner: ImageToTextPipeline, matcher: ImageTextMatchingPipeline, images, captions, *,
+            num_synthetic: int = 1, threshold: float = 0.5, top_p: float = 0.9, max_new_tokens: int = 30,
+            seed: int = 0) -> list[CapFiltResult]:
+    """BLIP's dataset bootstrapping (sec. 3.3): the captioner writes `num_synthetic` captions per image with nucleus
+    sampling (more diverse than beam search, which the paper found to help), and the filter (the ITM head) keeps
+    each original and synthetic caption whose match probability reaches `threshold`.
+
+    images: N images; captions: N web captions (a string or a list of strings per image)."""
+    items, _ = as_list(images)
+    originals = [[c] if isinstance(c, str) else list(c) for c in captions]
+    if len(originals) != len(items):
+        raise ValueError(f"capfilt needs captions for each image: {len(items)} images, {len(originals)} captions")
+    synthetic = [[] for _ in items]
+    for k in range(num_synthetic):
+        out = captioner(items, do_sample=True, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed + k)
+        for s, o in zip(synthetic, out):
+            s.append(o[0]["generated_text"])
+    pairs = [(i, c) for i in range(len(items)) for c in originals[i] + synthetic[i]]
+    match, _ = matcher.scores([items[i] for i, _ in pairs], [c for _, c in pairs])
+    results = [CapFiltResult([], {}, synthetic[i]) for i in range(len(items))]
+    for (i, c), p in zip(pairs, match.tolist()):
+        results[i].scores[c] = p
+        if p >= threshold and c not in results[i].kept:
+            results[i].kept.append(c)
+    return results
