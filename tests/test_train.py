@@ -1,6 +1,6 @@
 """The training engine: config overrides, optimizer groups, schedule, accumulation, freezing, activation
 checkpointing, bf16, NaN steps, atomic checkpoints with exact resume after SIGKILL, DDP on 2 CPU processes,
-the CLI, and the clip-shapes and lenet-fashion-mnist recipes at a tiny size."""
+the CLI, and the clip-shapes, blip-shapes and lenet-fashion-mnist recipes at a tiny size."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def test_overrides_are_typed_and_checked():
     with pytest.raises(ConfigError, match="batch_size must be at least 1"):
         apply_overrides(ToyConfig(), ["batch_size=0"])
     # every recipe accepts the common settings
-    for name in ("toy-regression", "clip-shapes", "lenet-fashion-mnist", "vit-fashion-mnist"):
+    for name in ("toy-regression", "clip-shapes", "blip-shapes", "lenet-fashion-mnist", "vit-fashion-mnist"):
         c = recipe_config(name, ["max_steps=3", "batch_size=8", "lr=0.1", "seed=4", "log_every=2", "save_every=3"])
         assert (c.max_steps, c.batch_size, c.lr, c.seed, c.log_every, c.save_every) == (3, 8, 0.1, 4, 2, 3)
 
@@ -389,6 +389,34 @@ def test_clip_shapes_recipe_tiny(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["eval"] == ev
     model = pm.load(tmp_path / "model")
     assert model.logit_scale.item() <= 4.6052 + 1e-6
+
+
+def test_blip_shapes_recipe_tiny(tmp_path):
+    """The three BLIP objectives train together; the evaluation reports every metric; the exported captioning and
+    retrieval checkpoints load into transformers' BLIP classes and into the pipelines."""
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    import polymodal as pm
+
+    summary = run("blip-shapes", tmp_path, ["max_steps=6", "batch_size=16", "train_images=64", "eval_images=6",
+                                            "image_size=32", "warmup_steps=1", "log_every=1", "save_every=6"])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all({"itc", "itm", "lm"} <= set(r) for r in records)
+    assert min(r["lm"] for r in records[-2:]) < records[0]["lm"]
+    ev = summary["eval"]
+    for key in ("caption_exact_train", "caption_exact_heldout", "itm_accuracy_train", "itm_accuracy_heldout",
+                "itc_recall@1_train", "capfilt_noisy_removed", "capfilt_clean_kept"):
+        assert 0.0 <= ev[key] <= 1.0, key
+    assert len(ev["caption_examples_train"]) == 5
+    BlipForConditionalGeneration.from_pretrained(tmp_path / "model" / "captioning")
+    BlipForImageTextRetrieval.from_pretrained(tmp_path / "model" / "retrieval")
+    from polymodal.data import ShapesWorld
+
+    image = ShapesWorld(32, seed=5, vocab="full").sample(0).image
+    caption = pm.pipeline("image-to-text", model=tmp_path / "model" / "captioning")(image, max_new_tokens=4)
+    assert isinstance(caption[0]["generated_text"], str)
+    ranked = pm.pipeline("image-text-matching", model=tmp_path / "model" / "retrieval")(image, ["a red circle"])
+    assert 0.0 <= ranked[0]["score"] <= 1.0
 
 
 def _fake_fashion_mnist(tmp_path) -> Path:

@@ -111,6 +111,11 @@ class Bert(nn.Module):
             for _ in range(c.num_hidden_layers)
         )
         self.pooler = nn.Linear(D, D) if c.pooler else None
+        for emb in (self.word_embeddings, self.position_embeddings, self.token_type_embeddings):
+            if emb is not None:  # BERT's initializer (std 0.02): PyTorch's N(0, 1) makes a tied LM head's logits huge
+                nn.init.normal_(emb.weight, std=0.02)
+                if emb.padding_idx is not None:
+                    nn.init.zeros_(emb.weight[emb.padding_idx])
         if not _fits_transformers(c):  # pm.save's default layout (transformers') cannot hold this variant
             self.pm_layout = "polymodal"
 

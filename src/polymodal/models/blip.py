@@ -42,7 +42,7 @@ from polymodal.nn.attention import KVCache
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Drop, KeyMap, Rename
 
-Task = Literal["captioning", "retrieval", "vqa"]
+Task = Literal["captioning", "retrieval", "vqa", "pretraining"]
 TASKS: dict[str, str] = {  # transformers' architecture -> task
     "BlipForConditionalGeneration": "captioning",
     "BlipForImageTextRetrieval": "retrieval",
@@ -89,8 +89,8 @@ class BlipConfig:
     image_text_hidden_size: int = 256  # ITC's shared embedding width (retrieval)
 
     def __post_init__(self):
-        if self.task not in ("captioning", "retrieval", "vqa"):
-            raise ValueError(f"task must be 'captioning', 'retrieval' or 'vqa', got {self.task!r}")
+        if self.task not in ("captioning", "retrieval", "vqa", "pretraining"):
+            raise ValueError(f"task must be 'captioning', 'retrieval', 'vqa' or 'pretraining', got {self.task!r}")
         if self.vision.pool != "cls" or not self.vision.class_token or self.vision.backbone:
             raise ValueError("BLIP's vision tower is a plain ViT with a class token (pool='cls', no backbone)")
         if self.task == "vqa" and self.text.hidden_size != self.vision.hidden_size:
@@ -141,22 +141,27 @@ class BlipState:
 
 class Blip(nn.Module):
     """The parts of `config.task`: captioning (vision_model, text_decoder, lm_head), retrieval (vision_model,
-    text_encoder, vision_proj, text_proj, itm_head) or VQA (vision_model, text_encoder, text_decoder, lm_head)."""
+    text_encoder, vision_proj, text_proj, itm_head), VQA (vision_model, text_encoder, text_decoder, lm_head), or
+    pretraining (all of them and ITC's temperature: the three objectives at once; `part(task)` then hands out the
+    task models, sharing its weights)."""
 
     def __init__(self, config: BlipConfig):
         super().__init__()
         self.config = c = config
         t, Dv = c.text, c.vision.hidden_size
         self.vision_model = ViT(c.vision)
-        if c.task in ("retrieval", "vqa"):
+        if c.task != "captioning":
             self.text_encoder = Bert(t.bert(decoder=False, context_dim=Dv))
-        if c.task in ("captioning", "vqa"):
+        if c.task != "retrieval":
             self.text_decoder = Bert(t.bert(decoder=True, context_dim=Dv))
             self.lm_head = LMHead(t.hidden_size, t.vocab_size, t.hidden_act, t.layer_norm_eps)
-        if c.task == "retrieval":
+        if c.task in ("retrieval", "pretraining"):
             self.vision_proj = nn.Linear(Dv, c.image_text_hidden_size)
             self.text_proj = nn.Linear(t.hidden_size, c.image_text_hidden_size)
             self.itm_head = nn.Linear(t.hidden_size, 2)
+        if c.task == "pretraining":
+            self.temp = nn.Parameter(torch.tensor(0.07))  # ITC's softmax temperature, learned (clamped by training)
+            self.pm_layout = "polymodal"  # no transformers class holds all parts; part(task) saves as one
 
     # ------------------------------------------------------------------------------ the three objectives
 
@@ -167,24 +172,26 @@ class Blip(nn.Module):
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The task's main output for images (B, 3, H, W) and texts (B, T): captioning, the decoder's next-token
         logits (B, T, V) (transformers' `BlipForConditionalGeneration(...).logits`); retrieval, the ITM logits
-        (B, 2) of image i with text i. VQA models answer through `generate` (or `answer_logits`)."""
+        (B, 2) of image i with text i; pretraining, the three losses (`pretraining_losses`). VQA models answer
+        through `generate` (or `answer_logits`)."""
         if self.config.task == "captioning":
-            self._needs("captioning")
             return self.decode(input_ids, attention_mask, self._checked_image(pixel_values, input_ids))
         if self.config.task == "retrieval":
             return self.itm(pixel_values, input_ids, attention_mask)
+        if self.config.task == "pretraining":
+            return self.pretraining_losses(pixel_values, input_ids, attention_mask)
         raise ValueError("a VQA model's forward needs the answer too: use answer_logits(pixel_values, question_ids, "
                          "answer_ids, ...) or generate(pixel_values, question_ids)")
 
     def itm(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Image-text matching: logits (B, 2) over (no match, match) for image i and text i."""
-        self._needs("retrieval")
+        self._needs("retrieval", "pretraining")
         return self.match(self._checked_image(pixel_values, input_ids), input_ids, attention_mask)[0]
 
     def match(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Both scores of image i and text i from the image's tokens (B, 1+N, Dv) (`image_embeds`, computed once
         for both) -> (ITM logits (B, 2), ITC cosine (B,))."""
-        self._needs("retrieval")
+        self._needs("retrieval", "pretraining")
         if image.ndim != 3 or image.shape[0] != input_ids.shape[0]:
             raise ValueError(f"expected image tokens ({input_ids.shape[0]}, 1+N, D) for {input_ids.shape[0]} texts, "
                              f"got {tuple(image.shape)}")
@@ -196,18 +203,71 @@ class Blip(nn.Module):
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """ITC's image embedding (B, E), unit length."""
-        self._needs("retrieval")
+        self._needs("retrieval", "pretraining")
         return F.normalize(self.vision_proj(self.vision_model.pooled(pixel_values)), dim=-1)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """ITC's text embedding (B, E), unit length: the text encoder without the image."""
-        self._needs("retrieval")
+        self._needs("retrieval", "pretraining")
         return F.normalize(self.text_proj(self.text_encoder(input_ids, attention_mask)[:, 0]), dim=-1)
 
     def itc(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Image-text contrastive similarity (B_images, B_texts): cosine of the projected [CLS] features
         (transformers' `use_itm_head=False` score)."""
         return self.encode_image(pixel_values) @ self.encode_text(input_ids, attention_mask).T
+
+    def pretraining_losses(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
+                           label_smoothing: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
+        """The paper's three objectives on a batch of pairs (image i, text i), texts starting with [CLS] ->
+        (ITC, ITM, LM) losses, to be summed with equal weights.
+
+        ITC: contrastive over the batch, image->text and text->image; identical texts count as positives of each
+        other. ITM: the positive pairs plus one hard negative per image and per text, drawn in proportion to the
+        ITC similarity (sec. 3.2). LM: the decoder reads the text with [DEC] first and predicts each next token,
+        with label smoothing 0.1 as in the paper. The paper's momentum encoder and its queue are not built."""
+        self._needs("pretraining")
+        B = input_ids.shape[0]
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        image = self._checked_image(pixel_values, input_ids)  # (B, 1+N, Dv)
+        image_feature = F.normalize(self.vision_proj(image[:, 0]), dim=-1)
+        text_feature = F.normalize(self.text_proj(self.text_encoder(input_ids, mask)[:, 0]), dim=-1)
+        sim = image_feature @ text_feature.T / self.temp  # (B, B)
+        same = (input_ids[:, None] == input_ids[None]).all(-1)  # (B, B): equal texts (padded alike)
+        targets = same.float() / same.sum(1, keepdim=True)
+        itc = (F.cross_entropy(sim, targets) + F.cross_entropy(sim.T, targets)) / 2
+
+        with torch.no_grad():  # hard negatives: likely under ITC, yet not the pair's own text
+            weights = sim.float().softmax(-1).masked_fill(same, 0) + (~same) * 1e-6  # (B, B), no zero rows
+            negative_text = torch.multinomial(weights, 1).squeeze(1)  # (B,) for each image
+            negative_image = torch.multinomial(weights.T, 1).squeeze(1)  # (B,) for each text
+        texts = torch.cat([input_ids, input_ids[negative_text], input_ids])
+        masks = torch.cat([mask, mask[negative_text], mask])
+        images = torch.cat([image, image, image[negative_image]])
+        grounded = self.text_encoder(texts, masks, encoder_hidden_states=images)[:, 0]  # (3B, D)
+        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(input_ids.device)
+        itm = F.cross_entropy(self.itm_head(grounded), labels)
+
+        decoder_ids = input_ids.clone()
+        decoder_ids[:, 0] = self.config.text.bos_token_id
+        logits = self.decode(decoder_ids, mask, image)[:, :-1]  # (B, T-1, V)
+        targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                             label_smoothing=label_smoothing)
+        return itc, itm, lm
+
+    def part(self, task: str) -> Blip:
+        """The `task` model ("captioning", "retrieval", "vqa") made of this pretraining model's parts: the same
+        modules, not copies, so it saves in transformers' layout as that BlipFor* checkpoint."""
+        self._needs("pretraining")
+        if task not in ("captioning", "retrieval", "vqa"):
+            raise ValueError(f"part() gives 'captioning', 'retrieval' or 'vqa', not {task!r}")
+        from dataclasses import replace
+
+        with torch.device("meta"):
+            model = Blip(replace(self.config, task=task))
+        for name, _ in list(model.named_children()):
+            setattr(model, name, getattr(self, name))
+        return model.train(self.training)
 
     def answer_logits(self, pixel_values: Tensor, question_ids: Tensor, answer_ids: Tensor,
                       question_mask: Tensor | None = None, answer_mask: Tensor | None = None) -> Tensor:
@@ -252,7 +312,7 @@ class Blip(nn.Module):
         the image, and the decoder starts from [DEC] over it."""
         if pixel_values is None:
             raise ValueError("BLIP generates from images: pass pixel_values")
-        self._needs("captioning", "vqa")
+        self._needs("captioning", "vqa", "pretraining")
         B = input_ids.shape[0]
         image = self._checked_image(pixel_values, input_ids)
         prompt = None
@@ -388,6 +448,9 @@ def _read_hf(raw: dict, shapes: dict) -> BlipConfig:
 
 
 def _write_hf(c: BlipConfig) -> dict:
+    if c.task == "pretraining":
+        raise ValueError("transformers has no class for BLIP's pretraining model: save model.part('captioning') "
+                         "(or 'retrieval', 'vqa') in its layout, or this model in polymodal's")
     if c.vision.position != "learned" or not c.vision.qkv_bias or c.vision.num_channels != 3:
         raise ValueError("transformers' BLIP holds a ViT with learned positions and q/k/v biases over RGB; save "
                          "this variant in polymodal's layout (model.pm_layout = 'polymodal')")
