@@ -406,3 +406,29 @@ def test_cli_bad_input_is_one_line_and_exit_2(with_files, tmp_path, capsys):
     assert err.startswith("error:") and "\n" not in err
     assert main(["vqa", "--model", str(with_files["captioning"]), "--image", str(broken), "--question", "q?"]) == 2
     assert "captioning checkpoint" in capsys.readouterr().err
+
+
+def test_pretraining_objectives_and_parts(tmp_path):
+    """The pretraining model's three losses reach every parameter; its task parts share its weights and save as
+    transformers' classes; a batch of one repeated text (no negative exists) still trains."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = Blip(replace(PRESETS["blip-tiny-test"], task="pretraining")).train()
+    px, (ids, mask) = images(), texts()
+    itc, itm, lm = model(px, ids, mask)
+    (itc + itm + lm).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    same = model(px, ids[:1].expand(3, -1), mask[:1].expand(3, -1))
+    assert all(torch.isfinite(x) for x in same)
+    caption = model.part("captioning")
+    assert caption.lm_head is model.lm_head and not hasattr(caption, "itm_head")
+    pm.save(caption, tmp_path / "caption")
+    assert json.loads((tmp_path / "caption" / "config.json").read_text())["architectures"] == \
+        ["BlipForConditionalGeneration"]
+    BlipForConditionalGeneration.from_pretrained(tmp_path / "caption")
+    with pytest.raises(ValueError, match="part\\(\\) gives"):
+        model.part("pretraining")
+    with pytest.raises(ValueError, match="no class for BLIP's pretraining"):
+        model.pm_layout = "transformers"
+        pm.save(model, tmp_path / "whole")

@@ -237,7 +237,8 @@ class Blip(nn.Module):
         itc = (F.cross_entropy(sim, targets) + F.cross_entropy(sim.T, targets)) / 2
 
         with torch.no_grad():  # hard negatives: likely under ITC, yet not the pair's own text
-            weights = sim.float().softmax(-1).masked_fill(same, 0) + (~same) * 1e-6  # (B, B), no zero rows
+            weights = sim.float().softmax(-1).masked_fill(same, 0) + (~same) * 1e-6  # (B, B)
+            weights[~weights.any(-1)] = 1.0  # a batch of one text has no negative: then any pair will do
             negative_text = torch.multinomial(weights, 1).squeeze(1)  # (B,) for each image
             negative_image = torch.multinomial(weights.T, 1).squeeze(1)  # (B,) for each text
         texts = torch.cat([input_ids, input_ids[negative_text], input_ids])
