@@ -28,10 +28,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from timing import timed  # benchmarks/timing.py, beside this script
 from transformers import BlipConfig, BlipForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
@@ -61,14 +61,6 @@ def build(size: str, workdir: Path, dtype: torch.dtype, device: torch.device, pa
     never = ref.config.text_config.vocab_size  # no logit has this index: no caption ends
     ref.config.text_config.sep_token_id = never  # read by BLIP's generate as its eos_token_id
     return ref, pm.optimize_for_inference(ours) if packed else ours, never
-
-
-def timed(fn, sync) -> float:
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
 
 
 def main() -> None:

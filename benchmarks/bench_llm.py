@@ -24,10 +24,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from timing import timed  # benchmarks/timing.py, beside this script
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import polymodal as pm
@@ -54,14 +54,6 @@ def build(size: str, workdir: Path, dtype: torch.dtype, device: torch.device, pa
     ref.save_pretrained(workdir / size)
     ours = pm.load(workdir / size, dtype=dtype, device=device)
     return ref, pm.optimize_for_inference(ours) if packed else ours
-
-
-def timed(fn, sync) -> float:
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
 
 
 MODES = {"eager": {}, "static": {"static_cache": True}, "compile": {"compile_step": True}}
