@@ -202,6 +202,18 @@ def test_strict_loading_names_the_missing_tensor(saved, tmp_path):
         pm.load(tmp_path)
 
 
+def test_pooler_tensors_transformers_ignores_are_dropped(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = saved["vqa"][1]
+    (tmp_path / "config.json").write_text((d / "config.json").read_text())
+    tensors = load_file(d / "model.safetensors")
+    tensors.update({"text_encoder.pooler.dense.weight": torch.zeros(32, 32),
+                    "text_encoder.pooler.dense.bias": torch.zeros(32)})
+    save_file(tensors, tmp_path / "model.safetensors")
+    assert pm.load(tmp_path).config.task == "vqa"
+
+
 def test_blipmodel_checkpoint_is_refused_by_name(saved, tmp_path):
     d = saved["retrieval"][1]
     raw = json.loads((d / "config.json").read_text())

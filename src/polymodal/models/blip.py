@@ -409,7 +409,9 @@ def _hf_key_map(c: BlipConfig) -> KeyMap:
         Rename(f"{head}bias", "lm_head.bias"),
         Drop(f"{head}decoder.{{p}}"),  # tied: the word embeddings and lm_head.bias
     ]
-    return KeyMap([*vision, *(hf_rules("text_encoder.", "text_encoder.") if c.task != "captioning" else []),
+    # transformers builds these text towers without a pooler and ignores pooler tensors a checkpoint carries
+    unused = [Drop("text_encoder.pooler.{rest*}"), Drop("text_decoder.bert.pooler.{rest*}")]
+    return KeyMap([*vision, *unused, *(hf_rules("text_encoder.", "text_encoder.") if c.task != "captioning" else []),
                    *(decoder if c.task != "retrieval" else [])])
 
 
