@@ -153,6 +153,7 @@ def test_answer_logits_match_transformers(saved):
         q = ref.text_encoder(input_ids=question, encoder_hidden_states=image).last_hidden_state
         expected = ref.text_decoder(input_ids=answer, attention_mask=amask, encoder_hidden_states=q).logits
         close(model.answer_logits(px, question, answer, answer_mask=amask), expected)
+        close(model(px, question, answer_ids=answer, answer_mask=amask), expected)
 
 
 def test_padded_questions_answer_as_one_by_one(saved):
@@ -287,7 +288,7 @@ def test_calls_outside_the_checkpoint_task_say_so(saved):
         caption.itm(px, ids)
     with pytest.raises(ValueError, match="needs the question"):
         vqa.generate(px)
-    with pytest.raises(ValueError, match="answer_logits"):
+    with pytest.raises(ValueError, match="needs the answers"):
         vqa(px, ids)
     with pytest.raises(ValueError, match="one image per text"):
         caption(px[:2], ids)

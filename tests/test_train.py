@@ -62,7 +62,8 @@ def test_overrides_are_typed_and_checked():
     with pytest.raises(ConfigError, match="batch_size must be at least 1"):
         apply_overrides(ToyConfig(), ["batch_size=0"])
     # every recipe accepts the common settings
-    for name in ("toy-regression", "clip-shapes", "blip-shapes", "lenet-fashion-mnist", "vit-fashion-mnist"):
+    for name in ("toy-regression", "clip-shapes", "blip-shapes", "blip-shapes-vqa", "lenet-fashion-mnist",
+                 "vit-fashion-mnist"):
         c = recipe_config(name, ["max_steps=3", "batch_size=8", "lr=0.1", "seed=4", "log_every=2", "save_every=3"])
         assert (c.max_steps, c.batch_size, c.lr, c.seed, c.log_every, c.save_every) == (3, 8, 0.1, 4, 2, 3)
 
@@ -391,9 +392,10 @@ def test_clip_shapes_recipe_tiny(tmp_path):
     assert model.logit_scale.item() <= 4.6052 + 1e-6
 
 
-def test_blip_shapes_recipe_tiny(tmp_path):
-    """The three BLIP objectives train together; the evaluation reports every metric; the exported captioning and
-    retrieval checkpoints load into transformers' BLIP classes and into the pipelines."""
+def test_blip_recipes_tiny(tmp_path):
+    """blip-shapes: the three BLIP objectives train together; the evaluation reports every metric; the exported
+    captioning and retrieval checkpoints load into transformers' BLIP classes and into the pipelines.
+    blip-shapes-vqa: starts from those parts, trains, and its model answers through the VQA pipeline."""
     from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
     import polymodal as pm
@@ -417,6 +419,27 @@ def test_blip_shapes_recipe_tiny(tmp_path):
     assert isinstance(caption[0]["generated_text"], str)
     ranked = pm.pipeline("image-text-matching", model=tmp_path / "model" / "retrieval")(image, ["a red circle"])
     assert 0.0 <= ranked[0]["score"] <= 1.0
+
+    # VQA fine-tuning starts from this run's parts, as BLIP's does
+    from dataclasses import replace
+
+    from polymodal.train.recipes import _init_vqa_from, shapes_blip_config
+
+    vqa = pm.build("blip", replace(shapes_blip_config(32), task="vqa"))
+    _init_vqa_from(vqa, str(tmp_path))
+    retrieval = pm.load(tmp_path / "model" / "retrieval")
+    torch.testing.assert_close(vqa.text_encoder.layers[0].attn.qkv.weight,
+                               retrieval.text_encoder.layers[0].attn.qkv.weight, atol=0, rtol=0)
+    summary = run("blip-shapes-vqa", tmp_path / "vqa", ["max_steps=4", "batch_size=16", "train_images=32",
+                                                        "eval_images=3", "image_size=32", "log_every=1",
+                                                        f"init={tmp_path}"])
+    losses = [loss for _, loss in _losses(tmp_path / "vqa")]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert set(summary["eval"]["vqa_by_kind_train"]) == {"how many", "is there", "what color", "what shape"}
+    answer = pm.pipeline("visual-question-answering", model=tmp_path / "vqa" / "model")(image, "what color is it?")
+    assert isinstance(answer[0]["answer"], str)
+    with pytest.raises(ConfigError, match="finished blip-shapes run"):
+        _init_vqa_from(vqa, str(tmp_path / "vqa"))
 
 
 def _fake_fashion_mnist(tmp_path) -> Path:

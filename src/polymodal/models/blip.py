@@ -169,19 +169,23 @@ class Blip(nn.Module):
         """pixel_values (B, 3, H, W) -> the ViT's tokens (B, 1+N, Dv), transformers' `last_hidden_state`."""
         return self.vision_model(pixel_values)
 
-    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None,
+                answer_ids: Tensor | None = None, answer_mask: Tensor | None = None):
         """The task's main output for images (B, 3, H, W) and texts (B, T): captioning, the decoder's next-token
         logits (B, T, V) (transformers' `BlipForConditionalGeneration(...).logits`); retrieval, the ITM logits
-        (B, 2) of image i with text i; pretraining, the three losses (`pretraining_losses`). VQA models answer
-        through `generate` (or `answer_logits`)."""
+        (B, 2) of image i with text i; VQA, the answer decoder's logits (B, T_a, V) for the questions input_ids
+        and the answers answer_ids ([DEC] first; `answer_logits`); pretraining, the three losses
+        (`pretraining_losses`)."""
         if self.config.task == "captioning":
             return self.decode(input_ids, attention_mask, self._checked_image(pixel_values, input_ids))
         if self.config.task == "retrieval":
             return self.itm(pixel_values, input_ids, attention_mask)
         if self.config.task == "pretraining":
             return self.pretraining_losses(pixel_values, input_ids, attention_mask)
-        raise ValueError("a VQA model's forward needs the answer too: use answer_logits(pixel_values, question_ids, "
-                         "answer_ids, ...) or generate(pixel_values, question_ids)")
+        if answer_ids is None:
+            raise ValueError("a VQA model's forward needs the answers (answer_ids) too; to answer, use "
+                             "generate(pixel_values, question_ids)")
+        return self.answer_logits(pixel_values, input_ids, answer_ids, attention_mask, answer_mask)
 
     def itm(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Image-text matching: logits (B, 2) over (no match, match) for image i and text i."""

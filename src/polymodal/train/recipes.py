@@ -10,6 +10,9 @@ All recipes live in the one explicit `RECIPES` dict below; `polymodal train NAME
   ShapesWorld pairs of which 20% carry a wrong caption (the paper's noisy web text), reported as caption exact
   match and ITM accuracy on seen and never-seen combinations, ITC recall@1, and how well CapFilt's filter (the
   ITM head) separates the noisy training pairs from the clean ones.
+* `blip-shapes-vqa`: BLIP's VQA model (question encoder + answer decoder) on ShapesWorld's questions (count,
+  color, shape, existence), from scratch or from a `blip-shapes` run (`init=DIR`), reported as exact-match answer
+  accuracy on seen and never-seen combinations, per kind of question.
 * `lenet-fashion-mnist`: the paper's LeNet-5 (Table I connections, RBF output) on Fashion-MNIST with the paper's
   MAP loss, reported as accuracy on the 10,000 test images.
 * `vit-fashion-mnist`: a small ViT on Fashion-MNIST (by default the ViT paper's hybrid: a ResNet stem, then the
@@ -322,6 +325,128 @@ def build_blip_shapes(c: BlipShapesConfig, world: World) -> Task:
                 export=export_blip_shapes)
 
 
+# --------------------------------------------------------------------------------------- blip-shapes-vqa
+
+
+@dataclass(frozen=True)
+class BlipShapesVqaConfig(TrainConfig):
+    max_steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    log_every: int = 50
+    save_every: int = 500
+    image_size: int = 64
+    train_images: int = 20000  # each with its 3-5 question-answer pairs
+    eval_images: int = 200  # per split, every question of each
+    init: str = ""  # a blip-shapes run directory: start from its pretrained parts, as BLIP fine-tunes VQA
+
+
+def vqa_loss(model: nn.Module, batch: dict):
+    logits = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["answer_ids"],
+                   batch["answer_mask"])[:, :-1]  # (B, Ta-1, V)
+    targets = batch["answer_ids"][:, 1:].masked_fill(batch["answer_mask"][:, 1:] == 0, -100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def _qa_tensors(tok, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, ...]:
+    """Questions as BLIP's processor frames them ([CLS] q [SEP], right-padded) and answers as the decoder reads
+    them ([DEC] a [SEP])."""
+    q_ids, q_mask = tok([q for q, _ in pairs], padding_side="right")
+    a_ids, a_mask = tok([a for _, a in pairs], padding_side="right")
+    a_ids[:, 0] = tok.bos_token_id
+    return q_ids, q_mask, a_ids, a_mask
+
+
+def _question_kind(question: str) -> str:
+    return " ".join(question.split()[:2])  # "how many", "what color", "what shape", "is there"
+
+
+@torch.no_grad()
+def evaluate_blip_vqa(model: nn.Module, image_size: int, n: int) -> dict:
+    """Greedy answers to every question about fresh images, exact match, on seen and never-seen color-shape
+    combinations, overall and per kind of question."""
+    from polymodal.data import ShapesWorld
+    from polymodal.processing import ImageProcessor
+    from polymodal.processing.text import TextTokenizer
+
+    tok, proc = TextTokenizer.blip(), ImageProcessor.blip(size=image_size)
+    device = next(model.parameters()).device
+    model.eval()
+    result = {}
+    for split in ("train", "heldout"):
+        samples = ShapesWorld(image_size, seed=1, split=split, vocab="full").batch(0, n)
+        rows = [(i, q, a) for i, s in enumerate(samples) for q, a in s.qa]
+        pixels = proc([s.image for s in samples])
+        hits: dict[str, list[bool]] = {}
+        examples = []
+        for start in range(0, len(rows), 64):
+            chunk = rows[start : start + 64]
+            ids, mask = tok([q for _, q, _ in chunk], padding_side="right")
+            out = model.generate(pixels[[i for i, _, _ in chunk]].to(device), ids.to(device), mask.to(device),
+                                 max_new_tokens=5)
+            for (_, q, a), row in zip(chunk, out.tolist()):
+                answer = tok.decode(row).strip()
+                hits.setdefault(_question_kind(q), []).append(answer == a)
+                if len(examples) < 6:
+                    examples.append([q, a, answer])
+        every = [h for v in hits.values() for h in v]
+        result[f"vqa_accuracy_{split}"] = sum(every) / len(every)
+        result[f"vqa_by_kind_{split}"] = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+        result[f"vqa_examples_{split}"] = examples
+    return result
+
+
+def _init_vqa_from(model: nn.Module, run: str) -> None:
+    """BLIP's VQA start: the image-grounded encoder (and ViT) of a pretraining run's retrieval model, the decoder
+    and LM head of its captioning model."""
+    import polymodal as pm
+
+    where = Path(run) / "model"
+    if not (where / "retrieval").is_dir() or not (where / "captioning").is_dir():
+        raise ConfigError(f"init={run!r}: expected a finished blip-shapes run (its model/retrieval and "
+                          "model/captioning directories)")
+    retrieval, captioning = pm.load(where / "retrieval"), pm.load(where / "captioning")
+    for name, source in (("vision_model", retrieval), ("text_encoder", retrieval), ("text_decoder", captioning),
+                         ("lm_head", captioning)):
+        getattr(model, name).load_state_dict(getattr(source, name).state_dict())
+
+
+def build_blip_shapes_vqa(c: BlipShapesVqaConfig, world: World) -> Task:
+    import polymodal as pm
+    from polymodal.data import ShapesWorld
+    from polymodal.processing import ImageProcessor
+    from polymodal.processing.text import TextTokenizer
+
+    model = pm.build("blip", replace(shapes_blip_config(c.image_size), task="vqa"))
+    if c.init:
+        _init_vqa_from(model, c.init)
+    samples = ShapesWorld(c.image_size, seed=0, split="train", vocab="full").batch(0, c.train_images)
+    pixels = ImageProcessor.blip(size=c.image_size)([s.image for s in samples])  # (N, 3, H, W)
+    rows = [(i, q, a) for i, s in enumerate(samples) for q, a in s.qa]
+    image_of = torch.tensor([i for i, _, _ in rows])
+    q_ids, q_mask, a_ids, a_mask = _qa_tensors(TextTokenizer.blip(), [(q, a) for _, q, a in rows])
+
+    def collate(i: torch.Tensor) -> dict:
+        return {"pixel_values": pixels[image_of[i]], "input_ids": q_ids[i], "attention_mask": q_mask[i],
+                "answer_ids": a_ids[i], "answer_mask": a_mask[i]}
+
+    data = ShuffledBatches(len(rows), c.batch_size // c.grad_accum, collate, seed=c.seed, rank=world.rank,
+                           world_size=world.size)
+
+    def export(m: nn.Module, out: Path) -> None:
+        from polymodal.processing.text import TextTokenizer as Tok
+
+        where = pm.save(m, out)
+        Tok.blip().save_pretrained(where, tokenizer_class="BertTokenizer")
+        (Path(where) / "preprocessor_config.json").write_text(json.dumps(
+            {"image_processor_type": "BlipImageProcessor", "size": {"height": c.image_size, "width": c.image_size}}))
+
+    return Task(model, vqa_loss, data, evaluate=lambda m: evaluate_blip_vqa(m, c.image_size, c.eval_images),
+                export=export)
+
+
 # ----------------------------------------------------------------------------------- lenet-fashion-mnist
 
 
@@ -546,6 +671,8 @@ RECIPES: dict[str, Recipe] = {
                           "tiny CLIP from scratch on ShapesWorld; zero-shot on held-out combinations, recall@1/5"),
     "blip-shapes": Recipe(BlipShapesConfig, build_blip_shapes,
                           "small BLIP pretrained (ITC + ITM + LM) on noisy ShapesWorld pairs; captions, ITM, CapFilt"),
+    "blip-shapes-vqa": Recipe(BlipShapesVqaConfig, build_blip_shapes_vqa,
+                              "BLIP VQA on ShapesWorld's questions (init=a blip-shapes run); answer accuracy"),
     "lenet-fashion-mnist": Recipe(LeNetFashionConfig, build_lenet_fashion,
                                   "the paper's LeNet-5 on Fashion-MNIST (MAP loss); test accuracy"),
     "vit-fashion-mnist": Recipe(ViTFashionConfig, build_vit_fashion,
