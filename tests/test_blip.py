@@ -294,6 +294,8 @@ def test_calls_outside_the_checkpoint_task_say_so(saved):
         caption(px[:2], ids)
     with pytest.raises(ValueError, match="pixel_values"):
         caption.generation_prefill(ids, torch.ones_like(ids), 9)
+    with pytest.raises(ValueError, match="need 71 decoder positions; .* holds 64"):
+        caption.generate(px, max_new_tokens=70)
 
 
 # ------------------------------------------------------------------------------------ pipelines and CLI

@@ -329,7 +329,10 @@ class Blip(nn.Module):
             max_len = max_len - context.shape[1] + 1
         else:
             context, context_mask = image, None
-        T = input_ids.shape[1]
+        T, limit = input_ids.shape[1], self.config.text.max_position_embeddings
+        if max_len > limit:  # refused before any decoding, not at the step that would run out of positions
+            raise ValueError(f"the prompt and max_new_tokens need {max_len} decoder positions; this BLIP's text "
+                             f"decoder holds {limit} (ask for fewer new tokens)")
         cross = [layer.cross_attn.project_kv(context) for layer in self.text_decoder.layers]
         t, p = self.config.text, self.lm_head.bias
         cache = [KVCache(B, t.num_attention_heads, max_len, t.hidden_size // t.num_attention_heads,
