@@ -26,7 +26,7 @@ answers token for token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -266,8 +266,6 @@ class Blip(nn.Module):
         self._needs("pretraining")
         if task not in ("captioning", "retrieval", "vqa"):
             raise ValueError(f"part() gives 'captioning', 'retrieval' or 'vqa', not {task!r}")
-        from dataclasses import replace
-
         with torch.device("meta"):
             model = Blip(replace(self.config, task=task))
         for name, _ in list(model.named_children()):
@@ -296,9 +294,10 @@ class Blip(nn.Module):
 
     def generate(self, pixel_values: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                  max_new_tokens: int = 20, **options) -> Tensor:
-        """Captioning: continue each image's prompt (B, T), [DEC] first (default: [DEC] alone) -> (B, T + N).
-        VQA: answer the questions input_ids (B, T) -> (B, 1 + N), [DEC] first. Generation ends at [SEP]; see
-        `polymodal.generation.generate` for the options (num_beams, do_sample, ...)."""
+        """Captioning: continue each image's prompt (B, T), [DEC] first (default: [DEC] alone; left-padded when
+        prompts differ in length) -> (B, T + N). VQA: answer the questions input_ids (B, T) ([CLS] q [SEP],
+        right-padded as BLIP's processor pads: the encoder's positions are absolute) -> (B, 1 + N), [DEC] first.
+        Generation ends at [SEP]; see `polymodal.generation.generate` for the options (num_beams, do_sample, ...)."""
         t = self.config.text
         if input_ids is None:
             if self.config.task == "vqa":
