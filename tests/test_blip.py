@@ -265,7 +265,7 @@ def test_tiny_preset_trains():
     px, (ids, mask) = images(), texts()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(30):
+    for _ in range(60):
         logits = model(px, ids, mask)[:, :-1]
         labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
