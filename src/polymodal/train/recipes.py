@@ -281,19 +281,23 @@ def evaluate_blip_shapes(model: nn.Module, image_size: int, n: int, noisy: list[
     return result
 
 
-def export_blip_shapes(model: nn.Module, out: Path) -> None:
-    """The captioning and retrieval models in transformers' layout (BlipForConditionalGeneration and
-    BlipForImageTextRetrieval), each with BLIP's tokenizer and image processor files."""
+def save_blip(model: nn.Module, where: Path) -> None:
+    """A BLIP task model in transformers' layout with BLIP's tokenizer and image processor files beside it, so
+    that the pipelines, the CLI and transformers' BlipProcessor read the directory as a hub checkpoint."""
     import polymodal as pm
     from polymodal.processing.text import TextTokenizer
 
-    tok = TextTokenizer.blip()
+    where = pm.save(model, where)
+    TextTokenizer.blip().save_pretrained(where, tokenizer_class="BertTokenizer")
     size = model.config.vision.image_size
+    (Path(where) / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "BlipImageProcessor", "size": {"height": size, "width": size}}, indent=2))
+
+
+def export_blip_shapes(model: nn.Module, out: Path) -> None:
+    """The captioning and retrieval models (BlipForConditionalGeneration, BlipForImageTextRetrieval)."""
     for task in ("captioning", "retrieval"):
-        where = pm.save(model.part(task), Path(out) / task)
-        tok.save_pretrained(where, tokenizer_class="BertTokenizer")
-        (Path(where) / "preprocessor_config.json").write_text(json.dumps(
-            {"image_processor_type": "BlipImageProcessor", "size": {"height": size, "width": size}}, indent=2))
+        save_blip(model.part(task), Path(out) / task)
 
 
 def build_blip_shapes(c: BlipShapesConfig, world: World) -> Task:
@@ -435,16 +439,8 @@ def build_blip_shapes_vqa(c: BlipShapesVqaConfig, world: World) -> Task:
     data = ShuffledBatches(len(rows), c.batch_size // c.grad_accum, collate, seed=c.seed, rank=world.rank,
                            world_size=world.size)
 
-    def export(m: nn.Module, out: Path) -> None:
-        from polymodal.processing.text import TextTokenizer as Tok
-
-        where = pm.save(m, out)
-        Tok.blip().save_pretrained(where, tokenizer_class="BertTokenizer")
-        (Path(where) / "preprocessor_config.json").write_text(json.dumps(
-            {"image_processor_type": "BlipImageProcessor", "size": {"height": c.image_size, "width": c.image_size}}))
-
     return Task(model, vqa_loss, data, evaluate=lambda m: evaluate_blip_vqa(m, c.image_size, c.eval_images),
-                export=export)
+                export=save_blip)
 
 
 # ----------------------------------------------------------------------------------- lenet-fashion-mnist
