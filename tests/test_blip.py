@@ -76,6 +76,16 @@ def test_caption_logits_match_transformers(saved):
         close(model(px, ids, mask), ref(pixel_values=px, input_ids=ids, attention_mask=mask).logits)
 
 
+def test_other_resolutions_interpolate_positions_as_transformers(saved):
+    """At 48x40 pixels the learned positions are resized bicubically: transformers' interpolate_pos_encoding."""
+    ref, d = saved["captioning"]
+    model = pm.load(d)
+    px, (ids, mask) = torch.randn(3, 3, 48, 40, generator=torch.Generator().manual_seed(4)), texts()
+    with torch.no_grad():
+        expected = ref(pixel_values=px, input_ids=ids, attention_mask=mask, interpolate_pos_encoding=True).logits
+        close(model(px, ids, mask), expected)
+
+
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_captions_match_transformers_token_for_token(saved, num_beams):
     ref, d = saved["captioning"]
