@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,7 +39,25 @@ class DecoderState:
     mask: Tensor  # (B, max_len): 1 where a position holds a real token
     length: int  # positions filled so far
     positions: Tensor  # (B,) the position id of the next token per row
-    extras: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, cache: list[KVCache], attention_mask: Tensor, max_len: int, **fields) -> tuple[Any, Tensor]:
+        """The state once a prompt with padding `attention_mask` (B, T) is in -> (state, the prompt's position ids
+        (B, T)). Positions count each row's real tokens from 0, so left padding changes nothing. `fields`: those a
+        subclass adds."""
+        B, T = attention_mask.shape
+        mask = torch.zeros(B, max_len, dtype=torch.long, device=attention_mask.device)
+        mask[:, :T] = attention_mask
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return cls(cache, mask, T, positions[:, -1] + 1, **fields), positions
+
+    def advance(self) -> tuple[Tensor, Tensor]:
+        """Take one new token per row -> (the mask over every position so far (B, L), the new tokens' position ids
+        (B, 1))."""
+        self.mask[:, self.length] = 1
+        self.length += 1
+        positions, self.positions = self.positions[:, None], self.positions + 1
+        return self.mask[:, : self.length], positions
 
     def reorder(self, index: Tensor) -> None:
         """Keep rows `index` (B',), in that order: beam search regroups its hypotheses every step."""
@@ -94,22 +112,15 @@ class CausalLM:
 
     def generation_prefill(self, input_ids: Tensor, attention_mask: Tensor, max_len: int
                            ) -> tuple[DecoderState, Tensor]:
-        B, T = input_ids.shape
         p = next(self.parameters())
-        mask = torch.zeros(B, max_len, dtype=torch.long, device=input_ids.device)
-        mask[:, :T] = attention_mask
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
-        state = DecoderState(self.new_cache(B, max_len, dtype=p.dtype, device=p.device), mask, T, positions[:, -1] + 1)
-        logits = self(input_ids, mask[:, :T], cache=state.cache, position_ids=positions, logits_to_keep=1)
+        cache = self.new_cache(input_ids.shape[0], max_len, dtype=p.dtype, device=p.device)
+        state, positions = DecoderState.start(cache, attention_mask, max_len)
+        logits = self(input_ids, attention_mask, cache=state.cache, position_ids=positions, logits_to_keep=1)
         return state, logits[:, -1]
 
     def generation_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
-        state.mask[:, state.length] = 1
-        state.length += 1
-        logits = self(tokens[:, None], state.mask[:, : state.length], cache=state.cache,
-                      position_ids=state.positions[:, None], logits_to_keep=1)
-        state.positions = state.positions + 1
-        return logits[:, -1]
+        mask, positions = state.advance()
+        return self(tokens[:, None], mask, cache=state.cache, position_ids=positions, logits_to_keep=1)[:, -1]
 
     def generate(self, input_ids: Tensor, max_new_tokens: int = 20, do_sample: bool = False, **options) -> Tensor:
         """input_ids (B, T) -> (B, T + N) token ids; see `polymodal.generation.generate` for the options."""
@@ -157,12 +168,9 @@ class FixedShapeStep:
         if state.length >= state.mask.shape[1]:
             raise ValueError(f"KV cache full: {state.length + 1} positions requested, "
                              f"{state.mask.shape[1]} preallocated")
-        state.mask[:, state.length] = 1
         self.index.fill_(state.length)
         self.tokens.copy_(tokens)
-        self.positions.copy_(state.positions)
-        state.length += 1
-        state.positions = state.positions + 1
+        self.positions.copy_(state.advance()[1][:, 0])
         if self.graph is None:
             return self.run()
         if self.logits is None:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import from_dict
-from polymodal.generation import generate
+from polymodal.generation import DecoderState, generate
 from polymodal.models.bert import Bert, BertConfig, hf_rules
 from polymodal.models.vit import ViT, ViTConfig
 from polymodal.nn import activation
@@ -115,23 +115,15 @@ class LMHead(nn.Module):
 
 
 @dataclass
-class BlipState:
-    """What generation carries from one decoder step to the next."""
+class BlipState(DecoderState):
+    """What generation carries from one decoder step to the next: a decoder's state, plus what it attends to."""
 
-    cache: list[KVCache]  # decoder self-attention, one per layer
-    mask: Tensor  # (B, max_len): 1 where a decoder position holds a real token
-    length: int  # decoder positions filled so far
-    positions: Tensor  # (B,) the position id of the next token per row
-    cross: list[tuple[Tensor, Tensor]]  # cross-attention keys and values per layer, (B, H, S, Dh) each
-    context_mask: Tensor | None  # (B, S) padding of the cross-attended states (a VQA question), None: none
+    cross: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer: keys, values (B, H, S, Dh)
+    context_mask: Tensor | None = None  # (B, S) padding of the cross-attended states (a VQA question), None: none
     prompt: Tensor | None = None  # VQA: the decoder's start tokens (B, 1), which the output begins with
 
     def reorder(self, index: Tensor) -> None:
-        """Keep rows `index` (B',), in that order: beam search regroups its hypotheses every step."""
-        for c in self.cache:
-            c.reorder(index)
-        self.mask = self.mask.index_select(0, index)
-        self.positions = self.positions.index_select(0, index)
+        super().reorder(index)
         self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
         if self.context_mask is not None:
             self.context_mask = self.context_mask.index_select(0, index)
@@ -189,26 +181,31 @@ class Blip(nn.Module):
 
     def itm(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Image-text matching: logits (B, 2) over (no match, match) for image i and text i."""
-        self._needs("retrieval", "pretraining")
-        return self.match(self._checked_image(pixel_values, input_ids), input_ids, attention_mask)[0]
+        return self.itm_logits(self._checked_image(pixel_values, input_ids), input_ids, attention_mask)
 
-    def match(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Both scores of image i and text i from the image's tokens (B, 1+N, Dv) (`image_embeds`, computed once
-        for both) -> (ITM logits (B, 2), ITC cosine (B,))."""
+    def itm_logits(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """`itm` from the images' tokens (B, 1+N, Dv) (`image_embeds`), for a caller that reuses them."""
         self._needs("retrieval", "pretraining")
         if image.ndim != 3 or image.shape[0] != input_ids.shape[0]:
             raise ValueError(f"expected image tokens ({input_ids.shape[0]}, 1+N, D) for {input_ids.shape[0]} texts, "
                              f"got {tuple(image.shape)}")
         grounded = self.text_encoder(input_ids, attention_mask, encoder_hidden_states=image)  # (B, T, D)
-        text = self.text_encoder(input_ids, attention_mask)[:, 0]  # (B, D): the unimodal encoder, for ITC
-        image_feature = F.normalize(self.vision_proj(image[:, 0]), dim=-1)
-        cosine = (image_feature * F.normalize(self.text_proj(text), dim=-1)).sum(-1)
-        return self.itm_head(grounded[:, 0]), cosine
+        return self.itm_head(grounded[:, 0])
+
+    def match(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Both scores of image i and text i from the images' tokens (B, 1+N, Dv), computed once for both ->
+        (ITM logits (B, 2), ITC cosine (B,))."""
+        logits = self.itm_logits(image, input_ids, attention_mask)
+        return logits, (self.project_image(image) * self.encode_text(input_ids, attention_mask)).sum(-1)
+
+    def project_image(self, image: Tensor) -> Tensor:
+        """ITC's image embedding (B, E), unit length, from the images' tokens (B, 1+N, Dv): their [CLS]."""
+        return F.normalize(self.vision_proj(image[:, 0]), dim=-1)
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
-        """ITC's image embedding (B, E), unit length."""
+        """ITC's image embedding (B, E), unit length (the ViT computes only [CLS] in its last block)."""
         self._needs("retrieval", "pretraining")
-        return F.normalize(self.vision_proj(self.vision_model.pooled(pixel_values)), dim=-1)
+        return self.project_image(self.vision_model.pooled(pixel_values)[:, None])
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """ITC's text embedding (B, E), unit length: the text encoder without the image."""
@@ -233,9 +230,7 @@ class Blip(nn.Module):
         B = input_ids.shape[0]
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         image = self._checked_image(pixel_values, input_ids)  # (B, 1+N, Dv)
-        image_feature = F.normalize(self.vision_proj(image[:, 0]), dim=-1)
-        text_feature = F.normalize(self.text_proj(self.text_encoder(input_ids, mask)[:, 0]), dim=-1)
-        sim = image_feature @ text_feature.T / self.temp  # (B, B)
+        sim = self.project_image(image) @ self.encode_text(input_ids, mask).T / self.temp  # (B, B)
         same = (input_ids[:, None] == input_ids[None]).all(-1)  # (B, B): equal texts (padded alike)
         targets = same.float() / same.sum(1, keepdim=True)
         itc = (F.cross_entropy(sim, targets) + F.cross_entropy(sim.T, targets)) / 2
@@ -317,40 +312,33 @@ class Blip(nn.Module):
         if pixel_values is None:
             raise ValueError("BLIP generates from images: pass pixel_values")
         self._needs("captioning", "vqa", "pretraining")
-        B = input_ids.shape[0]
+        (B, S), t, p = input_ids.shape, self.config.text, self.lm_head.bias
+        vqa = self.config.task == "vqa"
+        if vqa:
+            max_len = max_len - S + 1  # the decoder's own sequence: [DEC] and the answer
+        if max_len > t.max_position_embeddings:  # refused before any work, not when positions run out
+            raise ValueError(f"the prompt and max_new_tokens need {max_len} decoder positions; this BLIP's text "
+                             f"decoder holds {t.max_position_embeddings} (ask for fewer new tokens)")
         image = self._checked_image(pixel_values, input_ids)
         prompt = None
-        if self.config.task == "vqa":
+        if vqa:
             context = self.text_encoder(input_ids, attention_mask, encoder_hidden_states=image)  # (B, S, D)
             context_mask = None if bool(attention_mask.all()) else attention_mask
-            prompt = torch.full((B, 1), self.config.text.bos_token_id, dtype=torch.long, device=input_ids.device)
+            prompt = torch.full((B, 1), t.bos_token_id, dtype=torch.long, device=input_ids.device)
             input_ids, attention_mask = prompt, torch.ones_like(prompt)
-            max_len = max_len - context.shape[1] + 1
         else:
             context, context_mask = image, None
-        T, limit = input_ids.shape[1], self.config.text.max_position_embeddings
-        if max_len > limit:  # refused before any decoding, not at the step that would run out of positions
-            raise ValueError(f"the prompt and max_new_tokens need {max_len} decoder positions; this BLIP's text "
-                             f"decoder holds {limit} (ask for fewer new tokens)")
         cross = [layer.cross_attn.project_kv(context) for layer in self.text_decoder.layers]
-        t, p = self.config.text, self.lm_head.bias
         cache = [KVCache(B, t.num_attention_heads, max_len, t.hidden_size // t.num_attention_heads,
                          dtype=p.dtype, device=p.device) for _ in range(t.num_hidden_layers)]
-        mask = torch.zeros(B, max_len, dtype=torch.long, device=input_ids.device)
-        mask[:, :T] = attention_mask
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
-        state = BlipState(cache, mask, T, positions[:, -1] + 1, cross, context_mask, prompt)
-        logits = self.decode(input_ids, mask[:, :T], cross, context_mask, cache, positions)
-        return state, logits[:, -1]
+        state, positions = BlipState.start(cache, attention_mask, max_len, cross=cross, context_mask=context_mask,
+                                           prompt=prompt)
+        return state, self.decode(input_ids, attention_mask, cross, context_mask, cache, positions)[:, -1]
 
     def generation_step(self, tokens: Tensor, state: BlipState) -> Tensor:
         """tokens (B,) -> next-token logits (B, V)."""
-        state.mask[:, state.length] = 1
-        state.length += 1
-        logits = self.decode(tokens[:, None], state.mask[:, : state.length], state.cross, state.context_mask,
-                             state.cache, state.positions[:, None])
-        state.positions = state.positions + 1
-        return logits[:, -1]
+        mask, positions = state.advance()
+        return self.decode(tokens[:, None], mask, state.cross, state.context_mask, state.cache, positions)[:, -1]
 
     # ------------------------------------------------------------------------------ checks
 

@@ -141,10 +141,14 @@ def capfilt(captioner: ImageToTextPipeline, matcher: ImageTextMatchingPipeline, 
     each original and synthetic caption whose match probability reaches `threshold`.
 
     images: N images; captions: N web captions (a string or a list of strings per image)."""
+    from polymodal.processing import open_image
+
     items, _ = as_list(images)
     originals = [[c] if isinstance(c, str) else list(c) for c in captions]
     if len(originals) != len(items):
         raise ValueError(f"capfilt needs captions for each image: {len(items)} images, {len(originals)} captions")
+    # decoded once: every captioning round and the filter read them again (a file object could be read only once)
+    items = [open_image(im) for im in items]
     synthetic = [[] for _ in items]
     for k in range(num_synthetic):
         out = captioner(items, do_sample=True, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed + k)

@@ -248,32 +248,32 @@ def evaluate_blip_shapes(model: nn.Module, image_size: int, n: int, noisy: list[
     model.eval()
     captioner, matcher = model.part("captioning"), model.part("retrieval")
 
-    def match_prob(images, captions) -> torch.Tensor:
+    def match_prob(tokens: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """ITM's p(match) of image tokens (N, 1+P, D) with captions (N)."""
         ids, mask = tok(captions, padding_side="right")
-        logits, _ = matcher.match(matcher.image_embeds(proc(images).to(device)), ids.to(device), mask.to(device))
-        return logits.float().softmax(-1)[:, 1].cpu()
+        return matcher.itm_logits(tokens, ids.to(device), mask.to(device)).float().softmax(-1)[:, 1].cpu()
 
     result = {}
     for split in ("train", "heldout"):
         samples = ShapesWorld(image_size, seed=1, split=split, vocab="full").batch(0, n)
-        images = [s.image for s in samples]
-        out = captioner.generate(proc(images).to(device), max_new_tokens=12)
+        pixels = proc([s.image for s in samples]).to(device)
+        out = captioner.generate(pixels, max_new_tokens=12)
         captions = [tok.decode(row).strip() for row in out.tolist()]
         result[f"caption_exact_{split}"] = sum(c in s.captions for c, s in zip(captions, samples)) / n
         result[f"caption_examples_{split}"] = [[s.caption, c] for s, c in zip(samples[:5], captions)]
+        tokens = matcher.image_embeds(pixels)  # (n, 1+P, D): once for ITM and ITC
         wrong = [samples[(i + 1) % n].caption for i in range(n)]
         keep = [w not in s.captions for w, s in zip(wrong, samples)]
-        p_true, p_wrong = match_prob(images, [s.caption for s in samples]), match_prob(images, wrong)
+        p_true, p_wrong = match_prob(tokens, [s.caption for s in samples]), match_prob(tokens, wrong)
         correct = (p_true > 0.5).sum().item() + sum(bool(p < 0.5) for p, k in zip(p_wrong, keep) if k)
         result[f"itm_accuracy_{split}"] = correct / (n + sum(keep))
         distinct = sorted({s.caption for s in samples})
         ids, mask = tok(distinct, padding_side="right")
-        text = matcher.encode_text(ids.to(device), mask.to(device))
-        sim = matcher.encode_image(proc(images).to(device)) @ text.T  # (n, captions)
+        sim = matcher.project_image(tokens) @ matcher.encode_text(ids.to(device), mask.to(device)).T  # (n, captions)
         best = sim.argmax(-1).tolist()
         result[f"itc_recall@1_{split}"] = sum(distinct[b] in s.captions for b, s in zip(best, samples)) / n
     images, captions, is_noise = zip(*noisy)
-    kept = (match_prob(list(images), list(captions)) >= 0.5).tolist()
+    kept = (match_prob(matcher.image_embeds(proc(list(images)).to(device)), list(captions)) >= 0.5).tolist()
     noise_kept = [k for k, bad in zip(kept, is_noise) if bad]
     clean_kept = [k for k, bad in zip(kept, is_noise) if not bad]
     result["capfilt_noisy_removed"] = 1 - sum(noise_kept) / max(1, len(noise_kept))
