@@ -161,6 +161,17 @@ def test_save_load_round_trip(tmp_path, name):
         assert torch.equal(back.c3.mask, m.c3.mask)  # rebuilt after loading on the meta device
 
 
+def test_class_names_travel_with_the_checkpoint(tmp_path):
+    """`id2label` (what the Fashion-MNIST recipe sets) is saved and read back, and must name every class."""
+    names = tuple(f"class {i}" for i in range(10))
+    torch.manual_seed(0)
+    pm.save(LeNet(LeNetConfig(id2label=names)), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["id2label"] == list(names)
+    assert pm.load(tmp_path).config.id2label == names
+    with pytest.raises(ValueError, match="id2label names 3 classes, but num_classes is 10"):
+        LeNetConfig(id2label=("a", "b", "c"))
+
+
 def test_strict_loading_names_missing_tensor(tmp_path):
     pm.save(_model(), tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")

@@ -40,8 +40,12 @@ class LeNetConfig:
     image_size: int = 32  # 12 + 4k (k >= 1) so that both subsamplings halve an even map: 16, 20, ..., 32
     connection: Literal["table", "full"] = "table"  # C3: the paper's Table I, or every S2 map
     output: Literal["rbf", "linear"] = "rbf"  # the paper's Euclidean RBF units, or a linear classifier
+    id2label: tuple[str, ...] = ()  # class names, in class order; empty: LABEL_i
 
     def __post_init__(self):
+        if self.id2label and len(self.id2label) != self.num_classes:
+            raise ValueError(f"LeNetConfig: id2label names {len(self.id2label)} classes, but num_classes is "
+                             f"{self.num_classes}")
         if self.connection not in ("table", "full"):
             raise ValueError(f"LeNetConfig: connection must be 'table' or 'full', got {self.connection!r}")
         if self.output not in ("rbf", "linear"):
