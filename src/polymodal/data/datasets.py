@@ -163,6 +163,8 @@ class FashionMNIST(_MapDataset):
     def __init__(self, root: str | Path | None = None, split: str = "train", transform: Transform = None):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        given = "the given folder" if root else "$POLYMODAL_FASHION_MNIST" if os.environ.get(
+            "POLYMODAL_FASHION_MNIST") else "the default folder"
         root = Path(root or os.environ.get("POLYMODAL_FASHION_MNIST") or FASHION_MNIST_DIR)
         prefix = "train" if split == "train" else "t10k"
         names = {"images": f"{prefix}-images-idx3-ubyte", "labels": f"{prefix}-labels-idx1-ubyte"}
@@ -170,9 +172,10 @@ class FashionMNIST(_MapDataset):
         missing = [f"{names[kind]}[.gz]" for kind, p in paths.items() if p is None]
         if missing:
             raise FileNotFoundError(
-                f"Fashion-MNIST {split} files not found in {root} (missing {', '.join(missing)}). Install Debian's "
-                "dataset-fashion-mnist package (it puts them in /usr/share/datasets/fashion-mnist), or pass root= "
-                "or set POLYMODAL_FASHION_MNIST to a folder with the IDX files.")
+                f"Fashion-MNIST {split} files not found in {root} ({given}; missing {', '.join(missing)}). Install "
+                "Debian's dataset-fashion-mnist package (it puts them in /usr/share/datasets/fashion-mnist), or "
+                "name a folder with the IDX files: `--set data_root=DIR` for the training recipes, "
+                "FashionMNIST(root=DIR) in Python, or $POLYMODAL_FASHION_MNIST for both.")
         images, labels = read_idx(paths["images"]), read_idx(paths["labels"])
         if images.ndim != 3 or images.dtype != np.uint8:
             raise DataError(f"{paths['images']}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
