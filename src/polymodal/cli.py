@@ -232,23 +232,40 @@ def cmd_demo(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from polymodal.train import ConfigError, run
+    import shlex
 
+    from polymodal.train import ConfigError, run
+    from polymodal.train.engine import TrainingInterrupted
+
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only the first process reports
     try:
         summary = run(args.recipe, args.out, overrides=args.set, resume=args.resume)
     except ConfigError as e:
         raise UsageError(str(e)) from None
-    if os.environ.get("RANK", "0") != "0":  # under torchrun only the first process reports
+    except TrainingInterrupted as e:  # SIGINT/SIGTERM: a checkpoint of the last whole step is on disk
+        if main_process:
+            again = shlex.join(["polymodal", "train", args.recipe, "--out", args.out,
+                                *(x for o in args.set for x in ("--set", o)), "--resume"])
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                again = "the same torchrun command with --resume"
+            print(f"interrupted ({e.signal_name}) after step {e.step}: saved {e.checkpoint}; continue with: "
+                  f"{again}", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+    if not main_process:
         return
     if "table" in summary:  # an ablation: one run per variant
         _emit(args, summary, lambda s: f"{s['table']}\n(ablation of {args.recipe}: {args.out}/ablation.md)")
         return
-    _emit(args, summary, lambda s: f"trained {args.recipe}: {s['steps']} steps, final loss {s['final_loss']:.4f}; "
-          f"results in {args.out}")
+
+    def loss(value) -> str:
+        return "not finite" if value is None else f"{value:.4f}"
+
+    _emit(args, summary, lambda s: f"trained {args.recipe}: {s['steps']} steps, final loss {loss(s['final_loss'])} "
+          f"(the last step's; smoothed {loss(s.get('smoothed_loss'))}, as on the progress bar); results in {args.out}")
 
 
 def cmd_serve(args) -> None:
-    from polymodal.serve.app import MAX_BODY_BYTES, api_key_from_env, serve
+    from polymodal.serve.app import MAX_BODY_BYTES, api_key_from_env, bind_socket, serve
     from polymodal.serve.registry import load_served, parse_spec
 
     for spec in args.model:
@@ -351,7 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="polymodal-demo", help="output directory")
 
     sp = add("train", cmd_train, "train a recipe (single process, or each process under torchrun)")
-    sp.add_argument("recipe", help="recipe name, e.g. clip-shapes")
+    from polymodal.train.recipes import RECIPES
+
+    width = max(map(len, RECIPES))
+    sp.formatter_class = argparse.RawDescriptionHelpFormatter  # keeps the recipe list one line per recipe
+    sp.epilog = "recipes:\n" + "\n".join(f"  {n:<{width}}  {r.description}" for n, r in RECIPES.items()) + \
+        "\n\nCtrl-C (SIGINT) or SIGTERM saves a checkpoint at the end of the current step; --resume continues."
+    sp.add_argument("recipe", help="recipe name (listed below)")
     sp.add_argument("--out", required=True, help="run directory: checkpoints/, metrics.jsonl, results.json")
     sp.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")

@@ -8,7 +8,9 @@ leaves either the old set of checkpoints or the old set plus a complete new one;
 removed on the next start. Only complete checkpoints count, and pruning to the newest K runs after a new one is
 in place, so the last good checkpoint is never deleted.
 
-Files are read back with `torch.load(weights_only=True)`: no pickled code runs on resume.
+Files are read back with `torch.load(weights_only=True)`: no pickled code runs on resume. A checkpoint whose files
+cannot be read, or whose state is not the one its name promises (another step, missing parts, non-finite weights),
+is rejected and the next older complete one is tried (`load_newest`): a resume never starts from a damaged state.
 """
 
 from __future__ import annotations
@@ -44,9 +46,19 @@ def _write(path: Path, obj) -> None:
 
 def _fault(kind: str, step: int) -> None:
     """Test hook: POLYMODAL_TRAIN_FAULT="step:N" or "save:N" SIGKILLs this process at that point (the
-    resume tests use it to die at a chosen step, or halfway through writing a checkpoint)."""
-    if os.environ.get("POLYMODAL_TRAIN_FAULT") == f"{kind}:{step}":
+    resume tests use it to die at a chosen step, or halfway through writing a checkpoint); "sigint:N" and
+    "sigterm:N" send it that signal at the start of step N instead. A suffix "@R" (e.g. "sigint:5@1") limits it
+    to the process of rank R."""
+    spec, _, rank = os.environ.get("POLYMODAL_TRAIN_FAULT", "").partition("@")
+    if rank and rank != os.environ.get("RANK", "0"):
+        return
+    what, _, at = spec.partition(":")
+    if at != str(step):
+        return
+    if what == kind:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "step" and what in ("sigint", "sigterm"):
+        os.kill(os.getpid(), signal.SIGINT if what == "sigint" else signal.SIGTERM)
 
 
 # ------------------------------------------------------------------------------------------------ RNG
@@ -81,6 +93,48 @@ def _as_tuple(x):
 
 
 # ------------------------------------------------------------------------------------------ directory
+
+STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "data", "step", "skipped")
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint whose files cannot be read back, or do not hold the training state its name says."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _read(file: Path) -> object:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, truncated (PytorchStreamReader), not a torch file, pickled code refused
+        raise CorruptCheckpoint(f"{file} cannot be read ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def check_state(path: Path, state: object) -> None:
+    """Raise CorruptCheckpoint unless `state` is a whole training state of the step `path` is named after."""
+    where = path / "state.pt"
+    if not isinstance(state, dict):
+        raise CorruptCheckpoint(f"{where} holds a {type(state).__name__}, not a training state")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise CorruptCheckpoint(f"{where} lacks {', '.join(missing)}")
+    step, skipped = state["step"], state["skipped"]
+    named = int(_NAME.match(path.name)[1])
+    if type(step) is not int or step != named:
+        raise CorruptCheckpoint(f"{where} says step {step!r}, but the checkpoint is step {named}")
+    if type(skipped) is not int or not 0 <= skipped <= step:
+        raise CorruptCheckpoint(f"{where} counts {skipped!r} skipped steps, not a number in 0..{step}")
+    model = state["model"]
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise CorruptCheckpoint(f"{where}: its model state is not a dict of tensors")
+    bad = next((k for k, v in model.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:  # checkpoints are only written from finite weights: this one was altered
+        raise CorruptCheckpoint(f"{where}: tensor {bad!r} is not finite")
+    if not isinstance(state["data"], dict):
+        raise CorruptCheckpoint(f"{where}: its data position is not a dict")
 
 
 class CheckpointDir:
@@ -143,11 +197,41 @@ class CheckpointDir:
 
     @staticmethod
     def load(path: Path, rank: int) -> tuple[dict, dict | None]:
-        """(shared state, this rank's RNG state or None when the run had fewer processes)."""
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        """(shared state, this rank's RNG state or None when the run had fewer processes); CorruptCheckpoint
+        when a file cannot be read or the state is not whole (see `check_state`)."""
+        state = _read(path / "state.pt")
+        check_state(path, state)
         rng_file = path / f"rng-rank{rank}.pt"
         rng = None
-        if rng_file.is_file():
-            rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+        if rng_file.is_file() or rank == 0:  # rank 0 always writes one: a missing one is damage
+            rng = _read(rng_file)
+            if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= rng.keys():
+                raise CorruptCheckpoint(f"{rng_file} does not hold the generators' states")
             rng["python"] = _as_tuple(rng["python"])
         return state, rng
+
+    def load_newest(self, rank: int, agree=lambda ok: ok) -> tuple[Path | None, dict | None, dict | None,
+                                                                  list[tuple[Path, str]]]:
+        """The newest checkpoint that reads back whole: (path, state, this rank's RNG state, [(newer checkpoint,
+        why it was rejected)]). `agree(ok) -> bool` makes every process pick the same one (a collective "all
+        ok"); the first three are None when none can be used."""
+        rejected = []
+        for path in reversed(self.complete()):
+            state = rng = None
+            try:
+                state, rng = self.load(path, rank)
+                reason = None
+            except CorruptCheckpoint as e:
+                reason = str(e)
+            if agree(reason is None):
+                return path, state, rng, rejected
+            rejected.append((path, reason or f"{path}: another process could not read its files"))
+        return None, None, None, rejected
+
+    def set_aside(self, path: Path) -> Path:
+        """Rename a rejected checkpoint to `step-N.rejected` (kept for inspection; it no longer counts as
+        complete, so it neither shadows the good ones nor gets pruned in their place)."""
+        aside = path.with_name(path.name + ".rejected")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(path, aside)
+        return aside

@@ -8,9 +8,10 @@ parsed against the field's declared type; a wrong key or value raises `ConfigErr
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 
 class ConfigError(ValueError):
@@ -29,7 +30,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 100
     keep_last: int = 3  # checkpoints kept on disk; the newest complete one is never deleted
-    warmup_steps: int = 0
+    warmup_steps: int | None = None  # None: derived from max_steps (the `warmup` property)
     min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio at max_steps
     weight_decay: float = 0.01
     grad_accum: int = 1
@@ -40,18 +41,36 @@ class TrainConfig:
     freeze: tuple[str, ...] = ()  # parameter-name prefixes that are not trained
     strategy: Literal["ddp", "fsdp"] = "ddp"  # with several processes: DDP, or FSDP2 (fully_shard)
 
+    # the warm-up a recipe was tuned with at its default max_steps (not a setting: `warmup_steps` sets it)
+    default_warmup: ClassVar[int] = 0
+    WARMUP_FRACTION: ClassVar[float] = 0.1  # derived warm-up: at most this share of the run
+
+    @property
+    def warmup(self) -> int:
+        """The warm-up steps the schedule uses: `warmup_steps` when set, else the recipe's `default_warmup` capped
+        at 10% of `max_steps`, so that a short run (`max_steps=200` of a recipe tuned with 200 warm-up steps) is
+        not all warm-up. At every recipe's default `max_steps` the cap changes nothing."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return min(self.default_warmup, int(self.WARMUP_FRACTION * self.max_steps))
+
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "log_every", "save_every", "keep_last", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
-        if self.warmup_steps < 0:
+        if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 def _parse(key: str, text: str, tp) -> object:
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp):  # `int | None`
+        if text.lower() in ("", "none", "auto"):
+            return None
+        (inner,) = [t for t in typing.get_args(tp) if t is not type(None)]
+        return _parse(key, text, inner)
     if origin is Literal:
         choices = typing.get_args(tp)
         if text not in choices:

@@ -48,5 +48,9 @@ class ShuffledBatches:
         return {"epoch": self.epoch, "offset": self.offset}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        epoch, offset = state.get("epoch"), state.get("offset")
+        if type(epoch) is not int or type(offset) is not int or epoch < 0 or not 0 <= offset <= self.size:
+            raise ValueError(f"the saved data position (epoch {epoch!r}, offset {offset!r}) is not one of this "
+                             f"dataset of {self.size} items; was the checkpoint written with other data settings?")
+        self.epoch, self.offset = epoch, offset
         self._order = self._permutation(self.epoch)

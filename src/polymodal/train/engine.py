@@ -7,7 +7,9 @@ SGDR, 2017); gradient accumulation; global-norm clipping; bf16/fp16 autocast; op
 activation checkpointing (`torch.utils.checkpoint`); freezing by name prefix; DDP or FSDP2 under torchrun.
 
 A step whose loss or gradient norm is not finite is not applied (no optimizer or scheduler step), is logged, and
-counted; checkpoints are only written from finite parameters (see checkpointing.py for atomicity).
+counted; checkpoints are only written from finite parameters (see checkpointing.py for atomicity). SIGINT and
+SIGTERM stop the run at the next step boundary, after a checkpoint of that step (`TrainingInterrupted`). The JSON
+files a run writes hold no NaN or Infinity (not JSON): a non-finite number is written as null.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import contextlib
 import copy
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -136,6 +140,99 @@ def to_device(batch, device: torch.device):
     return batch
 
 
+# ------------------------------------------------------------------------------------ run directory
+
+
+def finite_json(value):
+    """`value` with every NaN or infinite float replaced by None: JSON has no NaN or Infinity, and Python's
+    `json` would write them as invalid tokens that other readers reject."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def dump_json(value, **kwargs) -> str:
+    return json.dumps(finite_json(value), allow_nan=False, **kwargs)
+
+
+def _stored_results(out: Path, steps: int) -> dict | None:
+    """A finished run's results.json, when it is readable and reports `steps` steps."""
+    try:
+        results = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) and results.get("steps") == steps else None
+
+
+def check_run_dir(out: str | Path, config: TrainConfig, resume: bool, *, quiet: bool = False) -> dict | None:
+    """What `out` allows, decided from file names before any data or model is loaded: a fresh run into a
+    directory that holds checkpoints, or a resume past `max_steps`, raises ConfigError; a resume of a run that
+    already finished `max_steps` and wrote its results returns those results (nothing is left to do; a note
+    on stderr says so unless `quiet`)."""
+    out = Path(out)
+    latest = CheckpointDir(out / "checkpoints").latest()
+    if latest is None:
+        return None
+    if not resume:
+        raise ConfigError(f"{out} already holds checkpoints (newest: {latest.name}); pass --resume to continue, "
+                          "or choose another --out")
+    step = int(latest.name[5:])
+    if step > config.max_steps:
+        raise ConfigError(f"{out} is at step {step}, past max_steps={config.max_steps}; resume with max_steps of "
+                          f"at least {step}, or choose another --out")
+    stored = _stored_results(out, config.max_steps) if step == config.max_steps else None
+    if stored is not None and not quiet:
+        print(f"{out}: all {config.max_steps} steps are done; reporting its stored results", file=sys.stderr)
+    return stored
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run at a step boundary; `checkpoint` holds that step."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(f"{self.signal_name} after step {step}: checkpoint {checkpoint}")
+
+
+class _StopSignals:
+    """While active, SIGINT and SIGTERM only record that a stop was asked for; the loop saves and stops at the
+    end of the current step. A repeated signal changes nothing (torchrun forwards the terminal's Ctrl-C to
+    processes that got it already), so the save always completes. Signal handlers can only be set from the
+    main thread; elsewhere signals keep their usual effect."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+    def agreed(self, world: World) -> int:
+        """The signal that asked for a stop, on any process (0: none); every process gets the same answer, so
+        all of them save the same step."""
+        if not world.distributed:
+            return self.signum
+        flag = torch.tensor(float(self.signum), device=world.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag)
+
+
 # ------------------------------------------------------------------------------------------- logging
 
 
@@ -149,11 +246,17 @@ class _Log:
             return
         out.mkdir(parents=True, exist_ok=True)
         self.metrics_path = out / "metrics.jsonl"
-        # on resume, forget what was logged after the checkpoint: those steps run again
-        kept = []
+        # on resume, forget what was logged after the checkpoint: those steps run again. A line cut off by a
+        # crash, or one without a step, cannot be placed: it is dropped, and said so
+        kept, dropped = [], 0
         if resume_step is not None and self.metrics_path.is_file():
-            for line in self.metrics_path.read_text().splitlines():
-                if line.strip() and json.loads(line)["step"] <= resume_step:
+            for line in self.metrics_path.read_text(errors="replace").splitlines():
+                if not line.strip():
+                    continue
+                step = _logged_step(line)
+                if step is None:
+                    dropped += 1
+                elif step <= resume_step:
                     kept.append(line + "\n")
         self.metrics_path.write_text("".join(kept))
         try:
@@ -162,6 +265,8 @@ class _Log:
             self.tb = SummaryWriter(str(out / "tensorboard"))
         except ImportError:  # TensorBoard is optional
             self.tb = None
+        if dropped:
+            self.say(f"{self.metrics_path}: dropped {dropped} unreadable line(s) (cut off, or without a step)")
 
     def say(self, message: str) -> None:
         if not self.main:
@@ -176,7 +281,7 @@ class _Log:
         if not self.main:
             return
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(dump_json(record) + "\n")
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step":
@@ -185,6 +290,16 @@ class _Log:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of one metrics.jsonl line, or None when the line is not a JSON object with an integer step."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if type(step) is int else None
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -204,18 +319,21 @@ def _split(out) -> tuple[Tensor, dict]:
 def fit(task: Task, config: TrainConfig, out: str | Path, *, world: World | None = None,
         resume: bool = False) -> dict:
     """Train `task` for `config.max_steps` optimizer steps; checkpoints in `out/checkpoints/`. With
-    `resume`, continue exactly from the newest complete checkpoint. Returns a summary (and writes
-    `out/results.json` with the evaluation when the task has one)."""
+    `resume`, continue exactly from the newest checkpoint that reads back whole (a run that already finished
+    returns its stored results). Returns a summary (also written to `out/results.json`, with the evaluation
+    when the task has one): `final_loss` is the loss of the last step, `smoothed_loss` the progress bar's
+    moving average of the step losses (weight 0.1 on the newest), `seconds` the training time over every
+    session of the run. SIGINT/SIGTERM save a checkpoint at the end of the current step and raise
+    `TrainingInterrupted`."""
     world = world or World()
     out = Path(out)
-    ckpts = CheckpointDir(out / "checkpoints", keep_last=config.keep_last)
-    latest = ckpts.latest()
-    if latest is not None and not resume:
-        raise ConfigError(f"{out} already holds checkpoints (newest: {latest.name}); pass --resume to continue, "
-                          "or choose another --out")
+    stored = check_run_dir(out, config, resume, quiet=not world.main)
+    if stored is not None:
+        return stored
     if config.batch_size % (config.grad_accum * world.size):
         raise ConfigError(f"batch_size {config.batch_size} must split evenly into grad_accum {config.grad_accum} "
                           f"micro-steps over {world.size} processes")
+    ckpts = CheckpointDir(out / "checkpoints", keep_last=config.keep_last)
 
     # FSDP2 shards the parameters over processes; the end-of-run evaluation and export get a whole copy, kept on
     # the host meanwhile (a plain forward on the sharded model would be a collective call)
@@ -232,102 +350,139 @@ def fit(task: Task, config: TrainConfig, out: str | Path, *, world: World | None
     if not params:
         raise ConfigError("every parameter is frozen: nothing to train")
     opt = torch.optim.AdamW(param_groups(raw, config.weight_decay), lr=config.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(config.warmup_steps, config.max_steps,
-                                                                config.min_lr_ratio))
+    schedule = WarmupCosine(config.warmup, config.max_steps, config.min_lr_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     scaler = torch.amp.GradScaler(world.device.type, enabled=config.precision == "fp16")
     amp = contextlib.nullcontext() if config.precision == "fp32" else torch.autocast(
         world.device.type, dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16)
 
-    start, skipped = 0, 0
-    state, rng = CheckpointDir.load(latest, world.rank) if resume and latest is not None else (None, None)
-    if state is not None:
-        start, skipped = int(state["step"]), int(state["skipped"])
-    log = _Log(out, world.main, resume_step=start if state is not None else None)
-    if state is not None:
-        _load_model_and_optimizer(raw, opt, state, fsdp)
-        sched.load_state_dict(state["scheduler"])
+    start, skipped, seconds_before = 0, 0, 0.0
+    last_loss, smooth = float("nan"), None
+    latest, state, rng, rejected = None, None, None, []
+    if resume:
+        latest, state, rng, rejected = ckpts.load_newest(world.rank, lambda ok: _all(world, ok))
+        if latest is None and rejected:
+            raise ConfigError(f"--resume: none of the {len(rejected)} checkpoints in {ckpts.root} reads back whole "
+                              f"(newest: {rejected[0][1]}); delete {ckpts.root} to start over, or train into "
+                              "another --out")
+    if state is not None:  # applied before anything in `out` changes: a state that does not fit leaves it as it was
+        start, skipped = state["step"], state["skipped"]
+        seconds_before = float(state.get("seconds", 0.0))
+        last_loss, smooth = float(state.get("loss", float("nan"))), state.get("smoothed_loss")
+        try:
+            _load_model_and_optimizer(raw, opt, state, fsdp)
+            sched.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            task.data.load_state_dict(state["data"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"{latest} does not fit this run ({first}); resume with the settings it was "
+                              f"written with ({out / 'config.json'})") from None
         # load_state_dict restored the saved schedule's shape; the current config's wins (a resume may extend
         # max_steps), which is the same function when the config is unchanged
-        sched.lr_lambdas[0] = WarmupCosine(config.warmup_steps, config.max_steps, config.min_lr_ratio)
-        scaler.load_state_dict(state["scaler"])
-        task.data.load_state_dict(state["data"])
+        sched.lr_lambdas[0] = schedule
         if rng is not None:
             set_rng_state(rng)
+    log = _Log(out, world.main, resume_step=start if state is not None else None)
+    for path, reason in rejected:  # every process has read them: rank 0 can move them
+        aside = ckpts.set_aside(path) if world.main else path
+        log.say(f"--resume: {reason}; that checkpoint is set aside as {aside}, and an older one is used")
+    if state is not None:
         log.say(f"resumed from {latest} (step {start})")
     elif resume:
         log.say(f"--resume: no complete checkpoint in {ckpts.root}; starting from step 0")
     if world.main:
         ckpts.clean_leftovers()
-        (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+        (out / "config.json").write_text(dump_json(asdict(config), indent=2))
+        if config.warmup_steps is None and config.warmup < config.default_warmup:
+            log.say(f"warm-up: {config.warmup} steps ({config.WARMUP_FRACTION:.0%} of max_steps, less than the "
+                    f"recipe's {config.default_warmup} for its default length; set warmup_steps to choose)")
 
     from tqdm import tqdm
 
     bar = tqdm(total=config.max_steps, initial=start, disable=True if not world.main else None, unit="step",
                dynamic_ncols=True, file=sys.stderr)
     barrier = (lambda: torch.distributed.barrier()) if world.distributed else (lambda: None)
-    smooth, t0, last_loss = None, time.perf_counter(), float("nan")
-    for step in range(start + 1, config.max_steps + 1):
-        _fault("step", step)
-        model.train()
-        loss_sum = torch.zeros((), device=world.device)
-        sums: dict[str, float] = {}
-        for micro in range(config.grad_accum):
-            batch = to_device(task.data.next_batch(), world.device)
-            last = micro == config.grad_accum - 1
-            sync = model.no_sync() if ddp and not last else contextlib.nullcontext()
-            with sync:
-                with amp:
-                    loss, metrics = _split(task.loss_fn(model, batch))
-                scaler.scale(loss.float() / config.grad_accum).backward()
-            loss_sum += loss.detach().float() / config.grad_accum
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / config.grad_accum
-        loss_value = mean_across(world, loss_sum)
-        scaler.unscale_(opt)
-        norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad if config.clip_grad > 0 else float("inf"))
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        finite_loss, finite_grad = bool(torch.isfinite(loss_value)), bool(torch.isfinite(norm))
-        if finite_loss and finite_grad:
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            if task.after_step is not None:
-                with torch.no_grad():
-                    task.after_step(raw)
-        else:
-            skipped += 1
-            what = f"loss is {float(loss_value)}" if not finite_loss else f"gradient norm is {float(norm)}"
-            log.say(f"step {step}: {what}; the update was not applied (skipped steps so far: {skipped})")
-            if scaler.is_enabled():
-                scaler.update()  # fp16: lower the scale, as a skipped scaler step would
-        opt.zero_grad(set_to_none=True)
+    t0, seconds = time.perf_counter(), seconds_before
 
-        last_loss = float(loss_value)
-        if finite_loss:
-            smooth = last_loss if smooth is None else 0.9 * smooth + 0.1 * last_loss
-        bar.update(1)
-        if step % config.log_every == 0 or step == config.max_steps:
-            record = {"step": step, "loss": last_loss, "lr": sched.get_last_lr()[0], "grad_norm": float(norm)}
-            for k in sorted(sums):
-                record[k] = float(mean_across(world, torch.tensor(sums[k], device=world.device)))
-            record["elapsed_s"] = round(time.perf_counter() - t0, 3)
-            log.metrics(record)
-            bar.set_postfix(loss=f"{smooth if smooth is not None else last_loss:.4f}",
-                            lr=f"{record['lr']:.2e}")
-        if step % config.save_every == 0 or step == config.max_steps:
-            if not _finite_params(raw, world):  # never write a NaN checkpoint, never replace a good one with it
-                raise RuntimeError(f"step {step}: parameters are not finite; no checkpoint written "
-                                   f"(the last good one is {ckpts.latest()})")
-            state = _full_state(raw, opt, fsdp)
-            if world.main:
-                state.update(step=step, skipped=skipped, scheduler=sched.state_dict(),
-                             scaler=scaler.state_dict(), data=task.data.state_dict())
-            path = ckpts.save(step, state if world.main else None, world.rank, barrier)
-            log.say(f"step {step}: checkpoint {path}")
+    def elapsed() -> float:
+        return seconds_before + time.perf_counter() - t0
+
+    def save(step: int) -> Path:
+        if not _finite_params(raw, world):  # never write a NaN checkpoint, never replace a good one with it
+            raise RuntimeError(f"step {step}: parameters are not finite; no checkpoint written "
+                               f"(the last good one is {ckpts.latest()})")
+        state = _full_state(raw, opt, fsdp)
+        if world.main:
+            state.update(step=step, skipped=skipped, scheduler=sched.state_dict(), scaler=scaler.state_dict(),
+                         data=task.data.state_dict(), loss=last_loss, smoothed_loss=smooth, seconds=seconds)
+        path = ckpts.save(step, state if world.main else None, world.rank, barrier)
+        log.say(f"step {step}: checkpoint {path}")
+        return path
+
+    with _StopSignals() as stop:
+        for step in range(start + 1, config.max_steps + 1):
+            _fault("step", step)
+            model.train()
+            loss_sum = torch.zeros((), device=world.device)
+            sums: dict[str, float] = {}
+            for micro in range(config.grad_accum):
+                batch = to_device(task.data.next_batch(), world.device)
+                last = micro == config.grad_accum - 1
+                sync = model.no_sync() if ddp and not last else contextlib.nullcontext()
+                with sync:
+                    with amp:
+                        loss, metrics = _split(task.loss_fn(model, batch))
+                    scaler.scale(loss.float() / config.grad_accum).backward()
+                loss_sum += loss.detach().float() / config.grad_accum
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / config.grad_accum
+            loss_value = mean_across(world, loss_sum)
+            scaler.unscale_(opt)
+            norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad if config.clip_grad > 0 else float("inf"))
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            finite_loss, finite_grad = bool(torch.isfinite(loss_value)), bool(torch.isfinite(norm))
+            if finite_loss and finite_grad:
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                if task.after_step is not None:
+                    with torch.no_grad():
+                        task.after_step(raw)
+            else:
+                skipped += 1
+                what = f"loss is {float(loss_value)}" if not finite_loss else f"gradient norm is {float(norm)}"
+                log.say(f"step {step}: {what}; the update was not applied (skipped steps so far: {skipped})")
+                if scaler.is_enabled():
+                    scaler.update()  # fp16: lower the scale, as a skipped scaler step would
+            opt.zero_grad(set_to_none=True)
+
+            seconds = elapsed()  # training time up to this step's end (what its checkpoint and the summary say)
+            last_loss = float(loss_value)
+            if finite_loss:
+                smooth = last_loss if smooth is None else 0.9 * smooth + 0.1 * last_loss
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.max_steps:
+                record = {"step": step, "loss": last_loss, "lr": sched.get_last_lr()[0], "grad_norm": float(norm)}
+                for k in sorted(sums):
+                    record[k] = float(mean_across(world, torch.tensor(sums[k], device=world.device)))
+                record["elapsed_s"] = round(seconds, 3)
+                log.metrics(record)
+                bar.set_postfix(loss=f"{last_loss:.4f}", smoothed=f"{smooth if smooth is not None else last_loss:.4f}",
+                                lr=f"{record['lr']:.2e}")
+            scheduled = step % config.save_every == 0 or step == config.max_steps
+            path = save(step) if scheduled else None
+            signum = stop.agreed(world)
+            if signum:
+                path = path or save(step)
+                bar.close()
+                log.say(f"{signal.Signals(signum).name}: stopped after step {step}; checkpoint {path}")
+                log.close()
+                raise TrainingInterrupted(signum, step, path)
     bar.close()
 
-    summary = {"steps": config.max_steps, "final_loss": last_loss, "skipped_steps": skipped,
-               "seconds": round(time.perf_counter() - t0, 2)}
+    summary = {"steps": config.max_steps, "final_loss": last_loss, "smoothed_loss": smooth,
+               "skipped_steps": skipped, "seconds": round(seconds, 2)}
     final = raw
     if fsdp:
         full = _full_state(raw, None, fsdp=True)["model"]  # collective
@@ -338,13 +493,19 @@ def fit(task: Task, config: TrainConfig, out: str | Path, *, world: World | None
         final.eval()
         if task.evaluate is not None:
             summary["eval"] = task.evaluate(final)
-            log.say("evaluation: " + json.dumps(summary["eval"]))
+            log.say("evaluation: " + dump_json(summary["eval"]))
         if task.export is not None:
             task.export(final, out / "model")
             summary["model"] = str(out / "model")
-        (out / "results.json").write_text(json.dumps(summary, indent=2))
+        summary = finite_json(summary)
+        (out / "results.json").write_text(dump_json(summary, indent=2))
     log.close()
-    return summary
+    return finite_json(summary)
+
+
+def _all(world: World, ok: bool) -> bool:
+    """Whether `ok` holds on every process."""
+    return bool(mean_across(world, torch.tensor(float(ok), device=world.device)) == 1.0)
 
 
 def _full_state(raw: nn.Module, opt, fsdp: bool) -> dict:

@@ -24,10 +24,12 @@ All recipes live in the one explicit `RECIPES` dict below; `polymodal train NAME
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -37,7 +39,7 @@ from torch import nn
 from polymodal.train.config import ConfigError, TrainConfig, apply_overrides
 from polymodal.train.data import ShuffledBatches
 from polymodal.train.distributed import World, close_world, init_world
-from polymodal.train.engine import Task, fit
+from polymodal.train.engine import Task, check_run_dir, dump_json, fit
 from polymodal.train.losses import contrastive_loss
 
 
@@ -104,7 +106,7 @@ class ClipShapesConfig(TrainConfig):
     max_steps: int = 1000
     batch_size: int = 128
     lr: float = 5e-3
-    warmup_steps: int = 100
+    default_warmup: ClassVar[int] = 100
     weight_decay: float = 0.05
     log_every: int = 50
     save_every: int = 250
@@ -203,7 +205,7 @@ class BlipShapesConfig(TrainConfig):
     max_steps: int = 1500
     batch_size: int = 64
     lr: float = 1e-3
-    warmup_steps: int = 100
+    default_warmup: ClassVar[int] = 100
     weight_decay: float = 0.05
     log_every: int = 50
     save_every: int = 500
@@ -337,7 +339,7 @@ class BlipShapesVqaConfig(TrainConfig):
     max_steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
-    warmup_steps: int = 100
+    default_warmup: ClassVar[int] = 100
     weight_decay: float = 0.05
     log_every: int = 50
     save_every: int = 500
@@ -451,7 +453,7 @@ class LeNetFashionConfig(TrainConfig):
     max_steps: int = 13000  # ~28 epochs of the 60,000 training images: 90.2% test accuracy in 8 min on 2 cores
     batch_size: int = 128
     lr: float = 2e-3
-    warmup_steps: int = 200
+    default_warmup: ClassVar[int] = 200
     weight_decay: float = 0.0
     log_every: int = 100
     save_every: int = 1000
@@ -487,13 +489,14 @@ def evaluate_lenet(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor,
 def build_lenet_fashion(c: LeNetFashionConfig, world: World) -> Task:
     import polymodal as pm
     from polymodal.data.datasets import FashionMNIST
+    from polymodal.models.lenet import PRESETS as LENET_PRESETS
 
     root = c.data_root or None
     train, test = FashionMNIST(root, split="train"), FashionMNIST(root, split="test")
     n = c.train_images or len(train)
     pixels, labels = _lenet_pixels(train.images[:n]), train.labels[:n]  # (N, 1, 32, 32), (N,)
     test_pixels = _lenet_pixels(test.images)
-    model = pm.build("lenet", "lenet-5")
+    model = pm.build("lenet", replace(LENET_PRESETS["lenet-5"], id2label=FashionMNIST.classes))  # names the classes
 
     def loss_fn(m: nn.Module, batch: dict):
         logits = m(batch["pixel_values"])  # (B, 10): minus the RBF distances
@@ -517,7 +520,7 @@ class ViTFashionConfig(TrainConfig):
     max_steps: int = 4700  # 10 epochs of the 60,000 training images at batch 128
     batch_size: int = 128
     lr: float = 2e-3
-    warmup_steps: int = 300
+    default_warmup: ClassVar[int] = 300
     weight_decay: float = 0.05
     log_every: int = 100
     save_every: int = 500
@@ -547,6 +550,7 @@ class ViTFashionConfig(TrainConfig):
 def fashion_vit_config(c: ViTFashionConfig):
     """The ViT of one ablation variant. The hybrid stem is a one-stage ResNet of stride 4 whose 7x7 map is
     embedded with 1x1 "patches" (the paper's hybrid, section 3.1), so every variant sees 49 tokens."""
+    from polymodal.data.datasets import FASHION_MNIST_CLASSES
     from polymodal.models.vit import ViTConfig
 
     pool, _, position = c.variant.partition("-")
@@ -556,11 +560,7 @@ def fashion_vit_config(c: ViTFashionConfig):
                      patch_size=1 if hybrid else c.patch_size, num_labels=10,
                      pool="cls" if hybrid else pool, class_token=hybrid or pool == "cls",
                      position={"1d": "learned", "2d": "learned_2d", "none": "none"}.get(position, "learned"),
-                     backbone="resnet-stem-gray" if hybrid else None, id2label=FASHION_LABELS)
-
-
-FASHION_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                  "Ankle boot")
+                     backbone="resnet-stem-gray" if hybrid else None, id2label=FASHION_MNIST_CLASSES)
 
 
 class Classifier(nn.Module):
@@ -683,10 +683,15 @@ def recipe_config(name: str, overrides: list[str] = ()) -> TrainConfig:
 
 
 def run(name: str, out: str | Path, overrides: list[str] = (), resume: bool = False) -> dict:
-    """Train recipe `name` into `out` (a single process, or each process of a torchrun launch)."""
+    """Train recipe `name` into `out` (a single process, or each process of a torchrun launch). `out` is
+    checked before anything is built: a fresh run into a directory with checkpoints is refused at once, and a
+    resumed run that already finished returns its stored results without loading its data."""
     config = recipe_config(name, overrides)
     if getattr(config, "ablation", False):
         return run_ablation(name, out, overrides, resume)
+    stored = check_run_dir(out, config, resume, quiet=os.environ.get("RANK", "0") != "0")
+    if stored is not None:
+        return stored
     world = init_world()
     try:
         seed_everything(config.seed)  # the same initial weights on every process
@@ -696,7 +701,7 @@ def run(name: str, out: str | Path, overrides: list[str] = (), resume: bool = Fa
     finally:
         close_world(world)
     if world.main:
-        Path(out, "recipe.json").write_text(json.dumps({"recipe": name, "overrides": list(overrides)}))
+        Path(out, "recipe.json").write_text(dump_json({"recipe": name, "overrides": list(overrides)}))
     return summary
 
 
@@ -709,8 +714,12 @@ def run_ablation(name: str, out: str | Path, overrides: list[str] = (), resume: 
 
     out = Path(out)
     base = [o for o in overrides if not o.replace(" ", "").startswith(("ablation=", "variant=", "variants="))]
+    variants = recipe_config(name, overrides).variants
+    if not resume:  # refuse a clash before the first variant trains, not after it
+        for variant in variants:
+            check_run_dir(out / variant, recipe_config(name, [*base, f"variant={variant}"]), resume=False)
     results = {}
-    for variant in recipe_config(name, overrides).variants:
+    for variant in variants:
         where = out / variant
         done = where / "variant.json"  # written once the variant's run and evaluation are complete
         if resume and done.is_file():
@@ -719,11 +728,11 @@ def run_ablation(name: str, out: str | Path, overrides: list[str] = (), resume: 
         t0 = time.perf_counter()
         summary = run(name, where, [*base, f"variant={variant}"], resume=resume)
         summary["seconds"] = time.perf_counter() - t0
-        done.write_text(json.dumps(summary, indent=2))
+        done.write_text(dump_json(summary, indent=2))
         results[variant] = summary
     table = vit_ablation_table(results)
     (out / "ablation.md").write_text(table + "\n")
-    (out / "ablation.json").write_text(json.dumps({v: {"test_accuracy": r["eval"]["test_accuracy"],
-                                                       "seconds": r["seconds"]} for v, r in results.items()},
-                                                  indent=2))
+    (out / "ablation.json").write_text(dump_json({v: {"test_accuracy": r["eval"]["test_accuracy"],
+                                                      "seconds": r["seconds"]} for v, r in results.items()},
+                                                 indent=2))
     return {"ablation": results, "table": table}
