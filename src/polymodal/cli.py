@@ -265,7 +265,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from polymodal.serve.app import MAX_BODY_BYTES, api_key_from_env, bind_socket, serve
+    from polymodal.serve.app import MAX_BODY_BYTES, api_key_from_env, serve
     from polymodal.serve.registry import load_served, parse_spec
 
     for spec in args.model:
