@@ -8,6 +8,15 @@
 
 from __future__ import annotations
 
+import os
+
+# OpenMP's worker threads spin between parallel regions by default. On a machine where another process holds a
+# core, a spinning team waits for its descheduled member at every barrier: decoding, thousands of small regions,
+# ran 2.5-6x slower in the calling thread (benchmarks/bench_busy.py). Sleeping workers cost nothing measurable
+# on a quiet machine. It must be set before torch loads its OpenMP runtime, so import polymodal before torch;
+# an OMP_WAIT_POLICY of your own is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from polymodal.nn.inference import optimize_for_inference
 from polymodal.weights.checkpoint import CheckpointError
 from polymodal.weights.loader import build, load, save

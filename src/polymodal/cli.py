@@ -26,6 +26,30 @@ def _split_labels(text: str) -> list[str]:
     return labels
 
 
+def _open_images(paths: list[str]) -> list:
+    """Every image decoded (safely: header-checked sizes) before any model loads, so a wrong path or a file that is
+    not an image is reported at once; the pipelines take the decoded images."""
+    from polymodal.processing import open_image
+
+    return [open_image(p) for p in paths]
+
+
+def _check_model_path(model: str | None) -> None:
+    """A --model that is plainly a local path (./x, /x, ~/x, x.gguf) but is not there: say so now, instead of
+    looking it up on the hub after everything else."""
+    if model is None or ":" in model.split("/")[0]:  # the default, or openai:/anthropic:/gemini:
+        return
+    looks_local = model.startswith((".", "/", "~")) or model.endswith(".gguf") or model.count("/") > 1
+    if looks_local and not os.path.exists(os.path.expanduser(model)):
+        raise UsageError(f"--model {model}: no such file or directory")
+
+
+def _top_k(value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise UsageError(f"--top-k must be at least 1, got {value}")
+    return value
+
+
 def _emit(args, result, human: Callable[[object], str]) -> None:
     if args.json:
         json.dump(result, sys.stdout, ensure_ascii=False)
@@ -49,27 +73,30 @@ def _emit_ranked(args, images: list[str], result) -> None:
 def cmd_zero_shot(args) -> None:
     import polymodal as pm
 
+    images, labels, top_k = args.image, _split_labels(args.labels), _top_k(args.top_k)
+    opened = _open_images(images)
     pipe = pm.pipeline("zero-shot-image-classification", model=args.model)
-    images = args.image
-    result = pipe(images if len(images) > 1 else images[0], candidate_labels=_split_labels(args.labels),
-                  template=args.template, templates=args.templates, top_k=args.top_k)
+    result = pipe(opened if len(opened) > 1 else opened[0], candidate_labels=labels, template=args.template,
+                  templates=args.templates, top_k=top_k)
     _emit_ranked(args, images, result)
 
 
 def cmd_classify(args) -> None:
     import polymodal as pm
 
+    images, top_k = args.image, _top_k(args.top_k)
+    opened = _open_images(images)
     pipe = pm.pipeline("image-classification", model=args.model)
-    images = args.image
-    result = pipe(images if len(images) > 1 else images[0], top_k=args.top_k)
+    result = pipe(opened if len(opened) > 1 else opened[0], top_k=top_k)
     _emit_ranked(args, images, result)
 
 
 def cmd_retrieve(args) -> None:
     import polymodal as pm
 
+    top_k, opened = _top_k(args.top_k), _open_images(args.images)
     pipe = pm.pipeline("image-text-retrieval", model=args.model)
-    result = pipe(images=args.images, texts=args.texts, top_k=args.top_k)
+    result = pipe(images=opened, texts=args.texts, top_k=top_k)
     result["images"] = [str(p) for p in args.images]
 
     def human(r):
@@ -87,9 +114,10 @@ def cmd_retrieve(args) -> None:
 def cmd_caption(args) -> None:
     import polymodal as pm
 
-    pipe = pm.pipeline("image-to-text", model=args.model)
     images = args.image
-    result = pipe(images if len(images) > 1 else images[0], prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+    opened = _open_images(images)
+    pipe = pm.pipeline("image-to-text", model=args.model)
+    result = pipe(opened if len(opened) > 1 else opened[0], prompt=args.prompt, max_new_tokens=args.max_new_tokens,
                   num_beams=args.beams)
     if len(images) > 1:
         _emit(args, result, lambda r: "\n".join(f"{p}: {c[0]['generated_text']}" for p, c in zip(images, r)))
@@ -100,16 +128,18 @@ def cmd_caption(args) -> None:
 def cmd_vqa(args) -> None:
     import polymodal as pm
 
+    (image,) = _open_images([args.image])
     pipe = pm.pipeline("visual-question-answering", model=args.model)
-    result = pipe(args.image, args.question, max_new_tokens=args.max_new_tokens, num_beams=args.beams)
+    result = pipe(image, args.question, max_new_tokens=args.max_new_tokens, num_beams=args.beams)
     _emit(args, result, lambda r: r[0]["answer"])
 
 
 def cmd_match(args) -> None:
     import polymodal as pm
 
+    (image,) = _open_images([args.image])
     pipe = pm.pipeline("image-text-matching", model=args.model)
-    result = pipe(args.image, args.texts)
+    result = pipe(image, args.texts)
     _emit(args, result, lambda r: "\n".join(f"{x['score']:.4f}  {x['similarity']:+.4f}  {x['text']}" for x in r))
 
 
@@ -118,10 +148,11 @@ def cmd_embed(args) -> None:
 
     if not args.image and not args.text:
         raise UsageError("embed needs --image and/or --text")
+    opened = _open_images(args.image)
     pipe = pm.pipeline("image-text-retrieval", model=args.model)
     result = {}
     if args.image:
-        result["image_embeddings"] = pipe.embed_images(args.image).tolist()
+        result["image_embeddings"] = pipe.embed_images(opened).tolist()
     if args.text:
         result["text_embeddings"] = pipe.embed_texts(args.text).tolist()
     _emit(args, result, lambda r: "\n".join(f"{k}: {len(v)} x {len(v[0])}" for k, v in r.items()))
@@ -154,9 +185,47 @@ def cmd_models(args) -> None:
 
 
 def _sampling(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p, top_k=args.top_k,
-                repetition_penalty=args.repetition_penalty, seed=args.seed, compile_step=args.compile)
+    """The pipeline's keywords; settings not given stay None, so the model's generation defaults apply."""
+    if args.top_k is not None and args.top_k < 0:
+        raise UsageError(f"--top-k must be at least 0 (0: no top-k filter), got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.temperature is not None and args.temperature < 0:
+        raise UsageError(f"--temperature must be at least 0 (0: greedy), got {args.temperature}")
+    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
+        raise UsageError(f"--repetition-penalty must be above 0 (1: none), got {args.repetition_penalty}")
+    options = dict(max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
+                   repetition_penalty=args.repetition_penalty, seed=args.seed, compile_step=args.compile)
+    if args.temperature == 0:
+        options["do_sample"] = False
+    elif args.temperature is not None:
+        options.update(do_sample=True, temperature=args.temperature)
+    return options
+
+
+def _stream_out(pipe, inputs, args) -> str:
+    """Print the answer as it streams; a cut answer says so on stderr. -> the answer's text."""
+    result = _print_stream(pipe.stream(inputs, **_sampling(args)))
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if result.finish_reason == "length":
+        print(f"[cut at {args.max_new_tokens} tokens: raise --max-new-tokens for more]", file=sys.stderr)
+    return result.text
+
+
+def _print_stream(stream):
+    """Write each piece of `stream` to stdout as it comes -> the generator's return value. Interrupted (Ctrl-C),
+    the stream is closed at once, which stops its generation."""
+    try:
+        while True:
+            try:
+                piece = next(stream)
+            except StopIteration as done:
+                return done.value
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    finally:
+        stream.close()
 
 
 def _text_pipeline(args):
@@ -168,18 +237,17 @@ def _text_pipeline(args):
 
 
 def cmd_generate(args) -> None:
+    _sampling(args)  # refuse bad settings before the model loads
     pipe = _text_pipeline(args)
     if args.json:
         _emit(args, pipe(args.text, **_sampling(args)), str)
         return
     sys.stdout.write(args.text)
-    for piece in pipe.stream(args.text, **_sampling(args)):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    _stream_out(pipe, args.text, args)
 
 
 def cmd_chat(args) -> None:
+    _sampling(args)  # refuse bad settings before the model loads
     pipe = _text_pipeline(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     if args.message is not None:  # one question, one answer
@@ -187,40 +255,51 @@ def cmd_chat(args) -> None:
         if args.json:
             _emit(args, pipe(messages, **_sampling(args)), str)
             return
-        for piece in pipe.stream(messages, **_sampling(args)):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        _stream_out(pipe, messages, args)
         return
     if args.json:
         raise UsageError("--json needs a message (the interactive chat streams text)")
+    _interactive_chat(pipe, history, args)
+
+
+def _interactive_chat(pipe, history: list[dict], args) -> None:
+    """A multi-turn session on stdin: line editing and history (readline) at a terminal; Ctrl-C stops the answer
+    being written (the turn is dropped) and keeps the session; Ctrl-D or /exit ends it."""
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"chatting with {getattr(pipe.model, 'pm_source', None) or 'the default model'}; "
-              "/reset clears the conversation, /exit or Ctrl-D ends it", file=sys.stderr)
+        try:
+            import readline  # noqa: F401  (input() gains line editing and history)
+        except ImportError:  # Windows
+            pass
+        print(f"chatting with {getattr(pipe.model, 'pm_source', None) or 'the default model'}; /reset clears the "
+              "conversation, Ctrl-C stops an answer, /exit or Ctrl-D ends the chat", file=sys.stderr)
+    system = history[:1]
     while True:
         try:
             line = input("you> " if interactive else "")
         except EOFError:
             break
+        except KeyboardInterrupt:  # at the prompt: a fresh line, as a shell does
+            print("\n(Ctrl-D or /exit ends the chat)", file=sys.stderr)
+            continue
         line = line.strip()
         if not line:
             continue
         if line in ("/exit", "/quit"):
             break
         if line == "/reset":
-            history = history[:1] if args.system else []
+            turns = (len(history) - len(system)) // 2
+            history = list(system)
+            print(f"(conversation cleared: {turns} turn{'s' * (turns != 1)} forgotten)", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": line})
-        answer = []
         if interactive:
             sys.stdout.write("assistant> ")
-        for piece in pipe.stream(history, **_sampling(args)):
-            answer.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(answer)})
+        try:
+            answer = _stream_out(pipe, [*history, {"role": "user", "content": line}], args)
+        except KeyboardInterrupt:
+            print("\n(stopped; that question is not kept)", file=sys.stderr)
+            continue
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
 
 
 def cmd_demo(args) -> None:
@@ -344,10 +423,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", default=None, help="checkpoint directory, .gguf file or hub id "
                         "(default: the embedded SmolLM2-135M-Instruct)")
         sp.add_argument("--max-new-tokens", type=int, default=256)
-        sp.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
-        sp.add_argument("--top-p", type=float, default=1.0)
-        sp.add_argument("--top-k", type=int, default=0)
-        sp.add_argument("--repetition-penalty", type=float, default=1.0)
+        sp.add_argument("--temperature", type=float, default=None,
+                        help="0: greedy; > 0: sample (default: the model's generation defaults; for the embedded "
+                        "SmolLM2 greedy with --repetition-penalty 1.1)")
+        sp.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the top tokens of this "
+                        "total probability (default 1: all)")
+        sp.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (default 0: all)")
+        sp.add_argument("--repetition-penalty", type=float, default=None,
+                        help="1: none (default: the model's generation defaults)")
         sp.add_argument("--seed", type=int, default=None, help="seed for sampling")
         sp.add_argument("--compile", action="store_true",
                         help="decode with the torch.compile'd fixed-shape step: faster per token for one "
@@ -404,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         args = build_parser().parse_args(argv)
+        model = getattr(args, "model", None)
+        for spec in model if isinstance(model, list) else [model]:
+            _check_model_path(spec.split("=", 1)[-1] if spec and isinstance(model, list) else spec)
         args.fn(args)
         return 0
     except UsageError as e:

