@@ -1,6 +1,7 @@
 """The CLI: --json prints exactly one JSON document; bad input exits 2 with one line on stderr."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,14 +15,28 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", "polymodal.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_models_json():
-    r = run("models", "--json")
+def test_models_json(tmp_path, clip_dir):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(clip_dir, cache / "demo" / "clip-run" / "model")
+    (cache / "junk").mkdir()
+    (cache / "junk" / "config.json").write_text("{not json")
+    r = subprocess.run([sys.executable, "-m", "polymodal.cli", "models", "--json"], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "POLYMODAL_CACHE": str(cache)})
     assert r.returncode == 0, r.stderr
-    rows = json.loads(r.stdout)
-    names = {row["family"] for row in rows}
+    out = json.loads(r.stdout)
+    names = {row["family"] for row in out["families"]}
     assert {"lenet", "resnet", "vit", "clip"} <= names
-    vit = next(row for row in rows if row["family"] == "vit")
+    vit = next(row for row in out["families"] if row["family"] == "vit")
     assert "vit-b/16" in vit["presets"] and "google/vit-base-patch16-224" in vit["hub_ids"]
+    # what runs offline comes first: the embedded chat model (when installed) and the cache's CLIP, not the junk
+    offline = {row["source"]: row["family"] for row in out["offline"]}
+    assert offline.get(str(cache / "demo" / "clip-run" / "model")) == "clip"
+    assert not any("junk" in source for source in offline)
+    r = subprocess.run([sys.executable, "-m", "polymodal.cli", "models"], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "POLYMODAL_CACHE": str(cache)})
+    assert r.stdout.startswith("Runs here offline") and str(cache / "demo" / "clip-run" / "model") in r.stdout
 
 
 @pytest.fixture

@@ -1,13 +1,18 @@
 """The demo end to end at a few training steps: it writes its report with pictures and an honest summary."""
 
 import json
+import re
 
 from polymodal.demo import run_demo
 
 
-def test_demo_runs_and_reports(tmp_path, monkeypatch):
+def test_demo_runs_and_reports(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("POLYMODAL_CACHE", str(tmp_path / "cache"))
     summary = run_demo(tmp_path / "out", quiet=True, train_steps=8)
+    terminal = capsys.readouterr()
+    # the recipe's own notes (checkpoint paths, its evaluation as JSON) stay in its train.log
+    assert "checkpoint /" not in terminal.err and "evaluation: {" not in terminal.err
+    assert "evaluation: {" in next((tmp_path / "cache" / "demo").glob("clip-shapes-8-*/train.log")).read_text()
     assert summary["parity"]["max_abs_diff"] < 1e-4  # fp32: the same weights through two implementations
     assert summary["training"]["steps"] == 8 and not summary["training"]["cached"]
     assert summary["training"]["command"] == ("polymodal train clip-shapes --out DIR --set max_steps=8 "
@@ -28,6 +33,12 @@ def test_demo_runs_and_reports(tmp_path, monkeypatch):
         assert "Paris" in chat["turns"][0]["assistant"]
         assert all(t["tokens"] > 3 for t in chat["turns"])
         assert "SmolLM2" in page
+        for turn in chat["turns"]:
+            assert ("[cut at the demo" in page) >= turn["cut"]
+    # sections numbered 1, 2, 3, ... in order; the chart has its axes; the frames' colors are explained
+    numbers = [int(n) for n in re.findall(r"<h2>(\d+)\. ", page)]
+    assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) == 5
+    assert "optimizer step" in page and ">loss</text>" in page and "green frame" in page
 
 
 def test_demo_reuses_the_recipe_checkpoint(tmp_path, monkeypatch):
@@ -41,3 +52,20 @@ def test_demo_reuses_the_recipe_checkpoint(tmp_path, monkeypatch):
     assert not first["cached"] and second["cached"] and "first run: training it now" in lines[0]
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()  # the same weights
     assert not list((tmp_path / "cache" / "demo").glob("*.partial-*"))
+
+
+def test_markdown_in_chat_answers_is_rendered_and_safe():
+    from polymodal.demo import markdown_html
+
+    got = markdown_html("Tips:\n\n1. **Plan** your *day*\n2. Use `focus`\n   mode\n\n- a\n- b <script>x</script>")
+    assert got == ("<p>Tips:</p><ol><li><b>Plan</b> your <i>day</i></li><li>Use <code>focus</code> mode</li></ol>"
+                   "<ul><li>a</li><li>b &lt;script&gt;x&lt;/script&gt;</li></ul>")
+    assert markdown_html("2 * 3 * 4 and a*b") == "<p>2 * 3 * 4 and a*b</p>"  # arithmetic is not emphasis
+
+
+def test_loss_chart_has_axes():
+    from polymodal.demo import loss_chart
+
+    svg = loss_chart([3.0, 2.0, float("nan"), 1.0], steps=400)
+    assert svg.count("<text") == 5 + 5 + 2  # five loss ticks, five step ticks, two axis titles
+    assert ">400</text>" in svg and ">3.00</text>" in svg and ">0.00</text>" in svg

@@ -159,29 +159,27 @@ def cmd_embed(args) -> None:
 
 
 def cmd_models(args) -> None:
+    from polymodal.local import local_models
     from polymodal.registry import all_families
 
-    rows = []
-    for fam in all_families():
-        rows.append({
-            "family": fam.name,
-            "description": fam.description,
-            "layouts": list(fam.layouts),
-            "presets": list(fam.presets),
-            "hub_ids": dict(fam.hub_ids),
-        })
+    offline = local_models()
+    families = [{"family": fam.name, "description": fam.description, "layouts": list(fam.layouts),
+                 "presets": list(fam.presets), "hub_ids": dict(fam.hub_ids)} for fam in all_families()]
 
-    def human(rs):
-        out = []
-        for r in rs:
-            out.append(f"{r['family']}: {r['description']}")
-            out.append(f"  layouts: {', '.join(r['layouts'])}")
-            out.append(f"  presets: {', '.join(r['presets'])}")
-            if r["hub_ids"]:
-                out.append(f"  hub ids: {', '.join(r['hub_ids'])}")
+    def human(r):
+        out = ["Runs here offline (pass SOURCE as --model):"]
+        out += [f"  {m['family']:<8} {m['source']}\n           {m['what']}" for m in r["offline"]] or ["  (none)"]
+        out += ["", "Families (hub ids need a download from the Hugging Face hub; presets build random weights "
+                "with pm.build):"]
+        for f in r["families"]:
+            out.append(f"  {f['family']}: {f['description']}")
+            out.append(f"    layouts: {', '.join(f['layouts'])}")
+            out.append(f"    presets: {', '.join(f['presets'])}")
+            if f["hub_ids"]:
+                out.append(f"    hub ids: {', '.join(f['hub_ids'])}")
         return "\n".join(out)
 
-    _emit(args, rows, human)
+    _emit(args, {"offline": offline, "families": families}, human)
 
 
 def _sampling(args) -> dict:
@@ -445,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--system", default=None, help="system prompt")
     add_sampling(sp)
 
-    add("models", cmd_models, "list model families, presets and hub ids")
+    add("models", cmd_models, "list the models that run here offline, then every family's presets and hub ids")
 
     sp = add("demo", cmd_demo, "run the offline demo and write DIR/report.html")
     sp.add_argument("--out", default="polymodal-demo", help="output directory")

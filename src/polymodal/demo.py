@@ -22,6 +22,7 @@ import html
 import io
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ def run_demo(out_dir: str | Path, quiet: bool = False, train_steps: int = TRAIN_
     say = (lambda *a: print(*a, file=sys.stderr)) if quiet else print
     torch.manual_seed(0)
     summary: dict = {"report": str(out / "report.html")}
-    sections: list[str] = []
+    sections: list[tuple[str, str]] = []  # (title, body): numbered in order when the page is written
 
     say("polymodal demo: everything runs offline on this machine.\n")
     say("1/4  Loading a checkpoint saved by transformers, and checking our numbers on real photos")
@@ -96,14 +97,17 @@ def _photos() -> tuple[tuple[str, object], ...]:
     return tuple((n, Image.fromarray(getattr(data, n)())) for n in names)
 
 
-def _parity_on_photos(out: Path) -> tuple[dict, str]:
+PARITY_TITLE = "Same numbers as transformers, on real photos"
+
+
+def _parity_on_photos(out: Path) -> tuple[dict, tuple[str, str]]:
     try:
         import transformers
     except ImportError:
-        return {"skipped": "transformers is not installed"}, "<h2>Parity</h2><p>Skipped: no transformers.</p>"
+        return {"skipped": "transformers is not installed"}, (PARITY_TITLE, "<p>Skipped: no transformers.</p>")
     photos = _photos()
     if not photos:
-        return {"skipped": "scikit-image is not installed"}, "<h2>Parity</h2><p>Skipped: no scikit-image.</p>"
+        return {"skipped": "scikit-image is not installed"}, (PARITY_TITLE, "<p>Skipped: no scikit-image.</p>")
     import polymodal as pm
     from polymodal.processing import ImageProcessor
 
@@ -126,8 +130,7 @@ def _parity_on_photos(out: Path) -> tuple[dict, str]:
         got = ours.encode_image(pixels)
     diff = float((got - want).abs().max())
     rows = "".join(f"<figure>{_img_tag(im, 160)}<figcaption>{n}</figcaption></figure>" for n, im in photos)
-    section = (
-        "<h2>1. Same numbers as transformers, on real photos</h2>"
+    section = PARITY_TITLE, (
         f"<p>A CLIP with random weights (ViT-B/32 layout, 2 layers of width 64) was built and saved by "
         f"transformers {transformers.__version__}; polymodal loaded the checkpoint with its strict loader and "
         f"embedded these photos from scikit-image. Largest difference between the two libraries' image "
@@ -142,8 +145,9 @@ def _parity_on_photos(out: Path) -> tuple[dict, str]:
 
 def cache_dir() -> Path:
     """Where trained demo checkpoints are kept between runs: $POLYMODAL_CACHE, else ~/.cache/polymodal."""
-    root = os.environ.get("POLYMODAL_CACHE") or Path.home() / ".cache" / "polymodal"
-    return Path(root)
+    from polymodal.local import cache_dir as polymodal_cache
+
+    return polymodal_cache()
 
 
 def _train_tiny_clip(out: Path, steps: int, say) -> tuple[Path, dict]:
@@ -166,7 +170,7 @@ def _train_tiny_clip(out: Path, steps: int, say) -> tuple[Path, dict]:
         say(f"     first run: training it now with `{command}` (cached in {run_dir} afterwards)")
         scratch = run_dir.with_name(run_dir.name + f".partial-{os.getpid()}")
         shutil.rmtree(scratch, ignore_errors=True)
-        run("clip-shapes", scratch, overrides)
+        run("clip-shapes", scratch, overrides, quiet=True)  # the demo reports the run; notes go to train.log
         shutil.rmtree(run_dir, ignore_errors=True)
         scratch.rename(run_dir)  # atomic: a killed first run leaves no half-trained cache behind
     results = json.loads((run_dir / "results.json").read_text())
@@ -184,26 +188,45 @@ def _train_tiny_clip(out: Path, steps: int, say) -> tuple[Path, dict]:
     return model_dir, stats
 
 
-def _training_section(t: dict) -> str:
-    w, h = 480, 120
-    ls = t["losses"]
-    hi = max(ls) or 1.0
-    pts = " ".join(f"{i * w / max(1, len(ls) - 1):.1f},{h - v / hi * h:.1f}" for i, v in enumerate(ls))
-    return (
-        "<h2>2. A tiny CLIP trained on this machine, from scratch</h2>"
+def _training_section(t: dict) -> tuple[str, str]:
+    return "A tiny CLIP trained on this machine, from scratch", (
         f"<p>The <code>clip-shapes</code> recipe (<code>{html.escape(t['command'])}</code>): {t['steps']} steps of "
         f"batch {t['batch_size']} over {t['train_images']} generated images in {t['seconds']:.0f} s on this "
         f"machine's CPU{' (an earlier run, reused from the cache)' if t['cached'] else ''}; "
         f"symmetric contrastive loss {t['first_loss']:.2f} &rarr; {t['last_loss']:.2f}.</p>"
-        f"<svg width={w} height={h} style='background:#f6f6f6'><polyline fill=none stroke='#36c' "
-        f"points='{pts}'/></svg>"
+        + loss_chart(t["losses"], t["steps"])
     )
+
+
+def loss_chart(losses: list[float], steps: int, w: int = 560, h: int = 200) -> str:
+    """An SVG line chart of the logged losses over the run's steps, with both axes ticked and titled."""
+    left, right, top, bottom = 52, 24, 10, 40  # margins for the tick labels and the axis titles
+    pw, ph = w - left - right, h - top - bottom
+    finite = [v for v in losses if v == v and abs(v) != float("inf")] or [0.0]
+    lo, hi = min(0.0, min(finite)), max(finite) or 1.0
+    def x(i): return left + i * pw / max(1, len(losses) - 1)
+    def y(v): return top + ph - (v - lo) / (hi - lo or 1.0) * ph
+    pts = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(losses) if v in finite)
+    parts = [f"<svg class=chart width={w} height={h} role=img aria-label='training loss by step'>",
+             f"<rect x={left} y={top} width={pw} height={ph} fill='#f6f6f6'/>"]
+    for k in range(5):  # loss ticks
+        v = lo + (hi - lo) * k / 4
+        parts.append(f"<line x1={left - 4} x2={left + pw} y1={y(v):.1f} y2={y(v):.1f} stroke='#ddd'/>"
+                     f"<text x={left - 7} y={y(v) + 4:.1f} text-anchor=end>{v:.2f}</text>")
+    for k in range(5):  # step ticks
+        px = left + pw * k / 4
+        parts.append(f"<line x1={px:.1f} x2={px:.1f} y1={top + ph} y2={top + ph + 4} stroke='#888'/>"
+                     f"<text x={px:.1f} y={top + ph + 16} text-anchor=middle>{round(steps * k / 4)}</text>")
+    parts += [f"<polyline fill=none stroke='#36c' stroke-width=1.5 points='{pts}'/>",
+              f"<text x={left + pw / 2} y={h - 4} text-anchor=middle>optimizer step</text>",
+              f"<text transform='translate(12 {top + ph / 2}) rotate(-90)' text-anchor=middle>loss</text></svg>"]
+    return "".join(parts)
 
 
 # ------------------------------------------------------------------------------ 3. zero-shot, retrieval
 
 
-def _zero_shot(model_dir: Path) -> tuple[dict, str]:
+def _zero_shot(model_dir: Path) -> tuple[dict, tuple[str, str]]:
     import polymodal as pm
     from polymodal.data import COLORS, SHAPES, ShapesWorld
 
@@ -228,19 +251,21 @@ def _zero_shot(model_dir: Path) -> tuple[dict, str]:
             tops = "<br>".join(f"{html.escape(r['label'])} {r['score']:.2f}" for r in p)
             figures.append(f"<figure>{_img_tag(im, 96)}<figcaption><b>{html.escape(name)}</b> (a real photo)"
                            f"<br>{tops}</figcaption></figure>")
-    section = (
-        "<h2>3. Zero-shot classification</h2>"
+    section = "Zero-shot classification", (
         f"<p>{len(labels)} labels written into the template \"a {{}}\". Accuracy on 120 images of color-shape "
         f"combinations seen in training: <b>{result['seen_accuracy']:.0%}</b>; on 120 images of combinations "
         f"held out of training: <b>{result['heldout_accuracy']:.0%}</b> (chance {1 / len(labels):.0%}). "
         "The real photos at the end (scikit-image's samples) are far outside its world: it can only name a color "
         "and a shape.</p>"
+        "<p class=legend><span class=ok>green frame</span>: its top label is right; <span class=bad>red frame"
+        "</span>: wrong; no frame: a real photo, where no label is right. Under each picture: the true caption, "
+        "then its three likeliest labels with their probabilities.</p>"
         f"<div class=row>{''.join(figures)}</div>"
     )
     return result, section
 
 
-def _retrieval(model_dir: Path) -> tuple[dict, str]:
+def _retrieval(model_dir: Path) -> tuple[dict, tuple[str, str]]:
     import polymodal as pm
     from polymodal.data import ShapesWorld
     from polymodal.pipelines import recall_at_k
@@ -268,8 +293,7 @@ def _retrieval(model_dir: Path) -> tuple[dict, str]:
             + "<br>".join(f"{html.escape(r['text'])} ({r['score']:.2f})" for r in hits) + "</td></tr>"
             for (name, im), hits in zip(photos, ranked))
         photo_rows = f"<p>Real photos as queries, their three nearest captions:</p><table>{photo_rows}</table>"
-    section = (
-        "<h2>4. Image &harr; text retrieval</h2>"
+    section = "Image &harr; text retrieval", (
         f"<p>{len(samples)} images against their {len(texts)} distinct captions. image&rarr;text R@1 "
         f"<b>{i2t['R@1']:.0%}</b>, R@5 {i2t['R@5']:.0%}; text&rarr;image R@1 <b>{t2i['R@1']:.0%}</b>, "
         f"R@5 {t2i['R@5']:.0%}.</p><table>{rows}</table>{photo_rows}"
@@ -282,10 +306,11 @@ def _retrieval(model_dir: Path) -> tuple[dict, str]:
 
 # --------------------------------------------------------------------------------------------- 4. chat
 
+CHAT_TITLE = "Chat with a real language model"
 CHAT_PROMPTS = ("What is the capital of France?", "Give me three tips for staying focused while studying.")
 
 
-def _chat(say, max_new_tokens: int = 64) -> tuple[dict, str]:
+def _chat(say, max_new_tokens: int = 160) -> tuple[dict, tuple[str, str]]:
     import polymodal as pm
     from polymodal.pipelines.text import DEFAULT_CHAT_MODEL, default_chat_model
 
@@ -293,28 +318,36 @@ def _chat(say, max_new_tokens: int = 64) -> tuple[dict, str]:
         path = default_chat_model()
     except FileNotFoundError as e:
         say(f"     skipped: {e}\n")
-        return {"skipped": str(e)}, f"<h2>4. Chat</h2><p>Skipped: {html.escape(str(e))}</p>"
+        return {"skipped": str(e)}, (CHAT_TITLE, f"<p>Skipped: {html.escape(str(e))}</p>")
     start = time.perf_counter()
     pipe = pm.pipeline("text-generation", model=path)
     load_s = time.perf_counter() - start
     turns = []
     for prompt in CHAT_PROMPTS:
         say(f"     you> {prompt}")
-        start, pieces = time.perf_counter(), []
-        for piece in pipe.stream([{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens):
-            pieces.append(piece)
+        start, stream = time.perf_counter(), pipe.stream([{"role": "user", "content": prompt}],
+                                                         max_new_tokens=max_new_tokens)
+        while True:
+            try:
+                next(stream)
+            except StopIteration as done:
+                result = done.value
+                break
         seconds = time.perf_counter() - start
-        answer = "".join(pieces).strip()
-        tokens = len(pipe.tokenizer.encode(answer, add_special_tokens=False))
-        say("     assistant> " + answer.replace("\n", "\n                ") + "\n")
-        turns.append({"user": prompt, "assistant": answer, "seconds": round(seconds, 2), "tokens": tokens})
+        answer, cut = result.text.strip(), result.finish_reason == "length"
+        note = f" [cut at {max_new_tokens} tokens]" if cut else ""
+        say("     assistant> " + answer.replace("\n", "\n                ") + note + "\n")
+        turns.append({"user": prompt, "assistant": answer, "seconds": round(seconds, 2),
+                      "tokens": result.completion_tokens, "cut": cut})
     result = {"model": DEFAULT_CHAT_MODEL, "load_seconds": round(load_s, 1), "turns": turns}
-    rows = "".join(f"<p><b>you</b>: {html.escape(t['user'])}<br><b>SmolLM2</b>: "
-                   f"{html.escape(t['assistant']).replace(chr(10), '<br>')}<br><small>{t['tokens']} tokens in "
-                   f"{t['seconds']:.1f} s (greedy, CPU)</small></p>" for t in turns)
-    section = (f"<h2>4. Chat with a real language model</h2><p>{html.escape(DEFAULT_CHAT_MODEL)}, loaded from the "
-               f"GGUF file in {load_s:.0f} s (dequantized to fp32), answering through its own chat template. "
-               f"A 135M-parameter model: fluent, not always right.</p>{rows}")
+    rows = "".join(
+        f"<div class=turn><p><b>you</b>: {html.escape(t['user'])}</p><div class=answer><b>SmolLM2</b>: "
+        f"{markdown_html(t['assistant'])}{'<p class=cut>[cut at the demo&#39;s token limit]</p>' if t['cut'] else ''}"
+        f"</div><small>{t['tokens']} tokens in {t['seconds']:.1f} s (greedy with repetition penalty 1.1, CPU)"
+        "</small></div>" for t in turns)
+    section = CHAT_TITLE, (f"<p>{html.escape(DEFAULT_CHAT_MODEL)}, loaded from the GGUF file in {load_s:.0f} s "
+                           "(dequantized to fp32), answering through its own chat template; its Markdown is shown "
+                           f"rendered. A 135M-parameter model: fluent, not always right.</p>{rows}")
     return result, section
 
 
@@ -329,10 +362,50 @@ def _img_tag(image, size: int) -> str:
     return f"<img src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
 
 
-def _page(sections: list[str]) -> str:
+def markdown_html(text: str) -> str:
+    """The Markdown a chat model writes, as safe HTML: everything is escaped first, then paragraphs, numbered and
+    bulleted lists, **bold**, *italic* and `code` are rendered. Nothing else (no links, no raw HTML)."""
+    def inline(line: str) -> str:
+        line = html.escape(line)
+        line = re.sub(r"`([^`]+)`", r"<code>\1</code>", line)
+        line = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", line)
+        return re.sub(r"(?<![*\w])\*(?!\s)(.+?)(?<!\s)\*(?![*\w])", r"<i>\1</i>", line)
+
+    out, items, kind = [], [], None
+
+    def close():
+        nonlocal items, kind
+        if items:
+            out.append(f"<{kind}>" + "".join(f"<li>{i}</li>" for i in items) + f"</{kind}>")
+        items, kind = [], None
+
+    for raw in text.splitlines():
+        line = raw.strip()
+        numbered, bullet = re.match(r"\d+[.)]\s+(.*)", line), re.match(r"[-*+]\s+(.*)", line)
+        if numbered or bullet:
+            want = "ol" if numbered else "ul"
+            if kind != want:
+                close()
+                kind = want
+            items.append(inline((numbered or bullet).group(1)))
+        elif not line:
+            close()
+        elif items:  # a continuation of the last list item
+            items[-1] += " " + inline(line)
+        else:
+            close()
+            out.append(f"<p>{inline(line)}</p>")
+    close()
+    return "".join(out)
+
+
+def _page(sections: list[tuple[str, str]]) -> str:
     style = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}"
              ".row{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;font-size:12px;text-align:center}"
-             "figure.ok{outline:2px solid #3a3}figure.bad{outline:2px solid #c33}td{padding:4px;"
-             "vertical-align:middle}img{image-rendering:pixelated;margin-right:2px}")
+             "figure.ok,span.ok{outline:2px solid #3a3}figure.bad,span.bad{outline:2px solid #c33}"
+             "span.ok,span.bad{padding:0 3px}td{padding:4px;vertical-align:middle}"
+             "img{image-rendering:pixelated;margin-right:2px}.chart text{font-size:11px;fill:#444}"
+             ".turn{margin:1em 0}.answer{border-left:3px solid #ccc;padding-left:10px}.cut{color:#a50}")
+    body = "".join(f"<h2>{n}. {title}</h2>{content}" for n, (title, content) in enumerate(sections, 1))
     return (f"<!doctype html><meta charset=utf-8><title>polymodal demo</title><style>{style}</style>"
-            f"<h1>polymodal demo</h1><p>Run offline with <code>polymodal demo</code>.</p>{''.join(sections)}")
+            f"<h1>polymodal demo</h1><p>Run offline with <code>polymodal demo</code>.</p>{body}")

@@ -239,8 +239,8 @@ class _StopSignals:
 class _Log:
     """Human lines (stderr and OUT/train.log) and metrics (OUT/metrics.jsonl, TensorBoard when installed)."""
 
-    def __init__(self, out: Path, main: bool, resume_step: int | None):
-        self.main, self.out = main, out
+    def __init__(self, out: Path, main: bool, resume_step: int | None, quiet: bool = False):
+        self.main, self.out, self.quiet = main, out, quiet
         self.tb = None
         if not main:
             return
@@ -271,9 +271,10 @@ class _Log:
     def say(self, message: str) -> None:
         if not self.main:
             return
-        from tqdm import tqdm
+        if not self.quiet:
+            from tqdm import tqdm
 
-        tqdm.write(message, file=sys.stderr)
+            tqdm.write(message, file=sys.stderr)
         with open(self.out / "train.log", "a") as f:
             f.write(message + "\n")
 
@@ -317,14 +318,15 @@ def _split(out) -> tuple[Tensor, dict]:
 
 
 def fit(task: Task, config: TrainConfig, out: str | Path, *, world: World | None = None,
-        resume: bool = False) -> dict:
+        resume: bool = False, quiet: bool = False) -> dict:
     """Train `task` for `config.max_steps` optimizer steps; checkpoints in `out/checkpoints/`. With
     `resume`, continue exactly from the newest checkpoint that reads back whole (a run that already finished
     returns its stored results). Returns a summary (also written to `out/results.json`, with the evaluation
     when the task has one): `final_loss` is the loss of the last step, `smoothed_loss` the progress bar's
     moving average of the step losses (weight 0.1 on the newest), `seconds` the training time over every
     session of the run. SIGINT/SIGTERM save a checkpoint at the end of the current step and raise
-    `TrainingInterrupted`."""
+    `TrainingInterrupted`. quiet: the run's notes (checkpoints, evaluation) go to `out/train.log` only, not
+    to stderr: for a caller that reports the run itself (the demo). The progress bar stays (on a terminal)."""
     world = world or World()
     out = Path(out)
     stored = check_run_dir(out, config, resume, quiet=not world.main)
@@ -383,7 +385,7 @@ def fit(task: Task, config: TrainConfig, out: str | Path, *, world: World | None
         sched.lr_lambdas[0] = schedule
         if rng is not None:
             set_rng_state(rng)
-    log = _Log(out, world.main, resume_step=start if state is not None else None)
+    log = _Log(out, world.main, resume_step=start if state is not None else None, quiet=quiet)
     for path, reason in rejected:  # every process has read them: rank 0 can move them
         aside = ckpts.set_aside(path) if world.main else path
         log.say(f"--resume: {reason}; that checkpoint is set aside as {aside}, and an older one is used")

@@ -682,10 +682,11 @@ def recipe_config(name: str, overrides: list[str] = ()) -> TrainConfig:
     return apply_overrides(RECIPES[name].config(), list(overrides))
 
 
-def run(name: str, out: str | Path, overrides: list[str] = (), resume: bool = False) -> dict:
+def run(name: str, out: str | Path, overrides: list[str] = (), resume: bool = False, quiet: bool = False) -> dict:
     """Train recipe `name` into `out` (a single process, or each process of a torchrun launch). `out` is
     checked before anything is built: a fresh run into a directory with checkpoints is refused at once, and a
-    resumed run that already finished returns its stored results without loading its data."""
+    resumed run that already finished returns its stored results without loading its data. quiet: notes to
+    `out/train.log` only (`fit`)."""
     config = recipe_config(name, overrides)
     if getattr(config, "ablation", False):
         return run_ablation(name, out, overrides, resume)
@@ -697,7 +698,7 @@ def run(name: str, out: str | Path, overrides: list[str] = (), resume: bool = Fa
         seed_everything(config.seed)  # the same initial weights on every process
         task = RECIPES[name].build(config, world)
         seed_everything(config.seed + world.rank)  # per-process streams (dropout, sampling) from here on
-        summary = fit(task, config, out, world=world, resume=resume)
+        summary = fit(task, config, out, world=world, resume=resume, quiet=quiet)
     finally:
         close_world(world)
     if world.main:
