@@ -21,7 +21,7 @@ translates transformers' `encoder.layer.{i}.attention.self.query` etc., fusing q
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +44,7 @@ class BertConfig:
     intermediate_size: int = 3072
     hidden_act: str = "gelu"
     max_position_embeddings: int = 512
-    type_vocab_size: int = 2  # 0: no token-type embeddings (BLIP's text transformer)
+    type_vocab_size: int = field(default=2, metadata={"min": 0})  # 0: no token-type embeddings (BLIP's text model)
     layer_norm_eps: float = 1e-12
     pad_token_id: int | None = 0
     is_decoder: bool = False  # causal self-attention

@@ -170,8 +170,8 @@ def read_hf_config(cls: type, raw: dict, **overrides) -> LlamaConfig:
     if "rope_theta" not in raw and "rope_theta" in params:
         raw["rope_theta"] = params["rope_theta"]
     scaling = raw.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"}
-    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
-        scaling = None
+    if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None  # (anything but a dict is left to from_dict's check, which names the field)
     eos = raw.get("eos_token_id")
     return from_dict(cls, raw, rope_scaling=scaling, **({"eos_token_id": tuple(eos)} if isinstance(eos, list) else {}),
                      **overrides)
