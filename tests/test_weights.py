@@ -151,8 +151,11 @@ def test_huge_header_length_is_refused_without_reading(tmp_path):
     p.write_bytes(struct.pack("<Q", 1 << 60) + b"{}")
     with pytest.raises(CheckpointError, match="claims"):
         read_safetensors_header(p)
-    p.write_bytes(struct.pack("<Q", 5) + b"nope!")
+    p.write_bytes(struct.pack("<Q", 5) + b"{nope")
     with pytest.raises(CheckpointError, match="not JSON"):
+        read_safetensors_header(p)
+    p.write_bytes(struct.pack("<Q", 5) + b"nope!")
+    with pytest.raises(CheckpointError, match="starts with 'nope!', not '{'"):
         read_safetensors_header(p)
 
 
