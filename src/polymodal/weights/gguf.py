@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from polymodal.weights.checkpoint import CheckpointError
+from polymodal.config import ConfigError, show, validate
+from polymodal.weights.checkpoint import CheckpointError, open_regular
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -323,7 +324,7 @@ def parse_gguf(path: str | os.PathLike) -> GGUFFile:
     tensor data ranges."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     except (OSError, ValueError) as e:
@@ -489,7 +490,7 @@ _PER_LAYER = {
     "ffn_down": "mlp.down_proj",
 }
 _REQUIRED_PER_LAYER = tuple(f"{part}.weight" for part in _PER_LAYER)
-_NAME = re.compile(r"(?:blk\.(?P<layer>\d+)\.)?(?P<part>\w+)\.(?P<kind>weight|bias)")
+_NAME = re.compile(r"(?:blk\.(?P<layer>\d{1,9})\.)?(?P<part>\w+)\.(?P<kind>weight|bias)")
 
 
 @dataclass(frozen=True)
@@ -562,10 +563,10 @@ def read_gguf(path: str | os.PathLike) -> GGUFContent:
     path = Path(path)
     file = parse_gguf(path)
     meta = _Metadata(file.metadata, path)
-    arch_name = meta.get("general.architecture")
+    arch_name = meta.text("general.architecture", None)
     if arch_name not in _ARCHS:
         raise CheckpointError(
-            path, f"GGUF architecture {arch_name!r} is not supported; supported: {', '.join(sorted(_ARCHS))}"
+            path, f"GGUF architecture {show(arch_name)} is not supported; supported: {', '.join(sorted(_ARCHS))}"
         )
     arch = _ARCHS[arch_name]
     tensors = file.tensors
@@ -573,11 +574,14 @@ def read_gguf(path: str | os.PathLike) -> GGUFContent:
         config = _config(meta, arch_name, arch, tensors)
     except CheckpointError:
         raise
-    except (TypeError, ValueError) as e:  # e.g. a string where a count belongs
+    except (TypeError, ValueError, ArithmeticError) as e:  # e.g. rope_freqs.weight of an unsupported type
         raise CheckpointError(path, f"malformed model metadata ({e})") from None
     entries = _tensor_entries(path, config, arch, tensors)
     tokenizer, tokenizer_config = _tokenizer(meta)
     return GGUFContent(config, GGUFTensors(path, entries), tokenizer, tokenizer_config)
+
+
+_REQUIRED = object()
 
 
 class _Metadata:
@@ -600,6 +604,33 @@ class _Metadata:
             raise CheckpointError(self.path, f"GGUF metadata lacks {key!r}, which a model of this kind needs")
         return self.get(key)
 
+    # Typed reads: a value of another type (an array where a count belongs, a float block count) is refused naming
+    # the key. `default` is returned when the key is absent; without one the key is required.
+
+    def whole(self, key: str, default: Any = _REQUIRED) -> Any:
+        """An integer (any of GGUF's integer types)."""
+        return self._typed(key, default, lambda v: type(v) is int, "a whole number")
+
+    def number(self, key: str, default: Any = _REQUIRED) -> Any:
+        """A finite integer or float."""
+        return self._typed(key, default, lambda v: type(v) in (int, float) and math.isfinite(v), "a finite number")
+
+    def text(self, key: str, default: Any = _REQUIRED) -> Any:
+        return self._typed(key, default, lambda v: isinstance(v, str), "a string")
+
+    def array(self, key: str, item: type, default: Any = _REQUIRED) -> Any:
+        """An array whose elements are all of type `item` (str or int)."""
+        what = "an array of strings" if item is str else "an array of whole numbers"
+        return self._typed(key, default, lambda v: isinstance(v, list) and all(type(x) is item for x in v), what)
+
+    def _typed(self, key: str, default: Any, ok: Callable[[Any], bool], what: str) -> Any:
+        if key not in self.values and default is not _REQUIRED:
+            return default
+        value = self.require(key)
+        if not ok(value):
+            raise CheckpointError(self.path, f"GGUF metadata {key!r} is {show(value)}; expected {what}")
+        return value
+
 
 def _float(value: float) -> float:
     """A float32 metadata value as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
@@ -607,38 +638,55 @@ def _float(value: float) -> float:
 
 
 def _config(meta: _Metadata, prefix: str, arch: _Arch, tensors: dict) -> dict:
-    """config.json from the `{arch}.*` metadata, in transformers' names."""
-    heads = int(meta.require(f"{prefix}.attention.head_count"))
-    hidden = int(meta.require(f"{prefix}.embedding_length"))
+    """config.json from the `{arch}.*` metadata, in transformers' names, checked as a config.json would be."""
+    # config field -> the GGUF key it comes from (what an error about the field names)
+    keys = {"hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",
+            "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
+            "num_key_value_heads": "attention.head_count_kv", "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+            "rope_theta": "rope.freq_base", "max_position_embeddings": "context_length", "vocab_size": "vocab_size"}
+    keys = {field: f"{prefix}.{key}" for field, key in keys.items()}
+    heads = meta.whole(keys["num_attention_heads"])
     config: dict[str, Any] = {
         "model_type": arch.model_type,
         "architectures": [arch.architecture],
-        "hidden_size": hidden,
-        "intermediate_size": int(meta.require(f"{prefix}.feed_forward_length")),
-        "num_hidden_layers": int(meta.require(f"{prefix}.block_count")),
+        "hidden_size": meta.whole(keys["hidden_size"]),
+        "intermediate_size": meta.whole(keys["intermediate_size"]),
+        "num_hidden_layers": meta.whole(keys["num_hidden_layers"]),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(meta.get(f"{prefix}.attention.head_count_kv", heads)),
-        "rms_norm_eps": _float(meta.require(f"{prefix}.attention.layer_norm_rms_epsilon")),
-        "rope_theta": _float(meta.get(f"{prefix}.rope.freq_base", 10000.0)),  # llama.cpp's default
-        "max_position_embeddings": int(meta.require(f"{prefix}.context_length")),
+        "num_key_value_heads": meta.whole(keys["num_key_value_heads"], heads),
+        "rms_norm_eps": _float(meta.number(keys["rms_norm_eps"])),
+        "rope_theta": _float(meta.number(keys["rope_theta"], 10000.0)),  # llama.cpp's default
+        "max_position_embeddings": meta.whole(keys["max_position_embeddings"]),
         # llama.cpp writes `output.weight` only when the output projection is not the embedding matrix
         "tie_word_embeddings": "output.weight" not in tensors,
     }
-    n_tokens = len(meta.get("tokenizer.ggml.tokens")) if "tokenizer.ggml.tokens" in meta else None
-    vocab = meta.get(f"{prefix}.vocab_size", n_tokens)
-    if vocab is None and "token_embd.weight" in tensors:
-        vocab = int(tensors["token_embd.weight"].dims[-1])  # ggml order: (hidden, vocab)
+    tokens = meta.array("tokenizer.ggml.tokens", str, None)
+    vocab = meta.whole(keys["vocab_size"], None if tokens is None else len(tokens))
+    if keys["vocab_size"] not in meta and tokens is not None:
+        keys["vocab_size"] = "tokenizer.ggml.tokens"
+    embedding = tensors.get("token_embd.weight")
+    if vocab is None and embedding is not None and embedding.dims:
+        vocab = embedding.dims[-1]  # ggml order: (hidden, vocab)
+        keys["vocab_size"] = "token_embd.weight"
     if vocab is None:
         raise CheckpointError(meta.path, "cannot tell the vocabulary size (no vocab_size, tokens or embedding)")
-    config["vocab_size"] = int(vocab)
-    head_dim = meta.get(f"{prefix}.attention.key_length")
-    if head_dim is None and arch.permuted_qk:  # llama rotates whole heads: the rotary width is the head size
-        head_dim = meta.get(f"{prefix}.rope.dimension_count")
-    if head_dim is not None:
-        config["head_dim"] = int(head_dim)
+    config["vocab_size"] = vocab
+    for key in (f"{prefix}.attention.key_length", f"{prefix}.rope.dimension_count"):
+        head_dim = meta.whole(key, None)
+        if head_dim is not None:
+            config["head_dim"], keys["head_dim"] = head_dim, key
+            break
+        if not arch.permuted_qk:  # llama rotates whole heads: the rotary width is the head size
+            break
     if arch.model_type == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
         config["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
+    for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
+        token_id = meta.whole(f"tokenizer.ggml.{name}_token_id", None)
+        if token_id is not None:
+            config[key], keys[key] = token_id, f"tokenizer.ggml.{name}_token_id"
+    _check_config(meta.path, arch, config, keys)  # before anything divides by a head count or loops over blocks
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
     rope_scaling = _rope_scaling(meta, prefix)
     if "rope_freqs.weight" in tensors:
         if rope_scaling is not None:
@@ -649,25 +697,33 @@ def _config(meta: _Metadata, prefix: str, arch: _Arch, tensors: dict) -> dict:
         rope_scaling = _llama3_rope_scaling(meta.path, divisors, config["rope_theta"], head)
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
-    for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
-        token_id = meta.get(f"tokenizer.ggml.{name}_token_id")
-        if token_id is not None:
-            config[key] = int(token_id)
     return config
 
 
+def _check_config(path: Path, arch: _Arch, config: dict, keys: dict[str, str]) -> None:
+    """The shared config check (`polymodal.config.check`: types, ranges, heads dividing) on the family's config
+    read from `config`; an error names the GGUF key the bad field came from."""
+    from polymodal import registry
+
+    try:
+        validate(registry.family(arch.model_type).layouts["transformers"].read_config(config, {}))
+    except ConfigError as e:
+        field = e.field.split(".")[0]
+        raise CheckpointError(path, f"GGUF metadata {keys.get(field, field)!r}: {e.reason}") from None
+
+
 def _rope_scaling(meta: _Metadata, prefix: str) -> dict | None:
-    kind = meta.get(f"{prefix}.rope.scaling.type")
+    kind = meta.text(f"{prefix}.rope.scaling.type", None)
     if kind in (None, "none"):
         return None
-    factor = meta.require(f"{prefix}.rope.scaling.factor")
+    factor = meta.number(f"{prefix}.rope.scaling.factor")
     if kind == "linear":
         return {"rope_type": "linear", "factor": _float(factor)}
     if kind == "yarn":
         scaling = {"rope_type": "yarn", "factor": _float(factor)}
-        original = meta.get(f"{prefix}.rope.scaling.original_context_length")
+        original = meta.whole(f"{prefix}.rope.scaling.original_context_length", None)
         if original is not None:
-            scaling["original_max_position_embeddings"] = int(original)
+            scaling["original_max_position_embeddings"] = original
         return scaling
     raise CheckpointError(meta.path, f"rope scaling {kind!r} is not supported; supported: linear, yarn")
 
@@ -724,7 +780,7 @@ def _tensor_entries(path: Path, config: dict, arch: _Arch, tensors: dict) -> dic
             continue
         ours, part = _transformers_name(name, layers)
         if ours is None:
-            raise CheckpointError(path, f"unexpected tensor {name!r} for a {layers}-layer {arch.model_type} model")
+            raise CheckpointError(path, f"unexpected tensor {show(name)} for a {layers}-layer {arch.model_type} model")
         if t.qtype not in _FORMATS:
             raise CheckpointError(
                 path,
@@ -735,7 +791,7 @@ def _tensor_entries(path: Path, config: dict, arch: _Arch, tensors: dict) -> dic
         heads = None
         if arch.permuted_qk and part in ("attn_q", "attn_k"):
             heads = config["num_attention_heads"] if part == "attn_q" else config["num_key_value_heads"]
-            if shape[0] % (2 * heads):
+            if not shape or shape[0] % (2 * heads):
                 raise CheckpointError(path, f"tensor {name!r} of shape {list(shape)} does not split into {heads} heads")
         entries[ours] = (t, shape, heads)
     missing = [n for n in ("token_embd.weight", "output_norm.weight") if n not in tensors] + [
@@ -776,19 +832,19 @@ _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's token types
 
 def _tokenizer(meta: _Metadata) -> tuple[Tokenizer | None, dict]:
     """A `tokenizers.Tokenizer` rebuilt from `tokenizer.ggml.*`, and tokenizer_config.json's values."""
-    tokens = meta.get("tokenizer.ggml.tokens") or []
+    tokens = meta.array("tokenizer.ggml.tokens", str, [])
 
     def token(key: str) -> str | None:
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        i = meta.whole(f"tokenizer.ggml.{key}_token_id", None)
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
-    model = meta.get("tokenizer.ggml.model")
+    model = meta.text("tokenizer.ggml.model", None)
     tokenizer_config = {
         "bos_token": token("bos"),
         "eos_token": token("eos"),
         "pad_token": token("padding"),
         "unk_token": token("unknown"),
-        "chat_template": meta.get("tokenizer.chat_template"),
+        "chat_template": meta.text("tokenizer.chat_template", None),
         # llama.cpp adds BOS to SentencePiece ("llama") vocabularies unless told otherwise, not to BPE ones
         "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama")),
         "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
@@ -797,6 +853,8 @@ def _tokenizer(meta: _Metadata) -> tuple[Tokenizer | None, dict]:
         return None, tokenizer_config
     try:
         return _byte_level_bpe(meta, tokens, tokenizer_config), tokenizer_config
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - tokenizers reports bad merges etc. as a bare Exception
         raise CheckpointError(meta.path, f"cannot build the tokenizer from its metadata ({e})") from None
 
@@ -807,9 +865,9 @@ def _byte_level_bpe(meta: _Metadata, tokens: list[str], tokenizer_config: dict) 
     from tokenizers.models import BPE
 
     vocab = {t: i for i, t in enumerate(tokens)}
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    merges = [tuple(m.split(" ", 1)) for m in meta.array("tokenizer.ggml.merges", str, [])]
     tok = Tokenizer(BPE(vocab, merges, fuse_unk=False))
-    pre = meta.get("tokenizer.ggml.pre", "default")
+    pre = meta.text("tokenizer.ggml.pre", "default")
     add_prefix_space = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
     if pre in _SPLITS:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -831,7 +889,7 @@ def _byte_level_bpe(meta: _Metadata, tokens: list[str], tokenizer_config: dict) 
     tok.decoder = decoders.ByteLevel()
 
     # Control tokens (<|im_start|>, <|endoftext|>) and user-defined ones are matched whole in the text.
-    types = meta.get("tokenizer.ggml.token_type") or []
+    types = meta.array("tokenizer.ggml.token_type", int, [])
     special = {tokenizer_config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")} - {None}
     special |= {t for t, kind in zip(tokens, types) if kind == _CONTROL}
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens if t in special])

@@ -4,11 +4,17 @@ The model is built on the meta device, the key map is checked on meta tensors (e
 reading any data), then each tensor is read and moved into place one at a time: no second copy of the
 weights, and no half-loaded model. Missing, unexpected and mis-shaped tensors are reported together in one
 error that names them.
+
+Before that, the config is checked (`polymodal.config.check`: every field's type and range, named in the error) and
+the meta build runs under a budget (`_Budget`): a config describing more tensors or values than any real model has
+is refused before it can take hours, or overflow torch's sizes, however small the files are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 import tempfile
@@ -19,7 +25,8 @@ import torch
 from torch import nn
 
 from polymodal import registry
-from polymodal.weights.checkpoint import CheckpointError, open_checkpoint
+from polymodal.config import LAYER_COUNTS, ConfigError, show, validate
+from polymodal.weights.checkpoint import CheckpointError, open_checkpoint, read_json
 from polymodal.weights.keymap import KeyMap
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -52,43 +59,36 @@ def detect(directory: Path) -> tuple[registry.Family, registry.Layout, dict]:
         raise CheckpointError(directory, "diffusers pipelines are not supported yet by this polymodal version")
     if (directory / "open_clip_config.json").exists():
         fam = registry.family("clip")
-        return fam, fam.layouts["open_clip"], _read_json(directory / "open_clip_config.json")
+        return fam, fam.layouts["open_clip"], read_json(directory / "open_clip_config.json")
     config_path = directory / "config.json"
-    if not config_path.exists():
+    if not (config_path.exists() or config_path.is_symlink()):
         raise CheckpointError(directory, "no config.json (or open_clip_config.json): cannot tell the model family")
-    cfg = _read_json(config_path)
+    cfg = read_json(config_path)
+    for key in ("model_type", "architecture", "_class_name"):
+        if key in cfg and not isinstance(cfg[key], str):
+            raise CheckpointError(config_path, f"field {key!r} must be a string, got {show(cfg[key])}")
     if "model_type" in cfg:
         name = registry.MODEL_TYPES.get(cfg["model_type"])
         if name is None:
             raise CheckpointError(
                 config_path,
-                f"unknown model_type {cfg['model_type']!r}; supported: {sorted(registry.MODEL_TYPES)}",
+                f"unknown model_type {show(cfg['model_type'])}; supported: {sorted(registry.MODEL_TYPES)}",
             )
         fam = registry.family(name)
-        native = str(cfg["model_type"]).startswith("polymodal-")
+        native = cfg["model_type"].startswith("polymodal-")
         layout = fam.layouts["polymodal" if native else "transformers"]
         return fam, layout, cfg
     if "architecture" in cfg:
-        arch = str(cfg["architecture"])
+        arch = cfg["architecture"]
         for prefix, name in registry.TIMM_ARCHITECTURES.items():
             if arch.startswith(prefix):
                 fam = registry.family(name)
                 if "timm" in fam.layouts:
                     return fam, fam.layouts["timm"], cfg
-        raise CheckpointError(config_path, f"unsupported timm architecture {arch!r}")
+        raise CheckpointError(config_path, f"unsupported timm architecture {show(arch)}")
     if "_class_name" in cfg:
-        raise CheckpointError(config_path, f"diffusers model {cfg['_class_name']!r} is not supported yet")
+        raise CheckpointError(config_path, f"diffusers model {show(cfg['_class_name'])} is not supported yet")
     raise CheckpointError(config_path, "cannot tell the model family (no model_type or architecture)")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(path, f"unreadable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(path, "expected a JSON object")
-    return data
 
 
 def build(family: str, preset_or_config: Any, *, device: str | torch.device | None = None) -> nn.Module:
@@ -119,21 +119,122 @@ def load(source: str | os.PathLike, dtype: torch.dtype | None = None, device: st
     model = _build_and_fill(fam, layout, raw, ckpt, dtype, device, path, path / layout.config_file)
     model.pm_source = path  # pipelines find the processor and tokenizer files beside the weights
     generation_config = path / "generation_config.json"
-    if generation_config.is_file():
-        model.pm_generation_config = _read_json(generation_config)
+    if generation_config.exists() or generation_config.is_symlink():
+        model.pm_generation_config = read_json(generation_config)
     return model
 
 
-def _build_and_fill(fam, layout, raw: dict, ckpt, dtype, device, where, config_where) -> nn.Module:
+def read_config(layout: registry.Layout, raw: dict, shapes: dict[str, tuple[int, ...]], where: Any) -> Any:
+    """The layout's config from a config file's JSON, checked field by field (`polymodal.config.check`).
+    Raises CheckpointError naming `where` (the config file) and, for a bad value, the field."""
     try:
-        cfg = layout.read_config(raw, ckpt.shapes)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(config_where, f"unsupported or malformed config ({e})") from None
-    with torch.device("meta"), _QuickMeta():
-        model = fam.model(cfg)
+        cfg = layout.read_config(raw, shapes)
+        validate(cfg)
+    except ConfigError as e:
+        raise CheckpointError(where, f"malformed config: {e}") from None
+    except CheckpointError:
+        raise
+    # a family's reader that meets JSON of an unexpected shape (a list where an object belongs, a string where it
+    # does arithmetic) fails inside Python; the file is what is wrong
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
+        raise CheckpointError(where, f"unsupported or malformed config ({type(e).__name__}: {_clip(e)})") from None
+    return cfg
+
+
+def build_meta(fam: registry.Family, cfg: Any, where: Any = None) -> nn.Module:
+    """`fam`'s model for `cfg` on the meta device (no memory for weights), under `_Budget`: a config describing
+    a model larger than any real one is refused (CheckpointError naming `where` and the sizes) instead of built."""
+    try:
+        with torch.device("meta"), _QuickMeta(), _Budget():
+            return fam.model(cfg)
+    except _TooLarge as e:
+        raise CheckpointError(where, f"the config describes {e.what}, more than any real model "
+                                     f"({_culprits(cfg, e.shape)}); polymodal refuses to build it") from None
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:  # e.g. an activation or rope type not supported
+        raise CheckpointError(where, f"cannot build a model from this config ({_clip(e)})") from None
+
+
+def _build_and_fill(fam, layout, raw: dict, ckpt, dtype, device, where, config_where) -> nn.Module:
+    cfg = read_config(layout, raw, ckpt.shapes, config_where)
+    model = build_meta(fam, cfg, config_where)
     load_weights(model, ckpt, layout.key_map(cfg), dtype=dtype, device=device, where=where)
     model.pm_layout = layout.name
     return model.eval()
+
+
+def _clip(e: BaseException, limit: int = 300) -> str:
+    text = str(e)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _TooLarge(Exception):
+    def __init__(self, what: str, shape: tuple[int, ...] = ()):
+        self.what, self.shape = what, shape
+
+
+class _Budget(torch.overrides.TorchFunctionMode):
+    """Counts the tensors (and their values) that building a model creates, and stops the build with `_TooLarge`
+    once either passes what any real model has; a tensor's size is checked before it is created, so sizes that
+    would overflow torch's 64-bit arithmetic never reach it. On the meta device nothing is allocated either way."""
+
+    MAX_VALUES = 2**41  # ~2.2e12: the largest released models hold ~1-2e12 parameters
+    MAX_TENSORS = 2**16  # the largest have ~5e4 (DeepSeek-V3: 61 layers x 256 experts x 3 matrices)
+    FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn})
+
+    def __init__(self):
+        super().__init__()
+        self.values = self.tensors = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FACTORIES:
+            shape = _requested_shape(args, kwargs)
+            if shape is not None and math.prod(shape) > self.MAX_VALUES:
+                raise _TooLarge(f"a tensor of shape {list(shape)} ({_count(math.prod(shape))} values)", shape)
+        out = func(*args, **kwargs)
+        if func in self.FACTORIES and isinstance(out, torch.Tensor):
+            self.values += out.numel()
+            self.tensors += 1
+            if self.values > self.MAX_VALUES:
+                raise _TooLarge(f"over {_count(self.MAX_VALUES)} values", tuple(out.shape))
+            if self.tensors > self.MAX_TENSORS:
+                raise _TooLarge(f"over {self.MAX_TENSORS} tensors")
+        return out
+
+
+def _requested_shape(args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    """The size a factory call asks for: `empty(2, 3)`, `empty((2, 3))`, `full((2, 3), 0.0)`, `empty(size=...)`."""
+    size = kwargs.get("size", args[0] if args else None)
+    if isinstance(size, int):
+        size = tuple(a for a in args if isinstance(a, int))
+    if isinstance(size, (tuple, list, torch.Size)) and all(isinstance(d, int) for d in size):
+        return tuple(max(int(d), 0) for d in size)
+    return None
+
+
+def _count(n: int) -> str:
+    return f"{n:.2e}".replace("e+", "e")
+
+
+def _culprits(cfg: Any, shape: tuple[int, ...]) -> str:
+    """The config fields behind a refused size: those whose values are dimensions of the tensor that crossed the
+    budget, else the largest sizes and the layer counts."""
+    found: dict[str, int] = {}
+
+    def walk(c: Any, prefix: str) -> None:
+        for f in dataclasses.fields(c):
+            v = getattr(c, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(v, f"{prefix}{f.name}.")
+            elif isinstance(v, int) and not isinstance(v, bool) and not f.name.endswith("_token_id"):
+                found[prefix + f.name] = v
+
+    walk(cfg, "")
+    named = [k for k, v in found.items() if v > 1 and v in shape]
+    if not named:
+        layers = [k for k in found if k.rsplit(".", 1)[-1] in LAYER_COUNTS]
+        named = sorted((k for k in found if k not in layers), key=lambda k: -found[k])[:3] + layers
+    return ", ".join(f"{k}={found[k]}" for k in named) or "see its sizes"
 
 
 class _QuickMeta(torch.overrides.TorchFunctionMode):
