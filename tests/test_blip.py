@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from transformers import BlipConfig as HFBlipConfig
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
 
@@ -430,6 +431,10 @@ def test_cli_bad_input_is_one_line_and_exit_2(with_files, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
     assert main(["vqa", "--model", str(with_files["captioning"]), "--image", str(broken), "--question", "q?"]) == 2
+    assert "broken.png" in capsys.readouterr().err  # the image is checked before the model loads
+    good = tmp_path / "good.png"
+    Image.new("RGB", (16, 16), (0, 128, 255)).save(good)
+    assert main(["vqa", "--model", str(with_files["captioning"]), "--image", str(good), "--question", "q?"]) == 2
     assert "captioning checkpoint" in capsys.readouterr().err
 
 
