@@ -340,3 +340,50 @@ def test_errors_name_the_problem(tmp_path, pairs):
         bert.apply_chat_template(MESSAGES)
     with pytest.raises(TypeError, match="item 1"):
         bert(["ok", 3])
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json"])
+@pytest.mark.parametrize("how", ["fifo", "dev-zero", "not-utf8", "deep"])
+def test_malformed_tokenizer_files_are_refused_naming_the_file(tmp_path, dirs, name, how):
+    """The tokenizer's files go through the checkpoint readers' checks: only regular files, a size cap, UTF-8, no
+    JSON nested past the reader: a FIFO is not waited on and /dev/zero is not read to exhaustion."""
+    import os
+    import signal
+
+    from polymodal.weights.checkpoint import CheckpointError
+
+    d = tmp_path / "tok"
+    shutil.copytree(dirs["opt" if name == "vocab.json" else "digits"], d)
+    if name == "vocab.json":
+        (d / "tokenizer.json").unlink(missing_ok=True)
+    target = d / name
+    target.unlink(missing_ok=True)
+    if how == "fifo":
+        os.mkfifo(target)
+    elif how == "dev-zero":
+        target.symlink_to("/dev/zero")
+    elif how == "not-utf8":
+        target.write_bytes(b'{"a": "\xff\xfe"}')
+    else:
+        target.write_text("[" * 100_000 + "]" * 100_000)
+    if name == "vocab.json" and how in ("not-utf8", "deep"):
+        pytest.skip("vocab.json is read by the tokenizers library, which refuses these itself")
+    if name == "chat_template.jinja" and how == "deep":
+        pytest.skip("a template is text, not JSON: brackets are its own business (rendered in the sandbox)")
+    signal.signal(signal.SIGALRM, lambda *a: pytest.fail(f"{name} as {how}: still reading after 20 s"))
+    signal.alarm(20)
+    try:
+        with pytest.raises((CheckpointError, ValueError)) as e:
+            TextTokenizer.from_pretrained(d)
+    finally:
+        signal.alarm(0)
+    assert name in str(e.value)
+
+
+def test_malformed_processor_config_is_refused(tmp_path):
+    from polymodal.processing import ImageProcessor
+    from polymodal.weights.checkpoint import CheckpointError
+
+    (tmp_path / "preprocessor_config.json").symlink_to("/dev/zero")
+    with pytest.raises(CheckpointError, match="preprocessor_config.json"):
+        ImageProcessor.from_pretrained(tmp_path)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from polymodal import registry
+from polymodal.weights.checkpoint import read_json
 from polymodal.weights.loader import load
 
 ImageInput = Any  # a path, bytes, a file object or a PIL image
@@ -73,9 +74,8 @@ def default_image_processor(model: nn.Module):
     if source is not None and (source / "preprocessor_config.json").exists():
         return ImageProcessor.from_pretrained(source)
     if source is not None and (source / "open_clip_config.json").exists():
-        import json
 
-        cfg = json.loads((source / "open_clip_config.json").read_text())
+        cfg = read_json(source / "open_clip_config.json")
         return ImageProcessor.from_open_clip(cfg.get("preprocess_cfg") or {}, size=model.config.vision.image_size)
     fam = registry.family_of(model).name
     cfg = model.config

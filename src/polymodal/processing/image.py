@@ -20,7 +20,6 @@ agree bit for bit.
 from __future__ import annotations
 
 import io
-import json
 import os
 import struct
 import zlib
@@ -35,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor
+
+from polymodal.weights.checkpoint import read_json
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image
 Resample = Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
@@ -276,10 +277,10 @@ class ImageProcessor:
         open_clip's `open_clip_config.json`."""
         d = Path(directory)
         hf, oc = d / "preprocessor_config.json", d / "open_clip_config.json"
-        if hf.is_file():
-            return cls.from_hf(json.loads(hf.read_text()), source=hf)
-        if oc.is_file():
-            return cls.from_open_clip(json.loads(oc.read_text()).get("preprocess_cfg") or {})
+        if os.path.lexists(hf):
+            return cls.from_hf(read_json(hf), source=hf)
+        if os.path.lexists(oc):
+            return cls.from_open_clip(read_json(oc).get("preprocess_cfg") or {})
         raise FileNotFoundError(
             f"{d}: no preprocessor_config.json or open_clip_config.json; use a preset such as ImageProcessor.clip()"
         )

@@ -40,6 +40,14 @@ from tokenizers.models import BPE, WordPiece
 from torch import Tensor
 
 from polymodal.processing.chat import render_chat_template
+from polymodal.weights.checkpoint import (
+    TEMPLATE_LIMIT,
+    TOKENIZER_LIMIT,
+    check_regular,
+    read_json,
+    read_text,
+    read_tokenizer_file,
+)
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -125,24 +133,25 @@ class TextTokenizer:
         model_config = _read_json(d / "config.json")
         class_name = _class_name(config, model_config)
         add_bos = add_eos = None  # with tokenizer.json, its post-processor decides (transformers 5 drops the flags)
-        if (d / "tokenizer.json").is_file():
-            text = (d / "tokenizer.json").read_text(encoding="utf-8")
-            tok = Tokenizer.from_str(text)
+        if os.path.lexists(d / "tokenizer.json"):
+            tok, text = read_tokenizer_file(d / "tokenizer.json")
             if class_name == "LlamaTokenizer" and '"ByteLevel"' in text:
                 class_name = "TokenizersBackend"  # a Llama-3-style file: transformers loads it as it is
-        elif (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        elif os.path.lexists(d / "vocab.json") and os.path.lexists(d / "merges.txt"):
             if class_name == "TokenizersBackend":
                 class_name = "GPT2Tokenizer"  # GPT-2's own files name no class
             if class_name not in ("GPT2Tokenizer", "Qwen2Tokenizer"):
                 raise ValueError(f"{d}: vocab.json + merges.txt of a {class_name} are not supported (GPT-2, OPT and "
                                  "Qwen2 are); save the tokenizer with transformers to get a tokenizer.json")
-            vocab, merges = BPE.read_file(str(d / "vocab.json"), str(d / "merges.txt"))
+            vocab, merges = BPE.read_file(str(check_regular(d / "vocab.json", limit=TOKENIZER_LIMIT)),
+                                          str(check_regular(d / "merges.txt", limit=TOKENIZER_LIMIT)))
             tok = Tokenizer(BPE(vocab, merges, fuse_unk=False))
             add_bos, add_eos = bool(config.get("add_bos_token", False)), bool(config.get("add_eos_token", False))
-        elif (d / "vocab.txt").is_file():
+        elif os.path.lexists(d / "vocab.txt"):
             class_name = "BertTokenizer"
             unk = _token_text(config.get("unk_token")) or "[UNK]"
-            tok = Tokenizer(WordPiece(WordPiece.read_file(str(d / "vocab.txt")), unk_token=unk))
+            vocab = WordPiece.read_file(str(check_regular(d / "vocab.txt", limit=TOKENIZER_LIMIT)))
+            tok = Tokenizer(WordPiece(vocab, unk_token=unk))
         else:
             hint = (" (tokenizer.model is a SentencePiece file: convert it to tokenizer.json with transformers first)"
                     if (d / "tokenizer.model").is_file() else "")
@@ -444,15 +453,11 @@ class StreamDecoder:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
+    """A tokenizer's JSON file, {} when there is none; a malformed, oversized or irregular one is a CheckpointError
+    (a ValueError) naming the file."""
+    if not (path.exists() or path.is_symlink()):
         return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, found a {type(value).__name__}")
-    return value
+    return read_json(path)
 
 
 def _class_name(config: dict, model_config: dict) -> str:
@@ -589,12 +594,12 @@ def _chat_template(d: Path, config: dict) -> str | dict[str, str] | None:
     """The chat template(s): chat_template.jinja and additional_chat_templates/*.jinja (what transformers writes
     today, and what it prefers), else chat_template.json (processors'), else tokenizer_config.json's."""
     files: dict[str, str] = {}
-    if (d / "chat_template.jinja").is_file():
-        files["default"] = (d / "chat_template.jinja").read_text(encoding="utf-8")
+    if os.path.lexists(d / "chat_template.jinja"):
+        files["default"] = read_text(d / "chat_template.jinja", limit=TEMPLATE_LIMIT)
     extra_dir = d / "additional_chat_templates"
     if extra_dir.is_dir():
         for f in sorted(extra_dir.glob("*.jinja")):
-            files[f.name.removesuffix(".jinja")] = f.read_text(encoding="utf-8")
+            files[f.name.removesuffix(".jinja")] = read_text(f, limit=TEMPLATE_LIMIT)
     if files:
         return files["default"] if list(files) == ["default"] else files
     from_json = _named_templates(_read_json(d / "chat_template.json").get("chat_template"))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import gzip
 import html
 import importlib.util
-import json
 import os
 from collections.abc import Sequence
 from functools import lru_cache
@@ -30,6 +29,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 from torch import Tensor
+
+from polymodal.weights.checkpoint import TOKENIZER_LIMIT, check_regular, read_json, read_tokenizer_file
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's word split: contractions, letter runs, single digits, runs of other non-space characters
@@ -85,10 +86,11 @@ class CLIPTokenizer:
         comes from `pad_token` in `tokenizer_config.json` / `special_tokens_map.json` (transformers' default for
         CLIP is `<|endoftext|>`)."""
         d = Path(directory)
-        if (d / "tokenizer.json").is_file():
-            tok = Tokenizer.from_file(str(d / "tokenizer.json"))
-        elif (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
-            vocab, merges = BPE.read_file(str(d / "vocab.json"), str(d / "merges.txt"))
+        if os.path.lexists(d / "tokenizer.json"):
+            tok = read_tokenizer_file(d / "tokenizer.json")[0]
+        elif os.path.lexists(d / "vocab.json") and os.path.lexists(d / "merges.txt"):
+            vocab, merges = BPE.read_file(str(check_regular(d / "vocab.json", limit=TOKENIZER_LIMIT)),
+                                          str(check_regular(d / "merges.txt", limit=TOKENIZER_LIMIT)))
             tok = _clip_pipeline(vocab, merges)
         else:
             raise FileNotFoundError(
@@ -227,8 +229,8 @@ def _special_token(d: Path, key: str) -> str | None:
     """A special token's text from tokenizer_config.json or special_tokens_map.json (a string or {"content"})."""
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         f = d / name
-        if f.is_file():
-            value = json.loads(f.read_text()).get(key)
+        if os.path.lexists(f):
+            value = read_json(f).get(key)
             if isinstance(value, dict):
                 value = value.get("content")
             if isinstance(value, str):

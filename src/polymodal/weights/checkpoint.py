@@ -30,6 +30,8 @@ from polymodal.config import show
 
 _MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header (MAX_HEADER_SIZE in its source)
 JSON_LIMIT = 16 * 1024 * 1024  # config / index files are kilobytes; an ImageNet-22k label map is ~1.5 MB
+TOKENIZER_LIMIT = 256 * 2**20  # tokenizer.json and vocabulary files: the largest real ones are tens of MB
+TEMPLATE_LIMIT = 4 * 2**20  # a chat template: real ones are a few KB
 _MAX_BYTES = 2**63  # a tensor's bytes, and its strides, must fit torch's 64-bit sizes
 
 _DTYPES = {
@@ -98,6 +100,43 @@ def read_json(path: str | os.PathLike, *, limit: int = JSON_LIMIT) -> dict[str, 
     if not isinstance(value, dict):
         raise CheckpointError(path, f"expected a JSON object, got {show(value)}")
     return value
+
+
+def read_text(path: str | os.PathLike, *, limit: int) -> str:
+    """A text file that comes with a checkpoint (tokenizer.json, a chat template) as a string: a regular file of at
+    most `limit` bytes of UTF-8. Raises CheckpointError naming the file."""
+    path = Path(path)
+    with open_regular(path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise CheckpointError(path, f"larger than the {limit // 2**20} MiB such a file may have")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(path, f"not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r})") from None
+
+
+def read_tokenizer_file(path: str | os.PathLike):
+    """A `tokenizers` tokenizer.json -> (tokenizers.Tokenizer, its text), read as `read_text` reads; what the library
+    cannot parse is a CheckpointError naming the file."""
+    from tokenizers import Tokenizer
+
+    text = read_text(path, limit=TOKENIZER_LIMIT)
+    try:
+        return Tokenizer.from_str(text), text
+    except Exception as e:  # the library raises plain Exceptions with serde's message
+        raise CheckpointError(Path(path), f"not a tokenizers file ({str(e).strip() or type(e).__name__})") from None
+
+
+def check_regular(path: str | os.PathLike, *, limit: int) -> Path:
+    """`path` if it is a regular file of at most `limit` bytes (for files a library reads by name); else
+    CheckpointError."""
+    path = Path(path)
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+    if size > limit:
+        raise CheckpointError(path, f"{size} bytes, more than the {limit // 2**20} MiB such a file may have")
+    return path
 
 
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
