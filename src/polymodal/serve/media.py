@@ -81,6 +81,9 @@ class MediaPolicy:
     than max_animation_frames frames are refused. Video is sampled at video_fps frames per second (less when
     the container's duration times video_fps would pass max_video_frames). max_parts bounds the media parts
     (image, audio, video) of one request. resolver(host, port) -> addresses replaces DNS (tests).
+
+    `polymodal serve` sets allow_remote, allowed_domains and local_root from --allow-remote-media, --allowed-domain
+    and --media-root; refusals name those flags, what the person running the server can change.
     """
 
     allow_remote: bool = False
@@ -275,7 +278,8 @@ def fetch_bytes(url: str, policy: MediaPolicy) -> bytes:
         return _data_url(url, policy.max_download_bytes)
     if scheme in ("http", "https"):
         if not policy.allow_remote:
-            raise MediaError(400, "remote URLs are not allowed by this server (allow_remote is off)")
+            raise MediaError(400, "remote media URLs are not fetched by this server: send the media inline as a "
+                                  "data: URL, or start the server with --allow-remote-media --allowed-domain DOMAIN")
         return _download(url, policy)
     if scheme == "file":
         parts = urlsplit(url)
@@ -326,7 +330,8 @@ def _b64decode(text: str, max_bytes: int, what: str) -> bytes:
 def _read_local(path: str, policy: MediaPolicy) -> bytes:
     """A regular file inside policy.local_root; symlinks resolved first, so no link or `..` leads outside."""
     if policy.local_root is None:
-        raise MediaError(400, "local files and file:// URLs are not served (no local_root is configured)")
+        raise MediaError(400, "local files and file:// URLs are not served by this server: send the media inline "
+                              "as a data: URL, or start the server with --media-root DIR to serve files from DIR")
     try:
         root = Path(policy.local_root).resolve(strict=True)
         candidate = Path(path)
@@ -389,7 +394,7 @@ def _check_url(url: str, policy: MediaPolicy) -> tuple[str, str, int, str]:
         raise MediaError(400, "URLs with credentials (user@host) are not fetched")
     host = host.rstrip(".")
     if not any(host == d or host.endswith("." + d) for d in policy.allowed_domains):
-        raise MediaError(400, f"host {host[:100]!r} is not in the server's allowed domains")
+        raise MediaError(400, f"host {host[:100]!r} is not in the server's allowed domains (--allowed-domain)")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return scheme, host, port or (443 if scheme == "https" else 80), target
 
