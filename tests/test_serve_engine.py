@@ -176,6 +176,26 @@ def test_sampling_with_a_seed_does_not_depend_on_the_batch(model, tokenizer):
     assert solo == busy == want
 
 
+def test_repetition_penalty_in_a_shared_batch_matches_generate_alone(model, tokenizer):
+    """Each row's penalty looks at its own prompt and answer only: greedy and sampled requests with different
+    penalties, next to one without, decode together and each gets `generate`'s tokens with the same settings."""
+    specs = [(prompt(5, 40), dict(repetition_penalty=1.3)), (prompt(9, 41), dict(repetition_penalty=0.8)),
+             (prompt(7, 42), dict(repetition_penalty=1.2, do_sample=True, temperature=0.9, top_k=20)),
+             (prompt(6, 43), {})]
+    gate = Gate()
+    with hook(model, gate), ChatEngine(model, tokenizer) as engine:
+        requests = [engine.submit(ids, max_new_tokens=24, seed=5, **options) for ids, options in specs]
+        gate.open()
+        results = [collect(r.events())[0] for r in requests]
+    assert max(gate.decode_sizes) == 4
+    for (ids, options), got in zip(specs, results):
+        generator = torch.Generator().manual_seed(5) if options.get("do_sample") else None
+        assert got == alone(model, ids, 24, generator=generator, **options), options
+    assert results[0] != alone(model, specs[0][0], 24)  # the penalty changed this answer
+    with ChatEngine(model, tokenizer) as engine, pytest.raises(ValueError, match="repetition_penalty"):
+        engine.submit([5, 6], max_new_tokens=2, repetition_penalty=0.0)
+
+
 def test_concurrent_requests_share_forward_passes(model, tokenizer):
     calls = []
     with hook(model, lambda ids: calls.append(ids.shape)):

@@ -19,7 +19,7 @@ an attention mask (B, T_cap) whose zeros mark columns a row does not use, and pe
   right-aligned to the head. A prompt longer than the head shifts the batch right first.
 - Each step feeds every row its last token at the head: one forward for the whole batch; then each row chooses
   its next token with its own settings (greedy, or sampling with its own seeded generator, so a request's sample
-  does not depend on what else runs).
+  does not depend on what else runs; a repetition penalty over the row's own prompt and answer so far).
 - A finished or cancelled row is dropped (rows kept by index); its columns stay masked until the head reaches
   the capacity, when columns that no row uses are dropped, or the cache grows (doubling, at most `max_len`).
 
@@ -45,6 +45,11 @@ from polymodal.generation import CausalLM, _eos_ids, process_logits
 from polymodal.nn.attention import KVCache
 
 log = logging.getLogger(__name__)
+
+# Sampling divides the float32 logits by the temperature: below this, logits / t overflows to inf for ordinary
+# logits (and t itself rounds to 0 in float32 below ~1e-45), so the softmax turns NaN. Sampling that cold is greedy
+# decoding in all but exact ties, so callers decode greedily there (the server does; vLLM uses the same threshold).
+MIN_TEMPERATURE = 1e-5
 
 
 class QueueFull(RuntimeError):
@@ -79,13 +84,16 @@ class EngineRequest:
     """A submitted request: read its events with `events()` (blocking) or `aevents()` (asyncio), once."""
 
     def __init__(self, engine: ChatEngine, prompt_ids: list[int], *, max_new_tokens: int, do_sample: bool,
-                 temperature: float, top_p: float, top_k: int, generator: torch.Generator | None, stop: list[str]):
+                 temperature: float, top_p: float, top_k: int, repetition_penalty: float,
+                 generator: torch.Generator | None, stop: list[str]):
         self._engine = engine
         self.prompt_ids = prompt_ids
         self.prompt_tokens = len(prompt_ids)
         self.max_new_tokens = max_new_tokens
         self.do_sample = do_sample
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.repetition_penalty = repetition_penalty
+        self.sequence = list(prompt_ids)  # the prompt and the tokens chosen so far: what the penalty looks at
         self.generator = generator
         self.stop = stop
         self.completion_tokens = 0
@@ -366,8 +374,8 @@ class ChatEngine:
         self.close()
 
     def submit(self, prompt_ids: list[int], *, max_new_tokens: int = 256, do_sample: bool = False,
-               temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               stop: list[str] | None = None) -> EngineRequest:
+               temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+               seed: int | None = None, stop: list[str] | None = None) -> EngineRequest:
         """Queue a prompt (token ids) for generation -> its EngineRequest. Raises ValueError for bad arguments and
         QueueFull when `max_queue` requests wait already."""
         prompt_ids = [int(i) for i in prompt_ids]
@@ -382,13 +390,15 @@ class ChatEngine:
             raise ValueError(f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({max_new_tokens}) is over "
                              f"the model's context of {self.max_len} tokens; shorten the prompt or ask for fewer "
                              f"tokens")
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False for "
-                             f"greedy)")
+        if do_sample and not MIN_TEMPERATURE <= temperature < float("inf"):
+            raise ValueError(f"temperature must be at least {MIN_TEMPERATURE:g} when sampling, got {temperature} "
+                             f"(colder sampling is greedy decoding: use do_sample=False)")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0: no limit), got {top_k}")
+        if not 0 < repetition_penalty < float("inf"):
+            raise ValueError(f"repetition_penalty must be a positive number (1: none), got {repetition_penalty}")
         stop = [s for s in (stop or []) if s]
         if not all(isinstance(s, str) for s in stop):
             raise ValueError("stop must be a list of strings")
@@ -400,7 +410,8 @@ class ChatEngine:
             else:
                 generator.manual_seed(seed)
         request = EngineRequest(self, prompt_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                temperature=temperature, top_p=top_p, top_k=top_k, generator=generator, stop=stop)
+                                temperature=temperature, top_p=top_p, top_k=top_k,
+                                repetition_penalty=repetition_penalty, generator=generator, stop=stop)
         with self._cond:
             if self._closing:
                 raise RuntimeError("this engine is closed")
@@ -489,16 +500,23 @@ class ChatEngine:
         self._batch.keep(keep)
 
     def _choose(self, logits: Tensor, request: EngineRequest, greedy: int) -> int:
-        """The next token from one row's logits (V,): greedy, or sampled as `generate` samples."""
-        if not request.do_sample:
+        """The next token from one row's logits (V,), as `generate` chooses it for this request alone: the same
+        logits processors over the same sequence (its prompt and what it generated), then argmax or a sample."""
+        penalized = request.repetition_penalty != 1.0
+        if not (request.do_sample or penalized):
             return greedy
-        scores = process_logits(logits.float()[None], None, temperature=request.temperature, top_k=request.top_k,
-                                top_p=request.top_p, sampling=True)  # (1, V)
+        sequence = torch.tensor([request.sequence], device=logits.device) if penalized else None  # (1, L)
+        scores = process_logits(logits.float()[None], sequence, repetition_penalty=request.repetition_penalty,
+                                temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
+                                sampling=request.do_sample)  # (1, V)
+        if not request.do_sample:
+            return int(scores[0].argmax())
         return int(torch.multinomial(scores.softmax(dim=-1), 1, generator=request.generator))
 
     def _deliver(self, request: EngineRequest, token: int) -> bool:
         """Send the token's Delta; True if the request ends with it (end token, stop string, length)."""
         request.completion_tokens += 1
+        request.sequence.append(token)
         end_token = token in self.eos
         at_limit = request.completion_tokens >= request.max_new_tokens
         if end_token:  # its text is not part of the answer
