@@ -342,7 +342,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from polymodal.serve.app import MAX_BODY_BYTES, api_key_from_env, serve
+    from polymodal.serve.app import MAX_BODY_BYTES, api_key_from_env, bind_socket, serve
     from polymodal.serve.registry import load_served, parse_spec
 
     for spec in args.model:
@@ -358,8 +358,15 @@ def cmd_serve(args) -> None:
 
     policy = MediaPolicy(allow_remote=args.allow_remote_media or bool(args.allowed_domain),
                          allowed_domains=tuple(args.allowed_domain), local_root=args.media_root)
-    served = load_served(args.model, max_batch=args.max_batch, max_queue=args.max_queue)  # ValueError: exit 2
-    serve(served, host=args.host, port=args.port, api_key=api_key_from_env(args.api_key),
+    if args.max_body_mib is not None and args.max_body_mib < 1:
+        raise UsageError("--max-body-mib must be at least 1")
+    sock = bind_socket(args.host, args.port)  # a port in use: OSError, exit 2, before the models load
+    try:
+        served = load_served(args.model, max_batch=args.max_batch, max_queue=args.max_queue)  # ValueError: exit 2
+    except BaseException:
+        sock.close()
+        raise
+    serve(served, host=args.host, port=args.port, sock=sock, api_key=api_key_from_env(args.api_key),
           cors_origins=tuple(args.cors_origin), media_policy=policy,
           max_body_bytes=args.max_body_mib * 1024 * 1024 if args.max_body_mib else MAX_BODY_BYTES)
 

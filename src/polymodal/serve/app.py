@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hmac
 import json
 import logging
 import math
 import os
+import re
 import secrets
+import socket
 import threading
 import time
 import uuid
@@ -38,6 +41,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from polymodal.serve.engine import MIN_TEMPERATURE
 from polymodal.serve.errors import APIError, error_body
 from polymodal.serve.registry import ServedModel, ServedModels
 from polymodal.serve.schemas import (
@@ -52,6 +56,11 @@ log = logging.getLogger("polymodal.serve")
 MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_TOKENS = 512  # when a request sets none (and the model's context leaves room for it)
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
+# The most UTF-8 bytes of message text a local model reads per token of its context, checked before tokenizing:
+# English averages ~4 bytes a token, code and CJK text less; 32 leaves room for long tokens (runs of spaces or
+# '=') while a request far over the context is refused at once instead of tokenized whole (10 MB of text took
+# SmolLM2's tokenizer 3-8 s and 1.1-1.7 GB on 2 CPU cores, only to be refused for its length).
+MAX_BYTES_PER_TOKEN = 32
 _TYPE_LABELS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
@@ -60,16 +69,20 @@ def create_app(served: ServedModels, *, api_key: str | None = None, cors_origins
                max_body_bytes: int = MAX_BODY_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
     """The FastAPI app serving `served`.
 
-    api_key: when set, /v1/* and /health need `Authorization: Bearer <api_key>`. cors_origins: origins allowed to
-    call from a browser (no CORS headers at all when empty). media_policy: a polymodal.serve.media.MediaPolicy
-    (default: local data URLs only, no remote fetches). max_body_bytes: larger request bodies get 413 unread."""
+    api_key: when set, every route but /health and the web UI's page and files needs `Authorization: Bearer
+    <api_key>` (/openapi.json included; the /docs and /redoc pages are off, as a browser cannot send the key).
+    cors_origins: origins allowed to call from a browser (no CORS headers at all when empty). media_policy: a
+    polymodal.serve.media.MediaPolicy (default: local data URLs only, no remote fetches). max_body_bytes: larger
+    request bodies get 413 unread. default_max_tokens: the answer length of a request that sets none."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         served.start()  # idempotent; whoever built `served` closes it (serve() does at exit)
         yield
 
-    app = FastAPI(title="polymodal", summary="OpenAI-compatible server for polymodal models", lifespan=lifespan)
+    docs = {} if api_key is None else {"docs_url": None, "redoc_url": None}
+    app = FastAPI(title="polymodal", summary="OpenAI-compatible server for polymodal models", lifespan=lifespan,
+                  **docs)
     app.state.served = served
     app.state.media_policy = media_policy
     app.state.default_max_tokens = default_max_tokens
@@ -87,11 +100,11 @@ def create_app(served: ServedModels, *, api_key: str | None = None, cors_origins
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [m.card() for m in served.models.values()]}
+        return {"object": "list", "data": [m.card(default_max_tokens) for m in served.models.values()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str):
-        return served.get(model_id).card()
+        return served.get(model_id).card(default_max_tokens)
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request):
@@ -118,15 +131,43 @@ def create_app(served: ServedModels, *, api_key: str | None = None, cors_origins
 
 
 def serve(served: ServedModels, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-          **options) -> None:
-    """Run the server with uvicorn until interrupted; `options` go to create_app. Closes the engines at exit."""
+          sock: socket.socket | None = None, **options) -> None:
+    """Run the server with uvicorn until interrupted; `options` go to create_app. Closes the engines at exit.
+
+    sock: a socket from `bind_socket(host, port)` (the CLI binds before loading models, so a port in use fails in
+    a second, not after the loading); without it, serve binds one. Either way it is ours, not uvicorn's: uvicorn
+    would log a port in use and exit the process with status 3."""
     import uvicorn
 
+    sock = sock or bind_socket(host, port)
     app = create_app(served, **options)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        server.run(sockets=[sock])
     finally:
+        sock.close()
         served.close()
+    if not server.started:
+        raise RuntimeError("the server did not start; its log above says why")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port for `serve` (it listens once the server starts). A port in use, an address
+    that is not this machine's or a port it may not use raise OSError with one line naming the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait out TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except (OSError, OverflowError) as e:  # OverflowError: a port outside 0..65535
+        sock.close()
+        if getattr(e, "errno", None) == errno.EADDRINUSE:
+            reason = "the address is already in use (another server listens there); choose another port"
+        else:
+            reason = getattr(e, "strerror", None) or str(e)
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise OSError(f"cannot listen on {where}: {reason}") from None
+    return sock
 
 
 # ------------------------------------------------------------------------------------------------ web UI
@@ -181,10 +222,8 @@ async def _chat(app: FastAPI, request: Request, req: ChatCompletionRequest):
     if len(stop) > 4 or any(not s for s in stop):
         raise APIError(400, "stop takes at most 4 non-empty strings.", param="stop")
     _check_modalities(m, req)
+    sampling = _sampling(m, req, stop)
     messages = await _canonical_messages(app, req)
-    temperature = 1.0 if req.temperature is None else req.temperature  # OpenAI's default: sample at 1
-    sampling = dict(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
-                    top_p=req.top_p if req.top_p is not None else 1.0, seed=req.seed, stop=stop or None)
     max_tokens = req.max_completion_tokens or req.max_tokens
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     if m.engine is not None:
@@ -195,6 +234,34 @@ async def _chat(app: FastAPI, request: Request, req: ChatCompletionRequest):
         return _SSEResponse(_sse(m.id, events, include_usage), media_type="text/event-stream",
                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await _completion(m.id, events)
+
+
+def _sampling(m: ServedModel, req: ChatCompletionRequest, stop: list[str]) -> dict:
+    """The request's sampling settings for the model. A field the request sets keeps OpenAI's meaning (temperature
+    0 is greedy); one it omits takes the model's generation defaults (`ServedModel.defaults`: a local model's
+    generation config, e.g. greedy with a repetition penalty for the embedded SmolLM2), else OpenAI's default.
+    Temperatures below MIN_TEMPERATURE decode greedily: they are greedy in all but exact ties, and dividing logits
+    by them overflows."""
+    d = m.defaults
+    temperature = _first(req.temperature, d.get("temperature"), 1.0)  # 1: OpenAI's default, for closed models
+    greedy = temperature < MIN_TEMPERATURE
+    sampling = dict(do_sample=not greedy, temperature=1.0 if greedy else temperature,
+                    top_p=_first(req.top_p, d.get("top_p"), 1.0), seed=req.seed, stop=stop or None)
+    for name in ("top_k", "repetition_penalty"):  # our extensions: local models only
+        given = getattr(req, name)
+        if m.engine is None:
+            if given is not None:
+                raise APIError(400, f"{name} is not supported by the closed model {m.id!r}; it takes temperature, "
+                               "top_p, seed and stop.", param=name)
+            continue
+        value = _first(given, d.get(name))
+        if value is not None:
+            sampling[name] = value
+    return sampling
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
 
 
 def _check_modalities(m: ServedModel, req: ChatCompletionRequest) -> None:
@@ -234,6 +301,24 @@ def _text_only(messages: list[dict]) -> list[dict]:
              else "\n".join(p["text"] for p in msg["content"])} for msg in messages]
 
 
+def _check_text_size(m: ServedModel, messages: list[dict]) -> None:
+    """Refuse, before any tokenizing, messages whose text is far more than the model's context can hold: over
+    MAX_BYTES_PER_TOKEN UTF-8 bytes per token of context. What passes costs the tokenizer a bounded amount of time
+    and memory; the engine then checks the exact token count."""
+    context = m.engine.max_len
+    limit = MAX_BYTES_PER_TOKEN * context
+    size = 0
+    for msg in messages:
+        content = msg["content"]
+        for text in [content] if isinstance(content, str) else [p["text"] for p in content if p["type"] == "text"]:
+            size += len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise APIError(400, f"The messages hold {size:,} bytes of text, far more than the model {m.id!r} can read: "
+                       f"its context is {context:,} tokens, and requests over {limit:,} bytes of text "
+                       f"({MAX_BYTES_PER_TOKEN} per token) are refused unread. Shorten the conversation.",
+                       param="messages", code="context_length_exceeded")
+
+
 # Events a chat answer is made of, whatever serves it: ("delta", text) ... then ("finish", reason, usage).
 async def _engine_events(app: FastAPI, m: ServedModel, messages: list[dict], max_tokens: int | None,
                          sampling: dict) -> AsyncIterator[tuple]:
@@ -244,6 +329,7 @@ async def _engine_events(app: FastAPI, m: ServedModel, messages: list[dict], max
         text = m.tokenizer.apply_chat_template(_text_only(messages), add_generation_prompt=True)
         return m.tokenizer.encode(text, add_special_tokens=False)  # the template placed the special tokens
 
+    _check_text_size(m, messages)
     try:
         ids = await run_in_threadpool(prompt_ids)
     except ChatTemplateError as e:
@@ -256,7 +342,8 @@ async def _engine_events(app: FastAPI, m: ServedModel, messages: list[dict], max
     except QueueFull as e:
         raise _busy(m, getattr(e, "retry_after", 1.0)) from None
     except ValueError as e:  # e.g. prompt + max_tokens longer than the model's context
-        raise APIError(400, f"{e}", param="max_tokens" if "max" in str(e) else "messages") from None
+        raise APIError(400, f"{e}", param="max_tokens" if "max" in str(e) else "messages",
+                       code="context_length_exceeded" if "context" in str(e) else None) from None
 
     async def events():
         finished = False
@@ -479,12 +566,46 @@ async def _parse(request: Request, schema: type[BaseModel]):
                        "be one JSON object.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, f"The request body must be a JSON object, not a JSON {type(data).__name__}.")
+    # in UTF-8 only a \uD800-\uDFFF escape puts a surrogate into parsed JSON (raw surrogate bytes fail to decode)
+    if json.detect_encoding(raw) != "utf-8" or _SURROGATE_ESCAPE.search(raw):
+        _refuse_lone_surrogates(data)
     try:
         return schema.model_validate(data)
     except ValidationError as e:
         raise _validation_error(e.errors(include_url=False)) from None
     except RecursionError:
         raise APIError(400, "The request body is nested too deeply.") from None
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _refuse_lone_surrogates(data) -> None:
+    """A 400 naming the first string (value or key) that holds a lone UTF-16 surrogate. JSON can spell one
+    (`"\\ud83d"`), but it is no Unicode character: no tokenizer, template or UTF-8 response can carry it. A pair
+    written in one string (`"\\ud83d\\ude00"`) is one character to the JSON parser and passes; halves in two
+    strings are two lone surrogates."""
+    stack = [(data, [])]
+    while stack:  # iterative: the body may be nested as deep as the JSON parser allows
+        value, loc = stack.pop()
+        if isinstance(value, dict):
+            for key in value:
+                _check_string(key, loc, what="a key")
+            stack.extend((item, [*loc, key]) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((item, [*loc, i]) for i, item in reversed(list(enumerate(value))))
+        elif isinstance(value, str):
+            _check_string(value, loc)
+
+
+def _check_string(text: str, loc: list, what: str = "text") -> None:
+    found = _SURROGATE.search(text)
+    if found:
+        param = _param(loc)
+        raise APIError(400, f"'{param}' holds {what} with a lone UTF-16 surrogate (\\u{ord(found.group()):04x} at "
+                       f"character {found.start()}), which is not valid Unicode. Send text as UTF-8, and keep both "
+                       "halves of a surrogate pair in the same string.", param=param, code="invalid_value")
 
 
 def _validation_error(errors) -> APIError:
@@ -548,9 +669,16 @@ def _body_schema(schema: type[BaseModel]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ auth, body size
+def _is_public(path: str) -> bool:
+    """Paths served without the API key: the health check and the web UI's page and files (the page asks for the
+    key when /v1/* answers 401). Everything else, /openapi.json and unknown paths included, needs it."""
+    return path in ("/", "/health") or path.startswith("/ui/")
+
+
 class _Guard:
-    """ASGI middleware, before any routing or parsing: the API key (constant-time comparison) on /v1/* and
-    /health, then the body size limit (413 before the body is parsed, also for chunked bodies)."""
+    """ASGI middleware, before any routing or parsing: the API key (constant-time comparison) on every path but
+    the public ones (`_is_public`), then the body size limit (413 before the body is parsed, also for chunked
+    bodies)."""
 
     def __init__(self, app, *, api_key: str | None, max_body_bytes: int):
         self.app = app
@@ -562,7 +690,7 @@ class _Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         path = scope.get("path", "")
-        if self.key and scope["method"] != "OPTIONS" and (path == "/health" or path.startswith("/v1")):
+        if self.key and scope["method"] != "OPTIONS" and not _is_public(path):
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, self.key):
                 msg = ("Incorrect API key provided." if given else

@@ -10,6 +10,7 @@ pipeline; closed models through their provider (polymodal/providers)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from polymodal.serve.errors import APIError
+
+log = logging.getLogger("polymodal.serve")
 
 PROVIDER_PREFIXES = ("openai:", "anthropic:", "gemini:")
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
@@ -38,11 +41,23 @@ class ServedModel:
     embedder: Any = None  # polymodal.pipelines.vision.ImageTextPipeline
     owned_by: str = "polymodal"
     created: int = field(default_factory=lambda: int(time.time()))
+    # a local chat model's recommended sampling, as request fields (`request_defaults`): what a request that omits
+    # them gets. Empty for closed models: their provider applies its own.
+    defaults: dict[str, Any] = field(default_factory=dict)
 
-    def card(self) -> dict:
-        """The model's entry in GET /v1/models (OpenAI's shape, plus what it serves)."""
-        return {"id": self.id, "object": "model", "created": self.created, "owned_by": self.owned_by,
+    def card(self, max_tokens: int | None = None) -> dict:
+        """The model's entry in GET /v1/models: OpenAI's shape, plus what it serves (`kind`, `modalities`) and, for
+        a local chat model, its `context_length` and `generation_defaults`: `defaults` plus a `max_tokens` to start
+        from (the server's default answer length `max_tokens`, at most half the context, so that a conversation
+        has room to grow)."""
+        card = {"id": self.id, "object": "model", "created": self.created, "owned_by": self.owned_by,
                 "kind": self.kind, "modalities": sorted(self.modalities)}
+        if self.engine is not None:
+            context = self.engine.max_len
+            card["context_length"] = context
+            card["generation_defaults"] = {**self.defaults, **({"max_tokens": min(max_tokens, context // 2)}
+                                                               if max_tokens else {})}
+        return card
 
 
 class ServedModels:
@@ -176,6 +191,30 @@ def serve_model(model_id: str, obj, *, source: str = "", tokenizer=None, max_bat
         if tokenizer.chat_template is None:
             raise ValueError("its tokenizer has no chat template, so it cannot serve chat completions")
         engine = ChatEngine(obj.eval(), tokenizer, max_batch=max_batch, max_queue=max_queue)
-        return ServedModel(model_id, "chat", frozenset({"text"}), source, engine=engine, tokenizer=tokenizer)
+        return ServedModel(model_id, "chat", frozenset({"text"}), source, engine=engine, tokenizer=tokenizer,
+                           defaults=request_defaults(obj, model_id))
     raise ValueError(f"a {type(obj).__name__} can be neither chatted with nor embedded: the server serves decoder "
                      "language models, CLIP models and closed models (openai:/anthropic:/gemini:)")
+
+
+def request_defaults(model, model_id: str = "") -> dict[str, Any]:
+    """`polymodal.generation.generation_defaults(model)` as chat-request fields: `temperature` (0: greedy, as in
+    OpenAI's API), then `top_p`, `top_k` and `repetition_penalty` where the model recommends them. A value a request
+    could not carry (a penalty outside the range the server accepts) is left out, with a warning in the log."""
+    from polymodal.generation import generation_defaults
+    from polymodal.serve.schemas import REPETITION_PENALTY_RANGE
+
+    gen = generation_defaults(model)
+    out: dict[str, Any] = {"temperature": gen.get("temperature", 1.0) if gen.get("do_sample") else 0.0}
+    for key in ("top_p", "top_k"):
+        if key in gen:
+            out[key] = gen[key]
+    penalty = gen.get("repetition_penalty")
+    if penalty is not None:
+        low, high = REPETITION_PENALTY_RANGE
+        if low <= penalty <= high:
+            out["repetition_penalty"] = penalty
+        else:
+            log.warning("model %s: its generation config's repetition_penalty %g is outside %g..%g; not applied",
+                        model_id, penalty, low, high)
+    return out

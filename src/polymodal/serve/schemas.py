@@ -11,6 +11,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 _MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
+_MAX_TOP_K = 2**31 - 1  # torch's topk takes a C int; any k above the vocabulary keeps every token
+# A penalty divides (or multiplies) a seen token's logit: within [0.01, 10] float32 logits stay finite (a penalty of
+# 1e-300 would turn them into inf, and a sampled softmax into NaN). Useful penalties lie in 1.0 .. 1.5.
+REPETITION_PENALTY_RANGE = (0.01, 10.0)
 
 
 class _Body(BaseModel):
@@ -81,6 +85,10 @@ class ChatCompletionRequest(_Body):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     temperature: StrictFloat | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: StrictFloat | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    # extensions for local models, as transformers' generate names them (vLLM takes them too)
+    top_k: StrictInt | None = Field(None, ge=0, le=_MAX_TOP_K)
+    repetition_penalty: StrictFloat | None = Field(None, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
+                                                   allow_inf_nan=False)
     seed: StrictInt | None = Field(None, ge=0, le=_MAX_SEED)
     stop: StrictStr | list[StrictStr] | None = None
     n: StrictInt | None = None
