@@ -5,13 +5,14 @@ Checked: the page's security headers; an uploaded image reaches the model with t
 streams in; a pasted and a dropped image are attached; a WAV file reaches the model as audio; an ```svg answer
 renders in the sandboxed Artifacts iframe, whose scripts cannot reach the page or the network; model output is
 inserted as text, never HTML; the server's 400s are shown; Stop closes the stream; a server with an API key gets it
-from the page. Screenshots go to tmp_path (and docs/img/webui.png with
-POLYMODAL_UPDATE_SCREENSHOTS=1)."""
+from the page; the temperature and max-tokens controls start from a local model's generation defaults and go out
+with each request. Screenshots go to tmp_path (and docs/img/webui.png with POLYMODAL_UPDATE_SCREENSHOTS=1)."""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import shutil
 import threading
@@ -22,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import running
+from serve_helpers import running, save_tiny_chat_llama
 
 from polymodal.serve import ServedModels, create_app
-from polymodal.serve.registry import serve_model
+from polymodal.serve.registry import load_model, serve_model
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = "/usr/bin/chromium"
@@ -77,6 +78,28 @@ class PathLog:
         await self.app(scope, receive, send)
 
 
+class ChatBodies:
+    """ASGI wrapper that records the JSON body of every POST /v1/chat/completions."""
+
+    def __init__(self, app):
+        self.app = app
+        self.bodies: list[dict] = []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
+            return await self.app(scope, receive, send)
+        chunks = []
+
+        async def recording():
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if message["type"] == "http.request" and not message.get("more_body"):
+                self.bodies.append(json.loads(b"".join(chunks)))
+            return message
+
+        await self.app(scope, recording, send)
+
+
 # ------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def fakes():
@@ -100,6 +123,23 @@ def server(fakes):
 def keyed_server(fakes):
     with running(create_app(_served(fakes), api_key=KEY)) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def local_server(fakes, tmp_path_factory):
+    """A local tiny Llama whose generation_config.json recommends sampling at 0.7 with a repetition penalty, beside
+    a closed (fake) model that recommends nothing."""
+    path = save_tiny_chat_llama(tmp_path_factory.mktemp("tiny-chat"), ["Hello there, how are you? I am fine."] * 20)
+    config = json.loads((path / "generation_config.json").read_text())
+    config.update(do_sample=True, temperature=0.7, repetition_penalty=1.2)
+    (path / "generation_config.json").write_text(json.dumps(config))
+    served = ServedModels([load_model("local", path), serve_model("text", fakes["text"])])
+    app = ChatBodies(create_app(served))
+    try:
+        with running(app) as url:
+            yield url, app.bodies
+    finally:
+        served.close()
 
 
 @pytest.fixture(scope="module")
@@ -362,3 +402,34 @@ def test_api_key(keyed_server, fakes, page):
     answer = _ask(page, "Hello?")
     assert answer.locator(".body").inner_text().strip() == "Authorized."
     assert page.evaluate("sessionStorage.getItem('polymodal.apiKey')") == KEY
+
+
+def test_sampling_controls_start_from_the_models_defaults_and_are_sent(local_server, fakes, page, tmp_path):
+    url, bodies = local_server
+    _open(page, url)
+    assert page.input_value("#model") == "local"
+    assert page.is_visible("#temperature") and page.is_visible("#max-tokens")
+    # from the card's generation_defaults: 0.7 and half of the tiny model's 256-token context
+    assert page.input_value("#temperature") == "0.7" and page.input_value("#max-tokens") == "128"
+    assert "repetition penalty 1.2" in page.inner_text("#model-info")  # applied by the server, named here
+    _ask(page, "Hello?")
+    assert {k: bodies[-1].get(k) for k in ("model", "temperature", "max_tokens", "stream")} == {
+        "model": "local", "temperature": 0.7, "max_tokens": 128, "stream": True}
+    assert "repetition_penalty" not in bodies[-1]  # left to the server, which applies the model's 1.2
+
+    page.click("#new-chat")  # (the sampled answer, read back as the next prompt, could fill the tiny context)
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "3")
+    _ask(page, "And now greedy, briefly.")
+    assert (bodies[-1]["temperature"], bodies[-1]["max_tokens"]) == (0, 3)
+    _screenshot(page, tmp_path, "settings.png")
+
+    # a closed model recommends nothing: the controls are empty and the request leaves the fields to the server
+    page.select_option("#model", "text")
+    assert page.input_value("#temperature") == "" and page.input_value("#max-tokens") == ""
+    assert page.get_attribute("#temperature", "placeholder") == "default"
+    fakes["text"].answer = "Fine."
+    _ask(page, "How are you?")
+    assert bodies[-1]["model"] == "text" and "temperature" not in bodies[-1] and "max_tokens" not in bodies[-1]
+    page.select_option("#model", "local")  # back: the local model's defaults again
+    assert page.input_value("#temperature") == "0.7" and page.input_value("#max-tokens") == "128"

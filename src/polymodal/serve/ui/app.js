@@ -106,11 +106,35 @@ function currentModel() {
 }
 
 function updateModel() {
-  // Media buttons follow what the chosen model takes (its card's `modalities`).
-  const modalities = (currentModel() || {}).modalities || [];
+  // Media buttons follow what the chosen model takes (its card's `modalities`); the temperature and max tokens
+  // controls start from its `generation_defaults` (a local model's recommended settings), or stay empty for the
+  // server to choose. Settings the page has no control for (e.g. a repetition penalty) the server applies itself
+  // to every request that leaves them out; the model line names them.
+  const model = currentModel() || {};
+  const modalities = model.modalities || [];
+  const defaults = model.generation_defaults || {};
   $("attach-image").disabled = !modalities.includes("image");
   $("attach-audio").disabled = !modalities.includes("audio");
-  $("model-info").textContent = modalities.length ? `takes ${modalities.join(", ")}` : "";
+  $("temperature").value = defaults.temperature ?? "";
+  $("max-tokens").value = defaults.max_tokens ?? "";
+  if (model.context_length) $("max-tokens").max = model.context_length;
+  else $("max-tokens").removeAttribute("max");
+  const others = Object.entries(defaults).filter(([k]) => k !== "temperature" && k !== "max_tokens")
+    .map(([k, v]) => `${k.replace(/_/g, " ")} ${v}`);
+  $("model-info").textContent = [modalities.length ? `takes ${modalities.join(", ")}` : "",
+                                 others.length ? `model defaults: ${others.join(", ")}` : ""].filter(Boolean)
+    .join("; ");
+}
+
+function settings() {
+  // The request fields the controls set; an empty control leaves its field out (the server's default applies).
+  // A value the server does not take (a temperature of 5) comes back as its 400, shown in the chat.
+  const out = {};
+  const temperature = $("temperature").value.trim();
+  const maxTokens = $("max-tokens").value.trim();
+  if (temperature !== "") out.temperature = Number(temperature);
+  if (maxTokens !== "") out.max_tokens = Number(maxTokens);
+  return out;
 }
 
 // ------------------------------------------------------------------------------------------------ attachments
@@ -248,7 +272,7 @@ async function streamChat(model, messages, view) {
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), signal: controller.signal,
-      body: JSON.stringify({model, messages, stream: true})});
+      body: JSON.stringify({model, messages, stream: true, ...settings()})});
     if (!response.ok) {
       const message = await errorMessage(response);
       if (response.status === 401) askForKey(message, null);
