@@ -115,8 +115,29 @@ def test_truncation_keeps_end_of_text(default):
     ids, mask = default(["word " * 200], context_length=16)
     assert ids.shape == (1, 16) and bool(mask.all())
     assert ids[0, 0] == 49406 and ids[0, -1] == 49407
-    with pytest.raises(ValueError, match="text 1 is 202 tokens long, over context_length=16"):
+    with pytest.raises(ValueError, match="text 1 is longer than context_length=16 tokens"):
         default(["ok", "word " * 200], context_length=16, truncate=False)
+
+
+@pytest.mark.parametrize("clean", ["none", "openai"])
+def test_a_long_text_is_not_tokenized_whole(hf_dir, clean):
+    """Keeping 77 tokens of a long text encodes a prefix of it, yet the ids are those of the whole text."""
+    import random
+
+    tok = CLIPTokenizer.from_pretrained(hf_dir, clean=clean)
+    rng = random.Random(0)
+    words = ["a", "photo", "of", "dog's", "café", "&amp;", "123", "!!!", "   ", "\n\n", "über", "x" * 50, "日本語",
+             "can't", "3.14", "TAB\t"]
+    for _ in range(60):
+        text = "".join(rng.choice(words) + rng.choice(["", " ", "  "]) for _ in range(rng.randint(0, 2000)))
+        whole = tok._tok.encode(tok._clean(text), add_special_tokens=False).ids[:75]
+        assert tok([text])[0][0, 1:1 + len(whole)].tolist() == whole
+    seen = []
+    encode = tok._tok.encode
+    tok._tok = type("Spy", (), {"encode": lambda self, t, **k: seen.append(len(t)) or encode(t, **k),
+                                "encode_batch": tok._tok.encode_batch})()
+    ids, mask = tok(["a photo of a dog " * 600_000])  # 10 MB
+    assert bool(mask.all()) and ids[0, -1] == 49407 and max(seen) <= 2 * 32 * 76
 
 
 def test_padding_longest_and_pad_id():

@@ -131,12 +131,12 @@ class CLIPTokenizer:
         if context_length < 2:
             raise ValueError(f"context_length={context_length}: needs room for <|startoftext|> and <|endoftext|>")
         rows = []
-        for i, enc in enumerate(self._tok.encode_batch([self._clean(t) for t in items], add_special_tokens=False)):
-            ids = [self.bos_token_id, *enc.ids, self.eos_token_id]
+        for i, body in enumerate(self._leading_ids(items, context_length - 1)):
+            ids = [self.bos_token_id, *body, self.eos_token_id]
             if len(ids) > context_length:
                 if not truncate:
                     raise ValueError(
-                        f"text {i} is {len(ids)} tokens long, over context_length={context_length}; "
+                        f"text {i} is longer than context_length={context_length} tokens; "
                         "shorten it or pass truncate=True"
                     )
                 ids = ids[: context_length - 1] + [self.eos_token_id]
@@ -148,6 +148,32 @@ class CLIPTokenizer:
             input_ids[i, : len(ids)] = torch.tensor(ids)
             mask[i, : len(ids)] = 1
         return input_ids, mask
+
+    def _leading_ids(self, texts: list[str], n: int) -> list[list[int]]:
+        """Each text's first `n` ids (all of them when it has fewer), without encoding more of a long text than
+        that takes: a 10 MB text is not tokenized whole to keep 77 tokens. A text longer than PREFIX_CHARS * n
+        characters is encoded from a prefix, which doubles until it yields n tokens from words it holds whole
+        (the words before its last one: CLIP's splitting and cleaning are local to a word, so those tokens are the
+        ones the whole text gives); its ids are then exactly the whole text's first n."""
+        short = [i for i, t in enumerate(texts) if len(t) <= PREFIX_CHARS * n]
+        out: list[list[int]] = [[] for _ in texts]
+        for i, enc in zip(short, self._tok.encode_batch([self._clean(texts[i]) for i in short],
+                                                        add_special_tokens=False)):
+            out[i] = enc.ids[:n]
+        for i in sorted(set(range(len(texts))) - set(short)):
+            text, size = texts[i], PREFIX_CHARS * n
+            while True:
+                if size >= len(text):
+                    out[i] = self._tok.encode(self._clean(text), add_special_tokens=False).ids[:n]
+                    break
+                enc = self._tok.encode(self._clean(text[:size]), add_special_tokens=False)
+                last = max((w for w in enc.word_ids if w is not None), default=None)
+                whole = [t for t, w in zip(enc.ids, enc.word_ids) if w is not None and w != last]
+                if len(whole) >= n:
+                    out[i] = whole[:n]
+                    break
+                size *= 2
+        return out
 
     def decode(self, ids: Tensor | Sequence[int] | Sequence[Sequence[int]], skip_special_tokens: bool = True):
         """Ids -> text (a list of texts for a batch). With `skip_special_tokens`, <|startoftext|> is dropped and
@@ -178,6 +204,9 @@ class CLIPTokenizer:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+PREFIX_CHARS = 32  # characters per token a long text's first prefix allows (CLIP's tokens average ~4)
 
 
 def _clip_pipeline(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Tokenizer:
