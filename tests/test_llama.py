@@ -57,6 +57,26 @@ def test_logits_match(pair):
     torch.testing.assert_close(plain, ref(ids).logits.detach(), atol=ATOL, rtol=0)
 
 
+def test_inputs_embeds_and_the_parts(pair):
+    """model(inputs_embeds=E) equals transformers' logits for the same embeddings (what a VLM feeds in), and
+    head(decode(embed(ids))) is the forward."""
+    ref, ours, _ = pair
+    ids, mask = padded_batch(2)
+    embeds = torch.randn(3, 9, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref(inputs_embeds=embeds, attention_mask=mask).logits
+        got = ours(inputs_embeds=embeds, attention_mask=mask)
+        positions, mask4 = ours.decoder_inputs(ids, mask, None, None)
+        parts = ours.head(ours.decode(ours.embed(ids), mask=mask4, positions=positions))
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(parts, ours(ids, mask), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="exactly one of input_ids"):
+        ours(ids, inputs_embeds=embeds)
+    with pytest.raises(ValueError, match="inputs_embeds must be"):
+        ours(inputs_embeds=ids)
+
+
 def test_greedy_and_beam_generation_match(pair):
     ref, ours, _ = pair
     ids, mask = padded_batch()

@@ -78,6 +78,20 @@ def test_logits_match_transformers(tmp_path, variant):
     close(ours(ids, mask)[real], ref(ids, attention_mask=mask).logits[real])
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@torch.no_grad()
+def test_inputs_embeds_match_transformers(tmp_path, variant):
+    """model(inputs_embeds=E) with E of the embedding width (before project_in), as transformers takes it."""
+    ref, path = hf_opt(tmp_path, **VARIANTS[variant])
+    ours = pm.load(path)
+    ids, mask = padded_batch()
+    embeds = ref.get_input_embeddings()(ids) + 0.1 * torch.randn(*ids.shape, ours.config.embed_dim)
+    real = mask.bool()
+    close(ours(inputs_embeds=embeds, attention_mask=mask)[real],
+          ref(inputs_embeds=embeds, attention_mask=mask).logits[real])
+    assert torch.equal(ours(inputs_embeds=ours.embed(ids), attention_mask=mask), ours(ids, mask))
+
+
 @torch.no_grad()
 def test_untied_head_without_biases_matches_transformers(tmp_path):
     ref, path = hf_opt(tmp_path, tie_word_embeddings=False, enable_bias=False)

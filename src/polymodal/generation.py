@@ -67,6 +67,17 @@ class DecoderState:
         self.positions = self.positions.index_select(0, index)
 
 
+def check_decoder_input(input_ids: Tensor | None, inputs_embeds: Tensor | None) -> None:
+    """A decoder's forward takes ids (B, T) or input embeddings (B, T, D): exactly one, of that shape."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids (B, T) and inputs_embeds (B, T, D)")
+    if input_ids is not None and input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    if inputs_embeds is not None and (inputs_embeds.dim() != 3 or not inputs_embeds.is_floating_point()):
+        raise ValueError(f"inputs_embeds must be floating-point (batch, length, width), got "
+                         f"{inputs_embeds.dtype} of shape {tuple(inputs_embeds.shape)}")
+
+
 class CausalLM:
     """Mixin for decoder-only models whose forward is
 
@@ -90,10 +101,11 @@ class CausalLM:
         mask (B, 1, T, S) or None). Positions count the real tokens before each one (left padding changes
         nothing); the mask is None when nothing is padded (causal attention then needs no mask). A boolean
         (B, 1, T, S) `attention_mask` with `position_ids` given is taken as it is (the fixed-shape decode step:
-        it must not read tensors back to the host)."""
-        if input_ids.dim() != 2:
+        it must not read tensors back to the host). `input_ids` may be the input embeddings (B, T, D) instead: only
+        its batch and length are read."""
+        if input_ids.dim() not in (2, 3) or (input_ids.dim() == 3 and not input_ids.is_floating_point()):
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
+        B, T = input_ids.shape[:2]
         if attention_mask is not None and attention_mask.dim() == 4 and position_ids is not None:
             return position_ids, attention_mask
         past = cache[0].length if cache else 0

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from polymodal.config import from_dict
-from polymodal.generation import CausalLM
+from polymodal.generation import CausalLM, check_decoder_input
 from polymodal.nn import Attention, KVCache, RMSNorm, RoPE, SwiGLU
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Fuse, KeyMap, Rename
@@ -69,13 +69,24 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, c.hidden_act, bias=c.mlp_bias)
 
-    def forward(self, x: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor], cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor], cache: KVCache | None,
+                context=None) -> Tensor:
+        """context: what a family's cross-attention layers read (Llama 3.2 Vision's image states); a
+        self-attention layer ignores it."""
         x = x + self.attn(self.input_layernorm(x), mask=mask, rope=rope, cache=cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Llama(nn.Module, CausalLM):
-    """input_ids (B, T) -> logits (B, T, V); with a KV cache for generation (`polymodal.generation`)."""
+    """The decoder in three parts, each usable alone (a vision-language model embeds the text, puts image
+    features among the embeddings, then decodes):
+
+        h = embed(input_ids)                                        (B, T) -> (B, T, D)
+        h = decode(h, mask=, positions=, cache=, context=)          -> final hidden states (B, T, D), normed
+        logits = head(h)                                            -> (B, T, V)
+
+    `forward` composes them, from ids or from `inputs_embeds`. Layer i is `make_layer(i)`: a family that
+    interleaves other layers (gated cross-attention) overrides that, not the decoder."""
 
     fixed_shape_step = True  # nothing in forward reads back to the host given positions and a 4-D mask
 
@@ -84,25 +95,45 @@ class Llama(nn.Module, CausalLM):
         self.config = c = config
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.rotary = RoPE(c.dim_per_head, c.rope_theta, c.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
+        self.layers = nn.ModuleList(self.make_layer(i) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, cache: list[KVCache] | None = None,
-                position_ids: Tensor | None = None, logits_to_keep: int = 0) -> Tensor:
-        """attention_mask (B, S): 1 for real tokens, 0 for (left) padding, covering the cached positions too
-        (S = past + T). position_ids (B, T) default to the count of real tokens before each one.
-        logits_to_keep=n computes logits for the last n positions only (generation needs one)."""
-        position_ids, mask = self.decoder_inputs(input_ids, attention_mask, cache, position_ids)
-        h = self.embed_tokens(input_ids)  # (B, T, D)
-        rope = self.rotary(position_ids, dtype=h.dtype)
+    def make_layer(self, index: int) -> nn.Module:
+        return DecoderLayer(self.config)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """(B, T) token ids -> (B, T, D) input embeddings."""
+        return self.embed_tokens(input_ids)
+
+    def decode(self, h: Tensor, *, mask: Tensor | None, positions: Tensor, cache: list[KVCache] | None = None,
+               context=None, keep: int = 0) -> Tensor:
+        """Input embeddings (B, T, D) -> final hidden states (B, T, D). mask: (B, 1, T, S) or None (causal, no
+        padding); positions: the rotary position ids, (B, T) (or what the family's RoPE takes); context: passed
+        to every layer (see DecoderLayer.forward); keep=n: only the last n positions come out (every position is
+        still decoded: the cache needs them)."""
+        rope = self.rotary(positions, dtype=h.dtype)
         for i, layer in enumerate(self.layers):
-            h = layer(h, mask, rope, cache[i] if cache else None)
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        return self.lm_head(self.norm(h))
+            h = layer(h, mask, rope, cache[i] if cache else None, context)
+        return self.norm(h[:, -keep:] if keep else h)
+
+    def head(self, h: Tensor) -> Tensor:
+        """Hidden states (B, T, D) -> logits (B, T, V)."""
+        return self.lm_head(h)
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
+                inputs_embeds: Tensor | None = None, cache: list[KVCache] | None = None,
+                position_ids: Tensor | None = None, logits_to_keep: int = 0) -> Tensor:
+        """input_ids (B, T), or inputs_embeds (B, T, D) instead -> logits (B, T, V). attention_mask (B, S): 1 for
+        real tokens, 0 for (left) padding, covering the cached positions too (S = past + T). position_ids (B, T)
+        default to the count of real tokens before each one. logits_to_keep=n computes logits for the last n
+        positions only (generation needs one)."""
+        check_decoder_input(input_ids, inputs_embeds)
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        position_ids, mask = self.decoder_inputs(h, attention_mask, cache, position_ids)
+        return self.head(self.decode(h, mask=mask, positions=position_ids, cache=cache, keep=logits_to_keep))
 
     def new_cache(self, batch: int, max_len: int, *, dtype: torch.dtype, device: torch.device) -> list[KVCache]:
         c = self.config

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from polymodal.config import from_dict
-from polymodal.generation import CausalLM
+from polymodal.generation import CausalLM, check_decoder_input
 from polymodal.nn import MLP, Attention, KVCache
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Fuse, KeyMap, Rename
@@ -106,31 +106,46 @@ class OPT(nn.Module, CausalLM):
         if c.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, cache: list[KVCache] | None = None,
-                position_ids: Tensor | None = None, logits_to_keep: int = 0) -> Tensor:
-        """attention_mask (B, S): 1 for real tokens, 0 for (left) padding, covering the cached positions too
-        (S = past + T). position_ids (B, T) default to the count of real tokens before each one; padding tokens
-        take position -1 either way (see the module docstring). logits_to_keep=n computes logits for the last n
-        positions only (generation needs one)."""
-        position_ids, mask = self.decoder_inputs(input_ids, attention_mask, cache, position_ids)
-        if attention_mask is not None:  # OPT gives padding the position -1 (see the module docstring)
-            position_ids = position_ids.masked_fill(attention_mask[:, -input_ids.shape[1]:] == 0, -1)
-        if int(position_ids.max()) >= self.config.max_position_embeddings:
-            raise ValueError(f"position {int(position_ids.max())} is past OPT's learned positions "
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """(B, T) token ids -> (B, T, E) input embeddings (E: the embedding width, `word_embed_proj_dim`)."""
+        return self.embed_tokens(input_ids)
+
+    def decode(self, h: Tensor, *, mask: Tensor | None, positions: Tensor, cache: list[KVCache] | None = None,
+               keep: int = 0) -> Tensor:
+        """Input embeddings (B, T, E) -> final hidden states (B, T, E), after the final norm and `project_out`.
+        positions (B, T): real tokens counted from 0, padding -1 (see the module docstring); keep=n: only the last
+        n positions come out."""
+        if int(positions.max()) >= self.config.max_position_embeddings:
+            raise ValueError(f"position {int(positions.max())} is past OPT's learned positions "
                              f"(max_position_embeddings={self.config.max_position_embeddings})")
-        h = self.embed_tokens(input_ids)  # (B, T, E)
         if self.project_in is not None:
             h = self.project_in(h)  # (B, T, D)
-        h = h + self.embed_positions(position_ids + POSITION_OFFSET)
+        h = h + self.embed_positions(positions + POSITION_OFFSET)
         for i, layer in enumerate(self.layers):
             h = layer(h, mask, cache[i] if cache else None)
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
+        if keep:
+            h = h[:, -keep:]
         if self.final_layer_norm is not None:
             h = self.final_layer_norm(h)
-        if self.project_out is not None:
-            h = self.project_out(h)  # (B, T, E)
-        return self.lm_head(h)  # (B, T, V)
+        return self.project_out(h) if self.project_out is not None else h  # (B, T, E)
+
+    def head(self, h: Tensor) -> Tensor:
+        """Hidden states (B, T, E) -> logits (B, T, V)."""
+        return self.lm_head(h)
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
+                inputs_embeds: Tensor | None = None, cache: list[KVCache] | None = None,
+                position_ids: Tensor | None = None, logits_to_keep: int = 0) -> Tensor:
+        """input_ids (B, T), or inputs_embeds (B, T, E) instead -> logits (B, T, V). attention_mask (B, S): 1 for
+        real tokens, 0 for (left) padding, covering the cached positions too (S = past + T). position_ids (B, T)
+        default to the count of real tokens before each one; padding tokens take position -1 either way (see the
+        module docstring). logits_to_keep=n computes logits for the last n positions only (generation needs one)."""
+        check_decoder_input(input_ids, inputs_embeds)
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, E)
+        position_ids, mask = self.decoder_inputs(h, attention_mask, cache, position_ids)
+        if attention_mask is not None:  # OPT gives padding the position -1 (see the module docstring)
+            position_ids = position_ids.masked_fill(attention_mask[:, -h.shape[1]:] == 0, -1)
+        return self.head(self.decode(h, mask=mask, positions=position_ids, cache=cache, keep=logits_to_keep))
 
     def new_cache(self, batch: int, max_len: int, *, dtype: torch.dtype, device: torch.device) -> list[KVCache]:
         c = self.config
