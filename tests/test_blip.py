@@ -15,6 +15,7 @@ from transformers import BlipConfig as HFBlipConfig
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
 
 import polymodal as pm
+from polymodal.generation import DecoderState
 from polymodal.models.blip import PRESETS, Blip
 from polymodal.pipelines import capfilt
 from polymodal.weights.loader import CheckpointError
@@ -150,6 +151,22 @@ def test_answers_match_transformers_token_for_token(saved, num_beams):
     question = texts(start=1)[0][:, :4]  # unpadded: transformers attends to a question's padding (see below)
     expected = ref.generate(input_ids=question, pixel_values=px, max_new_tokens=8, num_beams=num_beams)
     assert model.generate(px, question, max_new_tokens=8, num_beams=num_beams).tolist() == expected.tolist()
+
+
+def test_generation_state_is_the_shared_decoder_state(saved):
+    """BLIP generates with polymodal.generation's DecoderState: VQA's [DEC] prompt, the decoder's cross-attention
+    keys and values over the encoded question and the question's padding, reordered with the rows."""
+    model = pm.load(saved["vqa"][1])
+    px, (question, qmask) = images(), texts(start=1)
+    with torch.no_grad():
+        state, _ = model.generation_prefill(question, qmask, 7 + 4, pixel_values=px)
+        assert type(state) is DecoderState and state.prompt.tolist() == [[BOS]] * 3
+        assert len(state.cross) == 2 and state.cross[0][0].shape[2] == 7 and state.cross_mask.tolist() == qmask.tolist()
+        order = torch.tensor([1, 2, 0])
+        state.reorder(order)
+        swapped, _ = model.generation_prefill(question[order], qmask[order], 7 + 4, pixel_values=px[order])
+        tokens = torch.tensor([5, 6, 7])
+        close(model.generation_step(tokens, state), model.generation_step(tokens, swapped))
 
 
 def test_answer_logits_match_transformers(saved):

@@ -1,13 +1,17 @@
 """polymodal.generation on a tiny random LLaMA: stop tokens and strings, time limit, streaming, logits
 processors against their definitions, and clear errors. (Parity with transformers: tests/test_llama.py.)"""
 
+import dataclasses
 import time
 
 import pytest
 import torch
+from torch import Tensor
 
 import polymodal as pm
-from polymodal.generation import apply_repetition_penalty, generate, top_k_filter, top_p_filter
+from polymodal.generation import DecoderState, apply_repetition_penalty, generate, top_k_filter, top_p_filter
+from polymodal.models.llama import Llama
+from polymodal.nn.attention import KVCache
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +189,209 @@ def test_tiny_presets_train_in_seconds(family):
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+# ------------------------------------------------------------------------------------------ the decoder state
+
+
+def test_decoder_state_positions_of_any_leading_shape():
+    """Prompt position ids (3, B, T), as M-RoPE lays an image out in 2-D: each row continues from the largest id
+    over its real tokens + 1 on every axis (transformers' rope_deltas), and advance() hands out (3, B, 1)."""
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    # row 0: a 2x2 image at t=1 (ids 1..2 in height and width), then text from 3; row 1: two pads (ids 9 unread)
+    pos = torch.tensor([[[0, 1, 1, 1, 3], [9, 9, 0, 1, 2]],
+                        [[0, 1, 1, 2, 3], [9, 9, 0, 1, 2]],
+                        [[0, 1, 2, 1, 3], [9, 9, 0, 1, 2]]])
+    cache = [KVCache(2, 1, 8, 4, dtype=torch.float32, device="cpu")]
+    state, prompt_positions = DecoderState.start(cache, mask, 8, position_ids=pos)
+    assert prompt_positions is pos and state.position_dims == (3,)
+    assert state.positions.tolist() == [[4, 3]] * 3
+    seen = []
+    for _ in range(2):
+        step_mask, step_pos = state.advance()
+        assert step_pos.shape == (3, 2, 1)
+        seen.append(step_pos[:, :, 0].tolist())
+    assert seen == [[[4, 3]] * 3, [[5, 4]] * 3] and step_mask.tolist() == [[1] * 7, [0, 0] + [1] * 5]
+    state.reorder(torch.tensor([1, 0]))
+    assert state.positions.tolist() == [[5, 6]] * 3
+
+    # without position ids: each row counts its real tokens, (B,) and (B, 1) as every decoder takes them
+    state, prompt_positions = DecoderState.start(cache, mask, 8)
+    assert prompt_positions.tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 1, 2]]
+    assert state.positions.tolist() == [5, 3] and state.advance()[1].tolist() == [[5], [3]]
+    with pytest.raises(ValueError, match=r"position_ids must be \(\.\.\., batch, length\) = \(\.\.\., 2, 5\)"):
+        DecoderState.start(cache, mask, 8, position_ids=pos[:, :, :4])
+    with pytest.raises(ValueError, match="prompt holds 5 positions, more than the 4"):
+        DecoderState.start(cache, mask, 4)
+
+
+def _numbered_state(B: int = 3) -> DecoderState:
+    """A state with every field set, whose row i holds the value i in every tensor."""
+    rows = torch.arange(B, dtype=torch.float32)
+    k = rows.view(B, 1, 1, 1).expand(B, 2, 6, 4).clone()
+    cross = (rows.view(B, 1, 1, 1).expand(B, 2, 5, 4).clone(), rows.view(B, 1, 1, 1).expand(B, 2, 5, 4).clone())
+    return DecoderState(cache=[KVCache.over(k, k.clone(), 4), KVCache.over(k.clone(), k.clone(), 4)],
+                        mask=torch.arange(B)[:, None].expand(B, 6).clone(), length=4, offset=torch.arange(B),
+                        position_dims=(3,), cross=[cross, tuple(t.clone() for t in cross)],
+                        cross_mask=torch.arange(B)[:, None].expand(B, 5).clone(),
+                        prompt=torch.arange(B)[:, None].expand(B, 2).clone())
+
+
+def _batch_tensors(value):
+    """Every tensor with a batch dimension that a state field holds."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, KVCache):
+        yield value.k
+        yield value.v
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _batch_tensors(v)
+
+
+def test_reorder_covers_every_field():
+    """Beam search's reorder keeps rows `index` in every field that has rows, whatever field a family fills."""
+    state = _numbered_state()
+    index = torch.tensor([2, 0, 0, 1])
+    state.reorder(index)
+    checked = 0
+    for f in dataclasses.fields(DecoderState):
+        for t in _batch_tensors(getattr(state, f.name)):
+            assert t.shape[0] == 4, f.name
+            assert t.reshape(4, -1).float().eq(index[:, None].float()).all(), f.name
+            checked += 1
+    assert checked == 1 + 4 + 4 + 1 + 1 + 1  # mask, cache k/v x2, cross k/v x2, offset, cross_mask, prompt
+    assert state.positions.tolist() == [[6, 4, 4, 5]] * 3  # offset + length
+
+
+def test_relayout_and_cat_keep_each_rows_positions_and_keys():
+    """The serving engine's layout changes: relayout moves a row's filled positions to end at another column of a
+    larger buffer, cat stacks rows; each row keeps its keys, mask and next position id."""
+    torch.manual_seed(0)
+    cache = [KVCache(1, 2, 3, 4, dtype=torch.float32, device="cpu")]
+    state, _ = DecoderState.start(cache, torch.ones(1, 3, dtype=torch.long), 3)
+    cache[0].update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    moved = state.relayout(0, 5, 8)
+    assert (moved.length, moved.cache[0].length, moved.mask.shape) == (5, 5, (1, 8))
+    assert torch.equal(moved.cache[0].k[:, :, 2:5], cache[0].k) and not moved.cache[0].k[:, :, :2].any()
+    assert moved.mask.tolist() == [[0, 0, 1, 1, 1, 0, 0, 0]] and moved.positions.tolist() == [3]
+    assert state.length == 3 and state.cache[0].k.shape[2] == 3  # the original is left as it was
+    dropped = moved.relayout(3, 4, 6)  # the columns before 3 go
+    assert dropped.mask.tolist() == [[0, 0, 1, 1, 0, 0]] and dropped.positions.tolist() == [3]
+    assert torch.equal(dropped.cache[0].v[:, :, 2:4], cache[0].v[:, :, 1:])
+    other_cache = [KVCache(1, 2, 2, 4, dtype=torch.float32, device="cpu")]
+    other, _ = DecoderState.start(other_cache, torch.ones(1, 2, dtype=torch.long), 2)
+    other_cache[0].update(torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4))
+    both = DecoderState.cat([moved, other.relayout(0, 5, 8)])
+    assert both.positions.tolist() == [3, 2] and both.mask.tolist() == [[0, 0, 1, 1, 1, 0, 0, 0],
+                                                                         [0, 0, 0, 1, 1, 0, 0, 0]]
+    assert torch.equal(both.cache[0].k[1:, :, 3:5], other_cache[0].k) and both.cache[0].length == 5
+    with pytest.raises(ValueError, match="cannot move positions 0..2 to end at 2"):
+        state.relayout(0, 2, 8)
+    with pytest.raises(ValueError, match="different layouts"):
+        DecoderState.cat([moved, dropped])
+    with pytest.raises(ValueError, match="different layouts"):  # M-RoPE rows with plain ones
+        DecoderState.cat([moved, _numbered_state(2).relayout(0, 5, 8)])
+
+
+# ------------------------------------------------------------------------------------------ extras at the prefill
+
+
+class Shifted(Llama):
+    """A LLaMA whose prompt takes an extra input at the prefill, as a VLM's takes its image features: `shift`
+    (B, D) is added to the prompt's embeddings. Its decode steps must not get it, and its prefill needs it."""
+
+    def forward(self, input_ids=None, attention_mask=None, *, shift=None, cache=None, **options):
+        prefill = not cache or cache[0].length == 0
+        if prefill != (shift is not None):
+            raise TypeError(f"shift is the prefill's input and only the prefill's (prefill: {prefill})")
+        if shift is None:
+            return super().forward(input_ids, attention_mask, cache=cache, **options)
+        return super().forward(None, attention_mask, inputs_embeds=self.embed(input_ids) + shift[:, None],
+                               cache=cache, **options)
+
+
+class Baked(Llama):
+    """The same model with its shift built in: what generating `Shifted` with shift=... must give."""
+
+    shift: Tensor
+
+    def forward(self, input_ids=None, attention_mask=None, *, cache=None, **options):
+        if cache and cache[0].length:
+            return super().forward(input_ids, attention_mask, cache=cache, **options)
+        return super().forward(None, attention_mask, inputs_embeds=self.embed(input_ids) + self.shift[:, None],
+                               cache=cache, **options)
+
+
+@pytest.fixture(scope="module")
+def shifted():
+    """(Shifted, Baked, a plain Llama) with one set of weights, and the shift (3, D)."""
+    torch.manual_seed(0)
+    plain = pm.build("llama", "llama-tiny-test").eval()
+    models = [plain]
+    for cls in (Shifted, Baked):
+        m = cls(plain.config).eval()
+        m.load_state_dict(plain.state_dict())
+        models.append(m)
+    shift = torch.randn(3, plain.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    models[2].shift = shift
+    return models[1], models[2], plain, shift
+
+
+def _greedy_by_full_passes(model: Llama, ids, mask, shift, n: int) -> list:
+    """Greedy decoding without a cache: every step runs the whole sequence, the shift on the prompt alone."""
+    T = ids.shape[1]
+    seq = ids
+    for _ in range(n):
+        h = model.embed(seq)
+        h[:, :T] += shift[:, None]
+        full = torch.cat([mask, torch.ones(seq.shape[0], seq.shape[1] - T, dtype=mask.dtype)], dim=1)
+        logits = Llama.forward(model, None, full, inputs_embeds=h)[:, -1]
+        seq = torch.cat([seq, logits.argmax(-1)[:, None]], dim=1)
+    return seq.tolist()
+
+
+def test_extras_go_to_the_prefill_in_every_mode(shifted):
+    """generate(model, ids, shift=...) hands the extra to the prefill and only there, with greedy decoding,
+    sampling, repetition penalty, beam search, the fixed-shape step, streaming, stop strings and no new tokens;
+    greedy equals full passes over the whole sequence (no cache) with the shift on the prompt."""
+    model, baked, plain, shift = shifted
+    ids, mask = _padded_batch()
+    greedy = generate(model, ids, mask, max_new_tokens=10, eos_token_id=[], shift=shift)
+    assert greedy.tolist() == _greedy_by_full_passes(model, ids, mask, shift, 10)
+    assert greedy.tolist() != generate(plain, ids, mask, max_new_tokens=10, eos_token_id=[]).tolist()
+    with pytest.raises(TypeError, match="prefill's input"):
+        generate(model, ids, mask, max_new_tokens=2)
+
+    text = CharTokenizer().decode(greedy[0, 7:].tolist())
+    modes = {
+        "sampling": dict(do_sample=True, top_k=20, temperature=0.8),
+        "penalty": dict(repetition_penalty=1.3),
+        "beams": dict(num_beams=3),
+        "sampled beams": dict(num_beams=2, do_sample=True),
+        "static cache": dict(static_cache=True),
+        "static cache, sampling": dict(static_cache=True, do_sample=True, top_p=0.9),
+        "stop strings": dict(stop_strings=[text[4:6]], tokenizer=CharTokenizer()),
+        "no new tokens": dict(max_new_tokens=0),
+    }
+    for name, options in modes.items():
+        options = {"max_new_tokens": 10, **options}
+        runs = [generate(m, ids, mask, eos_token_id=[], generator=torch.Generator().manual_seed(3), **options, **extra)
+                for m, extra in ((model, {"shift": shift}), (baked, {}))]
+        assert runs[0].tolist() == runs[1].tolist(), name
+    assert runs[0].tolist() == ids.tolist()
+    static = generate(model, ids, mask, max_new_tokens=10, eos_token_id=[], static_cache=True, shift=shift)
+    assert static.tolist() == greedy.tolist()
+
+    seen = []
+    streamed = generate(model, ids, mask, max_new_tokens=6, eos_token_id=[], streamer=seen.append, shift=shift)
+    assert torch.stack(seen, dim=1).tolist() == streamed[:, 7:].tolist() == greedy[:, 7:13].tolist()
+
+
+@pytest.mark.slow  # inductor compiles C++ on the CPU
+def test_extras_go_to_the_prefill_of_the_compiled_step(shifted):
+    model, _, _, shift = shifted
+    ids, mask = _padded_batch()
+    runs = [generate(model, ids, mask, max_new_tokens=8, eos_token_id=[], compile_step=c, shift=shift)
+            for c in (False, True)]
+    assert runs[0].tolist() == runs[1].tolist()

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import polymodal as pm
-from polymodal.generation import generate
+from polymodal.generation import DecoderState, generate
 from polymodal.processing import TextTokenizer
 from polymodal.serve.engine import ChatEngine, Delta, Finished, QueueFull, _Batch
 
@@ -209,6 +209,34 @@ def test_concurrent_requests_share_forward_passes(model, tokenizer):
     assert len(calls) - len(decode_forwards) == 4  # one prefill per request
     assert len(decode_forwards) <= 12  # not 4 x 11: every step serves all rows
     assert engine.stats == {"prefills": 4, "steps": len(decode_forwards)}
+
+
+def test_the_batch_decodes_through_the_models_own_prefill_and_step(model, tokenizer, monkeypatch):
+    """The running batch is the DecoderState that generate decodes with: each request is prefilled by the model's
+    generation_prefill (where a VLM merges its images) and every step is one generation_step over all rows."""
+    prefill, step = model.generation_prefill, model.generation_step
+    prefills, steps = [], []
+
+    def counted_prefill(ids, mask, max_len, **extras):
+        state, logits = prefill(ids, mask, max_len, **extras)
+        prefills.append(type(state))
+        return state, logits
+
+    def counted_step(tokens, state):
+        steps.append((type(state), tokens.shape[0]))
+        return step(tokens, state)
+
+    monkeypatch.setattr(model, "generation_prefill", counted_prefill)
+    monkeypatch.setattr(model, "generation_step", counted_step)
+    engine = ChatEngine(model, tokenizer)
+    requests = [engine.submit(prompt(4 + 3 * i, 90 + i), max_new_tokens=6 + i) for i in range(3)]
+    with engine:
+        results = [collect(r.events()) for r in requests]
+    assert prefills == [DecoderState] * 3 and engine.stats == {"prefills": 3, "steps": len(steps)}
+    assert {kind for kind, _ in steps} == {DecoderState} and max(rows for _, rows in steps) == 3
+    monkeypatch.undo()
+    for r, (ids, _, _) in zip(requests, results):
+        assert ids == alone(model, r.prompt_ids, r.max_new_tokens)
 
 
 def test_cancel_frees_the_slot_and_close_ends_everything(model, tokenizer):

@@ -16,6 +16,7 @@ from transformers import T5EncoderModel, T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5Attention, T5LayerNorm
 
 import polymodal as pm
+from polymodal.generation import DecoderState
 from polymodal.models.t5 import PRESETS, T5, relative_position_bucket
 from polymodal.nn import RMSNorm
 
@@ -166,6 +167,24 @@ def test_batched_generation_equals_one_by_one(saved):
     for row in range(3):
         alone = ours.generate(ids[row : row + 1, mask[row].bool()], max_new_tokens=8)
         assert alone[0].tolist() == together[row, : alone.shape[1]].tolist()
+
+
+@torch.no_grad()
+def test_generation_state_is_the_shared_decoder_state(saved):
+    """T5 generates with polymodal.generation's DecoderState: the start tokens as its prompt, each layer's
+    cross-attention keys and values and the encoder padding, all reordered with the rows (beam search)."""
+    ours = pm.load(saved("v1.1", 1)[1])
+    ids, mask = batch()
+    state, logits = ours.generation_prefill(ids, mask, 12 + 5)
+    assert type(state) is DecoderState and state.prompt.tolist() == [[0]] * 3
+    assert len(state.cross) == ours.config.decoder_layers and state.cross_mask.tolist() == mask.tolist()
+    order = torch.tensor([2, 0, 1])
+    state.reorder(order)
+    swapped, swapped_logits = ours.generation_prefill(ids[order], mask[order], 12 + 5)
+    close(swapped_logits, logits[order])
+    tokens = torch.tensor([5, 6, 7])
+    close(ours.generation_step(tokens, state), ours.generation_step(tokens, swapped))
+    assert state.length == 2 and state.cache[0].length == 2
 
 
 @pytest.mark.parametrize("variant", ["original", "v1.1"])

@@ -5,10 +5,11 @@ A model takes part by providing two calls (decoder-only families get both from `
     state, logits = model.generation_prefill(input_ids, attention_mask, max_len, **extras)   # logits (B, V)
     logits = model.generation_step(tokens, state)                                            # tokens (B,) -> (B, V)
 
-and its state a `reorder(index)` for beam search (an encoder-decoder's state also holds `prompt`, the decoder
-sequence its output starts from; see `_prefill`). Everything else lives here, written out once: greedy
-decoding, temperature / top-k / top-p sampling with a seedable generator, repetition penalty, beam search,
-stop tokens and stop strings, a time limit, streaming, and batches of left-padded prompts.
+with `DecoderState` as the state (below): cache, mask and positions, and for an encoder-decoder what it
+cross-attends and `prompt`, the decoder sequence its output starts from (see `_prefill`); `reorder(index)` serves
+beam search. Everything else lives here, written out once: greedy decoding, temperature / top-k / top-p sampling
+with a seedable generator, repetition penalty, beam search, stop tokens and stop strings, a time limit,
+streaming, and batches of left-padded prompts.
 
 Semantics follow transformers' `generate` so that outputs agree token for token (tests/test_generation.py and
 each family's parity tests): logits processors in the order repetition penalty -> temperature -> top-k -> top-p;
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -33,38 +34,111 @@ from polymodal.nn.attention import KVCache, StaticKVCache, causal_padding_mask
 
 @dataclass
 class DecoderState:
-    """What a decoder-only model carries from one step to the next."""
+    """What a decoder carries from one step to the next: every generative family's state, and the serving
+    engine's continuous batch (`polymodal.serve.engine`).
+
+    Positions may have leading dimensions: (B,) per row for ordinary decoders, (3, B) for M-RoPE's
+    (temporal, height, width) ids (Qwen2-VL). The next token's position is `offset + length` per row, the same
+    on every leading axis: after a prompt whose images took 2-D positions, text continues from the largest
+    position + 1 (transformers' `rope_deltas`); left padding makes a row's offset smaller by its pad count.
+    An encoder-decoder (T5, BLIP) adds what its decoder cross-attends and the decoder prompt its output starts
+    from; a decoder-only model leaves them empty."""
 
     cache: list[KVCache]
     mask: Tensor  # (B, max_len): 1 where a position holds a real token
-    length: int  # positions filled so far
-    positions: Tensor  # (B,) the position id of the next token per row
+    length: int  # positions filled so far (between steps, every cache holds as many)
+    offset: Tensor  # (B,) the next token's position id is offset + length
+    position_dims: tuple[int, ...] = ()  # leading dimensions of position ids: () or (3,) for M-RoPE
+    cross: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer: keys, values (B, KV, S, Dh)
+    cross_mask: Tensor | None = None  # (B, S) 1 for the cross-attended positions that are real; None: no padding
+    prompt: Tensor | None = None  # (B, T') an encoder-decoder's decoder start tokens: the output begins with them
 
     @classmethod
-    def start(cls, cache: list[KVCache], attention_mask: Tensor, max_len: int, **fields) -> tuple[Any, Tensor]:
+    def start(cls, cache: list[KVCache], attention_mask: Tensor, max_len: int, position_ids: Tensor | None = None,
+              **fields) -> tuple[DecoderState, Tensor]:
         """The state once a prompt with padding `attention_mask` (B, T) is in -> (state, the prompt's position ids
-        (B, T)). Positions count each row's real tokens from 0, so left padding changes nothing. `fields`: those a
-        subclass adds."""
+        (..., B, T)). By default positions count each row's real tokens from 0, so left padding changes nothing;
+        a model that lays its prompt out otherwise (M-RoPE over image patches) passes its `position_ids`
+        (..., B, T), and each row continues from their largest value + 1 over its real tokens. `fields`: the
+        optional ones (cross, cross_mask, prompt)."""
         B, T = attention_mask.shape
+        if T > max_len:
+            raise ValueError(f"the prompt holds {T} positions, more than the {max_len} preallocated")
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        elif position_ids.dim() < 2 or position_ids.shape[-2:] != (B, T):
+            raise ValueError(f"position_ids must be (..., batch, length) = (..., {B}, {T}), "
+                             f"got {tuple(position_ids.shape)}")
         mask = torch.zeros(B, max_len, dtype=torch.long, device=attention_mask.device)
         mask[:, :T] = attention_mask
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return cls(cache, mask, T, positions[:, -1] + 1, **fields), positions
+        last = position_ids.masked_fill(attention_mask == 0, 0).amax(dim=-1).reshape(-1, B).amax(dim=0)  # (B,)
+        state = cls(cache, mask, T, last + 1 - T, tuple(position_ids.shape[:-2]), **fields)
+        return state, position_ids
+
+    @property
+    def positions(self) -> Tensor:
+        """(..., B) the position ids of each row's next token."""
+        return (self.offset + self.length).expand(*self.position_dims, -1)
 
     def advance(self) -> tuple[Tensor, Tensor]:
         """Take one new token per row -> (the mask over every position so far (B, L), the new tokens' position ids
-        (B, 1))."""
+        (..., B, 1))."""
+        positions = self.positions[..., None]
         self.mask[:, self.length] = 1
         self.length += 1
-        positions, self.positions = self.positions[:, None], self.positions + 1
         return self.mask[:, : self.length], positions
 
     def reorder(self, index: Tensor) -> None:
-        """Keep rows `index` (B',), in that order: beam search regroups its hypotheses every step."""
+        """Keep rows `index` (B',), in that order: beam search regroups its hypotheses every step, the serving
+        engine drops finished rows."""
         for c in self.cache:
             c.reorder(index)
         self.mask = self.mask.index_select(0, index)
-        self.positions = self.positions.index_select(0, index)
+        self.offset = self.offset.index_select(0, index)
+        self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
+        if self.cross_mask is not None:
+            self.cross_mask = self.cross_mask.index_select(0, index)
+        if self.prompt is not None:
+            self.prompt = self.prompt.index_select(0, index)
+
+    def relayout(self, first: int, length: int, capacity: int) -> DecoderState:
+        """A new state of `capacity` positions holding this one's filled positions from `first` on, moved to end at
+        `length` (the new length): the serving engine shifts its batch right, drops the columns no row uses and
+        grows this way. Each row's next position id stays what it was; this state is left as it is."""
+        span = self.length - first
+        if not (0 <= span <= length <= capacity):
+            raise ValueError(f"cannot move positions {first}..{self.length - 1} to end at {length} of {capacity}")
+        mask = self.mask.new_zeros(self.mask.shape[0], capacity)
+        mask[:, length - span : length] = self.mask[:, first : self.length]
+        return replace(self, cache=[c.moved(first, length, capacity) for c in self.cache], mask=mask, length=length,
+                       offset=self.offset + (self.length - length))
+
+    @staticmethod
+    def cat(states: list[DecoderState]) -> DecoderState:
+        """The rows of states of one length and capacity, stacked in order (a request joining the serving
+        engine's batch)."""
+        head = states[0]
+        for s in states[1:]:
+            if (s.length, s.mask.shape[1], s.position_dims) != (head.length, head.mask.shape[1], head.position_dims):
+                raise ValueError(f"states of different layouts: length {s.length} of {s.mask.shape[1]} "
+                                 f"(positions {s.position_dims}) and {head.length} of {head.mask.shape[1]} "
+                                 f"({head.position_dims})")
+            if len(s.cross) != len(head.cross) or (s.prompt is None) != (head.prompt is None):
+                raise ValueError("states of different kinds: one has cross-attention or a prompt, the other not")
+        cross = [(torch.cat([k for k, _ in layer]), torch.cat([v for _, v in layer]))
+                 for layer in zip(*(s.cross for s in states))]
+        cross_mask = None
+        if any(s.cross_mask is not None for s in states):
+            cross_mask = torch.cat([s.cross_mask if s.cross_mask is not None
+                                    else s.mask.new_ones(s.mask.shape[0], s.cross[0][0].shape[2])
+                                    for s in states])
+        return DecoderState(
+            cache=[KVCache.cat(layer) for layer in zip(*(s.cache for s in states))],
+            mask=torch.cat([s.mask for s in states]), length=head.length,
+            offset=torch.cat([s.offset for s in states]), position_dims=head.position_dims, cross=cross,
+            cross_mask=cross_mask,
+            prompt=torch.cat([s.prompt for s in states]) if head.prompt is not None else None,
+        )
 
 
 def check_decoder_input(input_ids: Tensor | None, inputs_embeds: Tensor | None) -> None:
@@ -122,12 +196,16 @@ class CausalLM:
             mask = causal_padding_mask(attention_mask, T)  # (B, 1, T, S)
         return position_ids, mask
 
-    def generation_prefill(self, input_ids: Tensor, attention_mask: Tensor, max_len: int
+    def generation_prefill(self, input_ids: Tensor, attention_mask: Tensor, max_len: int, **extras
                            ) -> tuple[DecoderState, Tensor]:
+        """The prompt (B, T) into a new cache of max_len positions -> (state, next-token logits (B, V)). `extras`
+        go to this one forward (a VLM's `pixel_values`, whose features its forward merges into the prompt); the
+        decode steps after it are the plain `generation_step`."""
         p = next(self.parameters())
         cache = self.new_cache(input_ids.shape[0], max_len, dtype=p.dtype, device=p.device)
         state, positions = DecoderState.start(cache, attention_mask, max_len)
-        logits = self(input_ids, attention_mask, cache=state.cache, position_ids=positions, logits_to_keep=1)
+        logits = self(input_ids, attention_mask, cache=state.cache, position_ids=positions, logits_to_keep=1,
+                      **extras)
         return state, logits[:, -1]
 
     def generation_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
@@ -163,7 +241,7 @@ class FixedShapeStep:
         for c in state.cache:
             c.index = self.index
         self.tokens = torch.zeros(state.mask.shape[0], dtype=torch.long, device=device)
-        self.positions = state.positions.clone()
+        self.positions = state.positions[..., None].clone()  # (..., B, 1)
         self.graph = torch.cuda.CUDAGraph() if device.type == "cuda" else None
         self.logits: Tensor | None = None  # the captured graph's output buffer
         # freezing: inductor takes the weights as constants (generation runs under inference_mode) and lays them out
@@ -172,7 +250,7 @@ class FixedShapeStep:
 
     def _step(self) -> Tensor:
         mask = self.state.mask.bool()[:, None, None, :]  # (B, 1, 1, T_max): the filled positions
-        return self.model(self.tokens[:, None], mask, cache=self.state.cache, position_ids=self.positions[:, None],
+        return self.model(self.tokens[:, None], mask, cache=self.state.cache, position_ids=self.positions,
                           logits_to_keep=1)[:, -1]
 
     def __call__(self, tokens: Tensor) -> Tensor:
@@ -182,7 +260,7 @@ class FixedShapeStep:
                              f"{state.mask.shape[1]} preallocated")
         self.index.fill_(state.length)
         self.tokens.copy_(tokens)
-        self.positions.copy_(state.advance()[1][:, 0])
+        self.positions.copy_(state.advance()[1])
         if self.graph is None:
             return self.run()
         if self.logits is None:

@@ -114,23 +114,6 @@ class LMHead(nn.Module):
         return F.linear(self.norm(self.act(self.dense(x))), embedding, self.bias)
 
 
-@dataclass
-class BlipState(DecoderState):
-    """What generation carries from one decoder step to the next: a decoder's state, plus what it attends to."""
-
-    cross: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer: keys, values (B, H, S, Dh)
-    context_mask: Tensor | None = None  # (B, S) padding of the cross-attended states (a VQA question), None: none
-    prompt: Tensor | None = None  # VQA: the decoder's start tokens (B, 1), which the output begins with
-
-    def reorder(self, index: Tensor) -> None:
-        super().reorder(index)
-        self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
-        if self.context_mask is not None:
-            self.context_mask = self.context_mask.index_select(0, index)
-        if self.prompt is not None:
-            self.prompt = self.prompt.index_select(0, index)
-
-
 class Blip(nn.Module):
     """The parts of `config.task`: captioning (vision_model, text_decoder, lm_head), retrieval (vision_model,
     text_encoder, vision_proj, text_proj, itm_head), VQA (vision_model, text_encoder, text_decoder, lm_head), or
@@ -305,7 +288,7 @@ class Blip(nn.Module):
                         **options)
 
     def generation_prefill(self, input_ids: Tensor, attention_mask: Tensor, max_len: int, *,
-                           pixel_values: Tensor | None = None) -> tuple[BlipState, Tensor]:
+                           pixel_values: Tensor | None = None) -> tuple[DecoderState, Tensor]:
         """See `polymodal.generation`. Captioning: the image is encoded once, every decoder layer's cross-attention
         keys and values are cached, and the prompt is decoded. VQA: the question (input_ids) is encoded against
         the image, and the decoder starts from [DEC] over it."""
@@ -331,14 +314,14 @@ class Blip(nn.Module):
         cross = [layer.cross_attn.project_kv(context) for layer in self.text_decoder.layers]
         cache = [KVCache(B, t.num_attention_heads, max_len, t.hidden_size // t.num_attention_heads,
                          dtype=p.dtype, device=p.device) for _ in range(t.num_hidden_layers)]
-        state, positions = BlipState.start(cache, attention_mask, max_len, cross=cross, context_mask=context_mask,
-                                           prompt=prompt)
+        state, positions = DecoderState.start(cache, attention_mask, max_len, cross=cross, cross_mask=context_mask,
+                                              prompt=prompt)
         return state, self.decode(input_ids, attention_mask, cross, context_mask, cache, positions)[:, -1]
 
-    def generation_step(self, tokens: Tensor, state: BlipState) -> Tensor:
+    def generation_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
         """tokens (B,) -> next-token logits (B, V)."""
         mask, positions = state.advance()
-        return self.decode(tokens[:, None], mask, state.cross, state.context_mask, state.cache, positions)[:, -1]
+        return self.decode(tokens[:, None], mask, state.cross, state.cross_mask, state.cache, positions)[:, -1]
 
     # ------------------------------------------------------------------------------ checks
 

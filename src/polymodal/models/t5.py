@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import from_dict
-from polymodal.generation import generate
+from polymodal.generation import DecoderState, generate
 from polymodal.nn import MLP, Attention, KVCache, RMSNorm, SwiGLU, padding_mask
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Drop, Fuse, KeyMap, Rename
@@ -166,25 +166,6 @@ class T5Stack(nn.Module):
         return self.final_layer_norm(h)
 
 
-@dataclass
-class T5State:
-    """What generation carries from one decoder step to the next."""
-
-    cache: list[KVCache]  # decoder self-attention, one per layer
-    cross: list[tuple[Tensor, Tensor]]  # cross-attention keys and values per layer, (B, H, S, Dh) each
-    encoder_mask: Tensor | None  # (B, 1, 1, S) bool, None without padding
-    prompt: Tensor  # (B, 1) the decoder start tokens: generate's output begins with them
-
-    def reorder(self, index: Tensor) -> None:
-        """Keep rows `index` (B',), in that order: beam search regroups its hypotheses every step."""
-        for c in self.cache:
-            c.reorder(index)
-        self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
-        if self.encoder_mask is not None:
-            self.encoder_mask = self.encoder_mask.index_select(0, index)
-        self.prompt = self.prompt.index_select(0, index)
-
-
 class T5(nn.Module):
     """input_ids (B, S), decoder_input_ids (B, T) -> logits (B, T, V); `encode` alone for the encoder-only variant."""
 
@@ -244,11 +225,11 @@ class T5(nn.Module):
     # ------------------------------------------------------------------------------ generation
 
     def generation_prefill(self, input_ids: Tensor, attention_mask: Tensor, max_len: int
-                           ) -> tuple[T5State, Tensor]:
+                           ) -> tuple[DecoderState, Tensor]:
         """Encode once, cache every layer's cross-attention keys and values, run the start token -> (state, (B, V)).
 
         max_len counts the encoder input plus the new tokens (polymodal.generation's convention); the decoder's
-        own sequence is the start token plus the new tokens."""
+        own sequence is the start token plus the new tokens, which the state's `prompt` begins."""
         self._needs_decoder()
         B, S = input_ids.shape
         encoded = self.encode(input_ids, attention_mask)  # (B, S, D)
@@ -257,12 +238,17 @@ class T5(nn.Module):
         cache = [KVCache(B, c.num_heads, max_len - S + 1, c.d_kv, dtype=p.dtype, device=p.device)
                  for _ in range(c.decoder_layers)]
         start = torch.full((B, 1), c.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
-        state = T5State(cache, cross, _encoder_mask(attention_mask), start)
-        return state, self.decode(start, cross, state.encoder_mask, cache)[:, -1]
+        cross_mask = None if bool(attention_mask.all()) else attention_mask
+        # the decoder's positions go unused: its relative position bias counts the cached positions
+        state, _ = DecoderState.start(cache, torch.ones_like(start), max_len - S + 1, cross=cross,
+                                      cross_mask=cross_mask, prompt=start)
+        return state, self.decode(start, cross, _encoder_mask(cross_mask), cache)[:, -1]
 
-    def generation_step(self, tokens: Tensor, state: T5State) -> Tensor:
+    def generation_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
         """tokens (B,) -> next-token logits (B, V)."""
-        return self.decode(tokens[:, None], state.cross, state.encoder_mask, state.cache)[:, -1]
+        state.advance()
+        mask = None if state.cross_mask is None else padding_mask(state.cross_mask)  # (B, 1, 1, S)
+        return self.decode(tokens[:, None], state.cross, mask, state.cache)[:, -1]
 
     def generate(self, input_ids: Tensor, max_new_tokens: int = 20, do_sample: bool = False, **options) -> Tensor:
         """input_ids (B, S) -> decoder token ids (B, 1 + N): the start token, then up to max_new_tokens new ones

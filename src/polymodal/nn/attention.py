@@ -54,6 +54,24 @@ class KVCache:
         self.k = self.k.index_select(0, index)
         self.v = self.v.index_select(0, index)
 
+    def moved(self, first: int, length: int, capacity: int) -> KVCache:
+        """A new cache of `capacity` positions holding this one's filled positions from `first` on, moved to end
+        at `length` (the serving engine's relayout; see `DecoderState.relayout`)."""
+        B, KV, _, Dh = self.k.shape
+        span = self.length - first
+        k, v = self.k.new_zeros(B, KV, capacity, Dh), self.v.new_zeros(B, KV, capacity, Dh)
+        k[:, :, length - span : length] = self.k[:, :, first : self.length]
+        v[:, :, length - span : length] = self.v[:, :, first : self.length]
+        return KVCache.over(k, v, length)
+
+    @staticmethod
+    def cat(caches: list[KVCache]) -> KVCache:
+        """The rows of caches of one length and capacity, stacked in order."""
+        if len({(c.length, c.max_len) for c in caches}) != 1:
+            raise ValueError(f"caches of different layouts: lengths {[c.length for c in caches]}, capacities "
+                             f"{[c.max_len for c in caches]}")
+        return KVCache.over(torch.cat([c.k for c in caches]), torch.cat([c.v for c in caches]), caches[0].length)
+
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append k, v (B, KV, T, Dh) and return everything cached so far (B, KV, L+T, Dh)."""
         start, end = self.length, self.length + k.shape[2]

@@ -6,17 +6,19 @@ while others decode waits for the whole batch to end, and a short request holds 
 Its outputs are checked against `polymodal.generation.generate` run on each request alone: the same greedy
 tokens, and the same sampled tokens for the same seed (tests/test_serve_engine.py).
 
-The running batch is a left-padded ragged batch that the decoders' forward takes as it is (see
-`CausalLM.decoder_inputs`): one `KVCache` per layer, (B, KV, T_cap, Dh), with one write head shared by every row,
-an attention mask (B, T_cap) whose zeros mark columns a row does not use, and per-row positions.
+The running batch is a left-padded ragged batch in the `DecoderState` that `generate` decodes with, so that the
+model's own `generation_prefill` and `generation_step` serve it: one `KVCache` per layer, (B, KV, T_cap, Dh), with
+one write head shared by every row (the state's length), an attention mask (B, T_cap) whose zeros mark columns a
+row does not use, and per-row position offsets.
 
     columns:   0  1  2  3  4  5  6  7 | head (next step writes here)
     row a:     a  a  a  a  a  a  a  a |   3 prompt tokens, then 5 generated ones
     row b:     .  .  .  .  b  b  b  b |   joined later, with a prompt of 4: right-aligned to the head
     row c:     .  .  c  c  c  c  c  c |
 
-- A new request is prefilled alone (a cache sized to its prompt), its first token chosen, and the row inserted
-  right-aligned to the head. A prompt longer than the head shifts the batch right first.
+- A new request is prefilled alone by the model's `generation_prefill` (a cache sized to its prompt), its first
+  token chosen, and its state inserted right-aligned to the head (`DecoderState.relayout`, `DecoderState.cat`). A
+  prompt longer than the head shifts the batch right first.
 - Each step feeds every row its last token at the head: one forward for the whole batch; then each row chooses
   its next token with its own settings (greedy, or sampling with its own seeded generator, so a request's sample
   does not depend on what else runs; a repetition penalty over the row's own prompt and answer so far).
@@ -41,8 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from polymodal.generation import CausalLM, _eos_ids, process_logits
-from polymodal.nn.attention import KVCache
+from polymodal.generation import CausalLM, DecoderState, _eos_ids, process_logits
 
 log = logging.getLogger(__name__)
 
@@ -202,55 +203,41 @@ def _partial_stop(text: str, stops: list[str]) -> int:
 
 
 class _Batch:
-    """The running rows: a left-padded ragged batch with one shared KV write head (see the module docstring)."""
+    """The running rows: a left-padded ragged batch in one `DecoderState` whose length is the shared KV write head
+    (see the module docstring), and the token each row feeds at the next step."""
 
     headroom = 64  # free columns a new or grown cache gets beyond what it needs now
 
     def __init__(self, max_len: int):
         self.max_len = max_len  # no row spans more columns: the capacity never needs to pass it
         self.rows: list[EngineRequest] = []
-        self.cache: list[KVCache] = []  # (B, KV, T_cap, Dh) each
-        self.mask: Tensor | None = None  # (B, T_cap) 1 where a row has a token
-        self.positions: Tensor | None = None  # (B,) position id of each row's next token
+        self.state: DecoderState | None = None  # None while no row runs
         self.tokens: Tensor | None = None  # (B,) the token each row feeds at the next step
         self.relayouts = 0
 
     @property
     def head(self) -> int:
-        return self.cache[0].length if self.cache else 0
+        return self.state.length if self.state is not None else 0
 
     @property
     def capacity(self) -> int:
-        return self.cache[0].max_len if self.cache else 0
+        return self.state.mask.shape[1] if self.state is not None else 0
 
     def clear(self) -> None:
-        self.rows, self.cache, self.mask, self.positions, self.tokens = [], [], None, None, None
+        self.rows, self.state, self.tokens = [], None, None
 
-    def add(self, request: EngineRequest, prompt_cache: list[KVCache], token: int) -> None:
-        """Insert a prefilled request as the last row, its prompt right-aligned to the head."""
-        P = prompt_cache[0].length
-        if not self.rows:
-            _, KV, _, Dh = prompt_cache[0].k.shape
-            k = prompt_cache[0].k
-            self.cache = [KVCache.over(k.new_zeros(0, KV, 0, Dh), k.new_zeros(0, KV, 0, Dh), 0) for _ in prompt_cache]
-            self.mask = torch.zeros(0, 0, dtype=torch.long, device=k.device)
-            self.positions = self.tokens = torch.zeros(0, dtype=torch.long, device=k.device)
-        self._arrange(min_head=P)
-        head, cap = self.head, self.capacity
-        cache = []
-        for old, new in zip(self.cache, prompt_cache):
-            k = old.k.new_zeros(1, *old.k.shape[1:])  # (1, KV, T_cap, Dh)
-            v = torch.zeros_like(k)
-            k[:, :, head - P : head] = new.k[:, :, :P]
-            v[:, :, head - P : head] = new.v[:, :, :P]
-            cache.append(KVCache.over(torch.cat([old.k, k]), torch.cat([old.v, v]), head))
-        row_mask = self.mask.new_zeros(1, cap)
-        row_mask[:, head - P : head] = 1
+    def add(self, request: EngineRequest, row: DecoderState, token: int) -> None:
+        """Insert a prefilled request (its state after `generation_prefill`) as the last row, its prompt
+        right-aligned to the head."""
+        P = row.length
+        if self.state is None:
+            state, tokens = row.relayout(0, P, self._grown(0, P)), row.offset.new_tensor([token])
+        else:
+            self._arrange(min_head=P)
+            state = DecoderState.cat([self.state, row.relayout(0, self.head, self.capacity)])
+            tokens = torch.cat([self.tokens, self.tokens.new_tensor([token])])
         # assigned together at the end: a failure above (out of memory) leaves the batch as it was
-        self.cache = cache
-        self.mask = torch.cat([self.mask, row_mask])
-        self.positions = torch.cat([self.positions, self.positions.new_tensor([P])])
-        self.tokens = torch.cat([self.tokens, self.tokens.new_tensor([token])])
+        self.state, self.tokens = state, tokens
         self.rows.append(request)
 
     def keep(self, index: list[int]) -> None:
@@ -259,24 +246,23 @@ class _Batch:
             return self.clear()
         if len(index) == len(self.rows):
             return None
-        idx = torch.tensor(index, device=self.mask.device)
-        for c in self.cache:
-            c.reorder(idx)
-        self.mask = self.mask.index_select(0, idx)
-        self.positions = self.positions.index_select(0, idx)
+        idx = torch.tensor(index, device=self.tokens.device)
+        self.state.reorder(idx)
         self.tokens = self.tokens.index_select(0, idx)
         self.rows = [self.rows[i] for i in index]
         return None
 
     def step(self, model) -> Tensor:
-        """One forward of every row's last token at the head -> logits (B, V)."""
+        """One decode step of every row's last token at the head -> logits (B, V)."""
         self._arrange(min_head=0)
-        head = self.head
-        self.mask[:, head] = 1
-        logits = model(self.tokens[:, None], self.mask[:, : head + 1], cache=self.cache,
-                       position_ids=self.positions[:, None], logits_to_keep=1)  # (B, 1, V)
-        self.positions = self.positions + 1
-        return logits[:, -1]
+        return model.generation_step(self.tokens, self.state)
+
+    def _grown(self, cap: int, head: int) -> int:
+        """The capacity for a head at `head`: doubled (at least head + headroom, at most max_len) when little of
+        `cap` would be left; doubling keeps relayouts rare."""
+        if cap - head < max(cap // 4, 1) and cap < self.max_len:
+            return min(self.max_len, max(2 * cap, head + self.headroom))
+        return cap
 
     def _arrange(self, min_head: int) -> None:
         """Make sure the head is at least `min_head` and has a free column to write: otherwise drop the columns
@@ -284,27 +270,14 @@ class _Batch:
         head, cap = self.head, self.capacity
         if min_head <= head < cap:
             return
-        used = self.mask[:, :head].any(dim=0)  # (head,)
+        used = self.state.mask[:, :head].any(dim=0)  # (head,)
         first = int(used.long().argmax()) if bool(used.any()) else head
-        span = head - first
-        new_head = max(span, min_head)
-        new_cap = cap
-        if cap - new_head < max(cap // 4, 1) and cap < self.max_len:  # doubling keeps relayouts rare
-            new_cap = min(self.max_len, max(2 * cap, new_head + self.headroom))
+        new_head = max(head - first, min_head)
+        new_cap = self._grown(cap, new_head)
         if new_head >= new_cap:
             raise RuntimeError(f"internal error: the batch needs {new_head + 1} columns, more than max_len "
                                f"{self.max_len}")
-        start = new_head - span  # where the kept columns go
-        cache = []
-        for c in self.cache:
-            B, KV, _, Dh = c.k.shape
-            k, v = c.k.new_zeros(B, KV, new_cap, Dh), c.v.new_zeros(B, KV, new_cap, Dh)
-            k[:, :, start:new_head] = c.k[:, :, first:head]
-            v[:, :, start:new_head] = c.v[:, :, first:head]
-            cache.append(KVCache.over(k, v, new_head))
-        mask = self.mask.new_zeros(self.mask.shape[0], new_cap)
-        mask[:, start:new_head] = self.mask[:, first:head]
-        self.cache, self.mask = cache, mask
+        self.state = self.state.relayout(first, new_head, new_cap)
         self.relayouts += 1
 
 
@@ -464,12 +437,11 @@ class ChatEngine:
             request._started = time.monotonic()
             try:
                 ids = torch.tensor([request.prompt_ids], device=self.device)  # (1, P)
-                cache = self.model.new_cache(1, ids.shape[1], dtype=self.dtype, device=self.device)
-                logits = self.model(ids, None, cache=cache, logits_to_keep=1)[:, -1]  # (1, V)
+                row, logits = self.model.generation_prefill(ids, torch.ones_like(ids), ids.shape[1])  # (1, V)
                 self.stats["prefills"] += 1
                 token = self._choose(logits[0], request, int(logits[0].float().argmax()))
                 if not self._deliver(request, token):
-                    self._batch.add(request, cache, token)
+                    self._batch.add(request, row, token)
             except Exception as e:  # this request alone fails; the batch is untouched
                 log.exception("prefill failed")
                 self._end(request, "error", _describe(e))
