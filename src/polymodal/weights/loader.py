@@ -314,6 +314,7 @@ def load_weights(
     produced: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
     unbuildable: list[str] = []
     unbuilt: set[str] = set()
+    twice: list[str] = []
     for step in steps:
         try:
             with _QuickMeta():
@@ -324,6 +325,8 @@ def load_weights(
             unbuilt.update(step.dst)
             continue
         for name, t in zip(step.dst, outs):
+            if name in produced:  # e.g. `model.norm.weight` renamed onto a `norm.weight` the file also holds
+                twice.append(f"{name} (from {', '.join(produced[name][1])} and from {', '.join(step.src)})")
             produced[name] = (tuple(t.shape), step.src)
     covered = {a for k in produced if k in expected for a in aliases[id(expected[k])]}
     missing = [k for k in expected if k not in covered and k not in unbuilt]
@@ -338,8 +341,8 @@ def load_weights(
         for k, (shape, _) in produced.items()
         if k in expected and tuple(expected[k].shape) != shape
     ]
-    if missing or unexpected or mismatched:
-        raise CheckpointError(where, _strict_report(missing, unexpected, mismatched))
+    if missing or unexpected or mismatched or twice:
+        raise CheckpointError(where, _strict_report(missing, unexpected, mismatched, twice))
 
     done: set[int] = set()
     for step in steps:
@@ -375,9 +378,10 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[leaf] = tensor
 
 
-def _strict_report(missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
+def _strict_report(missing: list[str], unexpected: list[str], mismatched: list[str], twice: list[str]) -> str:
     parts = ["checkpoint does not match the model"]
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched),
+                         ("given twice", twice)):
         if items:
             shown = ", ".join(items[:20]) + (f", ... ({len(items) - 20} more)" if len(items) > 20 else "")
             parts.append(f"{len(items)} {title}: {shown}")
