@@ -13,8 +13,19 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import polymodal as pm
-from polymodal.models.clip import PRESETS, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from polymodal.models.clip import (
+    PRESETS,
+    CLIPConfig,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    VisionTransformer,
+    hf_vision_model_key_map,
+    read_hf_vision_config,
+    write_hf_vision_config,
+)
 from polymodal.weights import CheckpointError
+from polymodal.weights.checkpoint import open_checkpoint
+from polymodal.weights.loader import load_weights
 
 # fp32 parity tolerance: both sides run the same math in a different order (fused vs separate projections,
 # SDPA kernels); differences of 1e-6..1e-5 are rounding, anything near 1e-4 would be a real bug.
@@ -156,6 +167,118 @@ def test_transformers_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits_per_image,
                                    ref(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits_per_image)
+
+
+# ------------------------------------------------------- the image tower alone (transformers' CLIPVisionModel)
+# LLaVA embeds this tower and reads the tokens of one of its layers; three blocks keep layers 0, 1, -2 and -1 apart.
+
+# Hidden states are tokens of size ~1-10 rather than normalized features: 1e-5 absolute plus 1e-4 relative is the
+# same rounding allowance as ATOL, scaled to them (we measure differences of ~1e-6).
+FEATURE_TOL = dict(atol=1e-5, rtol=1e-4)
+
+
+def _hf_vision_dir(tmp_path: Path) -> tuple:
+    from transformers import CLIPVisionConfig as HFVisionConfig
+    from transformers import CLIPVisionModel
+
+    cfg = HFVisionConfig(hidden_size=48, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+                         image_size=32, patch_size=8, hidden_act="quick_gelu")
+    ref = _perturb(CLIPVisionModel(cfg)).eval()
+    d = tmp_path / "hf-vision"
+    ref.save_pretrained(d)
+    return ref, d
+
+
+def _load_tower(d: Path) -> VisionTransformer:
+    """A CLIPVisionModel directory -> our tower, through the pieces a composite family uses."""
+    c = read_hf_vision_config(json.loads((d / "config.json").read_text()))
+    with torch.device("meta"):
+        tower = VisionTransformer(c)
+    return load_weights(tower, open_checkpoint(d), hf_vision_model_key_map(c), where=d).eval()
+
+
+@pytest.fixture(scope="module")
+def vision_pair(tmp_path_factory):
+    ref, d = _hf_vision_dir(tmp_path_factory.mktemp("clip-vision"))
+    return ref, _load_tower(d)
+
+
+@pytest.mark.parametrize("keep_cls", [True, False], ids=["full", "default"])
+@pytest.mark.parametrize("layer", [0, 1, -1, -2])
+def test_tower_features_match_transformers_hidden_states(vision_pair, layer, keep_cls):
+    ref, tower = vision_pair
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(layer % 7))
+    with torch.no_grad():
+        want = ref(pixel_values=pixels, output_hidden_states=True).hidden_states[layer]
+        got = tower.features(pixels, layer=layer, keep_cls=keep_cls)
+        one = tower.features(pixels[1:2], layer=layer, keep_cls=keep_cls)
+    assert ref.config.num_hidden_layers == 3
+    assert got.shape == (3, 17 if keep_cls else 16, 48)
+    torch.testing.assert_close(got, want if keep_cls else want[:, 1:], **FEATURE_TOL)
+    torch.testing.assert_close(one, got[1:2], **FEATURE_TOL)  # a row of the batch is that image alone
+
+
+def test_tower_features_run_only_the_blocks_they_need(vision_pair):
+    _, tower = vision_pair
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, b in enumerate(tower.blocks)]
+    try:
+        with torch.no_grad():
+            tower.features(torch.randn(1, 3, 32, 32), layer=-2)
+            assert ran == [0, 1]
+            ran.clear()
+            tower.features(torch.randn(1, 3, 32, 32), layer=0)
+            assert ran == []
+    finally:
+        for h in hooks:
+            h.remove()
+    for bad in (4, -5):
+        with pytest.raises(ValueError, match=f"layer {bad} does not exist in an encoder of 3 blocks"):
+            tower.features(torch.randn(1, 3, 32, 32), layer=bad)
+    with pytest.raises(ValueError, match=r"pixel_values \(B, 3, H, W\)"):
+        tower.features(torch.randn(3, 32, 32))
+
+
+def test_tower_loads_both_clip_vision_model_layouts_and_saves_what_transformers_reads(tmp_path, vision_pair):
+    from transformers import CLIPVisionModel
+
+    ref, tower = vision_pair
+    assert tower.proj is None  # CLIPVisionModel has no projection: forward is its pooler_output
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = ref(pixel_values=pixels)
+        torch.testing.assert_close(tower(pixels), want.pooler_output, **FEATURE_TOL)
+    # transformers 4.x files name the same tensors under `vision_model.`
+    _, d = _hf_vision_dir(tmp_path)
+    new = _load_tower(d).state_dict()
+    sd = load_file(d / "model.safetensors")
+    assert "embeddings.class_embedding" in sd
+    save_file({f"vision_model.{k}": t for k, t in sd.items()}, d / "model.safetensors")
+    old = _load_tower(d).state_dict()
+    assert set(old) == set(new)
+    for k, t in new.items():
+        torch.testing.assert_close(old[k], t, atol=0, rtol=0, msg=k)
+    # both spellings of one tensor in a file is an error, not a silent choice
+    sd = load_file(d / "model.safetensors")
+    save_file({**sd, "embeddings.class_embedding": sd["vision_model.embeddings.class_embedding"].clone()},
+              d / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"1 given twice: class_embedding \(from embeddings.class_embedding "
+                                              r"and from vision_model.embeddings.class_embedding\)"):
+        _load_tower(d)
+    # saving: the key map run backwards, config from ours; transformers reads it back whole
+    km = hf_vision_model_key_map(tower.config)
+    state = tower.state_dict()
+    tensors = {n: t.contiguous() for s in km.plan_save(state) for n, t in zip(s.dst, s.fn([state[k] for k in s.src]))}
+    assert all(k.startswith("vision_model.") for k in tensors) and len(tensors) == len(ref.state_dict())
+    out = tmp_path / "saved"
+    out.mkdir()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(write_hf_vision_config(tower.config)))
+    back, info = CLIPVisionModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(pixel_values=pixels).last_hidden_state, want.last_hidden_state,
+                                   **FEATURE_TOL)
 
 
 # ------------------------------------------------------------------------------------------------ open_clip

@@ -95,6 +95,28 @@ def test_batched_equals_unbatched(tmp_path):
     close(ours(x)[1:2], ours(x[1:2]))
 
 
+@pytest.mark.parametrize("keep_cls", [True, False], ids=["with_cls", "patches"])
+@pytest.mark.parametrize("layer", [0, 1, -1, -2])
+@torch.no_grad()
+def test_features_match_transformers_hidden_states(tmp_path, layer, keep_cls):
+    ref, path = hf_dir(tmp_path, num_hidden_layers=3)  # three blocks keep layers 0, 1, -2 and -1 apart
+    ours = pm.load(path)
+    x = images(3, 3, 32, 32)
+    want = ref(x, output_hidden_states=True).hidden_states[layer]
+    got = ours.features(x, layer=layer, keep_cls=keep_cls)
+    assert got.shape == (3, 17 if keep_cls else 16, 32)
+    close(got, want if keep_cls else want[:, 1:])
+    close(ours.features(x[2:], layer=layer, keep_cls=keep_cls), got[2:])  # a row of the batch is that image alone
+
+
+def test_features_refuse_a_layer_the_encoder_lacks():
+    model = pm.build("vit", "vit-tiny-test")
+    with pytest.raises(ValueError, match="layer -4 does not exist in an encoder of 2 blocks"):
+        model.features(images(1, 3, 32, 32), layer=-4)
+    with pytest.raises(ValueError, match=r"pixel_values \(B, 3, H, W\)"):
+        model.features(images(3, 32, 32))
+
+
 # ------------------------------------------------------------------------------------------------------ timm
 
 TIMM_VARIANTS = {

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import from_dict
+from polymodal.models.vit import blocks_for_layer
 from polymodal.nn import Attention, Block, PatchEmbed, interpolate_pos_2d
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Drop, Fuse, KeyMap, Rename, Transform
@@ -119,9 +120,11 @@ def _check_heads(where: str, dim: int, heads: int) -> None:
 
 
 class VisionTransformer(nn.Module):
-    """pixel_values (B, C, H, W) -> image embedding (B, P)."""
+    """pixel_values (B, C, H, W) -> image embedding (B, P); without a projection (`projection_dim=None`, the tower
+    as transformers' `CLIPVisionModel` and LLaVA hold it) the normed class token (B, D), its `pooler_output`.
+    `features` gives the tokens of any layer."""
 
-    def __init__(self, c: CLIPVisionConfig, projection_dim: int):
+    def __init__(self, c: CLIPVisionConfig, projection_dim: int | None = None):
         super().__init__()
         self.config = c
         D = c.hidden_size
@@ -134,7 +137,7 @@ class VisionTransformer(nn.Module):
             for _ in range(c.num_hidden_layers)
         )
         self.ln_post = nn.LayerNorm(D, eps=c.layer_norm_eps)
-        self.proj = nn.Linear(D, projection_dim, bias=False)
+        self.proj = nn.Linear(D, projection_dim, bias=False) if projection_dim is not None else None
 
     def positions(self, h: int, w: int) -> Tensor:
         """(1 + h*w, D); other grids than the trained one are interpolated bicubically (as transformers'
@@ -144,18 +147,36 @@ class VisionTransformer(nn.Module):
             return pos
         return torch.cat([pos[:1], interpolate_pos_2d(pos[1:], (g, g), (h, w))])
 
-    def forward(self, pixel_values: Tensor) -> Tensor:
+    def embed(self, pixel_values: Tensor) -> Tensor:
+        """(B, C, H, W) -> the tokens the blocks take, (B, 1+N, D): [CLS] and patches, positions, ln_pre."""
         x = pixel_values.to(self.patch_embed.proj.weight.dtype)
         P = self.config.patch_size
         h, w = x.shape[-2] // P, x.shape[-1] // P
         x = self.patch_embed(x)  # (B, N, D)
         cls = self.class_embedding.expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positions(h, w)  # (B, 1+N, D)
-        x = self.ln_pre(x)
+        return self.ln_pre(x)
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        x = self.embed(pixel_values)
         for block in self.blocks[:-1]:
             x = block(x)
         x = self.blocks[-1](x, keep_first=1)  # only the class token is read out: the last block computes it alone
-        return self.proj(self.ln_post(x[:, 0]))  # (B, P)
+        x = self.ln_post(x[:, 0])  # (B, D)
+        return x if self.proj is None else self.proj(x)  # (B, P)
+
+    def features(self, pixel_values: Tensor, layer: int = -1, keep_cls: bool = True) -> Tensor:
+        """Hidden state `layer` -> (B, 1+N, D), or (B, N, D) without [CLS]: transformers' `CLIPVisionModel(...,
+        output_hidden_states=True).hidden_states[layer]`. 0 is the embeddings after ln_pre, k the output of block
+        k, negative counts from the end (-1: the last block's); before ln_post and unprojected. Only the blocks up
+        to `layer` run. LLaVA reads layer -2, without [CLS] ("default") or with it ("full")."""
+        c = self.config
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != c.num_channels:
+            raise ValueError(f"expected pixel_values (B, {c.num_channels}, H, W), got {tuple(pixel_values.shape)}")
+        x = self.embed(pixel_values)
+        for block in self.blocks[: blocks_for_layer(layer, len(self.blocks))]:
+            x = block(x)
+        return x if keep_cls else x[:, 1:]
 
 
 class Bottleneck(nn.Module):
@@ -408,39 +429,56 @@ HUB_IDS = {
 # transformers (CLIPModel): `vision_model.*` / `text_model.*` with q/k/v apart, projections as Linear.
 
 
-def _hf_only_vit(c: CLIPConfig) -> None:
-    if c.vision.tower != "vit":
-        raise ValueError("transformers' CLIPModel holds only ViT image towers; to save a ResNet CLIP set "
+def _hf_only_vit(c: CLIPVisionConfig) -> None:
+    if c.tower != "vit":
+        raise ValueError("transformers' CLIP holds only ViT image towers; to save a ResNet CLIP set "
                          "model.pm_layout = 'open_clip' (or 'polymodal') before pm.save")
 
 
-def _hf_key_map(c: CLIPConfig) -> KeyMap:
+def hf_vision_key_map(c: CLIPVisionConfig) -> KeyMap:
+    """transformers' CLIP vision transformer -> `VisionTransformer`: `embeddings.*`, `pre_layrnorm`,
+    `encoder.layers.{i}.*`, `post_layernorm`. Composites mount it (`KeyMap.nested`): `CLIPModel` under
+    `vision_model.`, `CLIPVisionModel` files at the top (5.x) or under `vision_model.` (4.x), LLaVA under
+    `vision_tower.vision_model.`."""
     _hf_only_vit(c)
-    rules: list = [
-        Drop("vision_model.embeddings.position_ids"),  # a buffer older checkpoints carry
-        Drop("text_model.embeddings.position_ids"),
-        Rename("vision_model.embeddings.class_embedding", "visual.class_embedding"),
-        Rename("vision_model.embeddings.patch_embedding.weight", "visual.patch_embed.proj.weight"),
-        Rename("vision_model.embeddings.position_embedding.weight", "visual.positional_embedding"),
-        Rename("vision_model.pre_layrnorm.{p}", "visual.ln_pre.{p}"),  # sic: transformers' spelling
-        Rename("vision_model.post_layernorm.{p}", "visual.ln_post.{p}"),
-        Rename("visual_projection.weight", "visual.proj.weight"),
-        Rename("text_model.embeddings.token_embedding.weight", "text.token_embedding.weight"),
-        Rename("text_model.embeddings.position_embedding.weight", "text.positional_embedding"),
-        Rename("text_model.final_layer_norm.{p}", "text.ln_final.{p}"),
-        Rename("text_projection.weight", "text.proj.weight"),
+    return KeyMap([
+        Drop("embeddings.position_ids"),  # a buffer older checkpoints carry
+        Rename("embeddings.class_embedding", "class_embedding"),
+        Rename("embeddings.patch_embedding.weight", "patch_embed.proj.weight"),
+        Rename("embeddings.position_embedding.weight", "positional_embedding"),
+        Rename("pre_layrnorm.{p}", "ln_pre.{p}"),  # sic: transformers' spelling
+        Rename("post_layernorm.{p}", "ln_post.{p}"),
+        *_hf_encoder_rules(),
+    ])
+
+
+def _hf_text_key_map() -> KeyMap:
+    return KeyMap([
+        Drop("embeddings.position_ids"),
+        Rename("embeddings.token_embedding.weight", "token_embedding.weight"),
+        Rename("embeddings.position_embedding.weight", "positional_embedding"),
+        Rename("final_layer_norm.{p}", "ln_final.{p}"),
+        *_hf_encoder_rules(),
+    ])
+
+
+def _hf_encoder_rules() -> list:
+    layer = "encoder.layers.{i}"
+    return [
+        *[Fuse(tuple(f"{layer}.self_attn.{n}_proj.{p}" for n in "qkv"), f"blocks.{{i}}.attn.qkv.{p}")
+          for p in ("weight", "bias")],
+        Rename(f"{layer}.self_attn.out_proj.{{p}}", "blocks.{i}.attn.proj.{p}"),
+        Rename(f"{layer}.layer_norm1.{{p}}", "blocks.{i}.norm1.{p}"),
+        Rename(f"{layer}.layer_norm2.{{p}}", "blocks.{i}.norm2.{p}"),
+        Rename(f"{layer}.mlp.{{fc}}.{{p}}", "blocks.{i}.mlp.{fc}.{p}"),
     ]
-    for hf, ours in (("vision_model", "visual"), ("text_model", "text")):
-        layer = f"{hf}.encoder.layers.{{i}}"
-        rules += [
-            *[Fuse(tuple(f"{layer}.self_attn.{n}_proj.{p}" for n in "qkv"), f"{ours}.blocks.{{i}}.attn.qkv.{p}")
-              for p in ("weight", "bias")],
-            Rename(f"{layer}.self_attn.out_proj.{{p}}", f"{ours}.blocks.{{i}}.attn.proj.{{p}}"),
-            Rename(f"{layer}.layer_norm1.{{p}}", f"{ours}.blocks.{{i}}.norm1.{{p}}"),
-            Rename(f"{layer}.layer_norm2.{{p}}", f"{ours}.blocks.{{i}}.norm2.{{p}}"),
-            Rename(f"{layer}.mlp.{{fc}}.{{p}}", f"{ours}.blocks.{{i}}.mlp.{{fc}}.{{p}}"),
-        ]
-    return KeyMap(rules)
+
+
+def _hf_key_map(c: CLIPConfig) -> KeyMap:
+    projections = KeyMap([Rename("visual_projection.weight", "visual.proj.weight"),
+                          Rename("text_projection.weight", "text.proj.weight")])
+    return (projections + hf_vision_key_map(c.vision).nested("vision_model.", "visual.")
+            + _hf_text_key_map().nested("text_model.", "text."))
 
 
 def _square(size, what: str) -> int:
@@ -449,6 +487,34 @@ def _square(size, what: str) -> int:
             raise ValueError(f"{what} {list(size)} is not square; CLIP towers here take square images")
         size = size[0]
     return int(size)
+
+
+_HF_TEXT = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "max_position_embeddings", "hidden_act", "layer_norm_eps", "bos_token_id", "pad_token_id")
+_HF_VISION = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+              "image_size", "patch_size", "hidden_act", "layer_norm_eps")
+
+
+def read_hf_vision_config(vision: dict, where: str = "vision_config") -> CLIPVisionConfig:
+    """transformers' CLIPVisionConfig as JSON (the `vision_config` of a CLIPModel or a LLaVA, or a CLIPVisionModel's
+    config.json) -> ours; `where` names it in errors."""
+    extra = {"tower": "vit"}
+    for key in ("image_size", "patch_size"):
+        if key in vision:
+            extra[key] = _square(vision[key], f"{where}.{key}")
+    return from_dict(CLIPVisionConfig, vision, **extra)
+
+
+def write_hf_vision_config(c: CLIPVisionConfig) -> dict:
+    """Ours -> transformers' CLIPVisionConfig as JSON (`model_type: clip_vision_model`)."""
+    _hf_only_vit(c)
+    return {"model_type": "clip_vision_model", **{k: getattr(c, k) for k in _HF_VISION}}
+
+
+def hf_vision_model_key_map(c: CLIPVisionConfig) -> KeyMap:
+    """A transformers `CLIPVisionModel` checkpoint -> `VisionTransformer(c)`: its tensors under `vision_model.`
+    (transformers 4.x, which pm.save writes and 5.x reads too) or at the top (files transformers 5.x writes)."""
+    return hf_vision_key_map(c).nested({"vision_model.": "", "": ""}, "")
 
 
 def _read_hf(raw: dict, shapes: dict) -> CLIPConfig:
@@ -463,26 +529,15 @@ def _read_hf(raw: dict, shapes: dict) -> CLIPConfig:
         extra = {"pool": "argmax", "bos_token_id": vocab - 2, "eos_token_id": vocab - 1}
     else:
         extra = {"pool": "eos"}
-    vision_extra = {"tower": "vit"}
-    for key in ("image_size", "patch_size"):
-        if key in vision:
-            vision_extra[key] = _square(vision[key], f"vision_config.{key}")
     return CLIPConfig(
         text=from_dict(CLIPTextConfig, text, **extra),
-        vision=from_dict(CLIPVisionConfig, vision, **vision_extra),
+        vision=read_hf_vision_config(vision),
         projection_dim=raw.get("projection_dim", shapes.get("text_projection.weight", (512,))[0]),
         logit_scale_init_value=raw.get("logit_scale_init_value", CLIPConfig.logit_scale_init_value),
     )
 
 
-_HF_TEXT = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "max_position_embeddings", "hidden_act", "layer_norm_eps", "bos_token_id", "pad_token_id")
-_HF_VISION = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
-              "image_size", "patch_size", "hidden_act", "layer_norm_eps")
-
-
 def _write_hf(c: CLIPConfig) -> dict:
-    _hf_only_vit(c)
     t = c.text
     if t.pool == "eos" and t.eos_token_id == 2:
         raise ValueError("eos_token_id=2 means argmax pooling to transformers; this model pools at the first "
@@ -495,7 +550,7 @@ def _write_hf(c: CLIPConfig) -> dict:
         "projection_dim": c.projection_dim,
         "logit_scale_init_value": c.logit_scale_init_value,
         "text_config": {**text, "projection_dim": c.projection_dim},
-        "vision_config": {**{k: getattr(c.vision, k) for k in _HF_VISION}, "projection_dim": c.projection_dim},
+        "vision_config": {**write_hf_vision_config(c.vision), "projection_dim": c.projection_dim},
     }
 
 

@@ -16,6 +16,7 @@ Checked against transformers' `ViTModel` / `ViTForImageClassification` and timm'
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -92,6 +93,16 @@ def _backbone_stride(name: str) -> int:
     return _resnet_preset(name).feature_stride
 
 
+def blocks_for_layer(layer: int, depth: int) -> int:
+    """How many of an encoder's `depth` blocks produce hidden state `layer`, numbered as transformers'
+    `hidden_states`: 0 is the blocks' input, k the output of block k, negative counts from the end (-1 = depth)."""
+    layer = operator.index(layer)
+    if not -depth - 1 <= layer <= depth:
+        raise ValueError(f"layer {layer} does not exist in an encoder of {depth} blocks: its hidden states are 0 "
+                         f"(the embeddings) to {depth}, or {-depth - 1} to -1 counted from the end")
+    return layer % (depth + 1)
+
+
 def _fits_transformers(c: ViTConfig) -> bool:
     """transformers' ViT holds only the paper's default: [CLS] pooling, learned 1-D positions, no hybrid stem."""
     return c.pool == "cls" and c.position == "learned" and c.class_token and not c.backbone
@@ -157,6 +168,13 @@ class ViT(nn.Module):
 
     def _tokens(self, pixel_values: Tensor, keep_first: int | None = None) -> Tensor:
         """The token sequence; with keep_first=n the last block computes only the first n outputs."""
+        x = self._embed(pixel_values)
+        for i, block in enumerate(self.blocks):
+            x = block(x, keep_first=keep_first if i == len(self.blocks) - 1 else None)
+        return self.norm(x) if self.config.pool == "cls" else x
+
+    def _embed(self, pixel_values: Tensor) -> Tensor:
+        """(B, C, H, W) -> the tokens the blocks take, (B, prefix + N, D)."""
         x = pixel_values
         if x.ndim != 4 or x.shape[1] != self.config.num_channels:
             raise ValueError(f"expected pixel_values (B, {self.config.num_channels}, H, W), got {tuple(x.shape)}")
@@ -168,11 +186,17 @@ class ViT(nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
         pos = self.positions(h, w, x)
-        if pos is not None:
-            x = x + pos
-        for i, block in enumerate(self.blocks):
-            x = block(x, keep_first=keep_first if i == len(self.blocks) - 1 else None)
-        return self.norm(x) if self.config.pool == "cls" else x
+        return x if pos is None else x + pos
+
+    def features(self, pixel_values: Tensor, layer: int = -1, keep_cls: bool = True) -> Tensor:
+        """Hidden state `layer` -> (B, 1+N, D), or (B, N, D) without [CLS]: transformers' `ViTModel(...,
+        output_hidden_states=True).hidden_states[layer]`. 0 is the embeddings (patches, [CLS], positions), k the
+        output of block k, negative counts from the end; before the final LayerNorm. Only the blocks up to `layer`
+        run."""
+        x = self._embed(pixel_values)
+        for block in self.blocks[: blocks_for_layer(layer, len(self.blocks))]:
+            x = block(x)
+        return x if keep_cls else x[:, self.config.num_prefix_tokens :]
 
     def pooled(self, pixel_values: Tensor) -> Tensor:
         """The image representation (B, D): the normed [CLS] token, or the normed mean of the patch tokens (GAP)."""
