@@ -27,6 +27,7 @@ FAMILIES: dict[str, str] = {
     "opt": "polymodal.models.opt",
     "t5": "polymodal.models.t5",
     "blip": "polymodal.models.blip",
+    "llava": "polymodal.models.llava",
 }
 
 # transformers' config.json `model_type` (and polymodal's own) -> family
@@ -51,6 +52,8 @@ MODEL_TYPES: dict[str, str] = {
     "polymodal-t5": "t5",
     "blip": "blip",
     "polymodal-blip": "blip",
+    "llava": "llava",
+    "polymodal-llava": "llava",
 }
 
 # timm's config.json `architecture` prefix -> family
