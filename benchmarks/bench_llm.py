@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from timing import timed  # benchmarks/timing.py, beside this script
+from timing import paired_generation  # benchmarks/timing.py, beside this script
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import polymodal as pm
@@ -106,32 +106,17 @@ def compare(size, batch, mode, ref, ours, ids, args, sync, weight_bytes, device)
         return ours.generate(ids, attention_mask=mask, max_new_tokens=n, **MODES[mode])
 
     same = run_ref(args.new).tolist() == run_ours(args.new).tolist()  # also the warm-up (and compile)
-    rows = {"prefill": [], "decode": []}
-    times = {"prefill": ([], []), "decode": ([], [])}
-    for r in range(args.rounds):
-        sides = [("ref", run_ref), ("ours", run_ours)]
-        if r % 2:
-            sides.reverse()
-        t = {}
-        for name, fn in sides:
-            first = timed(lambda fn=fn: fn(1), sync)
-            full = timed(lambda fn=fn: fn(args.new), sync)
-            t[name] = (first, (full - first) / (args.new - 1))
-        for k, i in (("prefill", 0), ("decode", 1)):
-            rows[k].append(t["ref"][i] / t["ours"][i])
-            times[k][0].append(t["ref"][i])
-            times[k][1].append(t["ours"][i])
-    for k in ("prefill", "decode"):
-        ref_t, our_t = statistics.median(times[k][0]), statistics.median(times[k][1])
-        per = args.prompt * batch if k == "prefill" else batch
-        line = (f"{size:<8} b{batch:<2} {mode:<7} {k:<7} ratio {statistics.median(rows[k]):5.2f}x "
-                f"({min(rows[k]):.2f}-{max(rows[k]):.2f})   ref {per / ref_t:9.1f} tok/s   "
+    result = paired_generation(run_ref, run_ours, args.new, args.rounds, sync)
+    for k, name in (("first", "prefill"), ("token", "decode")):
+        ratios, ref_t, our_t = result[k]
+        per = args.prompt * batch if k == "first" else batch
+        line = (f"{size:<8} b{batch:<2} {mode:<7} {name:<7} ratio {statistics.median(ratios):5.2f}x "
+                f"({min(ratios):.2f}-{max(ratios):.2f})   ref {per / ref_t:9.1f} tok/s   "
                 f"ours {per / our_t:9.1f} tok/s")
-        if k == "decode" and device.type == "cuda":
+        if k == "token" and device.type == "cuda":
             ceiling = args.bandwidth / weight_bytes
             line += f"   ceiling {ceiling:.0f} steps/s: ours {1 / our_t / ceiling:.0%}, ref {1 / ref_t / ceiling:.0%}"
         print(line + ("" if same else "   (outputs differ!)"), flush=True)
-
 
 if __name__ == "__main__":
     main()

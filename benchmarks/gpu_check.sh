@@ -4,6 +4,7 @@
 # 1. the test suite's CUDA tests (the CUDA-graph decode step; the training engine's CUDA paths where present);
 # 2. bench_llm on a Qwen2-7B-shaped LLaMA in bf16 at batch 1: transformers' generate vs ours eager, with the CUDA
 #    graph, and with the compiled step, as a fraction of the memory-bandwidth ceiling (issue 3's GPU goal).
+# 3. bench_llava on LLaVA-1.5-7B's shape in bf16 (time to first token, decode).
 # It needs only what that machine's image holds (torch, transformers, safetensors, tokenizers, jinja2, pytest).
 set -u -o pipefail
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -14,3 +15,6 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/test
     2>&1 | tee "$OUT/tests.log"
 timeout 420 python3 benchmarks/bench_llm.py --sizes 7b --device cuda --dtype bf16 --batches 1 --prompt 128 \
     --new 64 --rounds 3 --modes eager,static,compile 2>&1 | tee "$OUT/bench_llm_7b.log"
+# 3. LLaVA-1.5-7B's shape in bf16, one 336-px image + 64 text tokens: time to first token and decode (issue 12)
+timeout 300 python3 benchmarks/bench_llava.py --sizes 7b --device cuda --dtype bf16 --batches 1 --prompt 64 \
+    --new 64 --rounds 3 --static 2>&1 | tee "$OUT/bench_llava_7b.log"

@@ -85,14 +85,9 @@ def read_json(path: str | os.PathLike, *, limit: int = JSON_LIMIT) -> dict[str, 
     """A checkpoint's JSON file (config.json, a shard index, generation_config.json) as a dict: a regular file of
     at most `limit` bytes of UTF-8 text holding one JSON object. Raises CheckpointError naming the file."""
     path = Path(path)
-    with open_regular(path) as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise CheckpointError(path, f"larger than the {limit // 2**20} MiB a checkpoint's JSON file may have")
+    text = read_text(path, limit=limit)
     try:
-        value = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(path, f"not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r})") from None
+        value = json.loads(text)
     except RecursionError:
         raise CheckpointError(path, "JSON nested deeper than Python's JSON reader allows") from None
     except ValueError as e:  # json.JSONDecodeError, and numbers past Python's 4300-digit limit
@@ -103,8 +98,8 @@ def read_json(path: str | os.PathLike, *, limit: int = JSON_LIMIT) -> dict[str, 
 
 
 def read_text(path: str | os.PathLike, *, limit: int) -> str:
-    """A text file that comes with a checkpoint (tokenizer.json, a chat template) as a string: a regular file of at
-    most `limit` bytes of UTF-8. Raises CheckpointError naming the file."""
+    """A text file that comes with a checkpoint (a JSON file, tokenizer.json, a chat template) as a string: a regular
+    file of at most `limit` bytes of UTF-8. Raises CheckpointError naming the file."""
     path = Path(path)
     with open_regular(path) as f:
         data = f.read(limit + 1)
