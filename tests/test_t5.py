@@ -120,6 +120,22 @@ def test_logits_match_transformers(saved, variant):
     close(ours(ids, dec), ref(input_ids=ids, decoder_input_ids=dec).logits)
 
 
+@torch.no_grad()
+def test_inputs_embeds_match_transformers(saved):
+    """The encoder from embeddings (what BLIP-2 feeds Flan-T5: query tokens, then the text's embeddings)."""
+    ref, path = saved("v1.1")
+    ours = pm.load(path)
+    ids, mask = batch()
+    embeds = ours.embed(ids) + 0.1 * torch.randn(*ids.shape, ours.config.d_model)
+    dec = torch.randint(2, VOCAB, (3, 7))
+    close(ours(inputs_embeds=embeds, decoder_input_ids=dec, attention_mask=mask),
+          ref(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec).logits)
+    close(ours.encode(inputs_embeds=embeds, attention_mask=mask),
+          ref.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state)
+    with pytest.raises(ValueError, match="exactly one of input_ids"):
+        ours.encode(ids, inputs_embeds=embeds)
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 @torch.no_grad()
 def test_greedy_generate_matches_transformers(saved, seed):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import from_dict
-from polymodal.generation import DecoderState, generate
+from polymodal.generation import DecoderState, check_decoder_input, generate
 from polymodal.nn import MLP, Attention, KVCache, RMSNorm, SwiGLU, padding_mask
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Drop, Fuse, KeyMap, Rename
@@ -180,15 +180,20 @@ class T5(nn.Module):
             # which is how a checkpoint says its head is tied (see _read_hf)
             self.lm_head = None if c.tie_word_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """input_ids (B, S), attention_mask (B, S) with 1 for real tokens (padding on either side) -> (B, S, D)."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must match input_ids {tuple(input_ids.shape)}, "
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """(B, S) token ids -> (B, S, D): the shared embedding both stacks read."""
+        return self.shared(input_ids)
+
+    def encode(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
+               inputs_embeds: Tensor | None = None) -> Tensor:
+        """input_ids (B, S), or inputs_embeds (B, S, D) instead (BLIP-2 puts its query tokens before the text
+        there), attention_mask (B, S) with 1 for real tokens (padding on either side) -> (B, S, D)."""
+        check_decoder_input(input_ids, inputs_embeds)
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, S, D)
+        B, S = h.shape[:2]
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
+            raise ValueError(f"attention_mask must match the input's (batch, length) {(B, S)}, "
                              f"got {tuple(attention_mask.shape)}")
-        h = self.shared(input_ids)  # (B, S, D)
-        S = input_ids.shape[1]
         bias = self.encoder.position_bias(S, S).to(h.dtype)  # (1, H, S, S)
         if attention_mask is not None and not bool(attention_mask.all()):
             # padded keys get the dtype's lowest value rather than -inf: a row with no real key stays finite
@@ -209,13 +214,17 @@ class T5(nn.Module):
             h = h * self.config.d_model**-0.5
         return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.shared.weight)  # (B, T, V)
 
-    def forward(self, input_ids: Tensor, decoder_input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """input_ids (B, S), decoder_input_ids (B, T), attention_mask (B, S) for the encoder -> logits (B, T, V)."""
+    def forward(self, input_ids: Tensor | None = None, decoder_input_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None, *, inputs_embeds: Tensor | None = None) -> Tensor:
+        """input_ids (B, S) (or inputs_embeds (B, S, D)), decoder_input_ids (B, T), attention_mask (B, S) for the
+        encoder -> logits (B, T, V)."""
         self._needs_decoder()
-        if decoder_input_ids.dim() != 2 or decoder_input_ids.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"decoder_input_ids must be (batch={input_ids.shape[0]}, length), "
-                             f"got shape {tuple(decoder_input_ids.shape)}")
-        encoded = self.encode(input_ids, attention_mask)
+        source = input_ids if input_ids is not None else inputs_embeds
+        B = None if source is None else source.shape[0]
+        if decoder_input_ids is None or decoder_input_ids.dim() != 2 or decoder_input_ids.shape[0] != B:
+            raise ValueError(f"decoder_input_ids must be (batch={B}, length), got "
+                             f"{None if decoder_input_ids is None else tuple(decoder_input_ids.shape)}")
+        encoded = self.encode(input_ids, attention_mask, inputs_embeds=inputs_embeds)
         return self.decode(decoder_input_ids, encoded, _encoder_mask(attention_mask))
 
     def _needs_decoder(self) -> None:
