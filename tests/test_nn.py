@@ -83,6 +83,45 @@ def test_cross_attention():
         attn(x)
 
 
+@pytest.mark.parametrize("width,split", [(32, False), (512, True)])
+def test_qk_norm_normalizes_each_heads_queries_and_keys_before_rope(width, split):
+    """qk_norm_eps: RMSNorm over Dh of each head's q and k (learned scales), then rotary positions, then attention:
+    written out here with the block's own weights, on both projection paths (one fused product, or three).
+    Tolerance 1e-4, not ATOL: F.rms_norm and the rsqrt written here round differently (~1e-6), and the normalized
+    keys' unit scale sharpens the softmax, which carries that to ~1e-5 in the output."""
+    torch.manual_seed(0)
+    attn = Attention(width, 8, num_kv_heads=4, causal=True, qk_norm_eps=1e-6)
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    H, KV, Dh = 8, 4, width // 8
+    x = torch.randn(2, 12, width)
+    rope = RoPE(Dh)(torch.arange(12)[None], dtype=x.dtype)
+
+    def rms(t, w):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    q, k, v = attn.qkv(x).split([H * Dh, KV * Dh, KV * Dh], -1)
+    q = rms(q.view(2, 12, H, Dh), attn.q_norm.weight).transpose(1, 2)
+    k = rms(k.view(2, 12, KV, Dh), attn.k_norm.weight).transpose(1, 2)
+    cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = k.repeat_interleave(2, 1), v.view(2, 12, KV, Dh).transpose(1, 2).repeat_interleave(2, 1)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(Dh)).masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1),
+                                                                     float("-inf"))
+    want = attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 12, width))
+    assert attn.project_qkv(x, split=split, rope=rope)[0].shape == (2, H, 12, Dh)
+    torch.testing.assert_close(attn(x, rope=rope), want, atol=1e-4, rtol=0)
+    # cross-attention: the context's keys are normed too (Llama 3.2 Vision's cross-attention layers)
+    cross = Attention(32, 4, context_dim=48, qk_norm_eps=1e-5)
+    xs, ctx = torch.randn(2, 3, 32), torch.randn(2, 9, 48)
+    qc = rms(cross.q(xs).view(2, 3, 4, 8), cross.q_norm.weight).transpose(1, 2)
+    kc, vc = cross.kv(ctx).chunk(2, -1)
+    kc = rms(kc.view(2, 9, 4, 8), cross.k_norm.weight).transpose(1, 2)
+    out = ((qc @ kc.transpose(-1, -2) / math.sqrt(8)).softmax(-1) @ vc.view(2, 9, 4, 8).transpose(1, 2))
+    torch.testing.assert_close(cross(xs, ctx), cross.proj(out.transpose(1, 2).reshape(2, 3, 32)), atol=1e-4, rtol=0)
+
+
 def test_kv_cache_decoding_equals_full_pass():
     attn = Attention(32, 4, num_kv_heads=2, causal=True)
     x = torch.randn(2, 8, 32)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from polymodal.nn.norm import RMSNorm
 from polymodal.nn.position import apply_rope
 
 # Fewer rows than this take one fused q/k/v product on CPUs even at widths of 512 and more (a decode step: B rows)
@@ -118,6 +119,8 @@ class Attention(nn.Module):
         causal: each position attends only to itself and earlier ones.
         scale: softmax scale; defaults to 1/sqrt(Dh) (T5 uses 1).
         out_dim: width of the output projection; defaults to D (CLIP's attention pooling projects to P).
+        qk_norm_eps: set to RMS-normalize each head's queries and keys (over Dh, learned scale, this epsilon) after
+            the projection and before rotary positions: Llama 3.2 Vision's cross-attention layers, Qwen3.
     """
 
     def __init__(
@@ -133,6 +136,7 @@ class Attention(nn.Module):
         causal: bool = False,
         scale: float | None = None,
         out_dim: int | None = None,
+        qk_norm_eps: float | None = None,
     ):
         super().__init__()
         self.num_heads = num_heads
@@ -150,6 +154,8 @@ class Attention(nn.Module):
         else:
             self.qkv = nn.Linear(dim, q_out + 2 * kv_out, bias=bias)
         self.proj = nn.Linear(q_out, out_dim or dim, bias=bias if out_bias is None else out_bias)
+        self.q_norm = RMSNorm(self.head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(self.head_dim, eps=qk_norm_eps) if qk_norm_eps is not None else None
 
     def project_qkv(self, x: Tensor, split: bool, rope: tuple[Tensor, Tensor] | None = None
                     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -167,11 +173,15 @@ class Attention(nn.Module):
             bias = self.qkv.bias.split(sizes) if self.qkv.bias is not None else (None,) * 3
             q, k, v = (F.linear(x, w, b).view(B, T, n, Dh).transpose(1, 2)
                        for w, b, n in zip(self.qkv.weight.split(sizes), bias, (H, KV, KV)))
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
             if rope is not None:
                 cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)  # (B, 1, T, Dh)
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             return q, k, v
         y = self.qkv(x).view(B, T, H + 2 * KV, Dh)
+        if self.q_norm is not None:
+            y = torch.cat([self.q_norm(y[:, :, :H]), self.k_norm(y[:, :, H:H + KV]), y[:, :, H + KV:]], dim=2)
         if rope is None:
             if KV == H:  # one permute, not split + 3 transposes: less per-call overhead
                 return y.view(B, T, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
@@ -183,7 +193,8 @@ class Attention(nn.Module):
         """Cross-attention keys and values of a context (B, S, Dc) -> (B, KV, S, Dh) each. A decoder that generates
         computes them once per input and passes the pair as `context` at every step."""
         B = context.shape[0]
-        return self.kv(context).view(B, -1, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = self.kv(context).view(B, -1, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return (k if self.k_norm is None else self.k_norm(k)), v
 
     def forward(
         self,
@@ -210,6 +221,8 @@ class Attention(nn.Module):
             if rope is not None:
                 raise ValueError("rotary positions belong to self-attention; this layer attends to a context")
             q = self.q(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+            if self.q_norm is not None:
+                q = self.q_norm(q)
             k, v = context if isinstance(context, tuple) else self.project_kv(context)  # (B, KV, S, Dh) each
         else:
             # CPUs split wide projections of many rows (see project_qkv); for narrow ones, and for the few rows of a
