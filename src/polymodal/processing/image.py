@@ -211,6 +211,8 @@ class ImageProcessor:
     crop_rounding: the crop offset of an odd margin: transformers floors it, torchvision (open_clip) rounds.
     backend: `"torch"` resizes in torch's uint8 kernel (transformers' default processor); `"pil"` in PIL
     (transformers' PIL processor, open_clip). lanczos / box / hamming always use PIL.
+    pad_to_square: first pad the image to a square with the mean color, centered (the original LLaVA-1.5's
+    `expand2square`, transformers' `LlavaImageProcessor(do_pad=True)`), so that the crop keeps the whole image.
     """
 
     size: int | tuple[int, int] | None = 224
@@ -224,6 +226,7 @@ class ImageProcessor:
     fill: int = 0
     mode: Literal["RGB", "L"] = "RGB"
     backend: Literal["torch", "pil"] = "torch"
+    pad_to_square: bool = False
 
     def __post_init__(self):
         if self.resample not in _PIL_FILTERS:
@@ -273,22 +276,28 @@ class ImageProcessor:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> ImageProcessor:
-        """From a checkpoint directory: transformers' `preprocessor_config.json`, else the `preprocess_cfg` of
-        open_clip's `open_clip_config.json`."""
+        """From a checkpoint directory: transformers' `preprocessor_config.json`, else the `image_processor` that
+        transformers 5 nests in a processor's `processor_config.json`, else the `preprocess_cfg` of open_clip's
+        `open_clip_config.json`."""
         d = Path(directory)
-        hf, oc = d / "preprocessor_config.json", d / "open_clip_config.json"
+        hf, processor, oc = d / "preprocessor_config.json", d / "processor_config.json", d / "open_clip_config.json"
         if os.path.lexists(hf):
             return cls.from_hf(read_json(hf), source=hf)
+        nested = read_json(processor).get("image_processor") if os.path.lexists(processor) else None
+        if isinstance(nested, dict):
+            return cls.from_hf(nested, source=f"{processor} (image_processor)")
         if os.path.lexists(oc):
             return cls.from_open_clip(read_json(oc).get("preprocess_cfg") or {})
         raise FileNotFoundError(
-            f"{d}: no preprocessor_config.json or open_clip_config.json; use a preset such as ImageProcessor.clip()"
+            f"{d}: no preprocessor_config.json, processor_config.json with an image_processor, or "
+            "open_clip_config.json; use a preset such as ImageProcessor.clip()"
         )
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], source: Any = "preprocessor_config.json") -> ImageProcessor:
         """From the dict of a transformers `preprocessor_config.json`. Missing fields take the defaults of its
-        `image_processor_type` (CLIP, ViT, ConvNeXt or BLIP; CLIP's otherwise)."""
+        `image_processor_type` (CLIP, ViT, ConvNeXt or BLIP; CLIP's otherwise, LLaVA's too). `do_pad` is read for
+        `LlavaImageProcessor` only, where it means `pad_to_square` (other processors pad to a size instead)."""
         kind = str(cfg.get("image_processor_type", "CLIPImageProcessor")).removesuffix("Fast").removesuffix("Pil")
         default = {"ViTImageProcessor": _HF_VIT, "ConvNextImageProcessor": _HF_CONVNEXT,
                    "BlipImageProcessor": _HF_BLIP}.get(kind, _HF_CLIP)
@@ -309,6 +318,7 @@ class ImageProcessor:
             rescale_factor=float(c["rescale_factor"]) if c["do_rescale"] else None,
             image_mean=tuple(c["image_mean"]) if c["do_normalize"] else None,
             image_std=tuple(c["image_std"]) if c["do_normalize"] else None,
+            pad_to_square=kind == "LlavaImageProcessor" and bool(c.get("do_pad")),
         )
 
     @classmethod
@@ -339,6 +349,15 @@ class ImageProcessor:
 
     def replace(self, **changes: Any) -> ImageProcessor:
         return replace(self, **changes)
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """(h, w) of every output, when it does not depend on the input: the crop, or a squashed size."""
+        if self.crop_size is not None:
+            return self.crop_size
+        if self.size is not None and self.resize_mode == "squash":
+            return (self.size, self.size) if isinstance(self.size, int) else self.size
+        return None
 
     # ---------------------------------------------------------------------------------------- running
 
@@ -402,7 +421,9 @@ class ImageProcessor:
         return torch.frombuffer(buffer, dtype=torch.uint8).view(rgb.height, rgb.width, 4)
 
     def _geometry(self, x: Tensor) -> Tensor:
-        """Resize and center crop a uint8 `(H, W, C)` image."""
+        """Pad to a square (if asked), resize and center crop a uint8 `(H, W, C)` image."""
+        if self.pad_to_square:
+            x = self._pad_square(x)
         if self.size is not None:
             x = self._resize(x, self._resized_size(x.shape[0], x.shape[1]))
         if self.crop_size is not None:
@@ -435,6 +456,20 @@ class ImageProcessor:
         y = F.interpolate(x.permute(2, 0, 1)[None], size=size, mode=mode, antialias=smooth,
                           align_corners=False if smooth else None)
         return y[0].permute(1, 2, 0)
+
+    def _pad_square(self, x: Tensor) -> Tensor:
+        """The image centered on a square of its longer side, filled with the mean color as LLaVA-1.5's
+        `expand2square` fills it: `int(255 * mean)` per channel ((122, 116, 104) for CLIP's mean)."""
+        h, w, c = x.shape
+        if h == w:
+            return x
+        side = max(h, w)
+        color = [int(m * 255) for m in self.image_mean] if self.image_mean is not None else [0]
+        out = x.new_empty((side, side, c))
+        out[...] = torch.tensor(color + [0] * (c - len(color)), dtype=x.dtype)[:c]  # RGBX: X is dropped later
+        top, left = (side - h) // 2, (side - w) // 2
+        out[top : top + h, left : left + w] = x
+        return out
 
     def _center_crop(self, x: Tensor, ch: int, cw: int) -> Tensor:
         h, w, c = x.shape
