@@ -60,3 +60,57 @@ def running(app):
         srv.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+# A LLaVA-1.5-style template (USER: / ASSISTANT: turns, each image part as one <image> line before the turn's text)
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+LLAVA_IMAGE_TOKENS = 16  # (32 / 8) ** 2 patches, [CLS] dropped
+
+
+def save_tiny_llava(directory: Path, corpus: list[str], template: str = LLAVA_TEMPLATE) -> Path:
+    """A tiny random LlavaForConditionalGeneration (CLIP tower at 32 px with 8 px patches: 16 features per image,
+    a 2-layer Llama) with a byte-level BPE tokenizer holding `<image>`, a CLIP image processor and a chat template,
+    all saved by transformers (its LlavaProcessor) into `directory`. The weights are drawn wider than
+    transformers' init, which makes a model this small repeat one token."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<image>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>")
+    images = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = transformers.LlavaProcessor(image_processor=images, tokenizer=fast, patch_size=8,
+                                            vision_feature_select_strategy="default", chat_template=template,
+                                            image_token="<image>", num_additional_image_tokens=1)
+    processor.save_pretrained(directory)
+    fast.chat_template = template
+    fast.save_pretrained(directory)
+    cfg = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=4, image_size=32, patch_size=8),
+        text_config=transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                                             pad_token_id=0),
+        image_token_index=tok.token_to_id("<image>"), image_seq_length=LLAVA_IMAGE_TOKENS)
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embed" in name:
+                p.normal_(0, 1.0)
+            elif p.dim() == 2:
+                p.normal_(0, 1.5 / p.shape[1] ** 0.5)
+    model.save_pretrained(directory)
+    return directory

@@ -18,7 +18,9 @@ row does not use, and per-row position offsets.
 
 - A new request is prefilled alone by the model's `generation_prefill` (a cache sized to its prompt), its first
   token chosen, and its state inserted right-aligned to the head (`DecoderState.relayout`, `DecoderState.cat`). A
-  prompt longer than the head shifts the batch right first.
+  prompt longer than the head shifts the batch right first. A request's `extras` (a VLM's `pixel_values`) go to
+  that prefill only, as in `generate`: the model merges the images there, and its decode steps are plain token
+  steps, so image requests and text-only ones share every step.
 - Each step feeds every row its last token at the head: one forward for the whole batch; then each row chooses
   its next token with its own settings (greedy, or sampling with its own seeded generator, so a request's sample
   does not depend on what else runs; a repetition penalty over the row's own prompt and answer so far).
@@ -32,12 +34,13 @@ those copies but needs an attention kernel that reads block tables; this layout 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +54,11 @@ log = logging.getLogger(__name__)
 # logits (and t itself rounds to 0 in float32 below ~1e-45), so the softmax turns NaN. Sampling that cold is greedy
 # decoding in all but exact ties, so callers decode greedily there (the server does; vLLM uses the same threshold).
 MIN_TEMPERATURE = 1e-5
+# The image pixels one request may bring (values of its `pixel_values*` extras / 3 channels): 16 images of 1024 x
+# 1024, or 148 at LLaVA-1.5's 336 x 336, far more than any context holds the features of.
+MAX_PIXELS = 16 * 1024 * 1024
+# What a decoder's forward takes itself; any other keyword of the model's forward is an extra input for the prefill
+_DECODER_INPUTS = {"self", "input_ids", "attention_mask", "inputs_embeds", "cache", "position_ids", "logits_to_keep"}
 
 
 class QueueFull(RuntimeError):
@@ -86,9 +94,10 @@ class EngineRequest:
 
     def __init__(self, engine: ChatEngine, prompt_ids: list[int], *, max_new_tokens: int, do_sample: bool,
                  temperature: float, top_p: float, top_k: int, repetition_penalty: float,
-                 generator: torch.Generator | None, stop: list[str]):
+                 generator: torch.Generator | None, stop: list[str], extras: dict[str, Tensor] | None = None):
         self._engine = engine
         self.prompt_ids = prompt_ids
+        self.extras = extras or {}  # the prefill's other inputs (pixel_values); dropped once it has run
         self.prompt_tokens = len(prompt_ids)
         self.max_new_tokens = max_new_tokens
         self.do_sample = do_sample
@@ -287,10 +296,12 @@ class ChatEngine:
 
     max_batch: rows decoded together at most; max_queue: requests waiting for a row at most (then `submit` raises
     QueueFull); max_len: the context (prompt + new tokens) a request may use, by default the model's
-    `max_position_embeddings`. Generation ends at the tokenizer's end tokens and the model config's.
+    `max_position_embeddings`; max_pixels: the image pixels (`pixel_values` extras) one request may bring.
+    Generation ends at the tokenizer's end tokens and the model config's.
     """
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 32, max_len: int | None = None):
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 32, max_len: int | None = None,
+                 max_pixels: int = MAX_PIXELS):
         if not isinstance(model, CausalLM):
             raise TypeError(f"ChatEngine serves decoder-only language models (polymodal CausalLM); got "
                             f"{type(model).__name__}")
@@ -302,7 +313,10 @@ class ChatEngine:
         self.eos = set(_eos_ids(model, None)) | set(tokenizer.eos_token_ids)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+        config = getattr(model, "config", None)
+        self.vocab_size = getattr(config, "vocab_size", getattr(getattr(config, "text", None), "vocab_size", None))
+        self.max_pixels = max_pixels
+        self.extra_inputs = extra_inputs(model)
         self.stats = {"prefills": 0, "steps": 0}  # forwards run: prompts prefilled, batched decode steps
         self._batch = _Batch(self.max_len)
         self._waiting: deque[EngineRequest] = deque()
@@ -346,11 +360,17 @@ class ChatEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def submit(self, prompt_ids: list[int], *, max_new_tokens: int = 256, do_sample: bool = False,
-               temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-               seed: int | None = None, stop: list[str] | None = None) -> EngineRequest:
+    def submit(self, prompt_ids: list[int], *, extras: Mapping[str, Tensor] | None = None, max_new_tokens: int = 256,
+               do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+               repetition_penalty: float = 1.0, seed: int | None = None, stop: list[str] | None = None
+               ) -> EngineRequest:
         """Queue a prompt (token ids) for generation -> its EngineRequest. Raises ValueError for bad arguments and
-        QueueFull when `max_queue` requests wait already."""
+        QueueFull when `max_queue` requests wait already.
+
+        extras: the prompt's other inputs to the model's prefill, by the names its forward takes (a VLM's
+        `pixel_values` (N, 3, H, W), whose image tokens `prompt_ids` hold already, expanded as the processor
+        does); the decode steps after it are plain. Checked here, before anything is allocated: names the model
+        takes, at most `max_pixels` image pixels, and as many image tokens in the prompt as the images fill."""
         prompt_ids = [int(i) for i in prompt_ids]
         if not prompt_ids:
             raise ValueError("the prompt is empty: there is nothing to continue")
@@ -359,10 +379,14 @@ class ChatEngine:
             raise ValueError(f"prompt token id {bad} is outside the model's vocabulary (0..{self.vocab_size - 1})")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        extras = self._check_extras(prompt_ids, extras)
         if len(prompt_ids) + max_new_tokens > self.max_len:
-            raise ValueError(f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({max_new_tokens}) is over "
-                             f"the model's context of {self.max_len} tokens; shorten the prompt or ask for fewer "
-                             f"tokens")
+            slots = image_slots(self.model)
+            images = sum(i == slots[0] for i in prompt_ids) if slots else 0
+            held = f", {images} of them for its images" if images else ""
+            raise ValueError(f"the prompt ({len(prompt_ids)} tokens{held}) plus max_new_tokens ({max_new_tokens}) is "
+                             f"over the model's context of {self.max_len} tokens; shorten the prompt"
+                             f"{', send fewer images' if images else ''} or ask for fewer tokens")
         if do_sample and not MIN_TEMPERATURE <= temperature < float("inf"):
             raise ValueError(f"temperature must be at least {MIN_TEMPERATURE:g} when sampling, got {temperature} "
                              f"(colder sampling is greedy decoding: use do_sample=False)")
@@ -384,7 +408,8 @@ class ChatEngine:
                 generator.manual_seed(seed)
         request = EngineRequest(self, prompt_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                 temperature=temperature, top_p=top_p, top_k=top_k,
-                                repetition_penalty=repetition_penalty, generator=generator, stop=stop)
+                                repetition_penalty=repetition_penalty, generator=generator, stop=stop,
+                                extras=extras)
         with self._cond:
             if self._closing:
                 raise RuntimeError("this engine is closed")
@@ -396,6 +421,36 @@ class ChatEngine:
             self._waiting.append(request)
             self._cond.notify()
         return request
+
+    def _check_extras(self, prompt_ids: list[int], extras: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        """The request's extra prefill inputs, checked against what the model takes and what one request may
+        hold (ValueError naming the input otherwise)."""
+        extras = dict(extras or {})
+        name = type(self.model).__name__
+        for key, value in extras.items():
+            if key not in self.extra_inputs and "**" not in self.extra_inputs:
+                takes = ", ".join(sorted(self.extra_inputs)) or "text only (token ids)"
+                raise ValueError(f"{name} takes no input {key!r}; it takes: {takes}")
+            if not isinstance(value, Tensor):
+                raise ValueError(f"{key} must be a tensor, got {type(value).__name__}")
+        pixels = sum(v.numel() // 3 for k, v in extras.items() if k.startswith("pixel_values"))
+        if pixels > self.max_pixels:
+            raise ValueError(f"the request's images hold {pixels:,} pixels, over the limit of {self.max_pixels:,} "
+                             f"per request; send fewer or smaller images")
+        slots = image_slots(self.model)
+        if slots is not None:
+            token, per_image = slots
+            found = sum(i == token for i in prompt_ids)
+            images = extras.get("pixel_values")
+            n = 0 if images is None else (images.shape[0] if images.dim() == 4 else -1)
+            if n < 0:
+                raise ValueError(f"pixel_values must be (images, channels, height, width), got shape "
+                                 f"{tuple(images.shape)}")
+            if found != n * per_image:
+                raise ValueError(f"the prompt holds {found} image tokens (id {token}) but {n} image(s) came with it, "
+                                 f"which fill {n * per_image} ({per_image} each): each image needs exactly one "
+                                 f"placeholder in the prompt, expanded to {per_image} tokens")
+        return extras
 
     # ---------------------------------------------------------------------------------------- the engine thread
 
@@ -437,7 +492,11 @@ class ChatEngine:
             request._started = time.monotonic()
             try:
                 ids = torch.tensor([request.prompt_ids], device=self.device)  # (1, P)
-                row, logits = self.model.generation_prefill(ids, torch.ones_like(ids), ids.shape[1])  # (1, V)
+                extras = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
+                          for k, v in request.extras.items()}
+                request.extras = {}  # the images are merged at the prefill: nothing later needs them
+                row, logits = self.model.generation_prefill(ids, torch.ones_like(ids), ids.shape[1],
+                                                            **extras)  # (1, V)
                 self.stats["prefills"] += 1
                 token = self._choose(logits[0], request, int(logits[0].float().argmax()))
                 if not self._deliver(request, token):
@@ -527,12 +586,35 @@ class ChatEngine:
             self._end(request, reason)
 
 
+def extra_inputs(model) -> set[str]:
+    """The inputs a model's prefill takes beside the prompt's ids: its forward's other keywords (a VLM's
+    `pixel_values`, `image_sizes`, ...); "**" when it takes any. Empty for a text-only decoder."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - _DECODER_INPUTS
+    return names | ({"**"} if any(p.kind is p.VAR_KEYWORD for p in params) else set())
+
+
+def image_slots(model) -> tuple[int, int] | None:
+    """(image token id, tokens per image) for a model whose prompt holds each image as a run of one placeholder
+    token, expanded to the image's feature count (LLaVA's config: `image_token_index`, `image_tokens`); None
+    otherwise."""
+    config = getattr(model, "config", None)
+    token, per_image = getattr(config, "image_token_index", None), getattr(config, "image_tokens", None)
+    if isinstance(token, int) and isinstance(per_image, int) and per_image > 0:
+        return token, per_image
+    return None
+
+
 def _context_length(model, tokenizer) -> int:
     config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    for part in (config, getattr(config, "text", None)):  # a VLM's config nests its language model's as `text`
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(part, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
     value = getattr(tokenizer, "model_max_length", None)
     if isinstance(value, int) and 0 < value < 10**7:  # transformers writes ~1e30 for "no limit"
         return value
