@@ -426,6 +426,28 @@ def test_max_parts():
     assert len(resolve_messages(msgs, MediaPolicy(max_parts=3))[0]["content"]) == 3
 
 
+def test_the_images_of_a_request_share_a_pixel_budget():
+    """Each image's header is checked against what the request's earlier images left of max_request_pixels, so
+    many images at the per-image limit cannot be decoded together; a bomb after a small image is still refused
+    from its header, unread."""
+    small = data_url(png_bytes((40, 30)))  # 1,200 pixels
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": small}}] * 3}]
+    policy = MediaPolicy(max_pixels=2000, max_request_pixels=3000)
+    with pytest.raises(MediaError, match=r"messages\[0\]\.content\[2\] \(image_url\): .*40x30 = 1,200 pixels, over "
+                       r"the limit of 600.* may hold 3,000 pixels in all \(max_request_pixels\), and the earlier "
+                       r"ones hold 2,400") as e:
+        resolve_messages(msgs, policy)
+    assert e.value.status == 413
+    assert len(resolve_messages(msgs, MediaPolicy(max_pixels=2000, max_request_pixels=3600))[0]["content"]) == 3
+    bomb = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": small}},
+                                         {"type": "image_url", "image_url": {"url": data_url(bomb_png())}}]}]
+    with pytest.raises(MediaError, match="content\\[1\\].*pixels.*refusing to decode it") as e:
+        resolve_messages(bomb, MediaPolicy())
+    assert e.value.status == 413
+    with pytest.raises(ValueError, match="max_request_pixels"):
+        MediaPolicy(max_request_pixels=0)
+
+
 # ----------------------------------------------------------------------------------------------------- audio
 
 

@@ -10,8 +10,9 @@ file system and native decoders, so every step is bounded before it is taken:
   keep the name). Local files only under `local_root`, after resolving symlinks.
 - how many bytes: data: URLs are measured before decoding; downloads are counted while streaming
   (Content-Length is only a hint) under a total time limit.
-- how much decoding: image pixels and frame counts from the header before decoding; audio and video durations
-  and frame counts while decoding, which stops as soon as a cap is passed.
+- how much decoding: image pixels (each image's, and all of a request's images together) and frame counts from
+  the header before decoding; audio and video durations and frame counts while decoding, which stops as soon as
+  a cap is passed.
 
 The threats follow OWASP's SSRF prevention cheat sheet (allow lists, address checks after resolution, pinned
 connections, redirects re-checked). Every refusal is a `MediaError` with an HTTP status: 400 malformed or not
@@ -35,7 +36,7 @@ import threading
 import time
 import wave
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit
@@ -77,10 +78,11 @@ class MediaPolicy:
     addresses stay refused. local_root: serve `file://` URLs and paths inside this directory (symlinks resolved).
     max_download_bytes bounds data: URLs, downloads, local files and base64 audio; download_timeout_s is the
     total time of a download, redirects included. max_pixels is checked from image headers and video streams
-    before decoding. Animated images: the first frame is used (max_image_frames must be 1), files claiming more
-    than max_animation_frames frames are refused. Video is sampled at video_fps frames per second (less when
-    the container's duration times video_fps would pass max_video_frames). max_parts bounds the media parts
-    (image, audio, video) of one request. resolver(host, port) -> addresses replaces DNS (tests).
+    before decoding; max_request_pixels bounds the images of one request together (each header checked against
+    what the earlier images left). Animated images: the first frame is used (max_image_frames must be 1), files
+    claiming more than max_animation_frames frames are refused. Video is sampled at video_fps frames per second
+    (less when the container's duration times video_fps would pass max_video_frames). max_parts bounds the media
+    parts (image, audio, video) of one request. resolver(host, port) -> addresses replaces DNS (tests).
 
     `polymodal serve` sets allow_remote, allowed_domains and local_root from --allow-remote-media, --allowed-domain
     and --media-root; refusals name those flags, what the person running the server can change.
@@ -94,6 +96,7 @@ class MediaPolicy:
     download_timeout_s: float = 10.0
     max_redirects: int = 3
     max_pixels: int = 25_000_000
+    max_request_pixels: int = 100_000_000  # 300 MB of decoded RGB: four images at max_pixels
     max_image_frames: int = 1
     max_animation_frames: int = 100
     max_audio_seconds: float = 60.0
@@ -110,7 +113,8 @@ class MediaPolicy:
         if any(not d or "/" in d or ":" in d for d in domains):
             raise ValueError(f"allowed_domains={self.allowed_domains!r}: give bare host names such as 'example.com'")
         object.__setattr__(self, "allowed_domains", domains)
-        for name in ("max_download_bytes", "download_timeout_s", "max_pixels", "max_animation_frames",
+        for name in ("max_download_bytes", "download_timeout_s", "max_pixels", "max_request_pixels",
+                     "max_animation_frames",
                      "max_audio_seconds", "max_video_frames", "max_video_seconds", "video_fps", "max_parts"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"MediaPolicy.{name}={getattr(self, name)!r} must be positive")
@@ -132,6 +136,7 @@ def resolve_messages(messages: list[dict], policy: MediaPolicy) -> list[dict]:
         raise MediaError(400, f"messages: expected a list of messages, got {type(messages).__name__}")
     _count_media_parts(messages, policy)
     out = []
+    pixels = [0]  # the request's decoded image pixels so far
     for i, message in enumerate(messages):
         role = _ROLES[message["role"]]
         content = message.get("content")
@@ -142,7 +147,7 @@ def resolve_messages(messages: list[dict], policy: MediaPolicy) -> list[dict]:
         for j, part in enumerate(content):
             where = f"messages[{i}].content[{j}] ({part['type']})"
             try:
-                parts.append(_resolve_part(part, policy))
+                parts.append(_resolve_part(part, policy, pixels))
             except MediaError as e:
                 raise MediaError(e.status, f"{where}: {e.message}") from None
         out.append({"role": role, "content": parts})
@@ -191,7 +196,8 @@ def _count_media_parts(messages: list, policy: MediaPolicy) -> None:
         raise MediaError(413, f"messages: {media} media parts, over the limit of {policy.max_parts}")
 
 
-def _resolve_part(part: dict, policy: MediaPolicy) -> dict:
+def _resolve_part(part: dict, policy: MediaPolicy, pixels: list[int]) -> dict:
+    """One part, decoded; `pixels` holds the request's image pixels so far, and grows by this image's."""
     kind = part["type"]
     if kind == "text":
         text = part.get("text")
@@ -211,7 +217,20 @@ def _resolve_part(part: dict, policy: MediaPolicy) -> dict:
     if not isinstance(url, str):
         raise MediaError(400, f"expected {{'{kind}': {{'url': <data:, http(s) or file URL>}}}}")
     if kind == "image_url":
-        return {"type": "image", "image": load_image(url, policy)}
+        left = policy.max_request_pixels - pixels[0]
+        if left >= policy.max_pixels:
+            image = load_image(url, policy)
+        else:  # the earlier images took most of the request's budget: this header is checked against the rest
+            try:
+                image = load_image(url, replace(policy, max_pixels=max(left, 1)))
+            except MediaError as e:
+                if e.status != 413 or "pixels" not in e.message:
+                    raise
+                raise MediaError(413, f"{e.message}. The request's images may hold {policy.max_request_pixels:,} "
+                                      f"pixels in all (max_request_pixels), and the earlier ones hold "
+                                      f"{pixels[0]:,}: send fewer or smaller images") from None
+        pixels[0] += image.width * image.height
+        return {"type": "image", "image": image}
     frames, fps = load_video(url, policy)
     return {"type": "video", "frames": frames, "fps": fps}
 
