@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -79,7 +80,8 @@ class Layout:
 
 @dataclass(frozen=True)
 class Family:
-    """A model family: its model class, presets and checkpoint layouts (the first is the default for saving)."""
+    """A model family: its model class, presets and checkpoint layouts (the first is the default for saving), and
+    the processor that turns its users' inputs into its model inputs, when the family owns one."""
 
     name: str
     model: type[nn.Module]
@@ -87,6 +89,9 @@ class Family:
     presets: dict[str, Any] = field(default_factory=dict)
     hub_ids: dict[str, str] = field(default_factory=dict)  # hub id -> preset name
     description: str = ""
+    # checkpoint directory -> the family's processor read from the files beside the weights (a VLM's: chat messages
+    # with images -> a dict of model inputs); None: the pipelines' shared tokenizers and image processors serve it
+    processor: Callable[[Path], Any] | None = None
 
     @property
     def default_layout(self) -> Layout:

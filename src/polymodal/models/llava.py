@@ -32,6 +32,7 @@ from polymodal.models.clip import (
 from polymodal.models.llama import Llama, LlamaConfig, hf_key_map, read_hf_config, write_hf_config
 from polymodal.models.qwen2 import Qwen2Config
 from polymodal.nn import KVCache, activation
+from polymodal.processing.vlm import LlavaProcessor
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import KeyMap, Rename
 
@@ -226,4 +227,5 @@ FAMILY = Family(
     hub_ids=HUB_IDS,
     description="LLaVA / LLaVA-1.5: CLIP ViT features (layer -2) through a linear or MLP projector into a LLaMA/Qwen2 "
                 "decoder's token stream",
+    processor=LlavaProcessor.from_pretrained,
 )

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
+from torch import nn
+
+from polymodal import registry
 from polymodal.pipelines.image_text import (
     ImageTextMatchingPipeline,
     ImageToTextPipeline,
     VisualQuestionAnsweringPipeline,
     capfilt,
 )
-from polymodal.pipelines.text import TextGenerationPipeline
+from polymodal.pipelines.image_text_to_text import ImageTextToTextPipeline
+from polymodal.pipelines.text import DEFAULT_CHAT_MODEL, TextGenerationPipeline, no_images_error
 from polymodal.pipelines.vision import (
     ImageClassificationPipeline,
     ImageTextRetrievalPipeline,
@@ -24,6 +30,7 @@ TASKS = {
     "image-to-text": ImageToTextPipeline,
     "visual-question-answering": VisualQuestionAnsweringPipeline,
     "image-text-matching": ImageTextMatchingPipeline,
+    "image-text-to-text": ImageTextToTextPipeline,
 }
 DEFAULT_MODELS = {"text-generation"}  # tasks with an embedded default model
 
@@ -37,9 +44,31 @@ def pipeline(task: str, model=None, **options):
     return TASKS[task](model, **options)
 
 
+def chat_pipeline(model=None, *, images: bool = False, **options) -> TextGenerationPipeline:
+    """The pipeline that chats with `model`, loaded once: "image-text-to-text" when the model's family owns a
+    processor (a vision-language model such as LLaVA), else "text-generation" (the embedded default model when
+    `model` is None). images=True: the chat will carry images, and a text-only model is refused with a ValueError
+    saying that it takes no images."""
+    if model is None:
+        if images:
+            raise ValueError(f"the default chat model, {DEFAULT_CHAT_MODEL}, takes no images; chat about images "
+                             "needs a vision-language model, such as a LLaVA checkpoint")
+        return TextGenerationPipeline(None, **options)
+    if isinstance(model, (str, os.PathLike)):
+        from polymodal.weights.loader import load
+
+        model = load(model, dtype=options.get("dtype"), device=options.get("device"))
+    if isinstance(model, nn.Module) and registry.family_of(model).processor is not None:
+        return ImageTextToTextPipeline(model, **options)
+    if images and isinstance(model, nn.Module) and callable(getattr(model, "generation_prefill", None)):
+        raise no_images_error(model)  # (a model that is no language model is refused as such below)
+    return TextGenerationPipeline(model, **options)
+
+
 __all__ = [
     "TASKS",
     "ImageTextMatchingPipeline",
+    "ImageTextToTextPipeline",
     "ImageToTextPipeline",
     "VisualQuestionAnsweringPipeline",
     "capfilt",
@@ -47,6 +76,7 @@ __all__ = [
     "ImageTextRetrievalPipeline",
     "TextGenerationPipeline",
     "ZeroShotImageClassificationPipeline",
+    "chat_pipeline",
     "pipeline",
     "recall_at_k",
 ]

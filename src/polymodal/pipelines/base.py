@@ -39,7 +39,11 @@ class Pipeline:
         self.model = model.eval()
         self.family = registry.family_of(model).name
         self.source: Path | None = getattr(model, "pm_source", None)
-        self.processor = processor or (default_image_processor(model) if self.takes_images else None)
+        self.processor = processor or (self.default_processor() if self.takes_images else None)
+
+    def default_processor(self):
+        """The processor this pipeline uses when none is given: the model's image processor."""
+        return default_image_processor(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -64,6 +68,19 @@ def as_list(x) -> tuple[list, bool]:
             raise ValueError("empty input list")
         return list(x), False
     return [x], True
+
+
+def family_processor(model: nn.Module):
+    """The processor the model's family owns (`Family.processor`), read from the checkpoint's files beside the
+    weights; None when the family has none."""
+    fam = registry.family_of(model)
+    if fam.processor is None:
+        return None
+    source: Path | None = getattr(model, "pm_source", None)
+    if source is None:
+        raise ValueError(f"this {fam.name} model was not loaded from a checkpoint directory, so there are no "
+                         "processor files to read; pass processor=... to the pipeline")
+    return fam.processor(source)
 
 
 def default_image_processor(model: nn.Module):

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from polymodal import registry
 from polymodal.generation import generate, generation_defaults
 from polymodal.pipelines.base import Pipeline
 from polymodal.providers.base import ChatResult
@@ -77,6 +78,26 @@ def _is_chat(x) -> bool:
     return isinstance(x, list) and bool(x) and all(isinstance(m, dict) for m in x)
 
 
+def with_system(messages: Messages, system: str | None) -> Messages:
+    """The conversation with `system` as its first message, unless it already starts with a system message."""
+    messages = list(messages)
+    if system is not None and messages[0].get("role") != "system":
+        messages = [{"role": "system", "content": system}, *messages]
+    return messages
+
+
+def no_images_error(model) -> ValueError:
+    """What a text-only language model says to images."""
+    name = getattr(model, "pm_source", None) or getattr(model, "pm_gguf", None) or "this model"
+    return ValueError(f"{name} is a {registry.family_of(model).name} model, which takes no images (a text-only "
+                      "language model); images need a vision-language model, such as a LLaVA checkpoint")
+
+
+def _has_images(messages: Messages) -> bool:
+    return any(isinstance(part, dict) and part.get("type") in ("image", "image_url")
+               for m in messages if isinstance(m.get("content"), list) for part in m["content"])
+
+
 class TextGenerationPipeline(Pipeline):
     task = "text-generation"
     takes_images = False
@@ -88,28 +109,43 @@ class TextGenerationPipeline(Pipeline):
         if not callable(getattr(self.model, "generation_prefill", None)):
             raise ValueError(f"{self.source or 'this model'} is a {self.family} model, not a language model: "
                              "text generation and chat need a decoder (LLaMA, Qwen2, OPT, T5, a .gguf file)")
-        self.tokenizer = tokenizer or default_text_tokenizer(self.model)
+        self.tokenizer = tokenizer or getattr(self.processor, "tokenizer", None) or default_text_tokenizer(self.model)
 
     # ------------------------------------------------------------------ inputs
+    def _is_one(self, x) -> bool:
+        """Whether `x` is one input, not a list of inputs."""
+        return isinstance(x, str) or _is_chat(x)
+
     def _prompt_ids(self, item, system: str | None) -> list[int]:
         if _is_chat(item):
-            messages = list(item)
-            if system is not None and messages[0].get("role") != "system":
-                messages = [{"role": "system", "content": system}, *messages]
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            if _has_images(item):
+                raise no_images_error(self.model)
+            text = self.tokenizer.apply_chat_template(with_system(item, system), add_generation_prompt=True)
             return self.tokenizer.encode(text, add_special_tokens=False)  # the template placed its special tokens
         if isinstance(item, str):
             return self.tokenizer.encode(item)
         raise ValueError("text-generation takes a string, a list of chat messages ({'role': ..., 'content': ...}), "
                          f"or a list of those; got {type(item).__name__}")
 
-    def _batch(self, items: list, system: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded ids and mask (B, T) on the model's device."""
+    def _model_inputs(self, items: list, system: str | None) -> dict[str, torch.Tensor]:
+        """The model's inputs for a batch, on its device: left-padded `input_ids` and `attention_mask` (B, T), and
+        whatever else its prefill takes (a VLM's pixel values), as `generate(model, **inputs)` takes them."""
         rows = [self._prompt_ids(x, system) for x in items]
         if any(not r for r in rows):
             raise ValueError("empty prompt: nothing to continue")
         ids, mask = self.tokenizer.pad(rows, padding_side="left")
-        return ids.to(self.device), mask.to(self.device)
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    def _batch(self, items: list, system: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids and mask (B, T) on the model's device."""
+        inputs = self._model_inputs(items, system)
+        return inputs["input_ids"], inputs["attention_mask"]
+
+    def _generated_text(self, item, answer: str, return_full_text: bool):
+        """The output for one input: the conversation with the answer appended, or the prompt continued."""
+        if not return_full_text:
+            return answer
+        return [*item, {"role": "assistant", "content": answer}] if _is_chat(item) else item + answer
 
     def _options(self, max_new_tokens: int, seed: int | None, stop: list[str] | None, **sampling) -> dict:
         """generate()'s keywords: the sampling settings given (None: not given), else the model's generation
@@ -157,21 +193,17 @@ class TextGenerationPipeline(Pipeline):
         (`polymodal.generation.generation_defaults`: greedy with repetition penalty 1.1 for the embedded SmolLM2;
         plain greedy for a model that recommends nothing); a temperature, top_k or top_p given alone turns
         sampling on. compile_step: decode with the compiled fixed-shape step (`polymodal.generation.generate`)."""
-        single = isinstance(inputs, str) or _is_chat(inputs)
+        single = self._is_one(inputs)
         items = [inputs] if single else list(inputs)
         if not items:
             raise ValueError("empty input list")
-        ids, mask = self._batch(items, system)
-        out = generate(self.model, ids, mask, **self._options(
+        model_inputs = self._model_inputs(items, system)
+        out = generate(self.model, **model_inputs, **self._options(
             max_new_tokens, seed, stop, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, num_beams=num_beams, max_time=max_time, compile_step=compile_step))
         results = []
-        for item, row in zip(items, out[:, ids.shape[1]:].tolist()):
-            answer = self._answer(row, stop)
-            if _is_chat(item):
-                text = [*item, {"role": "assistant", "content": answer}] if return_full_text else answer
-            else:
-                text = item + answer if return_full_text else answer
+        for item, row in zip(items, out[:, model_inputs["input_ids"].shape[1]:].tolist()):
+            text = self._generated_text(item, self._answer(row, stop), return_full_text)
             results.append([{"generated_text": text, "finish_reason": self._finish_reason(row, max_new_tokens, stop)}])
         return results[0] if single else results
 
@@ -181,9 +213,9 @@ class TextGenerationPipeline(Pipeline):
         settings as for `__call__`. Closing the iterator early (a client that left) stops generation at the next
         token. When exhausted, the generator returns a ChatResult (the whole text, finish_reason "stop" or "length"
         and the token counts) as a hosted model's stream does: `result = yield from pipe.stream(...)`."""
-        if not (isinstance(inputs, str) or _is_chat(inputs)):
+        if not self._is_one(inputs):
             raise ValueError("stream() takes one string or one conversation")
-        ids, mask = self._batch([inputs], system)
+        model_inputs = self._model_inputs([inputs], system)
         eos = set(self.tokenizer.eos_token_ids)
         pieces: queue.Queue = queue.Queue()
         cancelled = threading.Event()
@@ -195,8 +227,8 @@ class TextGenerationPipeline(Pipeline):
 
         def work():
             try:
-                generate(self.model, ids, mask, streamer=on_token, **self._options(max_new_tokens, seed, stop,
-                                                                                   **sampling))
+                generate(self.model, **model_inputs, streamer=on_token,
+                         **self._options(max_new_tokens, seed, stop, **sampling))
             except BaseException as e:  # handed to the consumer, which raises it
                 pieces.put(e)
             pieces.put(done)
@@ -238,4 +270,5 @@ class TextGenerationPipeline(Pipeline):
             worker.join()
         if count < max_new_tokens:
             finish = "stop"
-        return ChatResult(text, finish, prompt_tokens=int(mask.sum()), completion_tokens=count)
+        prompt_tokens = int(model_inputs["attention_mask"].sum())
+        return ChatResult(text, finish, prompt_tokens=prompt_tokens, completion_tokens=count)
