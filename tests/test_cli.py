@@ -11,8 +11,9 @@ from PIL import Image
 import polymodal as pm
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "polymodal.cli", *args], capture_output=True, text=True, timeout=300)
+def run(*args, input=None):
+    return subprocess.run([sys.executable, "-m", "polymodal.cli", *args], capture_output=True, text=True, timeout=300,
+                          input=input)
 
 
 def test_models_json(tmp_path, clip_dir):
@@ -97,3 +98,87 @@ def test_bad_input_exits_2_with_one_line(tmp_path, clip_dir, case):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ chat about images
+
+
+@pytest.fixture(scope="module")
+def llava_chat(tmp_path_factory):
+    """A tiny LLaVA with transformers' processor files, two photos saved as files, and the pipeline on it."""
+    from test_llava_pipeline import save_tiny_llava
+    from test_llava_processor import PHOTOS
+
+    path = tmp_path_factory.mktemp("llava-cli")
+    save_tiny_llava(path / "model")
+    photos = {}
+    for name in ("chelsea", "rocket"):
+        photos[name] = path / f"{name}.png"
+        PHOTOS[name].save(photos[name])
+    return path / "model", photos, pm.pipeline("image-text-to-text", model=path / "model")
+
+
+def _ask(text, *paths):
+    from polymodal.processing import open_image
+
+    return {"role": "user", "content": [*({"type": "image", "image": open_image(p)} for p in paths),
+                                        {"type": "text", "text": text}]}
+
+
+def _answer(pipe, conversation, max_new_tokens=8) -> str:
+    return pipe(conversation, max_new_tokens=max_new_tokens)[0]["generated_text"][-1]["content"]
+
+
+def test_chat_about_images_once_json_and_streamed(llava_chat):
+    model, photos, pipe = llava_chat
+    a, b = str(photos["chelsea"]), str(photos["rocket"])
+    r = run("chat", "--model", str(model), "--image", a, "--image", b, "Compare them.", "--max-new-tokens", "8",
+            "--json")
+    assert r.returncode == 0, r.stderr
+    (out,) = json.loads(r.stdout)
+    answer = _answer(pipe, [_ask("Compare them.", a, b)])
+    assert out["generated_text"] == [
+        {"role": "user", "content": [{"type": "image", "path": a}, {"type": "image", "path": b},
+                                     {"type": "text", "text": "Compare them."}]},
+        {"role": "assistant", "content": answer}]
+    assert out["finish_reason"] in ("stop", "length")
+    r = run("chat", "--model", str(model), "--image", a, "--image", b, "Compare them.", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == answer + "\n"
+
+
+def test_interactive_chat_attaches_images_to_later_turns(llava_chat):
+    model, photos, pipe = llava_chat
+    a, b = str(photos["chelsea"]), str(photos["rocket"])
+    session = f"/image {a}\nWhat is it?\n/image {a}.missing\n/image {b}\nAnd this one?\n/exit\n"
+    r = run("chat", "--model", str(model), "--max-new-tokens", "8", input=session)
+    assert r.returncode == 0, r.stderr
+    first = _answer(pipe, [_ask("What is it?", a)])
+    second = _answer(pipe, [_ask("What is it?", a), {"role": "assistant", "content": first},
+                            _ask("And this one?", b)])
+    assert r.stdout == f"{first}\n{second}\n"
+    assert f"error: {a}.missing: no such file" in r.stderr  # reported; the session went on
+    # --image goes with the first question of an interactive session
+    r = run("chat", "--model", str(model), "--image", a, "--max-new-tokens", "8", input="What is it?\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{first}\n"
+
+
+def test_chat_with_images_refusals_exit_2_with_one_line(llava_chat, tmp_path):
+    from test_llava_pipeline import save_tiny_llama
+
+    model, photos, _ = llava_chat
+    image = str(photos["chelsea"])
+    (tmp_path / "empty").mkdir()  # no checkpoint: the image is checked before any model loads
+    cases = {
+        "takes no images": ["--model", str(save_tiny_llama(tmp_path / "llama")), "--image", image, "What is it?"],
+        "the default chat model (SmolLM2-135M-Instruct) takes no images": ["--image", image, "What is it?"],
+        "no such file": ["--model", str(tmp_path / "empty"), "--image", str(tmp_path / "nope.png"), "Hi"],
+        "over the model's context of 1,024": ["--model", str(model), *["--image", image] * 8, "Compare them."],
+    }
+    for says, args in cases.items():
+        r = run("chat", *args, "--json")
+        assert r.returncode == 2, (says, r.stderr)
+        assert r.stdout == ""
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], r.stderr

@@ -245,33 +245,56 @@ def cmd_generate(args) -> None:
 
 
 def cmd_chat(args) -> None:
+    from polymodal.pipelines import chat_pipeline
+
     _sampling(args)  # refuse bad settings before the model loads
-    pipe = _text_pipeline(args)
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    images = list(zip(args.image, _open_images(args.image)))  # decoded and checked before the model loads
+    if images and args.model is None:
+        raise UsageError("--image: the default chat model (SmolLM2-135M-Instruct) takes no images; pass --model a "
+                         "vision-language model such as a LLaVA checkpoint directory")
+    pipe = chat_pipeline(args.model, images=bool(images))  # a text-only model with --image: ValueError, exit 2
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     if args.message is not None:  # one question, one answer
-        messages = [*history, {"role": "user", "content": args.message}]
+        turn, shown = _user_turn(args.message, images)
         if args.json:
-            _emit(args, pipe(messages, **_sampling(args)), str)
+            (result,) = pipe([*history, turn], **_sampling(args))
+            _emit(args, [{**result, "generated_text": [*history, shown, result["generated_text"][-1]]}], str)
             return
-        _stream_out(pipe, messages, args)
+        _stream_out(pipe, [*history, turn], args)
         return
     if args.json:
         raise UsageError("--json needs a message (the interactive chat streams text)")
-    _interactive_chat(pipe, history, args)
+    _interactive_chat(pipe, history, args, images)
 
 
-def _interactive_chat(pipe, history: list[dict], args) -> None:
+def _user_turn(text: str, images: list) -> tuple[dict, dict]:
+    """A user message with its (path, decoded image) pairs first, then the text; and the same naming the images by
+    path, as --json shows it."""
+    if not images:
+        return {"role": "user", "content": text}, {"role": "user", "content": text}
+    question = {"type": "text", "text": text}
+    return ({"role": "user", "content": [*({"type": "image", "image": im} for _, im in images), question]},
+            {"role": "user", "content": [*({"type": "image", "path": str(p)} for p, _ in images), question]})
+
+
+def _interactive_chat(pipe, history: list[dict], args, images: list = ()) -> None:
     """A multi-turn session on stdin: line editing and history (readline) at a terminal; Ctrl-C stops the answer
-    being written (the turn is dropped) and keeps the session; Ctrl-D or /exit ends it."""
+    being written (the turn is dropped) and keeps the session; Ctrl-D or /exit ends it. With a vision-language
+    model, `/image PATH` attaches an image to the next question (--image ones go with the first); a question the
+    model refuses (too long with its images, say) is reported and dropped, and the session goes on."""
     interactive = sys.stdin.isatty()
     if interactive:
         try:
             import readline  # noqa: F401  (input() gains line editing and history)
         except ImportError:  # Windows
             pass
-        print(f"chatting with {getattr(pipe.model, 'pm_source', None) or 'the default model'}; /reset clears the "
-              "conversation, Ctrl-C stops an answer, /exit or Ctrl-D ends the chat", file=sys.stderr)
+        attach = "/image PATH attaches an image to your next question, " if pipe.takes_images else ""
+        print(f"chatting with {getattr(pipe.model, 'pm_source', None) or 'the default model'}; {attach}/reset clears "
+              "the conversation, Ctrl-C stops an answer, /exit or Ctrl-D ends the chat", file=sys.stderr)
     system = history[:1]
+    pending = list(images)  # (path, image) pairs for the next question
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -288,16 +311,45 @@ def _interactive_chat(pipe, history: list[dict], args) -> None:
         if line == "/reset":
             turns = (len(history) - len(system)) // 2
             history = list(system)
-            print(f"(conversation cleared: {turns} turn{'s' * (turns != 1)} forgotten)", file=sys.stderr)
+            dropped = f", {len(pending)} attached image(s) dropped" if pending else ""
+            pending = []
+            print(f"(conversation cleared: {turns} turn{'s' * (turns != 1)} forgotten{dropped})", file=sys.stderr)
             continue
+        if line == "/image" or line.startswith("/image "):
+            pending += _attach(pipe, line[len("/image"):].strip())
+            continue
+        turn, _ = _user_turn(line, pending)
         if interactive:
             sys.stdout.write("assistant> ")
         try:
-            answer = _stream_out(pipe, [*history, {"role": "user", "content": line}], args)
+            answer = _stream_out(pipe, [*history, turn], args)
         except KeyboardInterrupt:
             print("\n(stopped; that question is not kept)", file=sys.stderr)
             continue
-        history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
+        except ValueError as e:  # e.g. over the context once its images are expanded: this turn only
+            print(f"\nerror: {_first_line(e)} (that question is not kept)", file=sys.stderr)
+            continue
+        history += [turn, {"role": "assistant", "content": answer}]
+        pending = []
+
+
+def _attach(pipe, path: str) -> list:
+    """`/image PATH` in the interactive chat -> [(path, decoded image)], or [] after saying on stderr why not."""
+    from polymodal.pipelines.text import no_images_error
+
+    if not path:
+        print("(usage: /image PATH attaches that image to your next question)", file=sys.stderr)
+        return []
+    if not pipe.takes_images:
+        print(f"error: {no_images_error(pipe.model)}", file=sys.stderr)
+        return []
+    try:
+        (image,) = _open_images([path])
+    except ValueError as e:  # ImageError: missing, not an image, too large
+        print(f"error: {_first_line(e)}", file=sys.stderr)
+        return []
+    print(f"({path} goes with your next question)", file=sys.stderr)
+    return [(path, image)]
 
 
 def cmd_demo(args) -> None:
@@ -448,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("chat", cmd_chat, "chat with a language model: one answer to MESSAGE, or an interactive session")
     sp.add_argument("message", nargs="?", default=None, help="answer this once; without it, an interactive chat")
     sp.add_argument("--system", default=None, help="system prompt")
+    sp.add_argument("--image", action="append", default=[], help="an image to ask about, with a vision-language "
+                    "--model such as LLaVA (repeatable; interactive: they go with the first question, and /image "
+                    "PATH attaches more later)")
     add_sampling(sp)
 
     add("models", cmd_models, "list the models that run here offline, then every family's presets and hub ids")
