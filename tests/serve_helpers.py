@@ -114,3 +114,29 @@ def save_tiny_llava(directory: Path, corpus: list[str], template: str = LLAVA_TE
                 p.normal_(0, 1.5 / p.shape[1] ** 0.5)
     model.save_pretrained(directory)
     return directory
+
+
+def greedy_vlm_answer(model, processor, messages: list[dict], max_new_tokens: int) -> tuple[str, int]:
+    """What `polymodal.generation.generate` answers alone, greedily, for OpenAI chat `messages` whose images are
+    data: URLs: the tokens before the end token, decoded, and the prompt's length once its images are expanded."""
+    import base64
+
+    from polymodal.generation import generate
+    from polymodal.processing.image import open_image
+
+    def image(url: str):
+        return open_image(base64.b64decode(url.split(",", 1)[1]))
+
+    canonical = []
+    for msg in messages:
+        parts = msg["content"] if isinstance(msg["content"], list) else [{"type": "text", "text": msg["content"]}]
+        canonical.append({"role": msg["role"], "content": [
+            p if p["type"] == "text" else {"type": "image", "image": image(p["image_url"]["url"])} for p in parts]})
+    inputs = processor(canonical)
+    ids = inputs["input_ids"]
+    extras = {"pixel_values": inputs["pixel_values"]} if "pixel_values" in inputs else {}
+    tokens = generate(model, ids, max_new_tokens=max_new_tokens, **extras)[0, ids.shape[1]:].tolist()
+    eos = set(processor.tokenizer.eos_token_ids)
+    if any(t in eos for t in tokens):
+        tokens = tokens[: next(i for i, t in enumerate(tokens) if t in eos)]
+    return processor.tokenizer.decode(tokens), ids.shape[1]

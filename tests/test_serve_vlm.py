@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_helpers import LLAVA_IMAGE_TOKENS, save_tiny_llava
+from serve_helpers import LLAVA_IMAGE_TOKENS, greedy_vlm_answer, save_tiny_llava
 
 import polymodal as pm
 from polymodal.generation import generate
@@ -156,3 +156,290 @@ def test_bad_image_requests_are_refused_at_submit_before_any_forward(llava, toke
 @pytest.fixture(scope="module")
 def llama(llava):
     return llava.language_model
+
+
+# ------------------------------------------------------------------------------------------------ the server
+KEY = "vlm-key"
+QUESTION = "What is in this image?"
+# images only in user turns: an image in another message is never written into the prompt
+USER_IMAGES_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' and message['role'] == 'user' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def png(seed: int, size=(40, 30)) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def ask(text: str, *urls: str, role: str = "user") -> list[dict]:
+    """One OpenAI message: the text, then an image_url part per URL."""
+    return [{"role": role, "content": [{"type": "text", "text": text},
+                                       *({"type": "image_url", "image_url": {"url": u}} for u in urls)]}]
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    """A plain HTTP server on loopback serving /photo.png (reached as http://images.test/photo.png through the
+    media policy's resolver)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = png(7)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            found = self.path == "/photo.png"
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body) if found else 0))
+            self.end_headers()
+            if found:
+                self.wfile.write(body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd.server_address[1], body
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def served(llava_dir, tmp_path_factory):
+    from serve_helpers import save_tiny_chat_llama
+
+    from polymodal.serve import ServedModels
+    from polymodal.serve.registry import load_model
+
+    text_dir = save_tiny_chat_llama(tmp_path_factory.mktemp("tiny-chat"), CORPUS)
+    user_images = save_tiny_llava(tmp_path_factory.mktemp("user-images"), CORPUS, template=USER_IMAGES_TEMPLATE)
+    s = ServedModels([load_model("llava", llava_dir, max_batch=4), load_model("text", text_dir),
+                      load_model("user-images", user_images)])
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def server(served, image_server):
+    from serve_helpers import running
+
+    from polymodal.serve import create_app
+    from polymodal.serve.media import MediaPolicy
+
+    port, _ = image_server
+    policy = MediaPolicy(allow_remote=True, allowed_domains=("images.test",), allow_private_networks=True,
+                         resolver=lambda host, p: ["127.0.0.1"])
+    with running(create_app(served, api_key=KEY, media_policy=policy)) as url:
+        yield url, port
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def processor(served):
+    return served.get("llava").processor
+
+
+def test_the_model_card_says_it_takes_images(oai):
+    cards = {m.id: m for m in oai.models.list()}
+    assert cards["llava"].modalities == ["image", "text"] and cards["text"].modalities == ["text"]
+    assert cards["llava"].context_length == 256
+
+
+def test_image_chat_with_the_openai_client_equals_generate_alone(oai, llava, processor):
+    """An image_url part (a data: URL) reaches the model: the answer, streamed or not, is what `generate` gives
+    that conversation alone, and the prompt's usage counts the image's expanded tokens."""
+    messages = ask(QUESTION, data_url(png(1)))
+    want, prompt_tokens = greedy_vlm_answer(llava, processor, messages, 12)
+    out = oai.chat.completions.create(model="llava", messages=messages, max_tokens=12, temperature=0)
+    assert out.choices[0].message.content == want and want
+    assert out.usage.prompt_tokens == prompt_tokens > LLAVA_IMAGE_TOKENS
+    stream = oai.chat.completions.create(model="llava", messages=messages, max_tokens=12, temperature=0,
+                                         stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # it came piece by piece
+    assert chunks[-1].usage.prompt_tokens == prompt_tokens
+
+    # two images in one turn, an image in a later turn, and a text-only chat with the same model
+    two = ask("Compare them.", data_url(png(2)), data_url(png(3)))
+    later = [*ask("Hello there.", data_url(png(4))), {"role": "assistant", "content": "I am fine."},
+             *ask("And this one?", data_url(png(5)))]
+    text = [{"role": "user", "content": "Hello there, how are you?"}]
+    for messages in (two, later, text):
+        want, _ = greedy_vlm_answer(llava, processor, messages, 10)
+        got = oai.chat.completions.create(model="llava", messages=messages, max_tokens=10, temperature=0)
+        assert got.choices[0].message.content == want
+
+
+def test_concurrent_image_and_text_requests_share_the_engine(oai, served, llava, processor):
+    """Image requests and text-only ones sent at once decode in one batch; each answer equals its own `generate`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    conversations = [ask(QUESTION, data_url(png(10))), [{"role": "user", "content": "How are you?"}],
+                     ask("Compare them.", data_url(png(11)), data_url(png(12))), ask("Thank you.")]
+    wants = [greedy_vlm_answer(llava, processor, c, 16)[0] for c in conversations]
+    engine = served.get("llava").engine
+    before = dict(engine.stats)
+
+    def send(messages):
+        out = oai.chat.completions.create(model="llava", messages=messages, max_tokens=16, temperature=0)
+        return out.choices[0].message.content, out.usage.completion_tokens
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(send, conversations))
+    assert [a for a, _ in answers] == wants
+    steps = engine.stats["steps"] - before["steps"]
+    assert engine.stats["prefills"] - before["prefills"] == 4
+    assert steps < sum(n for _, n in answers)  # rows shared decode steps
+
+
+def test_an_allow_listed_remote_image_reaches_the_model(oai, server, llava, processor):
+    url, port = server
+    body = png(7)  # what the image server sends
+    want, _ = greedy_vlm_answer(llava, processor, ask(QUESTION, data_url(body)), 10)
+    out = oai.chat.completions.create(model="llava", messages=ask(QUESTION, f"http://images.test:{port}/photo.png"),
+                                      max_tokens=10, temperature=0)
+    assert out.choices[0].message.content == want
+
+
+def _post(server, body: dict):
+    import httpx
+
+    return httpx.post(f"{server[0]}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"})
+
+
+def _refused(r, status: int = 400) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+GARBAGE = "data:image/png;base64,AAAA"  # not an image: a refusal that names it shows nothing was decoded
+
+
+@pytest.mark.parametrize("body, code, says", [
+    # an image part sent to a text-only model
+    ({"model": "text", "messages": ask(QUESTION, data_url(png(1)))}, "unsupported_modality",
+     "does not accept image input"),
+    # more image tokens than images: the user typed the image placeholder into the text
+    ({"model": "llava", "messages": ask("What does <image> mean here?", data_url(png(1)))}, None,
+     r"has 1 image\(s\) but its prompt has 2 <image> token\(s\)"),
+    ({"model": "llava", "messages": ask("Is <image> a tag?")}, None, r"has 0 image\(s\) but its prompt has 1"),
+    # more images than image tokens: this model's template writes images in user turns only
+    ({"model": "user-images", "messages": [*ask("Look.", data_url(png(1)), role="system"), *ask(QUESTION)]}, None,
+     r"has 1 image\(s\) but its prompt has 0 <image> token"),
+    # images that alone fill the context (16 x 16 tokens of 256): refused before any of them is decoded
+    ({"model": "llava", "messages": ask(QUESTION, *[GARBAGE] * 16)}, "context_length_exceeded",
+     "16 images, which take 16 tokens each .* 256 tokens, and its context is 256. Send at most 15 images"),
+    # a prompt that overflows the context once its images are expanded (15 x 16 = 240 tokens, and the text)
+    ({"model": "llava", "messages": ask("Hello there, how are you? " * 4, *[data_url(png(1))] * 15)},
+     "context_length_exceeded", "once its 15 image.* are expanded to 16 tokens each, over the model's context of 256"),
+    # ... or together with the answer it asks for
+    ({"model": "llava", "messages": ask(QUESTION, *[data_url(png(1))] * 10), "max_tokens": 100},
+     "context_length_exceeded", r"prompt \(\d+ tokens, 160 of them for its images\) plus max_new_tokens \(100\)"),
+])
+def test_bad_image_requests_are_400_and_the_server_goes_on(server, body, code, says):
+    import re
+
+    err = _refused(_post(server, body))
+    assert err["code"] == code and re.search(says, err["message"]), err
+    assert err["param"] == ("max_tokens" if "max_tokens" in body else
+                            "messages[0].content[1]" if code == "unsupported_modality" else "messages")
+    r = _post(server, {"model": "llava", "messages": ask(QUESTION, data_url(png(1))), "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+
+
+def test_an_image_over_the_pixel_budget_is_refused_unread(served):
+    """The media layer reads each image's size from its header and refuses one over `max_pixels` (413, as every
+    media limit) before decoding it; the next request is served."""
+    from fastapi.testclient import TestClient
+
+    from polymodal.serve import create_app
+    from polymodal.serve.media import MediaPolicy
+
+    app = create_app(served, media_policy=MediaPolicy(max_pixels=1000))
+    with TestClient(app) as client:
+        r = client.post("/v1/chat/completions", json={"model": "llava", "messages": ask(QUESTION, data_url(png(1)))})
+        err = _refused(r, 413)
+        assert "40x30 = 1,200 pixels, over the limit of 1,000" in err["message"] and "content[1]" in err["message"]
+        small = data_url(png(1, size=(30, 30)))
+        r = client.post("/v1/chat/completions", json={"model": "llava", "messages": ask(QUESTION, small),
+                                                      "max_tokens": 3})
+        assert r.status_code == 200
+
+
+def test_polymodal_serve_a_llava_directory_with_the_openai_client(llava_dir, llava, tmp_path):
+    """`polymodal serve --model <llava dir>` in its own process, driven by the official client: the card takes
+    images, an image_url answer streams and equals `generate` alone, a bad request is a 400 and the server goes on,
+    and a remote URL is refused naming the flags that would allow it."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from polymodal.processing.vlm import LlavaProcessor
+
+    openai = pytest.importorskip("openai")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "polymodal.cli", "serve", "--model", f"llava={llava_dir}",
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "POLYMODAL_API_KEY": "", "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        assert client.models.retrieve("llava").modalities == ["image", "text"]
+        messages = ask(QUESTION, data_url(png(20)))
+        want, _ = greedy_vlm_answer(llava, LlavaProcessor.from_pretrained(llava_dir), messages, 12)
+        stream = client.chat.completions.create(model="llava", messages=messages, max_tokens=12, temperature=0,
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want
+        with pytest.raises(openai.BadRequestError, match="prompt has 2 <image> token") as e:
+            client.chat.completions.create(model="llava", messages=ask("A <image> tag?", data_url(png(20))))
+        assert e.value.status_code == 400
+        with pytest.raises(openai.BadRequestError, match="--allow-remote-media --allowed-domain"):
+            client.chat.completions.create(model="llava", messages=ask(QUESTION, "https://example.com/cat.png"))
+        again = client.chat.completions.create(model="llava", messages=messages, max_tokens=12, temperature=0)
+        assert again.choices[0].message.content == want
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()

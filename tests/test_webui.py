@@ -6,7 +6,9 @@ streams in; a pasted and a dropped image are attached; a WAV file reaches the mo
 renders in the sandboxed Artifacts iframe, whose scripts cannot reach the page or the network; model output is
 inserted as text, never HTML; the server's 400s are shown; Stop closes the stream; a server with an API key gets it
 from the page; the temperature and max-tokens controls start from a local model's generation defaults and go out
-with each request. Screenshots go to tmp_path (and docs/img/webui.png with POLYMODAL_UPDATE_SCREENSHOTS=1)."""
+with each request; a local vision-language model (a tiny LLaVA) takes an attached and a pasted image, shows them and
+streams the answer `generate` gives. Screenshots go to tmp_path (and docs/img/webui.png with
+POLYMODAL_UPDATE_SCREENSHOTS=1)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import running, save_tiny_chat_llama
+from serve_helpers import greedy_vlm_answer, running, save_tiny_chat_llama, save_tiny_llava
 
 from polymodal.serve import ServedModels, create_app
 from polymodal.serve.registry import load_model, serve_model
@@ -138,6 +140,19 @@ def local_server(fakes, tmp_path_factory):
     try:
         with running(app) as url:
             yield url, app.bodies
+    finally:
+        served.close()
+
+
+@pytest.fixture(scope="module")
+def vlm_server(fakes, tmp_path_factory):
+    """A local tiny LLaVA (it takes images) beside a closed text-only (fake) model."""
+    path = save_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), ["What is in this image? A red square."] * 20)
+    served = ServedModels([load_model("llava", path), serve_model("text", fakes["text"])])
+    app = ChatBodies(create_app(served))
+    try:
+        with running(app) as url:
+            yield url, app.bodies, served.get("llava")
     finally:
         served.close()
 
@@ -433,3 +448,49 @@ def test_sampling_controls_start_from_the_models_defaults_and_are_sent(local_ser
     assert bodies[-1]["model"] == "text" and "temperature" not in bodies[-1] and "max_tokens" not in bodies[-1]
     page.select_option("#model", "local")  # back: the local model's defaults again
     assert page.input_value("#temperature") == "0.7" and page.input_value("#max-tokens") == "128"
+
+
+def test_a_local_vision_language_model_takes_images(vlm_server, page, tmp_path):
+    """The model list says the local LLaVA takes images, so the image button is on; an image from the file picker
+    and, in the next turn, a pasted one reach it, show in the conversation, and each answer streams in as the
+    tokens `generate` gives that conversation alone."""
+    url, bodies, served = vlm_server
+    _open(page, url)
+    assert page.input_value("#model") == "llava"
+    assert page.is_enabled("#attach-image") and page.is_disabled("#attach-audio")
+    assert "takes image, text" in page.inner_text("#model-info")
+    page.fill("#max-tokens", "12")
+    page.evaluate("""() => {
+        window.snapshots = [];
+        new MutationObserver(() => {
+            const body = document.querySelector('.message.assistant:last-child .body');
+            if (body) window.snapshots.push(body.textContent);
+        }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
+    }""")
+    png, _ = _png(5, size=(40, 30))
+    page.set_input_files("#image-input", files=[{"name": "noise.png", "mimeType": "image/png", "buffer": png}])
+    page.locator("#attachments .chip img").wait_for()
+    answer = _ask(page, "What is in this image?")
+    first = bodies[-1]["messages"]
+    assert [p["type"] for p in first[-1]["content"]] == ["text", "image_url"]
+    assert base64.b64decode(first[-1]["content"][1]["image_url"]["url"].split(",", 1)[1]) == png
+    want, _ = greedy_vlm_answer(served.engine.model, served.processor, first, 12)
+    assert want.strip() and answer.locator(".body").inner_text().strip() == want.strip()
+    assert len([s for s in dict.fromkeys(page.evaluate("window.snapshots")) if s]) > 1  # streamed in pieces
+    assert page.locator(".message.user img.thumb").count() == 1
+    _screenshot(page, tmp_path, "llava.png")
+
+    pasted, _ = _png(6, size=(32, 32))
+    page.evaluate("""(bytes) => {
+        const data = new DataTransfer();
+        data.items.add(new File([new Uint8Array(bytes)], 'clip.png', {type: 'image/png'}));
+        document.getElementById('prompt').dispatchEvent(
+            new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true}));
+    }""", list(pasted))
+    page.locator("#attachments .chip img").wait_for()
+    second = _ask(page, "And this one?")
+    sent = bodies[-1]["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"]  # the first image goes along again
+    want, _ = greedy_vlm_answer(served.engine.model, served.processor, sent, 12)
+    assert second.locator(".body").inner_text().strip() == want.strip()
+    assert page.locator(".message.user img.thumb").count() == 2

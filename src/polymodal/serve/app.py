@@ -9,8 +9,9 @@ POST /v1/chat/completions (with server-sent-event streaming), POST /v1/embedding
 plus GET /health. Every refusal is a 4xx with OpenAI's error body (polymodal/serve/errors.py).
 
 What runs where: the event loop only parses, routes and streams. Media decoding (media.resolve_messages), chat
-templates, embeddings and provider calls run in worker threads; local decoders run in their ChatEngine's own
-thread, which batches concurrent requests (continuous batching).
+templates, a VLM's processor, embeddings and provider calls run in worker threads; local decoders run in their
+ChatEngine's own thread, which batches concurrent requests (continuous batching); a VLM's images are extra inputs
+of its request's prefill there.
 """
 
 from __future__ import annotations
@@ -222,6 +223,7 @@ async def _chat(app: FastAPI, request: Request, req: ChatCompletionRequest):
     if len(stop) > 4 or any(not s for s in stop):
         raise APIError(400, "stop takes at most 4 non-empty strings.", param="stop")
     _check_modalities(m, req)
+    _check_image_room(m, req)
     sampling = _sampling(m, req, stop)
     messages = await _canonical_messages(app, req)
     max_tokens = req.max_completion_tokens or req.max_tokens
@@ -277,6 +279,23 @@ def _check_modalities(m: ServedModel, req: ChatCompletionRequest) -> None:
                                code="unsupported_modality")
 
 
+def _check_image_room(m: ServedModel, req: ChatCompletionRequest) -> None:
+    """Refuse, before any image is fetched or decoded, a request whose images alone would fill a local VLM's
+    context: each becomes `processor.image_tokens` prompt tokens (576 for LLaVA-1.5). The processor and the engine
+    then check the exact prompt."""
+    per_image = getattr(m.processor, "image_tokens", None)
+    if m.engine is None or not isinstance(per_image, int):
+        return
+    images = sum(part.type == "image_url" for msg in req.messages if not isinstance(msg.content, str)
+                 for part in msg.content)
+    context = m.engine.max_len
+    if images * per_image >= context:
+        raise APIError(400, f"The messages hold {images} images, which take {per_image} tokens each for the model "
+                       f"{m.id!r}: {images * per_image:,} tokens, and its context is {context:,}. Send at most "
+                       f"{(context - 1) // per_image} images, fewer with a longer conversation.", param="messages",
+                       code="context_length_exceeded")
+
+
 async def _canonical_messages(app: FastAPI, req: ChatCompletionRequest) -> list[dict]:
     """OpenAI messages -> canonical messages (serve_arch.md). Media parts are fetched and decoded by the media
     layer in a worker thread, never on the event loop; text-only requests skip it."""
@@ -325,25 +344,36 @@ async def _engine_events(app: FastAPI, m: ServedModel, messages: list[dict], max
     from polymodal.processing.chat import ChatTemplateError
     from polymodal.serve.engine import Delta, QueueFull
 
-    def prompt_ids() -> list[int]:
-        text = m.tokenizer.apply_chat_template(_text_only(messages), add_generation_prompt=True)
-        return m.tokenizer.encode(text, add_special_tokens=False)  # the template placed the special tokens
+    def prompt() -> tuple[list[int], dict]:
+        """The prompt's token ids and the prefill's other inputs (a VLM's pixel values)."""
+        if m.processor is None:
+            text = m.tokenizer.apply_chat_template(_text_only(messages), add_generation_prompt=True)
+            return m.tokenizer.encode(text, add_special_tokens=False), {}  # the template placed the special tokens
+        inputs = m.processor(messages)  # one conversation: (1, T) ids, images expanded, and pixel values
+        extras = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        return inputs["input_ids"][0].tolist(), extras
 
     _check_text_size(m, messages)
+    given = max_tokens is not None
     try:
-        ids = await run_in_threadpool(prompt_ids)
+        ids, extras = await run_in_threadpool(prompt)
     except ChatTemplateError as e:
         raise APIError(400, f"The model's chat template refused these messages: {e}", param="messages") from None
+    except ValueError as e:  # the processor's: images and image tokens that do not match, a prompt over the context
+        raise APIError(400, f"The messages cannot be given to the model {m.id!r}: {e}", param="messages",
+                       code="context_length_exceeded" if "context" in str(e) else None) from None
     if max_tokens is None:
         room = (getattr(m.engine, "max_len", None) or math.inf) - len(ids)
         max_tokens = int(max(1, min(app.state.default_max_tokens, room)))
     try:
-        handle = m.engine.submit(ids, max_new_tokens=max_tokens, **sampling)
+        handle = m.engine.submit(ids, extras=extras, max_new_tokens=max_tokens, **sampling)
     except QueueFull as e:
         raise _busy(m, getattr(e, "retry_after", 1.0)) from None
     except ValueError as e:  # e.g. prompt + max_tokens longer than the model's context
-        raise APIError(400, f"{e}", param="max_tokens" if "max" in str(e) else "messages",
-                       code="context_length_exceeded" if "context" in str(e) else None) from None
+        overflow = "context" in str(e)
+        # a prompt that fits leaves the blame with the max_tokens the request asked for
+        param = "max_tokens" if overflow and given and len(ids) < m.engine.max_len else "messages"
+        raise APIError(400, f"{e}", param=param, code="context_length_exceeded" if overflow else None) from None
 
     async def events():
         finished = False

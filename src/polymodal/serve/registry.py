@@ -5,8 +5,9 @@
 
 A SPEC is `SOURCE` or `NAME=SOURCE`; SOURCE a checkpoint directory, a .gguf file, a hub id, or a closed model
 (`openai:...`, `anthropic:...`, `gemini:...`). Decoder language models are served through a ChatEngine each
-(continuous batching, polymodal/serve/engine.py); CLIP checkpoints serve embeddings through the image-text
-pipeline; closed models through their provider (polymodal/providers)."""
+(continuous batching, polymodal/serve/engine.py); a vision-language model (LLaVA) too, with its family's processor
+turning each request's messages and images into the prompt and the prefill's extra inputs; CLIP checkpoints serve
+embeddings through the image-text pipeline; closed models through their provider (polymodal/providers)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ class ServedModel:
     source: str
     engine: Any = None  # polymodal.serve.engine.ChatEngine
     tokenizer: Any = None  # polymodal.processing.text.TextTokenizer (with engine)
+    # a vision-language model's processor (with engine): canonical messages -> {"input_ids", "attention_mask",
+    # "pixel_values"}, e.g. polymodal.processing.vlm.LlavaProcessor; None for a text-only decoder
+    processor: Any = None
     provider: Any = None  # a polymodal.providers ChatProvider
     provider_slots: threading.BoundedSemaphore | None = None  # concurrent calls allowed to a provider
     embedder: Any = None  # polymodal.pipelines.vision.ImageTextPipeline
@@ -166,10 +170,12 @@ def load_model(model_id: str, source, *, max_batch: int = 8, max_queue: int = 32
                        provider_concurrency=provider_concurrency)
 
 
-def serve_model(model_id: str, obj, *, source: str = "", tokenizer=None, max_batch: int = 8, max_queue: int = 32,
-                provider_concurrency: int = 8) -> ServedModel:
+def serve_model(model_id: str, obj, *, source: str = "", tokenizer=None, processor=None, max_batch: int = 8,
+                max_queue: int = 32, provider_concurrency: int = 8) -> ServedModel:
     """Wrap a loaded polymodal model or a provider as a ServedModel: decoders get a ChatEngine, CLIP models an
-    image-text pipeline, providers a bounded number of concurrent calls."""
+    image-text pipeline, providers a bounded number of concurrent calls. A decoder whose forward takes
+    `pixel_values` (a VLM) is served with images, through `processor` (default: the one its family owns, read from
+    the checkpoint's files), whose tokenizer is then the one the answers are decoded with."""
     from torch import nn
 
     from polymodal.generation import CausalLM
@@ -184,15 +190,22 @@ def serve_model(model_id: str, obj, *, source: str = "", tokenizer=None, max_bat
         embedder = ImageTextPipeline(obj, tokenizer=tokenizer, optimize=False)
         return ServedModel(model_id, "embedding", frozenset({"text", "image"}), source, embedder=embedder)
     if isinstance(obj, CausalLM):
+        from polymodal.pipelines.base import family_processor
         from polymodal.pipelines.text import default_text_tokenizer
-        from polymodal.serve.engine import ChatEngine
+        from polymodal.serve.engine import ChatEngine, extra_inputs
 
-        tokenizer = tokenizer or default_text_tokenizer(obj)
+        if processor is None and "pixel_values" in extra_inputs(obj):
+            processor = family_processor(obj)
+            if processor is None:
+                raise ValueError(f"it takes images, but its {type(obj).__name__} family has no processor to turn chat "
+                                 "messages into its inputs")
+        tokenizer = tokenizer or getattr(processor, "tokenizer", None) or default_text_tokenizer(obj)
         if tokenizer.chat_template is None:
             raise ValueError("its tokenizer has no chat template, so it cannot serve chat completions")
         engine = ChatEngine(obj.eval(), tokenizer, max_batch=max_batch, max_queue=max_queue)
-        return ServedModel(model_id, "chat", frozenset({"text"}), source, engine=engine, tokenizer=tokenizer,
-                           defaults=request_defaults(obj, model_id))
+        modalities = frozenset({"text", "image"} if processor is not None else {"text"})
+        return ServedModel(model_id, "chat", modalities, source, engine=engine, tokenizer=tokenizer,
+                           processor=processor, defaults=request_defaults(obj, model_id))
     raise ValueError(f"a {type(obj).__name__} can be neither chatted with nor embedded: the server serves decoder "
                      "language models, CLIP models and closed models (openai:/anthropic:/gemini:)")
 
