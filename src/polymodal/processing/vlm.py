@@ -26,16 +26,14 @@ its header (`open_image`), before it is decoded.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
 from torch import Tensor
 
+from polymodal.processing.data_url import decode_base64, decode_data_url
 from polymodal.processing.image import ImageError, ImageProcessor, open_image
 from polymodal.processing.text import TextTokenizer
 from polymodal.weights.checkpoint import CheckpointError, read_json
@@ -305,12 +303,10 @@ def _from_url(url: str, where: str) -> bytes:
     """The bytes of a data: URL (RFC 2397); any other URL is refused, remote ones without being fetched."""
     scheme = url.partition(":")[0].lower() if ":" in url else ""
     if scheme == "data":
-        header, comma, payload = url[5:].partition(",")
-        if not comma:
-            raise ValueError(f"{where}: malformed data: URL (no ',' before the data)")
-        if header.split(";")[-1].strip().lower() == "base64":
-            return _b64decode(payload, where)
-        return unquote_to_bytes(payload)
+        try:
+            return decode_data_url(url)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     shown = url if len(url) <= 80 else url[:77] + "..."
     if scheme in ("http", "https"):
         raise ValueError(f"{where}: {shown} is a remote URL, which is never fetched here; download the image and "
@@ -320,12 +316,7 @@ def _from_url(url: str, where: str) -> bytes:
 
 
 def _b64decode(text: Any, where: str) -> bytes:
-    if not isinstance(text, str):
-        raise ValueError(f"{where}: expected base64 text, got {type(text).__name__}")
-    try:
-        return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ValueError(f"{where}: invalid base64 image data ({e})") from None
+    return decode_base64(text, what=f"{where}: base64 image data")
 
 
 # ---------------------------------------------------------------------------------------------- files

@@ -22,8 +22,6 @@ calls `resolve_messages` in a worker thread; nothing here touches asyncio.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import http.client
 import io
 import ipaddress
@@ -39,11 +37,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import numpy as np
 from PIL import Image
 
+from polymodal.processing.data_url import PayloadTooLarge, decode_base64, decode_data_url
 from polymodal.processing.image import ImageError, ImageTooLarge, open_image
 
 MiB = 1024 * 1024
@@ -315,32 +314,21 @@ def fetch_bytes(url: str, policy: MediaPolicy) -> bytes:
 
 def _data_url(url: str, max_bytes: int) -> bytes:
     """data:[<mediatype>][;base64],<payload> (RFC 2397), its size checked on the encoded length first."""
-    header, comma, payload = url[5:].partition(",")
-    if not comma:
-        raise MediaError(400, "malformed data: URL (no ',' before the payload)")
-    if header.lower().split(";")[-1].strip() == "base64":
-        return _b64decode(payload, max_bytes, "data: URL")
-    if len(payload) > 3 * max_bytes:  # each byte takes at most 3 characters (%XX)
-        raise MediaError(413, f"data: URL of {len(payload):,} characters, over the limit of {max_bytes:,} bytes")
-    data = unquote_to_bytes(payload)
-    if len(data) > max_bytes:
-        raise MediaError(413, f"data: URL holds {len(data):,} bytes, over the limit of {max_bytes:,}")
-    return data
+    try:
+        return decode_data_url(url, max_bytes)
+    except PayloadTooLarge as e:
+        raise MediaError(413, str(e)) from None
+    except ValueError as e:
+        raise MediaError(400, str(e)) from None
 
 
 def _b64decode(text: str, max_bytes: int, what: str) -> bytes:
-    if not isinstance(text, str):
-        raise MediaError(400, f"{what}: expected a base64 string")
-    limit = 4 * math.ceil(max_bytes / 3)
-    if len(text) > limit + limit // 76 * 2 + 2:  # MIME base64 may carry a line break every 76 characters
-        raise MediaError(413, f"{what} of {len(text):,} base64 characters, over the limit of {max_bytes:,} bytes")
     try:
-        data = base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise MediaError(400, f"{what}: invalid base64 ({e})") from None
-    if len(data) > max_bytes:
-        raise MediaError(413, f"{what} holds {len(data):,} bytes, over the limit of {max_bytes:,}")
-    return data
+        return decode_base64(text, max_bytes, what)
+    except PayloadTooLarge as e:
+        raise MediaError(413, str(e)) from None
+    except ValueError as e:
+        raise MediaError(400, str(e)) from None
 
 
 # -------------------------------------------------------------------------------------------- local files
