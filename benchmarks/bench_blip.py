@@ -109,7 +109,7 @@ def compare(size, batch, num_beams, ref, ours, px, never, rounds, new, sync) -> 
         return ref.generate(pixel_values=px, max_new_tokens=new, do_sample=False, num_beams=num_beams)
 
     def run_ours():
-        return ours.generate(px, max_new_tokens=new, num_beams=num_beams, eos_token_id=never)
+        return ours.generate(pixel_values=px, max_new_tokens=new, num_beams=num_beams, eos_token_id=never)
 
     want, got = run_ref(), run_ours()  # also the warm-up
     same = want.tolist() == got.tolist()

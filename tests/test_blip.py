@@ -94,7 +94,7 @@ def test_captions_match_transformers_token_for_token(saved, num_beams):
     model = pm.load(d)
     px = images()
     expected = ref.generate(pixel_values=px, max_new_tokens=12, num_beams=num_beams, do_sample=False)
-    got = model.generate(px, max_new_tokens=12, num_beams=num_beams)
+    got = model.generate(pixel_values=px, max_new_tokens=12, num_beams=num_beams)
     assert got.tolist() == expected.tolist()
     assert len({tuple(row) for row in got.tolist()}) > 1  # the images matter: not one caption for all
 
@@ -108,7 +108,7 @@ def test_prompted_caption_matches_transformers(saved):
     prompt = torch.tensor([[BOS, 11, 12, 13]] * 3)
     expected = ref.generate(pixel_values=px, input_ids=torch.cat([prompt, torch.full((3, 1), SEP)], 1),
                             max_new_tokens=8, do_sample=False)
-    assert model.generate(px, prompt, max_new_tokens=8).tolist() == expected.tolist()
+    assert model.generate(prompt, pixel_values=px, max_new_tokens=8).tolist() == expected.tolist()
 
 
 def test_left_padded_prompts_caption_as_one_by_one(saved):
@@ -118,9 +118,9 @@ def test_left_padded_prompts_caption_as_one_by_one(saved):
     T = max(map(len, prompts))
     ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
-    batched = model.generate(px, ids, mask, max_new_tokens=8)
+    batched = model.generate(ids, attention_mask=mask, pixel_values=px, max_new_tokens=8)
     for i, p in enumerate(prompts):
-        alone = model.generate(px[i : i + 1], torch.tensor([p]), max_new_tokens=8)[0].tolist()
+        alone = model.generate(torch.tensor([p]), pixel_values=px[i : i + 1], max_new_tokens=8)[0].tolist()
         row = [t for t, m in zip(batched[i].tolist(), mask[i].tolist() + [1] * 8) if m]
         assert row[: len(alone)] == alone
 
@@ -150,7 +150,8 @@ def test_answers_match_transformers_token_for_token(saved, num_beams):
     px = images()
     question = texts(start=1)[0][:, :4]  # unpadded: transformers attends to a question's padding (see below)
     expected = ref.generate(input_ids=question, pixel_values=px, max_new_tokens=8, num_beams=num_beams)
-    assert model.generate(px, question, max_new_tokens=8, num_beams=num_beams).tolist() == expected.tolist()
+    got = model.generate(question, pixel_values=px, max_new_tokens=8, num_beams=num_beams)
+    assert got.tolist() == expected.tolist()
 
 
 def test_generation_state_is_the_shared_decoder_state(saved):
@@ -189,10 +190,10 @@ def test_padded_questions_answer_as_one_by_one(saved):
     question alone."""
     model = pm.load(saved["vqa"][1])
     px, (question, qmask) = images(), texts(start=1)
-    batched = model.generate(px, question, qmask, max_new_tokens=6)
+    batched = model.generate(question, attention_mask=qmask, pixel_values=px, max_new_tokens=6)
     for i in range(3):
         n = int(qmask[i].sum())
-        alone = model.generate(px[i : i + 1], question[i : i + 1, :n], max_new_tokens=6)[0].tolist()
+        alone = model.generate(question[i : i + 1, :n], pixel_values=px[i : i + 1], max_new_tokens=6)[0].tolist()
         assert batched[i].tolist()[: len(alone)] == alone
 
 
@@ -216,7 +217,8 @@ def test_polymodal_layout_round_trip(saved, tmp_path):
     pm.save(model, tmp_path / "pm")
     again = pm.load(tmp_path / "pm")
     px, (q, qm) = images(), texts(start=1)
-    assert again.generate(px, q, qm, max_new_tokens=5).tolist() == model.generate(px, q, qm, max_new_tokens=5).tolist()
+    assert again.generate(q, attention_mask=qm, pixel_values=px, max_new_tokens=5).tolist() == model.generate(
+        q, attention_mask=qm, pixel_values=px, max_new_tokens=5).tolist()
 
 
 def test_strict_loading_names_the_missing_tensor(saved, tmp_path):
@@ -315,7 +317,7 @@ def test_calls_outside_the_checkpoint_task_say_so(saved):
     with pytest.raises(ValueError, match="captioning model.*retrieval"):
         caption.itm(px, ids)
     with pytest.raises(ValueError, match="needs the question"):
-        vqa.generate(px)
+        vqa.generate(pixel_values=px)
     with pytest.raises(ValueError, match="needs the answers"):
         vqa(px, ids)
     with pytest.raises(ValueError, match="one image per text"):
@@ -323,7 +325,7 @@ def test_calls_outside_the_checkpoint_task_say_so(saved):
     with pytest.raises(ValueError, match="pixel_values"):
         caption.generation_prefill(ids, torch.ones_like(ids), 9)
     with pytest.raises(ValueError, match="need 71 decoder positions; .* holds 64"):
-        caption.generate(px, max_new_tokens=70)
+        caption.generate(pixel_values=px, max_new_tokens=70)
 
 
 # ------------------------------------------------------------------------------------ pipelines and CLI
@@ -368,7 +370,7 @@ def test_image_to_text_pipeline_decodes_the_models_captions(with_files, photos):
     pipe = pm.pipeline("image-to-text", model=with_files["captioning"])
     out = pipe(photos, max_new_tokens=6)
     assert len(out) == 3 and all(set(o[0]) == {"generated_text"} for o in out)
-    ids = pipe.model.generate(pipe.pixels(photos), max_new_tokens=6)
+    ids = pipe.model.generate(pixel_values=pipe.pixels(photos), max_new_tokens=6)
     assert [o[0]["generated_text"] for o in out] == [pipe.tokenizer.decode(r).strip() for r in ids.tolist()]
     one = pipe(photos[0], prompt="a picture of", max_new_tokens=4)
     assert one[0]["generated_text"].startswith("a picture of")

@@ -270,22 +270,23 @@ class Blip(nn.Module):
 
     # ------------------------------------------------------------------------------ generation
 
-    def generate(self, pixel_values: Tensor, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                 max_new_tokens: int = 20, **options) -> Tensor:
-        """Captioning: continue each image's prompt (B, T), [DEC] first (default: [DEC] alone; left-padded when
-        prompts differ in length) -> (B, T + N). VQA: answer the questions input_ids (B, T) ([CLS] q [SEP],
-        right-padded as BLIP's processor pads: the encoder's positions are absolute) -> (B, 1 + N), [DEC] first.
-        Generation ends at [SEP]; see `polymodal.generation.generate` for the options (num_beams, do_sample, ...)."""
+    def generate(self, input_ids: Tensor | None = None, max_new_tokens: int = 20, do_sample: bool = False, *,
+                 pixel_values: Tensor, attention_mask: Tensor | None = None, **options) -> Tensor:
+        """The images `pixel_values` (B, 3, H, W), as every generative model takes its extras (API.md). Captioning:
+        continue each image's prompt input_ids (B, T), [DEC] first (default: [DEC] alone; left-padded when prompts
+        differ in length) -> (B, T + N). VQA: answer the questions input_ids (B, T) ([CLS] q [SEP], right-padded as
+        BLIP's processor pads: the encoder's positions are absolute) -> (B, 1 + N), [DEC] first. Generation ends at
+        [SEP]; see `polymodal.generation.generate` for the options (num_beams, ...)."""
         t = self.config.text
         if input_ids is None:
             if self.config.task == "vqa":
-                raise ValueError("a VQA model needs the question: generate(pixel_values, question_ids)")
+                raise ValueError("a VQA model needs the question: generate(question_ids, pixel_values=...)")
             input_ids = torch.full((pixel_values.shape[0], 1), t.bos_token_id, dtype=torch.long,
                                    device=pixel_values.device)
         options.setdefault("eos_token_id", t.sep_token_id)
         options.setdefault("pad_token_id", t.pad_token_id)
-        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, pixel_values=pixel_values,
-                        **options)
+        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                        pixel_values=pixel_values, **options)
 
     def generation_prefill(self, input_ids: Tensor, attention_mask: Tensor, max_len: int, *,
                            pixel_values: Tensor | None = None) -> tuple[DecoderState, Tensor]:

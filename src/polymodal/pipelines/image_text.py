@@ -32,7 +32,8 @@ class _ImageTextModelPipeline(Pipeline):
     def _generate(self, pixels, ids, mask, max_new_tokens, seed, **options):
         if seed is not None:
             options["generator"] = torch.Generator(device=self.device).manual_seed(seed)
-        return self.model.generate(pixels, ids.to(self.device), mask.to(self.device), max_new_tokens=max_new_tokens,
+        return self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device), pixel_values=pixels,
+                                   max_new_tokens=max_new_tokens,
                                    **options)
 
 

@@ -259,7 +259,7 @@ def evaluate_blip_shapes(model: nn.Module, image_size: int, n: int, noisy: list[
     for split in ("train", "heldout"):
         samples = ShapesWorld(image_size, seed=1, split=split, vocab="full").batch(0, n)
         pixels = proc([s.image for s in samples]).to(device)
-        out = captioner.generate(pixels, max_new_tokens=12)
+        out = captioner.generate(pixel_values=pixels, max_new_tokens=12)
         captions = [tok.decode(row).strip() for row in out.tolist()]
         result[f"caption_exact_{split}"] = sum(c in s.captions for c, s in zip(captions, samples)) / n
         result[f"caption_examples_{split}"] = [[s.caption, c] for s, c in zip(samples[:5], captions)]
@@ -390,7 +390,8 @@ def evaluate_blip_vqa(model: nn.Module, image_size: int, n: int) -> dict:
         for start in range(0, len(rows), 64):
             chunk = rows[start : start + 64]
             ids, mask = tok([q for _, q, _ in chunk], padding_side="right")
-            out = model.generate(pixels[[i for i, _, _ in chunk]].to(device), ids.to(device), mask.to(device),
+            out = model.generate(ids.to(device), attention_mask=mask.to(device),
+                                 pixel_values=pixels[[i for i, _, _ in chunk]].to(device),
                                  max_new_tokens=5)
             for (_, q, a), row in zip(chunk, out.tolist()):
                 answer = tok.decode(row).strip()
