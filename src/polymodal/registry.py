@@ -92,6 +92,9 @@ class Family:
     # checkpoint directory -> the family's processor read from the files beside the weights (a VLM's: chat messages
     # with images -> a dict of model inputs); None: the pipelines' shared tokenizers and image processors serve it
     processor: Callable[[Path], Any] | None = None
+    # config -> the family's default ImageProcessor, for a checkpoint that carries no preprocessor files (None:
+    # ImageNet's 224-px preprocessing)
+    image_processor: Callable[[Any], Any] | None = None
 
     @property
     def default_layout(self) -> Layout:

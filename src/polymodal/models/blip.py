@@ -39,6 +39,7 @@ from polymodal.models.bert import Bert, BertConfig, hf_rules
 from polymodal.models.vit import ViT, ViTConfig
 from polymodal.nn import activation
 from polymodal.nn.attention import KVCache
+from polymodal.processing.image import ImageProcessor
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Drop, KeyMap, Rename
 
@@ -455,4 +456,5 @@ FAMILY = Family(
     presets=PRESETS,
     hub_ids=HUB_IDS,
     description="BLIP: ViT + BERT multimodal encoder-decoder; captioning, image-text matching/retrieval, VQA",
+    image_processor=lambda c: ImageProcessor.blip(size=c.vision.image_size),
 )

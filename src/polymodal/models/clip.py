@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from polymodal.config import from_dict
 from polymodal.models.vit import blocks_for_layer
 from polymodal.nn import Attention, Block, PatchEmbed, interpolate_pos_2d
+from polymodal.processing.image import ImageProcessor
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Drop, Fuse, KeyMap, Rename, Transform
 
@@ -705,4 +706,5 @@ FAMILY = Family(
     presets=PRESETS,
     hub_ids=HUB_IDS,
     description="CLIP: ViT or ModifiedResNet image tower, causal text tower, contrastive logits",
+    image_processor=lambda c: ImageProcessor.clip(size=c.vision.image_size),
 )

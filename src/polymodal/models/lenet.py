@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from polymodal.processing.image import ImageProcessor
 from polymodal.registry import Family, native_layout
 
 
@@ -223,4 +224,5 @@ FAMILY = Family(
     layouts={"polymodal": native_layout("lenet", LeNetConfig)},
     presets=PRESETS,
     description="LeNet-5 (1998): Table I partial connections, trainable subsampling, Euclidean RBF output",
+    image_processor=lambda c: ImageProcessor.lenet(),
 )

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from polymodal.config import from_dict
 from polymodal.nn import Block, LearnedPosition2D, PatchEmbed, interpolate_pos_2d, sincos_2d
+from polymodal.processing.image import ImageProcessor
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Drop, Fuse, KeyMap, Rename
 
@@ -389,4 +390,5 @@ FAMILY = Family(
     presets=PRESETS,
     hub_ids=HUB_IDS,
     description="Vision Transformer (CLS/GAP, 1-D/2-D/sine-cosine/no positions, hybrid ResNet stem)",
+    image_processor=lambda c: ImageProcessor.vit(size=c.image_size),
 )

@@ -94,17 +94,8 @@ def default_image_processor(model: nn.Module):
 
         cfg = read_json(source / "open_clip_config.json")
         return ImageProcessor.from_open_clip(cfg.get("preprocess_cfg") or {}, size=model.config.vision.image_size)
-    fam = registry.family_of(model).name
-    cfg = model.config
-    if fam == "clip":
-        return ImageProcessor.clip(size=cfg.vision.image_size)
-    if fam == "vit":
-        return ImageProcessor.vit(size=cfg.image_size)
-    if fam == "blip":
-        return ImageProcessor.blip(size=cfg.vision.image_size)
-    if fam == "lenet":
-        return ImageProcessor.lenet()
-    return ImageProcessor.imagenet(size=224)
+    default = registry.family_of(model).image_processor  # the family's own, else ImageNet's 224-px one
+    return default(model.config) if default is not None else ImageProcessor.imagenet(size=224)
 
 
 def default_tokenizer(model: nn.Module):
