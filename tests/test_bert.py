@@ -221,7 +221,7 @@ def test_native_round_trip_bidirectional_cross_attention(tmp_path):
 
 def test_bidirectional_cross_attention_refuses_transformers_layout(tmp_path):
     model = bidirectional_cross()
-    model.pm_layout = "transformers"
+    pm.record(model).layout = "transformers"
     with pytest.raises(ValueError, match="transformers' BertModel holds cross-attention only"):
         pm.save(model, tmp_path)
 

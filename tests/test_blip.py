@@ -213,7 +213,7 @@ def test_round_trip_back_into_transformers(saved, tmp_path, task):
 
 def test_polymodal_layout_round_trip(saved, tmp_path):
     model = pm.load(saved["vqa"][1])
-    model.pm_layout = "polymodal"
+    pm.record(model).layout = "polymodal"
     pm.save(model, tmp_path / "pm")
     again = pm.load(tmp_path / "pm")
     px, (q, qm) = images(), texts(start=1)
@@ -479,5 +479,5 @@ def test_pretraining_objectives_and_parts(tmp_path):
     with pytest.raises(ValueError, match="part\\(\\) gives"):
         model.part("pretraining")
     with pytest.raises(ValueError, match="no class for BLIP's pretraining"):
-        model.pm_layout = "transformers"
+        pm.record(model).layout = "transformers"
         pm.save(model, tmp_path / "whole")

@@ -350,7 +350,7 @@ def test_open_clip_parity_and_round_trip(tmp_path, model_cfg, size):
 def test_native_round_trip(tmp_path):
     model = pm.build("clip", "clip-resnet-tiny-test")
     _perturb(model).eval()
-    model.pm_layout = "polymodal"
+    pm.record(model).layout = "polymodal"
     pm.save(model, tmp_path / "native")
     assert json.loads((tmp_path / "native" / "config.json").read_text())["model_type"] == "polymodal-clip"
     back = pm.load(tmp_path / "native")
@@ -396,7 +396,7 @@ def test_errors_name_the_input(tmp_path):
         model.encode_image(torch.randn(3, 64, 64))
     with pytest.raises(ValueError, match="tower"):
         CLIPVisionConfig(tower="swin")
-    with pytest.raises(ValueError, match="pm_layout"):
+    with pytest.raises(ValueError, match=r"pm\.record\(model\)\.layout = 'open_clip'"):
         pm.save(model, tmp_path / "x")  # a ResNet tower cannot go into transformers' layout
     cfg = {**_OC_VIT, "vision_cfg": {**_OC_VIT["vision_cfg"], "no_ln_pre": True}}
     _, d = _open_clip_dir(tmp_path, cfg, "bad")

@@ -57,7 +57,7 @@ def tiny():
 
 
 def pipe_for(model, **config):
-    model.pm_generation_config = config
+    pm.record(model).generation_config = config
     return TextGenerationPipeline(model, tokenizer=ByteTokenizer(), optimize=False)
 
 
@@ -67,13 +67,14 @@ def _new(pipe, text):
 
 
 def test_generation_defaults_read_the_config_and_drop_bad_values(tiny):
-    tiny.pm_generation_config = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.2}
+    pm.record(tiny).generation_config = {"do_sample": True, "temperature": 0.7, "top_p": 0.9,
+                                         "repetition_penalty": 1.2}
     assert generation_defaults(tiny) == {"do_sample": True, "temperature": 0.7, "top_p": 0.9,
                                          "repetition_penalty": 1.2}
-    tiny.pm_generation_config = {"do_sample": "yes", "temperature": float("inf"), "top_p": 3, "top_k": -1,
-                                 "repetition_penalty": 0}
+    pm.record(tiny).generation_config = {"do_sample": "yes", "temperature": float("inf"), "top_p": 3, "top_k": -1,
+                                         "repetition_penalty": 0}
     assert generation_defaults(tiny) == {}
-    tiny.pm_generation_config = {"temperature": 0.5, "repetition_penalty": 1.3}  # greedy: temperature is moot
+    pm.record(tiny).generation_config = {"temperature": 0.5, "repetition_penalty": 1.3}  # greedy: temperature is moot
     assert generation_defaults(tiny) == {"repetition_penalty": 1.3}
 
 

@@ -197,7 +197,7 @@ def test_preset_saves_into_transformers(tmp_path):
 @torch.no_grad()
 def test_polymodal_layout_round_trip(tmp_path):
     model = pm.build("opt", OPTConfig(**TINY, **VARIANTS["350m"])).eval()
-    model.pm_layout = "polymodal"
+    pm.record(model).layout = "polymodal"
     pm.save(model, tmp_path / "ours")
     back = pm.load(tmp_path / "ours")
     assert back.config == model.config

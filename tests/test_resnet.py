@@ -131,7 +131,7 @@ def test_transformers_parity_and_round_trip(tmp_path, variant):
     ref = _hf_reference(variant)
     ref.save_pretrained(tmp_path / "ref")
     model = pm.load(tmp_path / "ref")
-    assert isinstance(model, ResNet) and model.pm_layout == "transformers"
+    assert isinstance(model, ResNet) and pm.record(model).layout == "transformers"
     x = _x()
     with torch.no_grad():
         out, base = ref(x), ref.resnet(x)
@@ -203,7 +203,7 @@ def test_timm_parity_and_round_trip(tmp_path, variant):
     ref = _timm_reference(variant)
     _save_timm(ref, tmp_path / "ref")
     model = pm.load(tmp_path / "ref")
-    assert isinstance(model, ResNet) and model.pm_layout == "timm"
+    assert isinstance(model, ResNet) and pm.record(model).layout == "timm"
     x = _x()
     with torch.no_grad():
         _close(model(x), ref.forward_features(x))
@@ -236,7 +236,7 @@ def test_timm_refuses_variants_it_cannot_hold(tmp_path):
     # transformers' ResNet v1 (stride in the first 1x1) has no timm equivalent: saving it there is refused
     _hf_reference("bottleneck-v1").save_pretrained(tmp_path / "hf")
     model = pm.load(tmp_path / "hf")
-    model.pm_layout = "timm"
+    pm.record(model).layout = "timm"
     with pytest.raises(ValueError, match="timm's ResNet layout holds"):
         pm.save(model, tmp_path / "timm")
 
@@ -255,12 +255,12 @@ def test_transformers_to_timm_and_native(tmp_path):
     x = _x()
     with torch.no_grad():
         expected = ref(x).logits
-    model.pm_layout = "timm"
+    pm.record(model).layout = "timm"
     pm.save(model, tmp_path / "timm")
     back = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
     with torch.no_grad():
         _close(back(x), expected)
-    model.pm_layout = "polymodal"
+    pm.record(model).layout = "polymodal"
     pm.save(model, tmp_path / "native")
     assert json.loads((tmp_path / "native" / "config.json").read_text())["model_type"] == "polymodal-resnet"
     native = pm.load(tmp_path / "native")

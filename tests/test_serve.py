@@ -369,8 +369,8 @@ def defaults_served(llama_dir):
     """The tiny Llama twice: recommending greedy with a repetition penalty (as the embedded SmolLM2 does), and
     recommending sampling."""
     greedy, sampler = pm.load(llama_dir), pm.load(llama_dir)
-    greedy.pm_generation_config = {"do_sample": False, "repetition_penalty": 1.5}
-    sampler.pm_generation_config = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 40}
+    pm.record(greedy).generation_config = {"do_sample": False, "repetition_penalty": 1.5}
+    pm.record(sampler).generation_config = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 40}
     s = ServedModels([serve_model("penalized", greedy, source=str(llama_dir)),
                       serve_model("sampler", sampler, source=str(llama_dir)), serve_model("echo", EchoProvider())])
     with TestClient(create_app(s, default_max_tokens=512)) as c:

@@ -49,14 +49,16 @@ def test_config_and_tokenizer(ours):
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.kv_heads, c.vocab_size) == (
         30, 576, 9, 3, 49152)
     assert c.tie_word_embeddings and ours.lm_head.weight is ours.embed_tokens.weight
-    tok = ours.pm_tokenizer
+    rec = pm.record(ours)  # a GGUF file carries its tokenizer; there are no files beside it to read
+    assert (rec.source, rec.gguf, rec.layout, rec.origin) == (None, GGUF, "transformers", GGUF)
+    tok = rec.tokenizer
     assert tok.encode("<|im_start|>user", add_special_tokens=False)[0] == tok.token_to_id("<|im_start|>")
     assert tok.decode(tok.encode("Hello, world!")) == "Hello, world!"
 
 
 def test_logits_and_greedy_generation_match_transformers(ours, reference):
     ref, ref_tok = reference
-    tok = ours.pm_tokenizer
+    tok = pm.record(ours).tokenizer
     texts = ["The capital of France is", "def fibonacci(n):\n    "]
     ids, mask = tok(texts)
     assert ids.tolist()[0][-5:] == ref_tok(texts[0])["input_ids"][-5:]

@@ -222,7 +222,7 @@ def test_round_trip_back_into_transformers(saved, tmp_path, variant):
 def test_polymodal_layout_round_trip(saved, tmp_path):
     _, path = saved("v1.1")
     ours = pm.load(path)
-    ours.pm_layout = "polymodal"
+    pm.record(ours).layout = "polymodal"
     pm.save(ours, tmp_path / "pm")
     assert json.loads((tmp_path / "pm" / "config.json").read_text())["model_type"] == "polymodal-t5"
     back = pm.load(tmp_path / "pm")

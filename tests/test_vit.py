@@ -191,7 +191,7 @@ def test_fresh_model_saved_for_timm(tmp_path):
                     class_token=False, pool="gap", num_labels=3, id2label=("a", "b", "c"))
     ours = ViT(cfg).eval()
     torch.nn.init.normal_(ours.pos_embed)
-    ours.pm_layout = "timm"
+    pm.record(ours).layout = "timm"
     pm.save(ours, tmp_path / "out")
     ref = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
     x = images(2, 3, 32, 32)
@@ -262,7 +262,7 @@ def test_variant_native_round_trip(tmp_path, name):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_variant_refuses_transformers_layout(tmp_path, name):
     model = variant(name)
-    model.pm_layout = "transformers"
+    pm.record(model).layout = "transformers"
     with pytest.raises(ValueError, match="transformers' ViT holds only"):
         pm.save(model, tmp_path)
 
@@ -270,7 +270,7 @@ def test_variant_refuses_transformers_layout(tmp_path, name):
 @pytest.mark.parametrize("name", ["learned_2d", "sincos", "hybrid"])
 def test_variant_refuses_timm_layout(tmp_path, name):
     model = variant(name)
-    model.pm_layout = "timm"
+    pm.record(model).layout = "timm"
     with pytest.raises(ValueError, match="timm's VisionTransformer holds"):
         pm.save(model, tmp_path)
 

@@ -285,6 +285,46 @@ def test_load_save_round_trip_and_dtype(tmp_path):
     torch.testing.assert_close(pm.load(tmp_path / "again")(x), m(x), atol=0, rtol=0)
 
 
+def test_a_loaded_model_carries_one_record(tmp_path):
+    d = _tiny_vit_dir(tmp_path)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "do_sample": False}))
+    model = pm.load(d)
+    rec = pm.record(model)
+    assert rec == pm.ModelRecord(source=d, layout="transformers", generation_config={"eos_token_id": 2,
+                                                                                     "do_sample": False})
+    assert pm.record(model) is rec and rec.origin == d
+    old = ("pm_source", "pm_layout", "pm_generation_config", "pm_gguf", "pm_tokenizer")
+    assert [name for name in old if hasattr(model, name)] == []
+    assert [name for name in vars(model) if "pm" in name] == ["_pm_record"]  # the record is all polymodal adds
+
+
+def test_save_writes_the_layout_the_record_names(tmp_path):
+    model = pm.build("vit", "vit-tiny-test")
+    assert pm.record(model) == pm.ModelRecord()  # built in code: an empty record, made on first use
+    x = torch.randn(1, 3, 32, 32)
+    want = model.eval()(x)
+    pm.save(model, tmp_path / "default")  # no layout chosen: the family's default
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["model_type"] == "vit"
+    pm.record(model).layout = "polymodal"
+    pm.save(model, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_type"] == "polymodal-vit"
+    loaded = pm.load(tmp_path / "ours")
+    assert pm.record(loaded).layout == "polymodal"
+    torch.testing.assert_close(loaded(x), want, atol=0, rtol=0)
+    pm.record(loaded).layout = "timm"  # chosen on a loaded model: saved as timm's, read back as timm's
+    pm.save(loaded, tmp_path / "timm")
+    again = pm.load(tmp_path / "timm")
+    assert pm.record(again).layout == "timm" and "architecture" in json.loads((tmp_path / "timm" / "config.json")
+                                                                              .read_text())
+    for name, t in model.state_dict().items():  # the same tensors (timm's config fixes LayerNorm's eps at 1e-6)
+        torch.testing.assert_close(again.state_dict()[name], t, atol=0, rtol=0)
+    pm.record(again).layout = "open_clip"
+    with pytest.raises(ValueError, match=r"pm.record\(model\).layout is 'open_clip', which is not a layout of the "
+                                         r"vit family; set it to one of \['polymodal', 'timm', 'transformers'\]"):
+        pm.save(again, tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_sharded_checkpoint(tmp_path):
     model = pm.build("vit", "vit-tiny-test")
     pm.save(model, tmp_path, max_shard_bytes=20_000)

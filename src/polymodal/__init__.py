@@ -3,6 +3,7 @@
     import polymodal as pm
     model = pm.load("openai/clip-vit-base-patch32")      # or a local Hugging Face / timm / open_clip directory
     pm.save(model, "out/")                               # the same layout; the reference library reads it back
+    pm.record(model)                                     # where it came from, its layout, its generation config
     pipe = pm.pipeline("zero-shot-image-classification", model=model)
 """
 
@@ -20,6 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from polymodal.nn.inference import optimize_for_inference
 from polymodal.weights.checkpoint import CheckpointError
 from polymodal.weights.loader import build, load, save
+from polymodal.weights.record import ModelRecord, record
 
 __version__ = "0.1.0"
 
@@ -31,4 +33,5 @@ def pipeline(task: str, model=None, **options):
     return _pipeline(task, model=model, **options)
 
 
-__all__ = ["CheckpointError", "__version__", "build", "load", "optimize_for_inference", "pipeline", "save"]
+__all__ = ["CheckpointError", "ModelRecord", "__version__", "build", "load", "optimize_for_inference", "pipeline",
+           "record", "save"]

@@ -284,6 +284,8 @@ def _interactive_chat(pipe, history: list[dict], args, images: list = ()) -> Non
     being written (the turn is dropped) and keeps the session; Ctrl-D or /exit ends it. With a vision-language
     model, `/image PATH` attaches an image to the next question (--image ones go with the first); a question the
     model refuses (too long with its images, say) is reported and dropped, and the session goes on."""
+    from polymodal.weights.record import record
+
     interactive = sys.stdin.isatty()
     if interactive:
         try:
@@ -291,7 +293,8 @@ def _interactive_chat(pipe, history: list[dict], args, images: list = ()) -> Non
         except ImportError:  # Windows
             pass
         attach = "/image PATH attaches an image to your next question, " if pipe.takes_images else ""
-        print(f"chatting with {getattr(pipe.model, 'pm_source', None) or 'the default model'}; {attach}/reset clears "
+        source = record(pipe.model).source
+        print(f"chatting with {source or 'the default model'}; {attach}/reset clears "
               "the conversation, Ctrl-C stops an answer, /exit or Ctrl-D ends the chat", file=sys.stderr)
     system = history[:1]
     pending = list(images)  # (path, image) pairs for the next question

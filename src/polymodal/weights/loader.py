@@ -28,6 +28,7 @@ from polymodal import registry
 from polymodal.config import LAYER_COUNTS, ConfigError, show, validate
 from polymodal.weights.checkpoint import CheckpointError, open_checkpoint, read_json
 from polymodal.weights.keymap import KeyMap
+from polymodal.weights.record import record
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
@@ -117,10 +118,11 @@ def load(source: str | os.PathLike, dtype: torch.dtype | None = None, device: st
     fam, layout, raw = detect(path)
     ckpt = open_checkpoint(path, layout.weights_stem)
     model = _build_and_fill(fam, layout, raw, ckpt, dtype, device, path, path / layout.config_file)
-    model.pm_source = path  # pipelines find the processor and tokenizer files beside the weights
+    rec = record(model)
+    rec.source = path  # pipelines find the processor and tokenizer files beside the weights
     generation_config = path / "generation_config.json"
     if generation_config.exists() or generation_config.is_symlink():
-        model.pm_generation_config = read_json(generation_config)
+        rec.generation_config = read_json(generation_config)
     return model
 
 
@@ -158,7 +160,7 @@ def _build_and_fill(fam, layout, raw: dict, ckpt, dtype, device, where, config_w
     cfg = read_config(layout, raw, ckpt.shapes, config_where)
     model = build_meta(fam, cfg, config_where)
     load_weights(model, ckpt, layout.key_map(cfg), dtype=dtype, device=device, where=where)
-    model.pm_layout = layout.name
+    record(model).layout = layout.name
     return model.eval()
 
 
@@ -283,12 +285,13 @@ def _load_gguf(path: Path, dtype, device) -> nn.Module:
     fam = registry.family(registry.MODEL_TYPES[model_type])
     model = _build_and_fill(fam, fam.layouts["transformers"], content.config, content.tensors, dtype, device, path,
                             path)
-    model.pm_source = None  # no tokenizer files beside it: the tokenizer travels with the model
-    model.pm_gguf = path
+    rec = record(model)
+    rec.source = None  # no tokenizer files beside it: the tokenizer travels with the model
+    rec.gguf = path
     if content.tokenizer is not None:
         from polymodal.processing.text import TextTokenizer
 
-        model.pm_tokenizer = TextTokenizer.from_tokenizer(content.tokenizer, content.tokenizer_config)
+        rec.tokenizer = TextTokenizer.from_tokenizer(content.tokenizer, content.tokenizer_config)
     return model
 
 
@@ -389,12 +392,18 @@ def _strict_report(missing: list[str], unexpected: list[str], mismatched: list[s
 
 
 def save(model: nn.Module, directory: str | os.PathLike, *, max_shard_bytes: int = 5 * 1024**3) -> Path:
-    """Write the model in the layout it was loaded from (its family's default otherwise), so that the
-    reference library loads it back. Files are written to temporary names and renamed into place."""
+    """Write the model in the layout of its record (`pm.record(model).layout`: the one it was loaded from, or
+    chosen), its family's default otherwise, so that the reference library loads it back. Files are written to
+    temporary names and renamed into place."""
     from safetensors.torch import save_file
 
     fam = registry.family_of(model)
-    layout = fam.layouts.get(getattr(model, "pm_layout", ""), fam.default_layout)
+    chosen = record(model).layout
+    if chosen is not None and chosen not in fam.layouts:
+        raise ValueError(f"pm.record(model).layout is {chosen!r}, which is not a layout of the {fam.name} family; "
+                         f"set it to one of {sorted(fam.layouts)}, or to None for the default "
+                         f"({fam.default_layout.name!r})")
+    layout = fam.layouts[chosen] if chosen is not None else fam.default_layout
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state, kept = {}, set()
