@@ -100,6 +100,19 @@ def test_bad_input_exits_2_with_one_line(tmp_path, clip_dir, case):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("args", [["generate", "--model", "openai:gpt-4o", "Once upon a time"],
+                                  ["chat", "--model", "anthropic:claude-3-5-sonnet-20241022", "Hi"],
+                                  ["caption", "--model", "gemini:gemini-1.5-pro", "--image", "cat.png"]])
+def test_a_hosted_model_outside_serve_exits_2_with_one_line(args, capsys, monkeypatch):
+    from polymodal.cli import main
+
+    monkeypatch.setenv("OPENAI_API_KEY", "unused")  # refused for what it is, key or not
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"error: --model {args[2]} is a hosted model; this command runs local checkpoints "
+                                 f"(serve it with `polymodal serve --model {args[2]}`)\n")
+
+
 # ------------------------------------------------------------------------------------------ chat about images
 
 

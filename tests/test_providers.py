@@ -290,7 +290,7 @@ def test_api_errors_keep_status(setup, status):
                                       ("google:gemini-1.5-pro", "GOOGLE_API_KEY")])
 def test_missing_key_before_any_request(spec, env):
     with pytest.raises(ProviderError) as e:
-        pm.load(spec)
+        pm.pipeline("text-generation", model=spec)
     assert e.value.status == 401 and env in e.value.message
 
 
@@ -323,8 +323,8 @@ def test_unreachable_is_502():
         assert e.value.status == 502, kind
 
 
-# ------------------------------------------------------------------------------------------------ pm.load
-def test_pm_load_with_environment(fakes, monkeypatch):
+# ------------------------------------------------------------------------------------------------ pm.pipeline
+def test_pipeline_with_environment(fakes, monkeypatch):
     for fake in fakes.values():
         fake.requests.clear()
         fake.pieces, fake.finish, fake.error = ["ok"], fake.default_finish, None
@@ -338,11 +338,42 @@ def test_pm_load_with_environment(fakes, monkeypatch):
              ("anthropic:claude-3-5-sonnet-20241022", AnthropicProvider, "anthropic", "a-key"),
              ("google:gemini-1.5-pro", GeminiProvider, "gemini", "g-key")]
     for spec, cls, kind, key in cases:
-        model = pm.load(spec)
+        model = pm.pipeline("text-generation", model=spec)
         assert type(model) is cls
         assert model("Hi", return_full_text=False) == [{"generated_text": "ok"}]
         assert _key_sent(kind, fakes[kind].requests[-1].headers) == key
-    assert pm.load("google:gemini-1.5-pro").name == "gemini:gemini-1.5-pro"
+    assert pm.pipeline("text-generation", model="google:gemini-1.5-pro").name == "gemini:gemini-1.5-pro"
+
+
+def test_pipeline_passes_the_provider_options_on(fakes):
+    fake = fakes["openai"]
+    fake.requests.clear()
+    fake.pieces, fake.finish, fake.error = ["fine"], fake.default_finish, None
+    model = pm.pipeline("text-generation", model="openai:gpt-4o", api_key=KEY, base_url=fake.url + "/v1",
+                        max_retries=0, timeout=30)
+    assert type(model) is OpenAIProvider and model.name == "openai:gpt-4o"
+    assert "".join(model.stream("Hi")) == "fine"
+    assert _key_sent("openai", fake.requests[-1].headers) == KEY
+
+
+def test_pipeline_refuses_what_a_hosted_model_does_not_do():
+    with pytest.raises(ValueError, match=r"'openai:gpt-4o' is a hosted chat model: it serves the text-generation "
+                                         r"pipeline, not image-to-text"):
+        pm.pipeline("image-to-text", model="openai:gpt-4o")
+    with pytest.raises(ValueError, match=r"takes the options api_key, base_url, timeout, max_retries; not dtype"):
+        pm.pipeline("text-generation", model="openai:gpt-4o", api_key=KEY, dtype="float16")
+
+
+@pytest.mark.parametrize("spec", ["openai:gpt-4o", "anthropic:claude-3-5-sonnet-20241022", "gemini:gemini-1.5-pro",
+                                  "google:gemini-1.5-pro"])
+def test_pm_load_loads_models_only(spec, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # with a key too: a hosted model is not a checkpoint
+    with pytest.raises(ValueError) as e:
+        pm.load(spec)
+    message = str(e.value)
+    assert f"{spec!r} is a hosted model, and pm.load loads checkpoints only" in message
+    assert f"pm.pipeline('text-generation', model={spec!r})" in message
+    assert f"polymodal serve --model {spec}" in message
 
 
 def test_stream_closed_early(setup):

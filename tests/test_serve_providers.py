@@ -21,7 +21,7 @@ from test_providers import _media, _turns  # noqa: E402
 
 from polymodal.providers import load_provider  # noqa: E402
 from polymodal.serve import ServedModels, create_app  # noqa: E402
-from polymodal.serve.registry import serve_model  # noqa: E402
+from polymodal.serve.registry import load_served, serve_model  # noqa: E402
 
 MODELS = {"gpt": ("openai", "gpt-4o"), "claude": ("anthropic", "claude-3-5-sonnet-20241022"),
           "gemini": ("gemini", "gemini-1.5-pro")}
@@ -116,3 +116,25 @@ def test_provider_errors_keep_their_meaning(client, routed):
     with pytest.raises(openai.APIStatusError) as e:  # our server is fine; its upstream refused: 502
         client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}])
     assert e.value.status_code == 502 and "bad key" in e.value.message
+
+
+def test_served_specs_resolve_hosted_models_through_their_provider(fakes, monkeypatch):
+    """`polymodal serve --model openai:gpt-4o` (and NAME=SPEC): the spec parser hands a hosted model to
+    load_provider, which takes its key and base URL from the environment; pm.load is for checkpoints."""
+    monkeypatch.setenv("OPENAI_API_KEY", "env-key")
+    monkeypatch.setenv("OPENAI_BASE_URL", fakes["openai"].url + "/v1")
+    monkeypatch.setenv("GOOGLE_API_KEY", "env-key")
+    monkeypatch.setenv("POLYMODAL_GEMINI_BASE_URL", fakes["gemini"].url)
+    served = load_served(["openai:gpt-4o", "g=google:gemini-1.5-pro"])
+    assert served.ids() == ["openai:gpt-4o", "g"]
+    gpt, gemini = served.get("openai:gpt-4o"), served.get("g")
+    assert gpt.provider.name == "openai:gpt-4o" and gpt.owned_by == "openai" and gpt.engine is None
+    assert gemini.provider.name == "gemini:gemini-1.5-pro" and gemini.owned_by == "gemini"
+    fake = fakes["openai"]
+    fake.requests.clear()
+    fake.pieces, fake.finish, fake.error = ["ok"], fake.default_finish, None
+    assert gpt.provider.chat("Hi").text == "ok"
+    assert fake.requests[-1].headers.get("authorization") == "Bearer env-key"
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(ValueError, match=r"cannot serve --model 'openai:gpt-4o': no OpenAI API key"):
+        load_served(["openai:gpt-4o"])

@@ -34,10 +34,18 @@ def _open_images(paths: list[str]) -> list:
     return [open_image(p) for p in paths]
 
 
-def _check_model_path(model: str | None) -> None:
+def _check_model_path(model: str | None, *, hosted: bool = False) -> None:
     """A --model that is plainly a local path (./x, /x, ~/x, x.gguf) but is not there: say so now, instead of
-    looking it up on the hub after everything else."""
-    if model is None or ":" in model.split("/")[0]:  # the default, or openai:/anthropic:/gemini:
+    looking it up on the hub after everything else. A hosted model (openai:/anthropic:/gemini:) only where the
+    command serves one (`hosted`: polymodal serve)."""
+    if model is None:  # the default
+        return
+    if ":" in model.split("/")[0]:
+        from polymodal.providers import is_provider_spec
+
+        if is_provider_spec(model) and not hosted:
+            raise UsageError(f"--model {model} is a hosted model; this command runs local checkpoints (serve it "
+                             f"with `polymodal serve --model {model}`)")
         return
     looks_local = model.startswith((".", "/", "~")) or model.endswith(".gguf") or model.count("/") > 1
     if looks_local and not os.path.exists(os.path.expanduser(model)):
@@ -552,8 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         model = getattr(args, "model", None)
-        for spec in model if isinstance(model, list) else [model]:
-            _check_model_path(spec.split("=", 1)[-1] if spec and isinstance(model, list) else spec)
+        for spec in model if isinstance(model, list) else [model]:  # a list: serve's specs, NAME=SOURCE
+            _check_model_path(spec.split("=", 1)[-1] if spec and isinstance(model, list) else spec,
+                              hosted=isinstance(model, list))
         args.fn(args)
         return 0
     except UsageError as e:

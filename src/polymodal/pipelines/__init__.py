@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 from torch import nn
@@ -21,6 +22,7 @@ from polymodal.pipelines.vision import (
     ZeroShotImageClassificationPipeline,
     recall_at_k,
 )
+from polymodal.providers import is_provider_spec, load_provider
 
 TASKS = {
     "image-classification": ImageClassificationPipeline,
@@ -35,13 +37,34 @@ TASKS = {
 DEFAULT_MODELS = {"text-generation"}  # tasks with an embedded default model
 
 
+HOSTED_TASKS = {"text-generation"}  # what a hosted chat model ("openai:gpt-4o", ...) serves
+
+
 def pipeline(task: str, model=None, **options):
-    """Build the pipeline for `task` around `model` (a polymodal model, a local checkpoint or a hub id)."""
+    """Build the pipeline for `task` around `model` (a polymodal model, a local checkpoint or a hub id).
+
+    A hosted model ("openai:gpt-4o", "anthropic:...", "gemini:..." / "google:...") for "text-generation" is its
+    provider's chat object (`polymodal.providers.load_provider`), which has this pipeline's interface (`__call__`,
+    `stream`, `chat`); the options then are load_provider's (api_key, base_url, timeout, max_retries)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; available: {sorted(TASKS)}")
+    if is_provider_spec(model):
+        return _hosted(task, model, options)
     if model is None and task not in DEFAULT_MODELS:
         raise ValueError(f"the {task} pipeline needs model=... (a checkpoint directory, hub id or model)")
     return TASKS[task](model, **options)
+
+
+def _hosted(task: str, spec: str, options: dict):
+    if task not in HOSTED_TASKS:
+        raise ValueError(f"{spec!r} is a hosted chat model: it serves the {', '.join(sorted(HOSTED_TASKS))} "
+                         f"pipeline, not {task}; give {task} a local checkpoint")
+    accepted = [name for name in inspect.signature(load_provider).parameters if name != "spec"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"{spec!r} is a hosted model, which takes the options {', '.join(accepted)}; not "
+                         f"{', '.join(unknown)}")
+    return load_provider(spec, **options)
 
 
 def chat_pipeline(model=None, *, images: bool = False, **options) -> TextGenerationPipeline:

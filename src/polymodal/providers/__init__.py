@@ -1,12 +1,14 @@
 """Closed, hosted chat models behind polymodal's chat interface: GPT-4o, Claude 3.5 Sonnet, Gemini 1.5 Pro.
 
-    model = pm.load("openai:gpt-4o")                 # or load_provider("openai:gpt-4o", api_key=..., base_url=...)
+    model = load_provider("openai:gpt-4o")           # or pm.pipeline("text-generation", model="openai:gpt-4o")
     model("Describe this.", max_new_tokens=64)       # [{"generated_text": ...}], like the text pipeline
     model.chat([{"role": "user", "content": [{"type": "text", "text": "What is it?"},
                                              {"type": "image", "image": img}]}])     # ChatResult
     for piece in model.stream("Tell me a story"): ...
 
-Prefixes: `openai:`, `anthropic:`, `gemini:` (or `google:`). The SDKs (`pip install polymodal[providers]`) are
+Prefixes: `openai:`, `anthropic:`, `gemini:` (or `google:`). Keys and base URLs come from the environment, or
+from `api_key=` / `base_url=`; `pm.load` takes checkpoints only, and `polymodal serve --model openai:gpt-4o`
+resolves a hosted model here too. The SDKs (`pip install polymodal[providers]`) are
 imported only when such a model is loaded. See docs/providers.md for keys, base URLs and message translation.
 """
 

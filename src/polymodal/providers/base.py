@@ -199,7 +199,7 @@ def b64(data: bytes) -> str:
 class ChatProvider:
     """A hosted chat model behind the same interface as `TextGenerationPipeline`:
 
-        model = pm.load("openai:gpt-4o")                  # key from OPENAI_API_KEY
+        model = pm.pipeline("text-generation", model="openai:gpt-4o")   # key from OPENAI_API_KEY
         model("Hello!")                                    # [{"generated_text": "Hello!..."}]
         model.chat([{"role": "user", "content": "Hi"}])    # ChatResult(text, finish_reason, prompt_tokens, ...)
         for piece in model.stream("Tell me a story"): print(piece, end="")

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from polymodal.providers import is_provider_spec, load_provider
 from polymodal.serve.errors import APIError
 
 log = logging.getLogger("polymodal.serve")
 
-PROVIDER_PREFIXES = ("openai:", "anthropic:", "gemini:")
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 
 
@@ -123,7 +123,7 @@ def parse_spec(spec: str) -> tuple[str | None, str]:
 
 def default_id(source: str) -> str:
     """The id a model gets without NAME=: a provider's own name, a file's stem, a directory's name, a hub id."""
-    if source.startswith(PROVIDER_PREFIXES):
+    if is_provider_spec(source):
         return source
     path = Path(source)
     if path.suffix == ".gguf":
@@ -162,10 +162,15 @@ def load_served(specs: list[str] | None, *, max_batch: int = 8, max_queue: int =
 
 def load_model(model_id: str, source, *, max_batch: int = 8, max_queue: int = 32,
                provider_concurrency: int = 8) -> ServedModel:
-    """Load one source (or wrap an already loaded model / provider object) as a ServedModel."""
+    """Load one source (or wrap an already loaded model / provider object) as a ServedModel: a hosted model
+    ("openai:gpt-4o", ...) through `polymodal.providers.load_provider` (its key from the environment), anything
+    else through `pm.load`."""
     import polymodal as pm
 
-    obj = pm.load(source) if isinstance(source, (str, Path)) else source
+    if is_provider_spec(source):
+        obj = load_provider(source)
+    else:
+        obj = pm.load(source) if isinstance(source, (str, Path)) else source
     return serve_model(model_id, obj, source=str(source), max_batch=max_batch, max_queue=max_queue,
                        provider_concurrency=provider_concurrency)
 

@@ -104,12 +104,15 @@ def load(source: str | os.PathLike, dtype: torch.dtype | None = None, device: st
     """Load a checkpoint (local directory, file or hub id) into its family's model, in eval mode.
 
     dtype: floating-point weights are cast to it (None keeps the stored dtype); device defaults to CPU.
-    "openai:gpt-4o", "anthropic:...", "gemini:..." / "google:...": a hosted chat model (polymodal.providers)."""
+    Where it came from, its layout and generation config are in `pm.record(model)`. Hosted models
+    ("openai:gpt-4o", ...) are no checkpoints: a ValueError says where they go instead."""
     if isinstance(source, str) and ":" in source:
-        from polymodal.providers import is_provider_spec, load_provider
+        from polymodal.providers import is_provider_spec
 
         if is_provider_spec(source):
-            return load_provider(source)
+            raise ValueError(f"{source!r} is a hosted model, and pm.load loads checkpoints only: chat with it "
+                             f"through pm.pipeline('text-generation', model={source!r}) (or polymodal.providers."
+                             f"load_provider({source!r})), or serve it with `polymodal serve --model {source}`")
     path = resolve(source)
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path, dtype, device)
