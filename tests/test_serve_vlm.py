@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_helpers import LLAVA_IMAGE_TOKENS, greedy_vlm_answer, save_tiny_llava
+from serve_helpers import LLAVA_IMAGE_TOKENS, greedy_vlm_answer, save_tiny_llava, serve_subprocess
 
 import polymodal as pm
 from polymodal.generation import generate
@@ -397,34 +397,12 @@ def test_polymodal_serve_a_llava_directory_with_the_openai_client(llava_dir, lla
     """`polymodal serve --model <llava dir>` in its own process, driven by the official client: the card takes
     images, an image_url answer streams and equals `generate` alone, a bad request is a 400 and the server goes on,
     and a remote URL is refused naming the flags that would allow it."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
 
-    import httpx
 
     from polymodal.processing.vlm import LlavaProcessor
 
     openai = pytest.importorskip("openai")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "polymodal.cli", "serve", "--model", f"llava={llava_dir}",
-                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "POLYMODAL_API_KEY": "", "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+    with serve_subprocess(tmp_path, "--model", f"llava={llava_dir}", env={"OMP_NUM_THREADS": "1"}) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
         assert client.models.retrieve("llava").modalities == ["image", "text"]
         messages = ask(QUESTION, data_url(png(20)))
@@ -439,7 +417,3 @@ def test_polymodal_serve_a_llava_directory_with_the_openai_client(llava_dir, lla
             client.chat.completions.create(model="llava", messages=ask(QUESTION, "https://example.com/cat.png"))
         again = client.chat.completions.create(model="llava", messages=messages, max_tokens=12, temperature=0)
         assert again.choices[0].message.content == want
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()

@@ -128,36 +128,12 @@ def test_interactive_chat_keeps_the_conversation(monkeypatch, capsys):
 
 def test_serve_with_no_model_serves_smollm2_to_the_openai_client(tmp_path):
     """`polymodal serve` with no --model: the embedded SmolLM2 answers the official openai client."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    import httpx
     import openai
+    from serve_helpers import serve_subprocess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "polymodal.cli", "serve", "--port", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT, env={**os.environ, "POLYMODAL_API_KEY": ""})
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+    with serve_subprocess(tmp_path) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
         r = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=16,
                                            messages=[{"role": "user", "content": "What is the capital of France?"}])
         assert "Paris" in r.choices[0].message.content
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
