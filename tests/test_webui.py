@@ -450,11 +450,21 @@ def test_sampling_controls_start_from_the_models_defaults_and_are_sent(local_ser
     assert page.input_value("#temperature") == "0.7" and page.input_value("#max-tokens") == "128"
 
 
-def test_a_local_vision_language_model_takes_images(vlm_server, page, tmp_path):
+def test_a_local_vision_language_model_takes_images(vlm_server, page, tmp_path, monkeypatch):
     """The model list says the local LLaVA takes images, so the image button is on; an image from the file picker
     and, in the next turn, a pasted one reach it, show in the conversation, and each answer streams in as the
     tokens `generate` gives that conversation alone."""
     url, bodies, served = vlm_server
+    # the tiny model writes its 12 tokens faster than the page repaints; 30 ms a step lets the pieces show apart
+    # (the tokens do not change: only when they arrive)
+    model = served.engine.model
+    step = model.generation_step
+
+    def slow_step(*args, **kwargs):
+        time.sleep(0.03)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generation_step", slow_step)
     _open(page, url)
     assert page.input_value("#model") == "llava"
     assert page.is_enabled("#attach-image") and page.is_disabled("#attach-audio")
