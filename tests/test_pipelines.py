@@ -80,3 +80,19 @@ def test_unknown_task_and_wrong_model(clip_dir):
     vit = pm.build("vit", "vit-tiny-test")
     with pytest.raises(ValueError, match="image-text model"):
         pm.pipeline("zero-shot-image-classification", model=vit)
+
+
+def test_a_family_serves_the_tasks_it_lists(clip_dir):
+    """Family.tasks decide which pipelines take a model; a refusal names the model's family and what it serves."""
+    from polymodal import registry
+
+    assert "zero-shot-image-classification" in registry.family("clip").tasks
+    with pytest.raises(ValueError, match=r"is a clip model, not a language model: it serves "
+                                         r"zero-shot-image-classification, image-text-retrieval"):
+        pm.pipeline("text-generation", model=clip_dir)
+    with pytest.raises(ValueError, match="is a llama model, not an image classifier: it serves text-generation"):
+        pm.pipeline("image-classification", model=pm.build("llama", "llama-tiny-test"))
+    with pytest.raises(ValueError, match="is a bert model, not an image-text model .*no pipeline serves it"):
+        pm.pipeline("zero-shot-image-classification", model=pm.build("bert", "bert-tiny-test"))
+    for fam in registry.all_families():  # every listed task is a pipeline
+        assert set(fam.tasks) <= set(pm.pipelines.TASKS), fam.name

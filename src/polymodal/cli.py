@@ -171,8 +171,9 @@ def cmd_models(args) -> None:
     from polymodal.registry import all_families
 
     offline = local_models()
-    families = [{"family": fam.name, "description": fam.description, "layouts": list(fam.layouts),
-                 "presets": list(fam.presets), "hub_ids": dict(fam.hub_ids)} for fam in all_families()]
+    families = [{"family": fam.name, "description": fam.description, "tasks": list(fam.tasks),
+                 "layouts": list(fam.layouts), "presets": list(fam.presets), "hub_ids": dict(fam.hub_ids)}
+                for fam in all_families()]
 
     def human(r):
         out = ["Runs here offline (pass SOURCE as --model):"]
@@ -181,6 +182,7 @@ def cmd_models(args) -> None:
                 "with pm.build):"]
         for f in r["families"]:
             out.append(f"  {f['family']}: {f['description']}")
+            out.append(f"    tasks: {', '.join(f['tasks']) or '(Python API only)'}")
             out.append(f"    layouts: {', '.join(f['layouts'])}")
             out.append(f"    presets: {', '.join(f['presets'])}")
             if f["hub_ids"]:

@@ -95,6 +95,9 @@ class Family:
     # config -> the family's default ImageProcessor, for a checkpoint that carries no preprocessor files (None:
     # ImageNet's 224-px preprocessing)
     image_processor: Callable[[Any], Any] | None = None
+    # the pm.pipeline tasks its models serve (transformers' task names); a pipeline refuses a model of a family that
+    # does not list its task, naming the ones it does
+    tasks: tuple[str, ...] = ()
 
     @property
     def default_layout(self) -> Layout:

@@ -311,4 +311,5 @@ FAMILY = Family(
     presets=PRESETS,
     hub_ids=HUB_IDS,
     description="BERT encoder (post-norm), optional causal self-attention and cross-attention layers, pooler",
+    tasks=(),
 )

@@ -458,4 +458,5 @@ FAMILY = Family(
     hub_ids=HUB_IDS,
     description="BLIP: ViT + BERT multimodal encoder-decoder; captioning, image-text matching/retrieval, VQA",
     image_processor=lambda c: ImageProcessor.blip(size=c.vision.image_size),
+    tasks=("image-to-text", "visual-question-answering", "image-text-matching"),
 )

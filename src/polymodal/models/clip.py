@@ -707,4 +707,5 @@ FAMILY = Family(
     hub_ids=HUB_IDS,
     description="CLIP: ViT or ModifiedResNet image tower, causal text tower, contrastive logits",
     image_processor=lambda c: ImageProcessor.clip(size=c.vision.image_size),
+    tasks=("zero-shot-image-classification", "image-text-retrieval"),
 )

@@ -225,4 +225,5 @@ FAMILY = Family(
     presets=PRESETS,
     description="LeNet-5 (1998): Table I partial connections, trainable subsampling, Euclidean RBF output",
     image_processor=lambda c: ImageProcessor.lenet(),
+    tasks=("image-classification",),
 )

@@ -245,4 +245,5 @@ FAMILY = Family(
     presets=PRESETS,
     hub_ids=HUB_IDS,
     description="LLaMA 1/2/3 decoder (RoPE incl. Llama 3.1 scaling, grouped-query attention, SwiGLU); Vicuna, SmolLM2",
+    tasks=("text-generation",),
 )

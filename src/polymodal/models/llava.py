@@ -228,4 +228,5 @@ FAMILY = Family(
     description="LLaVA / LLaVA-1.5: CLIP ViT features (layer -2) through a linear or MLP projector into a LLaMA/Qwen2 "
                 "decoder's token stream",
     processor=LlavaProcessor.from_pretrained,
+    tasks=("image-text-to-text",),
 )

@@ -232,4 +232,5 @@ FAMILY = Family(
     presets=PRESETS,
     hub_ids=HUB_IDS,
     description="OPT decoder (learned positions, pre- or post-norm, ReLU MLP, project_in/out); BLIP-2's language model",
+    tasks=("text-generation",),
 )

@@ -78,4 +78,5 @@ FAMILY = Family(
     presets=PRESETS,
     hub_ids=HUB_IDS,
     description="Qwen2 / Qwen2.5 decoder (LLaMA with q/k/v biases); the language model of Qwen2-VL",
+    tasks=("text-generation",),
 )

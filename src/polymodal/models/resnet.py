@@ -338,4 +338,5 @@ FAMILY = Family(
     presets=PRESETS,
     hub_ids=HUB_IDS,
     description="ResNet-18/34/50/101/152 (basic and bottleneck blocks; v1 and v1.5 strides)",
+    tasks=("image-classification",),
 )

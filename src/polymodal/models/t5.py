@@ -378,4 +378,5 @@ FAMILY = Family(
     presets=PRESETS,
     hub_ids=HUB_IDS,
     description="T5 encoder-decoder (original, v1.1, Flan-T5; relative position bias) and the T5 encoder alone",
+    tasks=("text-generation",),
 )

@@ -393,4 +393,5 @@ FAMILY = Family(
     hub_ids=HUB_IDS,
     description="Vision Transformer (CLS/GAP, 1-D/2-D/sine-cosine/no positions, hybrid ResNet stem)",
     image_processor=lambda c: ImageProcessor.vit(size=c.image_size),
+    tasks=("image-classification",),
 )

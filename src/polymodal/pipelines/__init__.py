@@ -68,8 +68,8 @@ def _hosted(task: str, spec: str, options: dict):
 
 
 def chat_pipeline(model=None, *, images: bool = False, **options) -> TextGenerationPipeline:
-    """The pipeline that chats with `model`, loaded once: "image-text-to-text" when the model's family owns a
-    processor (a vision-language model such as LLaVA), else "text-generation" (the embedded default model when
+    """The pipeline that chats with `model`, loaded once: "image-text-to-text" when the model's family serves it
+    (a vision-language model such as LLaVA), else "text-generation" (the embedded default model when
     `model` is None). images=True: the chat will carry images, and a text-only model is refused with a ValueError
     saying that it takes no images."""
     if model is None:
@@ -81,7 +81,7 @@ def chat_pipeline(model=None, *, images: bool = False, **options) -> TextGenerat
         from polymodal.weights.loader import load
 
         model = load(model, dtype=options.get("dtype"), device=options.get("device"))
-    if isinstance(model, nn.Module) and registry.family_of(model).processor is not None:
+    if isinstance(model, nn.Module) and "image-text-to-text" in registry.family_of(model).tasks:
         return ImageTextToTextPipeline(model, **options)
     if images and isinstance(model, nn.Module) and callable(getattr(model, "generation_prefill", None)):
         raise no_images_error(model)  # (a model that is no language model is refused as such below)

@@ -23,6 +23,7 @@ ImageInput = Any  # a path, bytes, a file object or a PIL image
 
 class Pipeline:
     task: str = ""
+    model_kind: str = "a model for this task"  # in the refusal of a family that does not serve `task`
     takes_images: bool = True  # find the model's image processor
 
     def __init__(self, model: nn.Module | str | os.PathLike, *, processor=None, device=None, dtype=None,
@@ -33,12 +34,17 @@ class Pipeline:
             model = load(model, dtype=dtype, device=device)
         elif not isinstance(model, nn.Module):
             raise TypeError(f"model must be a polymodal model or a checkpoint path/hub id, got {type(model).__name__}")
+        fam = registry.family_of(model)
+        if self.task and self.task not in fam.tasks:  # the family says what its models serve (Family.tasks)
+            serves = f"it serves {', '.join(fam.tasks)}" if fam.tasks else "no pipeline serves it: use its Python API"
+            raise ValueError(f"{record(model).origin or 'this model'} is a {fam.name} model, not {self.model_kind}: "
+                             f"{serves}")
         if optimize:
             from polymodal.nn.inference import optimize_for_inference
 
             optimize_for_inference(model)
         self.model = model.eval()
-        self.family = registry.family_of(model).name
+        self.family = fam.name
         self.source: Path | None = record(model).source
         self.processor = processor or (self.default_processor() if self.takes_images else None)
 

@@ -19,6 +19,7 @@ class _ImageTextModelPipeline(Pipeline):
     """A BLIP checkpoint of the task this pipeline serves, with its tokenizer."""
 
     needs: str = ""  # the checkpoint's task (BlipConfig.task)
+    model_kind = "a BLIP checkpoint"
 
     def __init__(self, model, *, tokenizer=None, **kw):
         super().__init__(model, **kw)

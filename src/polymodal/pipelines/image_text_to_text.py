@@ -41,6 +41,7 @@ class ImageTextToTextPipeline(TextGenerationPipeline):
     defaults, stop, system, return_full_text, ...); inputs are conversations, or `text=` prompts with `images=`."""
 
     task = "image-text-to-text"
+    model_kind = "a vision-language model"
     takes_images = True
 
     def __init__(self, model, **kw):

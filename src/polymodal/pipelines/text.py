@@ -102,15 +102,13 @@ def _has_images(messages: Messages) -> bool:
 
 class TextGenerationPipeline(Pipeline):
     task = "text-generation"
+    model_kind = "a language model"
     takes_images = False
 
     def __init__(self, model=None, *, tokenizer=None, **kw):
         if model is None:
             model = load_default_chat_model(dtype=kw.get("dtype"), device=kw.get("device"))
-        super().__init__(model, **kw)
-        if not callable(getattr(self.model, "generation_prefill", None)):
-            raise ValueError(f"{self.source or 'this model'} is a {self.family} model, not a language model: "
-                             "text generation and chat need a decoder (LLaMA, Qwen2, OPT, T5, a .gguf file)")
+        super().__init__(model, **kw)  # (a family that serves no text-generation is refused there)
         self.tokenizer = tokenizer or getattr(self.processor, "tokenizer", None) or default_text_tokenizer(self.model)
 
     # ------------------------------------------------------------------ inputs

@@ -15,6 +15,7 @@ class ImageClassificationPipeline(Pipeline):
     """`pipe(image, top_k=5)` -> [{"label", "score"}, ...] from a classifier (ViT, ResNet, LeNet with a head)."""
 
     task = "image-classification"
+    model_kind = "an image classifier"
 
     def labels(self) -> list[str]:
         cfg = self.model.config
@@ -37,10 +38,10 @@ class ImageTextPipeline(Pipeline):
     """What zero-shot classification and retrieval share: a CLIP-like model, its tokenizer, and L2-normalized
     embeddings of images and texts."""
 
+    model_kind = "an image-text model (CLIP)"
+
     def __init__(self, model, *, tokenizer=None, **kw):
-        super().__init__(model, **kw)
-        if not hasattr(self.model, "encode_text"):
-            raise ValueError(f"{self.task} needs an image-text model (CLIP), not {self.family}")
+        super().__init__(model, **kw)  # (a family that serves neither task is refused there)
         self.tokenizer = tokenizer or default_tokenizer(self.model)
 
     @torch.inference_mode()
