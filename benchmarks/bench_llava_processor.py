@@ -5,7 +5,8 @@ CLIP image processor, one process, paired rounds.
 
 Each call is a batch of conversations, one 1024x1024 photo each (scikit-image's astronaut, coffee, chelsea and
 rocket, resized with PIL), given as PIL images, with a question: the chat template, the token expansion of each
-<image> to LLaVA-1.5's 576 features, tokenization, padding and the 336-px CLIP preprocessing. Both processors are
+<image> to LLaVA-1.5's 576 features, tokenization, padding and the 336-px CLIP preprocessing (transformers' side:
+`apply_chat_template(conversations, tokenize=True, return_dict=True, ...)`, which does all of it). Both processors are
 loaded from the same directory, saved by transformers (a small byte-level BPE tokenizer with "<image>" and
 LLaVA-1.5's chat template); their ids, masks and pixel values are compared before anything is timed. Reported: the
 median per-batch times and the median of the paired ratios (transformers' time / ours), rounds alternating which
@@ -70,11 +71,10 @@ def main() -> None:
         save_processor(d)
         ours = LlavaProcessor.from_pretrained(d)
         theirs = transformers.AutoProcessor.from_pretrained(d, backend="torchvision")
-    texts = [theirs.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
-
-    def run_theirs():
-        return theirs(text=texts, images=[c[0]["content"][0]["image"] for c in conversations], padding=True,
-                      padding_side="left", return_tensors="pt")
+    def run_theirs():  # the same work as ours: the chat template, tokenization, expansion, padding, pixels
+        return theirs.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          return_tensors="pt",
+                                          processor_kwargs={"padding": True, "padding_side": "left"})
 
     def run_ours():
         return ours(conversations)
