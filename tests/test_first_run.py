@@ -15,7 +15,7 @@ from PIL import Image
 import polymodal as pm
 from polymodal.cli import main
 from polymodal.generation import generate, generation_defaults
-from polymodal.pipelines.text import TextGenerationPipeline, default_chat_model
+from polymodal.pipelines.text import TextGenerationPipeline, consume, default_chat_model
 
 
 class ByteTokenizer:
@@ -62,8 +62,8 @@ def pipe_for(model, **config):
 
 
 def _new(pipe, text):
-    ids, mask = pipe._batch([text], None)
-    return ids, mask
+    inputs = pipe._model_inputs([text], None)
+    return inputs["input_ids"], inputs["attention_mask"]
 
 
 def test_generation_defaults_read_the_config_and_drop_bad_values(tiny):
@@ -101,14 +101,8 @@ def test_cut_answers_say_so(tiny):
     ids, mask = _new(pipe, "abc")
     free = generate(tiny, ids, mask, max_new_tokens=6, eos_token_id=[], pad_token_id=0)[0, ids.shape[1]:].tolist()
     assert pipe("abc", max_new_tokens=6)[0]["finish_reason"] == ("stop" if 0 in free else "length")
-    stream = pipe.stream("abc", max_new_tokens=6)
     pieces = []
-    while True:
-        try:
-            pieces.append(next(stream))
-        except StopIteration as done:
-            result = done.value
-            break
+    result = consume(pipe.stream("abc", max_new_tokens=6), pieces.append)
     assert result.finish_reason == ("stop" if 0 in free else "length") and result.text == "".join(pieces)
     assert result.completion_tokens == (free.index(0) + 1 if 0 in free else 6)
     # an end token inside the budget: "stop"

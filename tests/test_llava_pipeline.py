@@ -9,6 +9,7 @@ from test_llava_processor import PHOTOS, ask, save_processor
 
 import polymodal as pm
 from polymodal.pipelines import ImageTextToTextPipeline, TextGenerationPipeline, chat_pipeline
+from polymodal.pipelines.text import consume
 from polymodal.processing import LlavaProcessor
 from polymodal.registry import family
 
@@ -97,14 +98,8 @@ def test_batch_of_two_conversations_equals_each_alone(llava, pipe):
 
 def test_stream_gives_the_same_answer(pipe):
     (out,) = pipe(ROCKET, max_new_tokens=NEW)
-    stream = pipe.stream(ROCKET, max_new_tokens=NEW)
     pieces = []
-    while True:
-        try:
-            pieces.append(next(stream))
-        except StopIteration as done:
-            result = done.value
-            break
+    result = consume(pipe.stream(ROCKET, max_new_tokens=NEW), pieces.append)
     assert "".join(pieces) == result.text == out["generated_text"][-1]["content"]
     assert result.finish_reason == out["finish_reason"]
     assert result.prompt_tokens == int(pipe.processor(ROCKET)["attention_mask"].sum())  # 2 x 144 image tokens in

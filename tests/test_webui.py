@@ -183,6 +183,18 @@ def _png(seed: int = 0, size=(24, 16)) -> tuple[bytes, np.ndarray]:
     return buf.getvalue(), pixels
 
 
+def _record_answer_text(page) -> None:
+    """From now on, window.snapshots collects the last answer's text at every change of the page: streamed in
+    pieces, it holds several distinct prefixes."""
+    page.evaluate("""() => {
+        window.snapshots = [];
+        new MutationObserver(() => {
+            const body = document.querySelector('.message.assistant:last-child .body');
+            if (body) window.snapshots.push(body.textContent);
+        }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
+    }""")
+
+
 def _open(page, url: str) -> None:
     page.goto(url + "/")
     page.locator("#model option").nth(1).wait_for(state="attached")  # (no wait_for_function: the CSP forbids eval)
@@ -231,13 +243,7 @@ def test_upload_image_streams_answer(server, fakes, page, tmp_path):
     _open(page, url)
     assert page.input_value("#model") == "vision"
     assert page.is_enabled("#attach-image") and page.is_disabled("#attach-audio")  # from the card's modalities
-    page.evaluate("""() => {
-        window.snapshots = [];
-        new MutationObserver(() => {
-            const body = document.querySelector('.message.assistant:last-child .body');
-            if (body) window.snapshots.push(body.textContent);
-        }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
-    }""")
+    _record_answer_text(page)
     fakes["vision"].answer = "I see a small picture made of random coloured pixels, like television noise."
     png, pixels = _png(1)
     page.set_input_files("#image-input", files=[{"name": "noise.png", "mimeType": "image/png", "buffer": png}])
@@ -470,13 +476,7 @@ def test_a_local_vision_language_model_takes_images(vlm_server, page, tmp_path, 
     assert page.is_enabled("#attach-image") and page.is_disabled("#attach-audio")
     assert "takes image, text" in page.inner_text("#model-info")
     page.fill("#max-tokens", "12")
-    page.evaluate("""() => {
-        window.snapshots = [];
-        new MutationObserver(() => {
-            const body = document.querySelector('.message.assistant:last-child .body');
-            if (body) window.snapshots.push(body.textContent);
-        }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
-    }""")
+    _record_answer_text(page)
     png, _ = _png(5, size=(40, 30))
     page.set_input_files("#image-input", files=[{"name": "noise.png", "mimeType": "image/png", "buffer": png}])
     page.locator("#attachments .chip img").wait_for()

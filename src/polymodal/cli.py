@@ -222,18 +222,15 @@ def _stream_out(pipe, inputs, args) -> str:
 
 
 def _print_stream(stream):
-    """Write each piece of `stream` to stdout as it comes -> the generator's return value. Interrupted (Ctrl-C),
-    the stream is closed at once, which stops its generation."""
-    try:
-        while True:
-            try:
-                piece = next(stream)
-            except StopIteration as done:
-                return done.value
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-    finally:
-        stream.close()
+    """Write each piece of `stream` to stdout as it comes -> its ChatResult (`consume`: Ctrl-C closes the stream,
+    which stops its generation)."""
+    from polymodal.pipelines.text import consume
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    return consume(stream, write)
 
 
 def _text_pipeline(args):

@@ -312,7 +312,7 @@ CHAT_PROMPTS = ("What is the capital of France?", "Give me three tips for stayin
 
 def _chat(say, max_new_tokens: int = 160) -> tuple[dict, tuple[str, str]]:
     import polymodal as pm
-    from polymodal.pipelines.text import DEFAULT_CHAT_MODEL, default_chat_model
+    from polymodal.pipelines.text import DEFAULT_CHAT_MODEL, consume, default_chat_model
 
     try:
         path = default_chat_model()
@@ -325,14 +325,8 @@ def _chat(say, max_new_tokens: int = 160) -> tuple[dict, tuple[str, str]]:
     turns = []
     for prompt in CHAT_PROMPTS:
         say(f"     you> {prompt}")
-        start, stream = time.perf_counter(), pipe.stream([{"role": "user", "content": prompt}],
-                                                         max_new_tokens=max_new_tokens)
-        while True:
-            try:
-                next(stream)
-            except StopIteration as done:
-                result = done.value
-                break
+        start = time.perf_counter()
+        result = consume(pipe.stream([{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens))
         seconds = time.perf_counter() - start
         answer, cut = result.text.strip(), result.finish_reason == "length"
         note = f" [cut at {max_new_tokens} tokens]" if cut else ""

@@ -142,8 +142,9 @@ class DecoderState:
         )
 
 
-def check_decoder_input(input_ids: Tensor | None, inputs_embeds: Tensor | None) -> None:
-    """A decoder's forward takes ids (B, T) or input embeddings (B, T, D): exactly one, of that shape."""
+def input_embeddings(model, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
+    """What a decoder's forward starts from: `model.embed(input_ids)` for ids (B, T), or the input embeddings
+    (B, T, D) given instead; exactly one, of that shape."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids (B, T) and inputs_embeds (B, T, D)")
     if input_ids is not None and input_ids.dim() != 2:
@@ -151,6 +152,7 @@ def check_decoder_input(input_ids: Tensor | None, inputs_embeds: Tensor | None) 
     if inputs_embeds is not None and (inputs_embeds.dim() != 3 or not inputs_embeds.is_floating_point()):
         raise ValueError(f"inputs_embeds must be floating-point (batch, length, width), got "
                          f"{inputs_embeds.dtype} of shape {tuple(inputs_embeds.shape)}")
+    return model.embed(input_ids) if inputs_embeds is None else inputs_embeds
 
 
 class CausalLM:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from polymodal.config import from_dict
-from polymodal.generation import CausalLM, check_decoder_input
+from polymodal.generation import CausalLM, input_embeddings
 from polymodal.nn import Attention, KVCache, RMSNorm, RoPE, SwiGLU
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Fuse, KeyMap, Rename
@@ -130,8 +130,7 @@ class Llama(nn.Module, CausalLM):
         real tokens, 0 for (left) padding, covering the cached positions too (S = past + T). position_ids (B, T)
         default to the count of real tokens before each one. logits_to_keep=n computes logits for the last n
         positions only (generation needs one)."""
-        check_decoder_input(input_ids, inputs_embeds)
-        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
+        h = input_embeddings(self, input_ids, inputs_embeds)  # (B, T, D)
         position_ids, mask = self.decoder_inputs(h, attention_mask, cache, position_ids)
         return self.head(self.decode(h, mask=mask, positions=position_ids, cache=cache, keep=logits_to_keep))
 

@@ -87,6 +87,12 @@ class Llava(nn.Module, CausalLM):
         self.multi_modal_projector = Projector(c)
         self.language_model = Llama(c.text)
 
+    @property
+    def image_slots(self) -> tuple[int, int]:
+        """(the image token id, the tokens each image fills): how a prompt holds its images, for callers that check
+        a request before any work (the server's engine)."""
+        return self.config.image_token_index, self.config.image_tokens
+
     def image_features(self, pixel_values: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, P, D): the tower's features at `vision_feature_layer`, projected."""
         c = self.config

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from polymodal.config import from_dict
-from polymodal.generation import CausalLM, check_decoder_input
+from polymodal.generation import CausalLM, input_embeddings
 from polymodal.nn import MLP, Attention, KVCache
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Fuse, KeyMap, Rename
@@ -140,8 +140,7 @@ class OPT(nn.Module, CausalLM):
         real tokens, 0 for (left) padding, covering the cached positions too (S = past + T). position_ids (B, T)
         default to the count of real tokens before each one; padding tokens take position -1 either way (see the
         module docstring). logits_to_keep=n computes logits for the last n positions only (generation needs one)."""
-        check_decoder_input(input_ids, inputs_embeds)
-        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, E)
+        h = input_embeddings(self, input_ids, inputs_embeds)  # (B, T, E)
         position_ids, mask = self.decoder_inputs(h, attention_mask, cache, position_ids)
         if attention_mask is not None:  # OPT gives padding the position -1 (see the module docstring)
             position_ids = position_ids.masked_fill(attention_mask[:, -h.shape[1]:] == 0, -1)

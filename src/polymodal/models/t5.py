@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polymodal.config import from_dict
-from polymodal.generation import DecoderState, check_decoder_input, generate
+from polymodal.generation import DecoderState, generate, input_embeddings
 from polymodal.nn import MLP, Attention, KVCache, RMSNorm, SwiGLU, padding_mask
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Drop, Fuse, KeyMap, Rename
@@ -188,8 +188,7 @@ class T5(nn.Module):
                inputs_embeds: Tensor | None = None) -> Tensor:
         """input_ids (B, S), or inputs_embeds (B, S, D) instead (BLIP-2 puts its query tokens before the text
         there), attention_mask (B, S) with 1 for real tokens (padding on either side) -> (B, S, D)."""
-        check_decoder_input(input_ids, inputs_embeds)
-        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, S, D)
+        h = input_embeddings(self, input_ids, inputs_embeds)  # (B, S, D)
         B, S = h.shape[:2]
         if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
             raise ValueError(f"attention_mask must match the input's (batch, length) {(B, S)}, "

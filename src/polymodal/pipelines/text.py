@@ -76,6 +76,22 @@ def default_text_tokenizer(model):
     return TextTokenizer.from_pretrained(source)
 
 
+def consume(stream: Generator[str, None, ChatResult], on_piece=None) -> ChatResult:
+    """Run a `stream()` generator (a pipeline's or a hosted model's) to its end, handing each text piece to
+    `on_piece`, and return its ChatResult. Interrupted (Ctrl-C), the stream is closed at once, which stops its
+    generation."""
+    try:
+        while True:
+            try:
+                piece = next(stream)
+            except StopIteration as done:
+                return done.value
+            if on_piece is not None:
+                on_piece(piece)
+    finally:
+        stream.close()
+
+
 def _is_chat(x) -> bool:
     return isinstance(x, list) and bool(x) and all(isinstance(m, dict) for m in x)
 
@@ -135,11 +151,6 @@ class TextGenerationPipeline(Pipeline):
             raise ValueError("empty prompt: nothing to continue")
         ids, mask = self.tokenizer.pad(rows, padding_side="left")
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
-
-    def _batch(self, items: list, system: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded ids and mask (B, T) on the model's device."""
-        inputs = self._model_inputs(items, system)
-        return inputs["input_ids"], inputs["attention_mask"]
 
     def _generated_text(self, item, answer: str, return_full_text: bool):
         """The output for one input: the conversation with the answer appended, or the prompt continued."""

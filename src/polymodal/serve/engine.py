@@ -599,13 +599,9 @@ def extra_inputs(model) -> set[str]:
 
 def image_slots(model) -> tuple[int, int] | None:
     """(image token id, tokens per image) for a model whose prompt holds each image as a run of one placeholder
-    token, expanded to the image's feature count (LLaVA's config: `image_token_index`, `image_tokens`); None
+    token expanded to the image's feature count, as the model itself says (`image_slots`, e.g. LLaVA's); None
     otherwise."""
-    config = getattr(model, "config", None)
-    token, per_image = getattr(config, "image_token_index", None), getattr(config, "image_tokens", None)
-    if isinstance(token, int) and isinstance(per_image, int) and per_image > 0:
-        return token, per_image
-    return None
+    return getattr(model, "image_slots", None)
 
 
 def _context_length(model, tokenizer) -> int:
