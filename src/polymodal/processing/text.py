@@ -325,15 +325,22 @@ class TextTokenizer:
         if pad is None and any(len(r) < width for r in rows):
             raise ValueError("these texts need padding, but the tokenizer has neither a pad nor an eos token; "
                              "pass pad_token= when building the TextTokenizer")
-        ids, mask = [], []
-        for r in rows:
-            fill = width - len(r)
-            ids.append([pad] * fill + r if padding_side == "left" else r + [pad] * fill)
-            mask.append([0] * fill + [1] * len(r) if padding_side == "left" else [1] * len(r) + [0] * fill)
         if return_tensors is None:
+            ids, mask = [], []
+            for r in rows:
+                fill = width - len(r)
+                ids.append([pad] * fill + r if padding_side == "left" else r + [pad] * fill)
+                mask.append([0] * fill + [1] * len(r) if padding_side == "left" else [1] * len(r) + [0] * fill)
             return ids, mask
-        shape = (len(rows), width)
-        return torch.tensor(ids, dtype=torch.long).reshape(shape), torch.tensor(mask, dtype=torch.long).reshape(shape)
+        # tensors filled row by row: converting only the ids from Python ints (a VLM's rows hold hundreds of image
+        # slots each) and writing the mask as ranges halves the work of building both from padded lists
+        ids_t = torch.full((len(rows), width), pad if pad is not None else 0, dtype=torch.long)
+        mask_t = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            span = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
+            ids_t[i, span] = torch.tensor(r, dtype=torch.long)
+            mask_t[i, span] = 1
+        return ids_t, mask_t
 
     def decode(self, ids: Tensor | Sequence[int], skip_special_tokens: bool = True) -> str:
         """One row of ids -> text; `skip_special_tokens` drops the special added tokens (bos, eos, `<|im_end|>`...)."""
