@@ -1,5 +1,6 @@
-"""Chat messages with images -> a vision-language model's inputs: LLaVA's processor (Liu et al. 2023, "Visual
-Instruction Tuning"; LLaVA-1.5, "Improved Baselines with Visual Instruction Tuning").
+"""Chat messages with images (and videos) -> a vision-language model's inputs: the chat-processor base every VLM
+family shares (`ChatProcessor`), and LLaVA's processor (Liu et al. 2023, "Visual Instruction Tuning"; LLaVA-1.5,
+"Improved Baselines with Visual Instruction Tuning").
 
     [{"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": "What is it?"}]}]
       -> the chat template       "USER: <image>\\nWhat is it? ASSISTANT:"
@@ -19,6 +20,12 @@ bytes>}`, `{"type": "image", "path": ...}`, `{"type": "image", "url": "data:..."
 and a message whose content is a string as one text part: VLM templates iterate over parts, and LLaVA's drops a
 string content without a word.
 
+`ChatProcessor` holds what every family does alike: parsing the conversations, the chat template, tokenizing, the
+media parts and where they come from, one placeholder token per image or video, the context-length check, the
+expansion of each placeholder, left padding and the returned dict. A family states only how many tokens one image or
+video becomes (from its header, before decoding: `_measure`), how its pixels are prepared (`_prepare`), and so which
+extra keys it returns; Qwen2-VL's processor (processing/qwen2_vl.py) is the second family on it.
+
 Every check runs before anything large is allocated: the structure of the messages, one image token per image,
 the prompt's length once images are expanded against the decoder's context, and each image's pixel count from
 its header (`open_image`), before it is decoded.
@@ -28,9 +35,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
 from torch import Tensor
 
 from polymodal.processing.data_url import decode_base64, decode_data_url
@@ -42,9 +52,184 @@ Conversation = list[dict[str, Any]]
 
 DEFAULT_MAX_PIXELS = 64_000_000  # open_image's default: a 8000 x 8000 photo passes, a decompression bomb does not
 IMAGE_KEYS = ("image", "url", "path", "base64")  # where an image part holds its image (transformers' keys)
+VIDEO_KEYS = ("video", "url", "path", "base64")  # and a video part its video (a file, or a list of frames)
+# part types -> the kind of media they hold; OpenAI's image_url (and video_url, as vLLM takes it) included
+PART_KINDS = {"image": "image", "image_url": "image", "video": "video", "video_url": "video"}
 
 
-class LlavaProcessor:
+@dataclass
+class Media:
+    """One image or video of a prompt: its kind, where it came from (`messages[i].content[j]`, `images[k]`), what the
+    part held, the tokens it becomes once measured, and whatever measuring learned (an opened header, a size)."""
+
+    kind: str
+    where: str
+    source: Any
+    tokens: int = 0
+    state: Any = None
+
+
+class ChatProcessor:
+    """What every vision-language chat processor does alike; a family subclasses it and states the rest.
+
+    tokens: the placeholder token of each kind of media the family takes (`{"image": "<image>"}`); the chat template
+    writes one per media part and each is expanded to the tokens that media becomes. context_length: the decoder's
+    positions; a longer prompt is refused before any media is decoded. max_pixels: the largest image (or video frame)
+    accepted, read from its header before it is decoded.
+
+    Subclasses implement `_measure(media)` (set `media.tokens` from the header alone; it may keep what it opened in
+    `media.state`) and `_prepare(kind, media) -> dict` (decode and preprocess every media of a kind, in reading order,
+    into the model's tensors).
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, tokens: dict[str, str], *, context_length: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.max_pixels = max_pixels
+        self.media_tokens: dict[str, tuple[str, int]] = {}
+        for kind, token in tokens.items():
+            token_id = tokenizer.token_to_id(token)
+            if token_id is None:
+                raise ValueError(f"the tokenizer has no {token!r} token; {type(self).__name__} marks where each {kind} "
+                                 "goes with it (add it to the tokenizer as a special token)")
+            self.media_tokens[kind] = (token, token_id)
+
+    # ---------------------------------------------------------------------------------------- family hooks
+
+    def _measure(self, media: Media) -> None:
+        raise NotImplementedError
+
+    def _prepare(self, kind: str, media: list[Media]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------- running
+
+    def __call__(self, conversations: Conversation | Sequence[Conversation] | None = None, *,
+                 text: str | Sequence[str] | None = None, images: Any = None, videos: Any = None,
+                 add_generation_prompt: bool = True, chat_template: str | None = None,
+                 **template_variables: Any) -> dict[str, Tensor]:
+        """One conversation or a list of them -> the model's inputs, rows left-padded, the pixels of all images (and
+        videos) concatenated in reading order. Or `text=` prompts written out (one placeholder token per image or
+        video, no chat template) with `images=` / `videos=` in reading order (a flat list, or one list per text).
+
+        The chat template's prompt is tokenized with the tokenizer's special tokens (LLaVA's Llama tokenizer puts
+        `<s>` first) unless it already starts with the bos token, as transformers' processors do."""
+        if (conversations is None) == (text is None):
+            raise TypeError("pass chat messages (one conversation or a list of them), or text= prompts with images=")
+        if videos is not None and "video" not in self.media_tokens:
+            raise ValueError(f"{type(self).__name__} takes no videos")
+        if conversations is not None:
+            if images is not None or videos is not None:
+                raise ValueError("with chat messages, images go inside them as image parts "
+                                 "({'type': 'image', 'image': ...}), not in images=")
+            batch = _conversations(conversations)
+            rows, found = [], []
+            for k, conversation in enumerate(batch):
+                name = f"conversation {k}: " if len(batch) > 1 else ""
+                messages, parts = _split_media(conversation, name, tuple(self.media_tokens))
+                prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                            chat_template=chat_template, **template_variables)
+                bos = self.tokenizer.bos_token
+                rows.append(self.tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos))))
+                found.append(parts)
+            kind = "conversation"
+        else:
+            texts = [text] if isinstance(text, str) else list(text)
+            if not texts or not all(isinstance(t, str) for t in texts):
+                raise TypeError("text= takes a prompt string or a non-empty list of them")
+            rows = [self.tokenizer.encode(t) for t in texts]
+            found = [[] for _ in rows]
+            for media_kind, given in (("image", images), ("video", videos)):
+                if media_kind in self.media_tokens:
+                    for row, more in zip(found, self._text_media(rows, given, media_kind)):
+                        row += more
+            kind = "text"
+        self._check(rows, found, kind)
+        out: dict[str, Tensor] = {}
+        for media_kind in self.media_tokens:
+            of_kind = [m for parts in found for m in parts if m.kind == media_kind]
+            if of_kind:
+                out.update(self._prepare(media_kind, of_kind))
+        ids, mask = self.tokenizer.pad([self._expand(r, parts) for r, parts in zip(rows, found)])
+        return {"input_ids": ids, "attention_mask": mask, **out}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens)
+
+    # ---------------------------------------------------------------------------------------- steps
+
+    def _text_media(self, rows: list[list[int]], given: Any, kind: str) -> list[list[Media]]:
+        """The images (or videos) of each written-out prompt: one list per text, or a flat list dealt out in reading
+        order, as many to each text as it has placeholder tokens."""
+        token, token_id = self.media_tokens[kind]
+        arg = f"{kind}s"
+        if given is None:
+            items = []
+        elif kind == "video" and _is_frames(given):
+            items = [given]  # one video, given as its frames
+        else:
+            items = list(given) if isinstance(given, (list, tuple)) else [given]
+        grouped = all(isinstance(x, (list, tuple)) and not (kind == "video" and _is_frames(x)) for x in items)
+        if items and grouped:
+            if len(items) != len(rows):
+                raise ValueError(f"{arg}=: {len(items)} lists of {arg} for {len(rows)} texts; give one per text")
+            return [[Media(kind, f"{arg}[{k}][{i}]", x) for i, x in enumerate(group)] for k, group in enumerate(items)]
+        total = sum(r.count(token_id) for r in rows)
+        if total != len(items):
+            raise ValueError(f"{len(items)} {kind}(s) given for {total} {token} token(s) in the text; write "
+                             f"one {token} in the text for each {kind}")
+        out, start = [], 0
+        for r in rows:
+            n = r.count(token_id)
+            out.append([Media(kind, f"{arg}[{start + i}]", x) for i, x in enumerate(items[start:start + n])])
+            start += n
+        return out
+
+    def _check(self, rows: list[list[int]], found: list[list[Media]], kind: str) -> None:
+        """One placeholder token per image (video), each measured, and the expanded prompt inside the context, for
+        every row, in that order: a row that cannot fit is refused before any of its media is read further."""
+        for k, (ids, parts) in enumerate(zip(rows, found)):
+            name = f"{kind} {k}" if len(rows) > 1 else f"the {kind}"
+            for media_kind, (token, token_id) in self.media_tokens.items():
+                slots = ids.count(token_id)
+                n = sum(m.kind == media_kind for m in parts)
+                if slots != n:
+                    hint = (f"the chat template writes one per {media_kind} part, and one typed in the text counts too"
+                            if kind == "conversation" else f"write one {token} in the text for each {media_kind}")
+                    raise ValueError(f"{name} has {n} {media_kind}(s) but its prompt has {slots} {token} "
+                                     f"token(s) (id {token_id}); each {media_kind} needs exactly one ({hint})")
+            for m in parts:
+                self._measure(m)
+            length = len(ids) + sum(m.tokens - 1 for m in parts)
+            if self.context_length is not None and length > self.context_length:
+                counts = " and ".join(f"{sum(m.kind == c for m in parts)} {c}(s)" for c in self.media_tokens
+                                      if any(m.kind == c for m in parts))
+                each = {m.tokens for m in parts}
+                to = f"{each.pop()} tokens each" if len(each) == 1 else f"{sum(m.tokens for m in parts):,} tokens"
+                raise ValueError(f"{name} is {length:,} tokens once its {counts} are expanded to {to}, over the "
+                                 f"model's context of {self.context_length:,}; use fewer or smaller images or a "
+                                 "shorter conversation")
+
+    def _expand(self, ids: list[int], parts: list[Media]) -> list[int]:
+        """Each placeholder token repeated as many times as its media's tokens: the slots the model fills with that
+        image's (video's) features, in reading order."""
+        counts = {kind: iter([m.tokens for m in parts if m.kind == kind]) for kind in self.media_tokens}
+        by_id = {token_id: kind for kind, (_, token_id) in self.media_tokens.items()}
+        out: list[int] = []
+        for t in ids:
+            kind = by_id.get(t)
+            if kind is not None:
+                out += [t] * next(counts[kind])
+            else:
+                out.append(t)
+        return out
+
+
+class LlavaProcessor(ChatProcessor):
     """Chat messages with image parts -> `{"input_ids", "attention_mask", "pixel_values"}` for LLaVA.
 
     image_tokens: the features one image becomes, what each `image_token` in the prompt expands to (576 for
@@ -55,8 +240,7 @@ class LlavaProcessor:
     def __init__(self, tokenizer: TextTokenizer, image_processor: ImageProcessor, *, image_tokens: int,
                  image_token: str = "<image>", context_length: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
-        token_id = tokenizer.token_to_id(image_token)
-        if token_id is None:
+        if tokenizer.token_to_id(image_token) is None:
             raise ValueError(f"the tokenizer has no {image_token!r} token; LLaVA's processor marks where each image "
                              "goes with it (add it to the tokenizer as a special token)")
         if image_processor.output_size is None:
@@ -64,12 +248,10 @@ class LlavaProcessor:
                              "squashed size): each image becomes a fixed number of features")
         if image_tokens < 1:
             raise ValueError(f"image_tokens={image_tokens}: an image becomes at least one feature")
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer, {"image": image_token}, context_length=context_length, max_pixels=max_pixels)
         self.image_processor = image_processor
-        self.image_token, self.image_token_id = image_token, token_id
+        self.image_token, self.image_token_id = self.media_tokens["image"]
         self.image_tokens = image_tokens
-        self.context_length = context_length
-        self.max_pixels = max_pixels
 
     # ---------------------------------------------------------------------------------------- loading
 
@@ -112,125 +294,40 @@ class LlavaProcessor:
         count = (size[0] // patch) * (size[1] // patch) + extra - (strategy == "default")
         token = _token_text(_read(d / "tokenizer_config.json").get("image_token")) or config.get("image_token")
         token = token if isinstance(token, str) else "<image>"
-        expected = model.get("image_token_index", model.get("image_token_id"))
-        token_id = tokenizer.token_to_id(token)
-        if _is_int(expected) and token_id not in (None, expected):
-            raise CheckpointError(d, f"the tokenizer's {token!r} is id {token_id}, but config.json's image_token_index "
-                                  f"is {expected}: the model would not find the images")
+        check_token_id(tokenizer, token, model.get("image_token_index", model.get("image_token_id")), d,
+                       "image_token_index")
         context = context_length if context_length is not None else text.get("max_position_embeddings")
         return cls(tokenizer, images, image_tokens=count, image_token=token,
                    context_length=context if _is_int(context) else None, max_pixels=max_pixels)
-
-    # ---------------------------------------------------------------------------------------- running
-
-    def __call__(self, conversations: Conversation | Sequence[Conversation] | None = None, *,
-                 text: str | Sequence[str] | None = None, images: Any = None, add_generation_prompt: bool = True,
-                 chat_template: str | None = None, **template_variables: Any) -> dict[str, Tensor]:
-        """One conversation or a list of them -> the model's inputs, rows left-padded, pixel values of all images
-        concatenated in reading order. Or `text=` prompts written out (one `image_token` per image, no chat
-        template) with `images=` in reading order (a flat list, or one list per text).
-
-        The chat template's prompt is tokenized with the tokenizer's special tokens (LLaVA's Llama tokenizer puts
-        `<s>` first) unless it already starts with the bos token, as transformers' processors do."""
-        if (conversations is None) == (text is None):
-            raise TypeError("pass chat messages (one conversation or a list of them), or text= prompts with images=")
-        if conversations is not None:
-            if images is not None:
-                raise ValueError("with chat messages, images go inside them as image parts "
-                                 "({'type': 'image', 'image': ...}), not in images=")
-            batch = _conversations(conversations)
-            rows, found = [], []
-            for k, conversation in enumerate(batch):
-                name = f"conversation {k}: " if len(batch) > 1 else ""
-                messages, parts = _split_images(conversation, name)
-                prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                            chat_template=chat_template, **template_variables)
-                bos = self.tokenizer.bos_token
-                rows.append(self.tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos))))
-                found.append(parts)
-            kind = "conversation"
-        else:
-            texts = [text] if isinstance(text, str) else list(text)
-            if not texts or not all(isinstance(t, str) for t in texts):
-                raise TypeError("text= takes a prompt string or a non-empty list of them")
-            rows = [self.tokenizer.encode(t) for t in texts]
-            found = self._text_images(rows, images)
-            kind = "text"
-        self._check(rows, found, kind)
-        sources = [part for parts in found for part in parts]
-        out: dict[str, Tensor] = {}
-        pixels = self._pixels(sources) if sources else None
-        out["input_ids"], out["attention_mask"] = self.tokenizer.pad([self._expand(r) for r in rows])
-        if pixels is not None:
-            out["pixel_values"] = pixels
-        return out
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
-        return self.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens)
 
     def __repr__(self) -> str:
         return (f"LlavaProcessor(image_tokens={self.image_tokens}, image_token={self.image_token!r}, "
                 f"context_length={self.context_length}, pad_to_square={self.image_processor.pad_to_square})")
 
-    # ---------------------------------------------------------------------------------------- steps
+    # ---------------------------------------------------------------------------------------- family hooks
 
-    def _text_images(self, rows: list[list[int]], images: Any) -> list[list[tuple[str, Any]]]:
-        """The images of each written-out prompt: one list per text, or a flat list dealt out in reading order,
-        as many to each text as it has image tokens."""
-        items = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
-        if items and all(isinstance(x, (list, tuple)) for x in items):
-            if len(items) != len(rows):
-                raise ValueError(f"images=: {len(items)} lists of images for {len(rows)} texts; give one per text")
-            return [[(f"images[{k}][{i}]", im) for i, im in enumerate(group)] for k, group in enumerate(items)]
-        total = sum(r.count(self.image_token_id) for r in rows)
-        if total != len(items):
-            raise ValueError(f"{len(items)} image(s) given for {total} {self.image_token} token(s) in the text; write "
-                             f"one {self.image_token} in the text for each image")
-        out, start = [], 0
-        for r in rows:
-            n = r.count(self.image_token_id)
-            out.append([(f"images[{start + i}]", im) for i, im in enumerate(items[start : start + n])])
-            start += n
-        return out
+    def _measure(self, media: Media) -> None:
+        media.tokens = self.image_tokens  # one size for every image: nothing to read before the context check
 
-    def _check(self, rows: list[list[int]], found: list[list], kind: str) -> None:
-        """One image token per image, and the expanded prompt inside the context, for every row."""
-        for k, (ids, parts) in enumerate(zip(rows, found)):
-            name = f"{kind} {k}" if len(rows) > 1 else f"the {kind}"
-            slots = ids.count(self.image_token_id)
-            if slots != len(parts):
-                hint = ("the chat template writes one per image part, and one typed in the text counts too"
-                        if kind == "conversation" else f"write one {self.image_token} in the text for each image")
-                raise ValueError(f"{name} has {len(parts)} image(s) but its prompt has {slots} {self.image_token} "
-                                 f"token(s) (id {self.image_token_id}); each image needs exactly one ({hint})")
-            length = len(ids) + slots * (self.image_tokens - 1)
-            if self.context_length is not None and length > self.context_length:
-                raise ValueError(f"{name} is {length:,} tokens once its {slots} image(s) are expanded to "
-                                 f"{self.image_tokens} tokens each, over the model's context of "
-                                 f"{self.context_length:,}; use fewer images or a shorter conversation")
-
-    def _pixels(self, sources: list[tuple[str, Any]]) -> Tensor:
+    def _prepare(self, kind: str, media: list[Media]) -> dict[str, Tensor]:
         """Open every image (its header's pixel count checked before decoding), then preprocess the batch."""
-        opened = []
-        for where, src in sources:
-            try:
-                opened.append(open_image(src, max_pixels=self.max_pixels))
-            except ImageError as e:
-                raise type(e)(f"{where}: {e}") from None
-        return self.image_processor(opened)
+        return {"pixel_values": self.image_processor([open_media_image(m, self.max_pixels) for m in media])}
 
-    def _expand(self, ids: list[int]) -> list[int]:
-        """Each image token repeated `image_tokens` times: the slots the model fills with that image's features."""
-        out: list[int] = []
-        for t in ids:
-            if t == self.image_token_id:
-                out += [t] * self.image_tokens
-            else:
-                out.append(t)
-        return out
+
+def open_media_image(media: Media, max_pixels: int):
+    """`open_image` on an image part, its errors prefixed by where the part is."""
+    try:
+        return open_image(media.source, max_pixels=max_pixels)
+    except ImageError as e:
+        raise type(e)(f"{media.where}: {e}") from None
+
+
+def check_token_id(tokenizer: TextTokenizer, token: str, expected: Any, directory: Path, field: str) -> None:
+    """config.json's id for a placeholder token must be the tokenizer's, or the model would not find the media."""
+    token_id = tokenizer.token_to_id(token)
+    if _is_int(expected) and token_id not in (None, expected):
+        raise CheckpointError(directory, f"the tokenizer's {token!r} is id {token_id}, but config.json's {field} "
+                              f"is {expected}: the model would not find the {field.split('_')[0]}s")
 
 
 # ---------------------------------------------------------------------------------------------- messages
@@ -247,10 +344,12 @@ def _conversations(value: Any) -> list[Conversation]:
                     "conversations")
 
 
-def _split_images(conversation: Conversation, name: str = "") -> tuple[Conversation, list[tuple[str, Any]]]:
-    """The conversation as its chat template reads it (image parts as `{"type": "image"}`, string contents as one
-    text part) and its images in reading order, each with where it came from."""
-    messages, images = [], []
+def _split_media(conversation: Conversation, name: str = "", kinds: tuple[str, ...] = ("image",)
+                 ) -> tuple[Conversation, list[Media]]:
+    """The conversation as its chat template reads it (media parts as `{"type": "image"}` / `{"type": "video"}`,
+    string contents as one text part) and its media in reading order, each with where it came from. Only the kinds
+    the family takes are media; other parts reach the template as they are."""
+    messages, media = [], []
     for i, message in enumerate(conversation):
         if not isinstance(message.get("role"), str):
             raise ValueError(f"{name}messages[{i}]: expected a 'role' (user, assistant, system)")
@@ -263,43 +362,48 @@ def _split_images(conversation: Conversation, name: str = "") -> tuple[Conversat
                 where = f"{name}messages[{i}].content[{j}]"
                 if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                     raise ValueError(f"{where}: expected a dict with a 'type' ('text', 'image' or 'image_url')")
-                if part["type"] in ("image", "image_url"):
-                    images.append((where, _image_source(part, where)))
-                    parts.append({"type": "image"})
+                kind = PART_KINDS.get(part["type"])
+                if kind in kinds:
+                    media.append(Media(kind, where, _media_source(part, where, kind)))
+                    parts.append({"type": kind})
                 else:
                     parts.append(part)
         else:
             raise ValueError(f"{name}messages[{i}].content: expected a string or a list of parts, got "
                              f"{type(content).__name__}")
         messages.append({**message, "content": parts})
-    return messages, images
+    return messages, media
 
 
-def _image_source(part: dict, where: str) -> Any:
-    """What an image part holds, as something `open_image` reads (a PIL image, a path, bytes, a file object)."""
-    if part["type"] == "image_url":
-        spec = part.get("image_url")
+def _media_source(part: dict, where: str, kind: str = "image") -> Any:
+    """What a media part holds, as its opener reads it: a PIL image, a path, bytes, a file object (for a video also
+    a list of frames)."""
+    if part["type"] == f"{kind}_url":
+        spec = part.get(f"{kind}_url")
         url = spec.get("url") if isinstance(spec, dict) else spec
         if not isinstance(url, str):
-            raise ValueError(f"{where} (image_url): expected {{'image_url': {{'url': 'data:image/...;base64,...'}}}}")
-        return _from_url(url, where)
-    given = [k for k in IMAGE_KEYS if part.get(k) is not None]
+            raise ValueError(f"{where} ({kind}_url): expected "
+                             f"{{'{kind}_url': {{'url': 'data:{kind}/...;base64,...'}}}}")
+        return _from_url(url, where, kind)
+    keys = IMAGE_KEYS if kind == "image" else VIDEO_KEYS
+    given = [k for k in keys if part.get(k) is not None]
     if len(given) != 1:
-        raise ValueError(f"{where} (image): expected one of 'image' (a PIL image, path or bytes), 'path', 'url' (a "
+        what = "a PIL image, path or bytes" if kind == "image" else "a path, bytes or a list of frames"
+        raise ValueError(f"{where} ({kind}): expected one of '{kind}' ({what}), 'path', 'url' (a "
                          f"data: URL) or 'base64'; got {', '.join(given) or 'none'}")
     key, value = given[0], part[given[0]]
     if key == "base64":
-        return _b64decode(value, where)
-    if key == "url" or (key == "image" and isinstance(value, str) and (value.startswith("data:") or "://" in value)):
+        return decode_base64(value, what=f"{where}: base64 {kind} data")
+    if key == "url" or (key == kind and isinstance(value, str) and (value.startswith("data:") or "://" in value)):
         if not isinstance(value, str):
-            raise ValueError(f"{where} (image): 'url' must be a string (a data: URL)")
-        return _from_url(value, where)
+            raise ValueError(f"{where} ({kind}): 'url' must be a string (a data: URL)")
+        return _from_url(value, where, kind)
     if key == "path" and not isinstance(value, (str, os.PathLike)):
-        raise ValueError(f"{where} (image): 'path' must be a file path, got {type(value).__name__}")
+        raise ValueError(f"{where} ({kind}): 'path' must be a file path, got {type(value).__name__}")
     return value
 
 
-def _from_url(url: str, where: str) -> bytes:
+def _from_url(url: str, where: str, kind: str = "image") -> bytes:
     """The bytes of a data: URL (RFC 2397); any other URL is refused, remote ones without being fetched."""
     scheme = url.partition(":")[0].lower() if ":" in url else ""
     if scheme == "data":
@@ -309,14 +413,18 @@ def _from_url(url: str, where: str) -> bytes:
             raise ValueError(f"{where}: {e}") from None
     shown = url if len(url) <= 80 else url[:77] + "..."
     if scheme in ("http", "https"):
-        raise ValueError(f"{where}: {shown} is a remote URL, which is never fetched here; download the image and "
+        raise ValueError(f"{where}: {shown} is a remote URL, which is never fetched here; download the {kind} and "
                          "pass its path or bytes, or send it inline as a data: URL")
     raise ValueError(f"{where}: {shown}: only data: URLs are read here; pass a local file as "
-                     "{'type': 'image', 'path': ...}")
+                     f"{{'type': '{kind}', 'path': ...}}")
 
 
-def _b64decode(text: Any, where: str) -> bytes:
-    return decode_base64(text, what=f"{where}: base64 image data")
+def _is_frames(value: Any) -> bool:
+    """A video given as its frames: a non-empty list of PIL images or arrays, or one (T, H, W, C) array."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 4
+    return (isinstance(value, (list, tuple)) and len(value) > 0
+            and all(isinstance(f, (Image.Image, np.ndarray)) for f in value))
 
 
 # ---------------------------------------------------------------------------------------------- files
