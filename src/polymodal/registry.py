@@ -29,6 +29,8 @@ FAMILIES: dict[str, str] = {
     "t5": "polymodal.models.t5",
     "blip": "polymodal.models.blip",
     "llava": "polymodal.models.llava",
+    "qwen2_vl": "polymodal.models.qwen2_vl",
+    "qwen2_5_vl": "polymodal.models.qwen2_5_vl",
 }
 
 # transformers' config.json `model_type` (and polymodal's own) -> family
@@ -55,6 +57,10 @@ MODEL_TYPES: dict[str, str] = {
     "polymodal-blip": "blip",
     "llava": "llava",
     "polymodal-llava": "llava",
+    "qwen2_vl": "qwen2_vl",
+    "polymodal-qwen2_vl": "qwen2_vl",
+    "qwen2_5_vl": "qwen2_5_vl",
+    "polymodal-qwen2_5_vl": "qwen2_5_vl",
 }
 
 # timm's config.json `architecture` prefix -> family

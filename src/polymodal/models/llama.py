@@ -38,7 +38,7 @@ class LlamaConfig:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", ...}
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", ...}; "mrope": positions (3, B, T)
     attention_bias: bool = False  # biases on q, k, v and o (LLaMA: none)
     attention_out_bias: bool | None = None  # bias on o alone, where it differs (Qwen2: q/k/v biased, o not)
     mlp_bias: bool = False
@@ -200,6 +200,9 @@ def read_hf_config(cls: type, raw: dict, **overrides) -> LlamaConfig:
     if "rope_theta" not in raw and "rope_theta" in params:
         raw["rope_theta"] = params["rope_theta"]
     scaling = raw.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"}
+    if isinstance(scaling, dict) and "mrope_section" in scaling:
+        # Qwen2-VL's M-RoPE: 4.x files say {"type": "mrope", ...}, 5.x {"rope_type": "default", "mrope_section"}
+        scaling = {"rope_type": "mrope", "mrope_section": scaling["mrope_section"]}
     if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) == "default":
         scaling = None  # (anything but a dict is left to from_dict's check, which names the field)
     eos = raw.get("eos_token_id")

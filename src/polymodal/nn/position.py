@@ -1,6 +1,7 @@
 """Positional encodings: sine-cosine (Vaswani et al. 2017; 2-D as in MAE), learned 2-D (ViT paper, App. D.4),
 interpolation of learned grids to new resolutions (ViT's fine-tuning at higher resolution), and rotary
-embeddings (Su et al. 2021, RoPE). M-RoPE and 2-D RoPE build on `apply_rope` later."""
+embeddings (Su et al. 2021, RoPE) with Qwen2-VL's multimodal variant (M-RoPE: temporal / height / width positions
+over sections of the frequencies, Wang et al. 2024, "Qwen2-VL", sec. 2.1)."""
 
 from __future__ import annotations
 
@@ -76,7 +77,13 @@ class RoPE(nn.Module):
     scaling: a Hugging Face `rope_scaling` dict for longer contexts: {"rope_type": "linear", "factor": f}
     (positions divided by f) or {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
     "original_max_position_embeddings"} (Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth
-    blend between). The inverse frequencies are recomputed (not loaded), so they never appear in a checkpoint."""
+    blend between). The inverse frequencies are recomputed (not loaded), so they never appear in a checkpoint.
+
+    M-RoPE (Qwen2-VL): {"rope_type": "mrope", "mrope_section": [s_t, s_h, s_w]} with s_t + s_h + s_w = Dh/2. Positions
+    (3, B, T) then hold each token's (temporal, height, width) ids, and frequency slot i takes its angle from the
+    axis of the section it falls in (the first s_t slots from the temporal ids, the next s_h from the height ids,
+    ...), as transformers' Qwen2-VL rotary embedding does; positions (B, T) are the same ids on all three axes,
+    which is plain RoPE."""
 
     def __init__(self, head_dim: int, theta: float = 10000.0, scaling: dict | None = None):
         super().__init__()
@@ -84,9 +91,12 @@ class RoPE(nn.Module):
         self.theta = theta
         self.scaling = dict(scaling or {})
         kind = self.scaling.get("rope_type", self.scaling.get("type", "default"))
-        if kind not in ("default", "linear", "llama3"):
-            raise ValueError(f"rope scaling {kind!r} is not supported; supported: default, linear, llama3")
+        if kind not in ("default", "linear", "llama3", "mrope"):
+            raise ValueError(f"rope scaling {kind!r} is not supported; supported: default, linear, llama3, mrope")
         self.kind = kind
+        self.mrope_section = _mrope_section(self.scaling.get("mrope_section"), head_dim)
+        if kind == "mrope" and self.mrope_section is None:
+            raise ValueError("rope_type 'mrope' needs an mrope_section (three sizes summing to head_dim / 2)")
         # Built on the meta device (as the loader does), the table stays empty until `materialize`: arithmetic on
         # meta tensors imports torch._dynamo on first use, ~2 s of every load.
         on_meta = torch.get_default_device().type == "meta"
@@ -115,9 +125,30 @@ class RoPE(nn.Module):
         self.inv_freq = self._inv_freq(device)
 
     def forward(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-        angles = positions[..., None].float() * self.inv_freq  # (B, T, Dh/2)
+        """positions (B, T), or (3, B, T) for M-RoPE -> (cos, sin) each (B, T, Dh)."""
+        angles = positions[..., None].float() * self.inv_freq  # (B, T, Dh/2) or (3, B, T, Dh/2)
+        if positions.dim() == 3:
+            if self.mrope_section is None or positions.shape[0] != len(self.mrope_section):
+                raise ValueError(f"positions of shape {tuple(positions.shape)} need M-RoPE (rope_type 'mrope' with "
+                                 f"a 3-entry mrope_section); this RoPE takes (batch, length)")
+            # slot i reads the angle of its section's axis: static slices, nothing read back (a captured decode step)
+            sections = angles.split(self.mrope_section, dim=-1)
+            angles = torch.cat([part[axis] for axis, part in enumerate(sections)], dim=-1)  # (B, T, Dh/2)
         emb = torch.cat([angles, angles], dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _mrope_section(section, head_dim: int) -> list[int] | None:
+    """A config's `mrope_section` checked: three positive sizes summing to head_dim / 2 (None: not M-RoPE)."""
+    if section is None:
+        return None
+    if (not isinstance(section, (list, tuple)) or len(section) != 3
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in section)):
+        raise ValueError(f"mrope_section must be three positive integers, got {section!r}")
+    if sum(section) != head_dim // 2:
+        raise ValueError(f"mrope_section {list(section)} sums to {sum(section)}, but the head dimension {head_dim} "
+                         f"has {head_dim // 2} rotary frequencies")
+    return list(section)
 
 
 def grid_size(n_patches: int) -> tuple[int, int]:
