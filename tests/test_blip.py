@@ -370,7 +370,7 @@ def test_image_to_text_pipeline_decodes_the_models_captions(with_files, photos):
     pipe = pm.pipeline("image-to-text", model=with_files["captioning"])
     out = pipe(photos, max_new_tokens=6)
     assert len(out) == 3 and all(set(o[0]) == {"generated_text"} for o in out)
-    ids = pipe.model.generate(pixel_values=pipe.pixels(photos), max_new_tokens=6)
+    ids = pipe.model.generate(**pipe.image_inputs(photos), max_new_tokens=6)
     assert [o[0]["generated_text"] for o in out] == [pipe.tokenizer.decode(r).strip() for r in ids.tolist()]
     one = pipe(photos[0], prompt="a picture of", max_new_tokens=4)
     assert one[0]["generated_text"].startswith("a picture of")
@@ -395,7 +395,7 @@ def test_image_text_matching_pipeline_ranks_by_the_itm_head(with_files, photos):
     assert sorted(r["text"] for r in ranked) == sorted(texts)
     assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
     ids, mask = pipe.tokenizer(texts, padding_side="right")
-    px = pipe.pixels([photos[0]] * 3)
+    px = pipe.image_inputs([photos[0]] * 3)["pixel_values"]
     with torch.no_grad():
         expected = pipe.model.itm(px, ids, mask).softmax(-1)[:, 1]
         cosine = pipe.model.itc(px, ids, mask).diagonal()

@@ -67,6 +67,30 @@ def test_retrieval_and_recall(clip_dir):
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
 
 
+def test_pipelines_pass_the_processors_dict_on(clip_dir):
+    """A pipeline hands the model what its processor's `inputs` returns, keyed by the model's argument names,
+    floating tensors in the model's dtype: a processor that returns more keys needs no pipeline change."""
+    from polymodal.processing import ImageProcessor
+
+    pipe = pm.pipeline("image-text-retrieval", model=clip_dir)
+    inputs = pipe.processor.inputs(_images())
+    assert set(inputs) == {"pixel_values"}
+    torch.testing.assert_close(inputs["pixel_values"], pipe.processor(_images()), rtol=0, atol=0)
+
+    class Recording(ImageProcessor):
+        calls = []
+
+        def inputs(self, images):
+            out = super().inputs(images)
+            self.calls.append(len(images))
+            return {"pixel_values": out["pixel_values"].double()}  # the pipeline casts to the model's dtype
+
+    recording = Recording(**{f: getattr(pipe.processor, f) for f in pipe.processor.__dataclass_fields__})
+    other = pm.pipeline("image-text-retrieval", model=clip_dir, processor=recording)
+    torch.testing.assert_close(other.embed_images(_images()), pipe.embed_images(_images()), rtol=0, atol=1e-6)
+    assert Recording.calls == [3]
+
+
 def test_recall_at_k_definition():
     sim = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5], [0.0, 0.8, 0.1]])
     r = recall_at_k(sim, [0, 1, 2], ks=(1, 2))

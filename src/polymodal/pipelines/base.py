@@ -60,12 +60,18 @@ class Pipeline:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def pixels(self, images: list[ImageInput]) -> torch.Tensor:
-        """Open every image safely and preprocess the batch -> (B, C, H, W) on the model's device and dtype."""
+    def image_inputs(self, images: list[ImageInput]) -> dict[str, torch.Tensor]:
+        """Open every image safely and preprocess the batch -> the processor's model inputs
+        (`{"pixel_values": (B, C, H, W), ...}`), floating tensors in the model's dtype, all on its device."""
         from polymodal.processing import open_image
 
         opened = [open_image(im) for im in images]
-        return self.processor(opened).to(self.device, self.dtype)
+        return to_model(self.processor.inputs(opened), self.device, self.dtype)
+
+
+def to_model(inputs: dict[str, torch.Tensor], device, dtype) -> dict[str, torch.Tensor]:
+    """A processor's dict on the model's device; floating tensors (pixels) in its dtype, ids and grids as they are."""
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
 
 
 def as_list(x) -> tuple[list, bool]:

@@ -30,12 +30,11 @@ class _ImageTextModelPipeline(Pipeline):
                              f"{_ARCH[self.needs]}), got {what}")
         self.tokenizer = tokenizer or default_text_tokenizer(self.model)
 
-    def _generate(self, pixels, ids, mask, max_new_tokens, seed, **options):
+    def _generate(self, images, ids, mask, max_new_tokens, seed, **options):
         if seed is not None:
             options["generator"] = torch.Generator(device=self.device).manual_seed(seed)
-        return self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device), pixel_values=pixels,
-                                   max_new_tokens=max_new_tokens,
-                                   **options)
+        return self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device),
+                                   max_new_tokens=max_new_tokens, **self.image_inputs(images), **options)
 
 
 _ARCH = {"captioning": "ConditionalGeneration", "vqa": "QuestionAnswering", "retrieval": "ImageTextRetrieval"}
@@ -61,7 +60,7 @@ class ImageToTextPipeline(_ImageTextModelPipeline):
         for i in range(0, len(items), batch_size):
             chunk = items[i : i + batch_size]
             ids, mask = self.tokenizer.pad([row] * len(chunk))
-            generated = self._generate(self.pixels(chunk), ids, mask, max_new_tokens, seed, num_beams=num_beams,
+            generated = self._generate(chunk, ids, mask, max_new_tokens, seed, num_beams=num_beams,
                                        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                        repetition_penalty=repetition_penalty)
             out += [[{"generated_text": self.tokenizer.decode(g, skip_special_tokens=True).strip()}]
@@ -86,7 +85,7 @@ class VisualQuestionAnsweringPipeline(_ImageTextModelPipeline):
         for i in range(0, len(images), batch_size):
             ids, mask = self.tokenizer(questions[i : i + batch_size], padding_side="right")
             ids, mask = _fit(ids, mask, self.model.config.text.max_position_embeddings)
-            generated = self._generate(self.pixels(images[i : i + batch_size]), ids, mask, max_new_tokens, None,
+            generated = self._generate(images[i : i + batch_size], ids, mask, max_new_tokens, None,
                                        num_beams=num_beams)
             out += [[{"answer": self.tokenizer.decode(g, skip_special_tokens=True).strip()}]
                     for g in generated.tolist()]
@@ -108,7 +107,7 @@ class ImageTextMatchingPipeline(_ImageTextModelPipeline):
             raise ValueError(f"expected one image, or one per text: {len(images)} images, {len(texts)} texts")
         ids, mask = self.tokenizer(texts, padding_side="right")
         ids, mask = _fit(ids.to(self.device), mask.to(self.device), self.model.config.text.max_position_embeddings)
-        tokens = self.model.image_embeds(self.pixels(images))  # (1 or N, 1+P, D): each image encoded once
+        tokens = self.model.image_embeds(**self.image_inputs(images))  # (1 or N, 1+P, D): each image encoded once
         logits, cosine = self.model.match(tokens.expand(len(texts), -1, -1), ids, mask)
         return logits.float().softmax(-1)[:, 1], cosine.float()
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from polymodal.pipelines.base import family_processor
+from polymodal.pipelines.base import family_processor, to_model
 from polymodal.pipelines.text import Messages, TextGenerationPipeline, _is_chat, with_system
 
 
@@ -114,8 +114,7 @@ class ImageTextToTextPipeline(TextGenerationPipeline):
         else:
             raise ValueError("image-text-to-text takes chat messages (a list of {'role', 'content'} dicts) or a list "
                              "of such conversations; for a prompt written out, pass text= and images=")
-        return {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
-                for k, v in inputs.items()}
+        return to_model(inputs, self.device, self.dtype)
 
     def _generated_text(self, item, answer: str, return_full_text: bool):
         if isinstance(item, _Prompt):

@@ -28,7 +28,7 @@ class ImageClassificationPipeline(Pipeline):
         items, single = as_list(images)
         if not hasattr(self.model, "classify"):
             raise ValueError(f"a {self.family} model has no classification head")
-        probs = self.model.classify(self.pixels(items)).float().softmax(-1)
+        probs = self.model.classify(**self.image_inputs(items)).float().softmax(-1)
         labels = self.labels()
         out = [_ranked(labels, p, top_k) for p in probs]
         return out[0] if single else out
@@ -48,7 +48,7 @@ class ImageTextPipeline(Pipeline):
     def embed_images(self, images, batch_size: int = 32) -> torch.Tensor:
         """(N, P) L2-normalized image embeddings."""
         items, _ = as_list(images)
-        chunks = [self.model.encode_image(self.pixels(items[i : i + batch_size]))
+        chunks = [self.model.encode_image(**self.image_inputs(items[i : i + batch_size]))
                   for i in range(0, len(items), batch_size)]
         return F.normalize(torch.cat(chunks).float(), dim=-1)
 

@@ -398,6 +398,13 @@ class ImageProcessor:
             )
         return torch.from_numpy(np.stack(arrays))
 
+    def inputs(self, images: ImageSource | np.ndarray | Tensor | Sequence[Any]) -> dict[str, Tensor]:
+        """The model inputs of one image or a list: `{"pixel_values": (B, C, H, W)}`, what a pipeline passes to
+        the model's image methods unchanged. Every image processor answers `inputs` with a dict named as the
+        model's arguments, so a family whose images need more than pixels (a grid per image, tile ids) returns
+        those beside them and no pipeline changes."""
+        return {"pixel_values": self(images)}
+
     def _array(self, image: Any, index: int) -> Tensor:
         """Any accepted input -> a uint8 `(H, W, C)` tensor (PIL images are converted as `to_rgb` does)."""
         if isinstance(image, Tensor):
