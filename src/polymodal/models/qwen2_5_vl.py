@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from polymodal.models.qwen2 import Qwen2Config
 from polymodal.models.qwen2_vl import (
     Qwen2VL,
     Qwen2VLConfig,
@@ -28,7 +29,6 @@ from polymodal.models.qwen2_vl import (
     read_hf_vl,
     write_hf_vl,
 )
-from polymodal.models.qwen2 import Qwen2Config
 from polymodal.nn import RMSNorm, SwiGLU
 from polymodal.registry import Family, Layout, native_layout
 

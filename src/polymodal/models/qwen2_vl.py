@@ -77,9 +77,9 @@ def _text(**kw) -> Qwen2Config:
 @dataclass(frozen=True)
 class Qwen2VLConfig:
     vision: Qwen2VLVisionConfig = field(default_factory=Qwen2VLVisionConfig)
-    text: Qwen2Config = field(default_factory=lambda: _text(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                                                            num_hidden_layers=28, num_attention_heads=28,
-                                                            num_key_value_heads=4))
+    text: Qwen2Config = field(default_factory=lambda: _text(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4))
     image_token_id: int = 151655
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
@@ -281,9 +281,10 @@ class Qwen2VL(nn.Module, CausalLM):
             raise ValueError(f"{names[1]} {show(grid.tolist())}: h and w must be multiples of the merge size {m}")
         rows = int(grid.prod(-1).sum())
         if pixels.dim() != 2 or tuple(pixels.shape) != (rows, c.vision.patch_dim):
-            raise ValueError(f"{names[1]} {show(grid.tolist())} describes {rows} patches of {c.vision.patch_dim} values "
-                             f"(channels x {c.vision.temporal_patch_size} frames x {c.vision.patch_size}^2 pixels), but "
-                             f"{names[0]} has shape {tuple(pixels.shape)}")
+            v = c.vision
+            raise ValueError(f"{names[1]} {show(grid.tolist())} describes {rows} patches of {v.patch_dim} values "
+                             f"(channels x {v.temporal_patch_size} frames x {v.patch_size}^2 pixels), but {names[0]} "
+                             f"has shape {tuple(pixels.shape)}")
         need = [self.image_tokens(g) for g in grid.tolist()]
         if count != sum(need):
             raise ValueError(f"{len(need)} {kind}(s) of {show(need)} features need {sum(need)} {kind} tokens in the "
