@@ -87,11 +87,16 @@ class Llava(nn.Module, CausalLM):
         self.multi_modal_projector = Projector(c)
         self.language_model = Llama(c.text)
 
-    @property
-    def image_slots(self) -> tuple[int, int]:
-        """(the image token id, the tokens each image fills): how a prompt holds its images, for callers that check
-        a request before any work (the server's engine)."""
-        return self.config.image_token_index, self.config.image_tokens
+    def media_tokens(self, pixel_values: Tensor | None = None) -> dict[int, int]:
+        """{placeholder token id: the prompt positions these inputs fill}, from their shapes alone: what callers
+        check a request against before any work (the server's engine). Each image fills `image_tokens`."""
+        n = 0
+        if pixel_values is not None:
+            if pixel_values.dim() != 4:
+                raise ValueError(f"pixel_values must be (images, channels, height, width), got shape "
+                                 f"{tuple(pixel_values.shape)}")
+            n = pixel_values.shape[0]
+        return {self.config.image_token_index: n * self.config.image_tokens}
 
     def image_features(self, pixel_values: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, P, D): the tower's features at `vision_feature_layer`, projected."""

@@ -381,8 +381,8 @@ class ChatEngine:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         extras = self._check_extras(prompt_ids, extras)
         if len(prompt_ids) + max_new_tokens > self.max_len:
-            slots = image_slots(self.model)
-            images = sum(i == slots[0] for i in prompt_ids) if slots else 0
+            placeholders = set(media_tokens(self.model, extras))
+            images = sum(i in placeholders for i in prompt_ids)
             held = f", {images} of them for its images" if images else ""
             raise ValueError(f"the prompt ({len(prompt_ids)} tokens{held}) plus max_new_tokens ({max_new_tokens}) is "
                              f"over the model's context of {self.max_len} tokens; shorten the prompt"
@@ -437,19 +437,12 @@ class ChatEngine:
         if pixels > self.max_pixels:
             raise ValueError(f"the request's images hold {pixels:,} pixels, over the limit of {self.max_pixels:,} "
                              f"per request; send fewer or smaller images")
-        slots = image_slots(self.model)
-        if slots is not None:
-            token, per_image = slots
+        for token, fill in media_tokens(self.model, extras).items():
             found = sum(i == token for i in prompt_ids)
-            images = extras.get("pixel_values")
-            n = 0 if images is None else (images.shape[0] if images.dim() == 4 else -1)
-            if n < 0:
-                raise ValueError(f"pixel_values must be (images, channels, height, width), got shape "
-                                 f"{tuple(images.shape)}")
-            if found != n * per_image:
-                raise ValueError(f"the prompt holds {found} image tokens (id {token}) but {n} image(s) came with it, "
-                                 f"which fill {n * per_image} ({per_image} each): each image needs exactly one "
-                                 f"placeholder in the prompt, expanded to {per_image} tokens")
+            if found != fill:
+                raise ValueError(f"the prompt holds {found} placeholder tokens (id {token}) but its images fill "
+                                 f"{fill}: each image needs exactly one placeholder in the prompt, expanded to as "
+                                 "many tokens as its features, as the model's processor does")
         return extras
 
     # ---------------------------------------------------------------------------------------- the engine thread
@@ -597,11 +590,12 @@ def extra_inputs(model) -> set[str]:
     return names | ({"**"} if any(p.kind is p.VAR_KEYWORD for p in params) else set())
 
 
-def image_slots(model) -> tuple[int, int] | None:
-    """(image token id, tokens per image) for a model whose prompt holds each image as a run of one placeholder
-    token expanded to the image's feature count, as the model itself says (`image_slots`, e.g. LLaVA's); None
-    otherwise."""
-    return getattr(model, "image_slots", None)
+def media_tokens(model, extras: Mapping[str, Tensor]) -> dict[int, int]:
+    """{placeholder token id: prompt positions} that a request's extras fill, as the model says from their shapes
+    (`media_tokens`: LLaVA's images fill `image_tokens` each, Qwen2-VL's as their grids say); {} for a model
+    whose prompt holds no placeholders. Raises ValueError for extras of the wrong shape."""
+    count = getattr(model, "media_tokens", None)
+    return {} if count is None else count(**extras)
 
 
 def _context_length(model, tokenizer) -> int:
