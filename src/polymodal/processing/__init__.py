@@ -1,11 +1,14 @@
 """Turning raw inputs into model inputs: safe image opening, image preprocessing, CLIP tokenization, text tokenizers,
-chat templates, and vision-language chat (LLaVA's processor)."""
+chat templates, video reading, and vision-language chat (LLaVA's and Qwen2-VL's processors)."""
 
 from polymodal.processing.chat import ChatTemplateError, render_chat_template
 from polymodal.processing.image import ImageError, ImageProcessor, open_image
+from polymodal.processing.qwen2_vl import Qwen2VLImageProcessor, Qwen2VLProcessor
 from polymodal.processing.text import StreamDecoder, TextTokenizer
 from polymodal.processing.tokenizer import CLIPTokenizer
-from polymodal.processing.vlm import LlavaProcessor
+from polymodal.processing.video import VideoError, read_video
+from polymodal.processing.vlm import ChatProcessor, LlavaProcessor
 
-__all__ = ["CLIPTokenizer", "ChatTemplateError", "ImageError", "ImageProcessor", "LlavaProcessor", "StreamDecoder",
-           "TextTokenizer", "open_image", "render_chat_template"]
+__all__ = ["CLIPTokenizer", "ChatProcessor", "ChatTemplateError", "ImageError", "ImageProcessor", "LlavaProcessor",
+           "Qwen2VLImageProcessor", "Qwen2VLProcessor", "StreamDecoder", "TextTokenizer", "VideoError", "open_image",
+           "read_video", "render_chat_template"]

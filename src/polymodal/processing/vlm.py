@@ -364,7 +364,10 @@ def _split_media(conversation: Conversation, name: str = "", kinds: tuple[str, .
                     raise ValueError(f"{where}: expected a dict with a 'type' ('text', 'image' or 'image_url')")
                 kind = PART_KINDS.get(part["type"])
                 if kind in kinds:
-                    media.append(Media(kind, where, _media_source(part, where, kind)))
+                    source = _media_source(part, where, kind)
+                    if kind == "video" and part.get("fps") is not None:  # the rate of a video given as frames
+                        source = {"video": source, "fps": part["fps"]}
+                    media.append(Media(kind, where, source))
                     parts.append({"type": kind})
                 else:
                     parts.append(part)
