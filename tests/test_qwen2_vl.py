@@ -189,6 +189,28 @@ def test_saves_back_into_transformers(pair, tmp_path):
 
 
 @torch.no_grad()
+def test_tied_embeddings_and_polymodal_layout(pair, tmp_path):
+    """The 2B / 3B checkpoints tie lm_head to the embedding (the file holds no lm_head); polymodal's own layout
+    round-trips too."""
+    ref_cls = type(pair[0])
+    family = ref_cls.config_class.model_type
+    cfg = ref_cls.config_class(vision_config=VISION[family], text_config=TEXT, tie_word_embeddings=True, **TOKENS)
+    torch.manual_seed(1)
+    ref = ref_cls(cfg).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    ours = pm.load(tmp_path / "hf")
+    assert ours.config.text.tie_word_embeddings
+    mine, theirs = batch(CASES["image and video"], seed=2)
+    torch.testing.assert_close(ours(**mine), ref(**theirs).logits, atol=ATOL, rtol=0)
+    pm.save(ours, tmp_path / "back")
+    assert torch.equal(ref_cls.from_pretrained(tmp_path / "back")(**theirs).logits, ref(**theirs).logits)
+    pm.record(ours).layout = "polymodal"
+    pm.save(ours, tmp_path / "native")
+    assert json.loads((tmp_path / "native" / "config.json").read_text())["model_type"] == f"polymodal-{family}"
+    assert torch.equal(pm.load(tmp_path / "native")(**mine), ours(**mine))
+
+
+@torch.no_grad()
 def test_4x_config_and_5x_key_names_load(pair, tmp_path):
     """The hub's 4.x config.json (text fields at the top level, rope_scaling type "mrope", in_chans) and the names
     of transformers 5.x's modules (model.visual.*, model.language_model.*) read as the same model."""
@@ -255,3 +277,23 @@ def test_tiny_presets_run(family, preset):
     out = model.generate(ids, pixel_values=torch.randn(32, c.vision.patch_dim), image_grid_thw=grid,
                          max_new_tokens=3, eos_token_id=[])
     assert out.shape == (1, ids.shape[1] + 3)
+
+
+def test_mrope_tables_match_transformers_and_refuse_bad_sections():
+    from transformers import Qwen2VLTextConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding
+
+    from polymodal.nn import RoPE
+
+    scaling = {"rope_type": "mrope", "mrope_section": [2, 3, 3]}
+    ours = RoPE(16, 10000.0, scaling)
+    theirs = Qwen2VLRotaryEmbedding(Qwen2VLTextConfig(hidden_size=64, num_attention_heads=4, rope_parameters={
+        **scaling, "rope_theta": 10000.0}))
+    positions = torch.randint(0, 300, (3, 2, 7))
+    for got, want in zip(ours(positions), theirs(torch.zeros(1), positions)):
+        assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(ours(positions[0]), RoPE(16, 10000.0)(positions[0])))  # (B, T)
+    with pytest.raises(ValueError, match="sums to 7, but the head dimension 16 has 8 rotary frequencies"):
+        RoPE(16, 10000.0, {"rope_type": "mrope", "mrope_section": [2, 2, 3]})
+    with pytest.raises(ValueError, match="need M-RoPE"):
+        RoPE(16, 10000.0)(positions)

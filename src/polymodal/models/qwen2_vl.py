@@ -88,6 +88,15 @@ class Qwen2VLConfig:
     def token_id(self, kind: str) -> int:
         return self.image_token_id if kind == "image" else self.video_token_id
 
+    @property
+    def eos_token_id(self) -> int | tuple[int, ...] | None:
+        """The decoder's (generation's default for a model built from a preset, with no generation config)."""
+        return self.text.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.text.pad_token_id
+
 
 # ------------------------------------------------------------------------------------------ the vision tower
 
