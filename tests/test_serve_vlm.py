@@ -417,3 +417,47 @@ def test_polymodal_serve_a_llava_directory_with_the_openai_client(llava_dir, lla
             client.chat.completions.create(model="llava", messages=ask(QUESTION, "https://example.com/cat.png"))
         again = client.chat.completions.create(model="llava", messages=messages, max_tokens=12, temperature=0)
         assert again.choices[0].message.content == want
+
+
+# ------------------------------------------------------------------------------------------------ Qwen2-VL
+def qwen2_vl_request(model, kind: str | None, grid: tuple[int, int, int], text: list[int], seed: int):
+    """(ids, extras) as Qwen2-VL's processor lays a request out: <|vision_start|>, the placeholder expanded to the
+    grid's merged patches, <|vision_end|>, then the text; pixel rows as its patchifier gives them."""
+    c = model.config
+    if kind is None:
+        return [1, *text], {}
+    t, h, w = grid
+    fill = [c.token_id(kind)] * (t * h * w // c.vision.spatial_merge_size ** 2)
+    rows = torch.randn(t * h * w, c.vision.patch_dim, generator=torch.Generator().manual_seed(seed))
+    names = ("pixel_values", "image_grid_thw") if kind == "image" else ("pixel_values_videos", "video_grid_thw")
+    return ([1, c.vision_start_token_id, *fill, c.vision_end_token_id, *text],
+            {names[0]: rows, names[1]: torch.tensor([grid])})
+
+
+def test_qwen2_vl_requests_carry_their_m_rope_offsets_through_the_shared_batch(tokenizer):
+    """Qwen2-VL's images and videos take 3-D positions, and each row continues from its own offset (rope_deltas)
+    after its prompt: an image request, a video request and a text request decoding together, one joining late,
+    each equal to `generate` alone; the engine checks a request's placeholders against its grids at submit."""
+    model = pm.build("qwen2_vl", "qwen2-vl-tiny-test")
+    torch.manual_seed(0)
+    for p in model.parameters():  # wider than the default init, so the tiny model does not repeat one token
+        p.data.normal_(0, 0.3)
+    specs = [(*qwen2_vl_request(model, "image", (1, 4, 6), [40, 41], 0), 10),
+             (*qwen2_vl_request(model, None, (0, 0, 0), [43, 44, 45, 46], 1), 12),
+             (*qwen2_vl_request(model, "video", (2, 4, 4), [48], 2), 9)]
+    late_ids, late_extras = qwen2_vl_request(model, "image", (1, 2, 2), [50, 51, 52], 3)
+    with ChatEngine(model, tokenizer, max_batch=4) as engine:
+        requests = [engine.submit(ids, extras=extras, max_new_tokens=n) for ids, extras, n in specs]
+        events = requests[0].events()
+        first = [next(events) for _ in range(2)]
+        late = engine.submit(late_ids, extras=late_extras, max_new_tokens=8)
+        got = [[e.token_id for e in first] + [e.token_id for e in events if not isinstance(e, Finished)]]
+        got += [collect(r)[0] for r in requests[1:]] + [collect(late)[0]]
+        with pytest.raises(ValueError, match=r"holds 2 placeholder tokens .* but its images fill 1"):
+            engine.submit(late_ids[:3] + late_ids[2:], extras=late_extras)  # one placeholder too many
+        with pytest.raises(ValueError, match=r"image_grid_thw .* describes 4 patches .* pixel_values has shape \(3, "):
+            engine.submit(late_ids, extras={**late_extras, "pixel_values": late_extras["pixel_values"][:3]})
+    for (ids, extras, n), tokens in zip([*specs, (late_ids, late_extras, 8)], got):
+        out = generate(model, torch.tensor([ids]), max_new_tokens=n, **extras)
+        assert tokens == out[0, len(ids):].tolist()
+    assert len({tuple(t) for t in got}) > 1

@@ -242,6 +242,9 @@ class VisionTower(nn.Module):
 # ------------------------------------------------------------------------------------------ the model
 
 
+_NAMES = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
+
+
 class Qwen2VL(nn.Module, CausalLM):
     """input_ids (B, T) with `image_token_id` / `video_token_id` where the merged patches go, pixel_values
     (sum t*h*w, C*T*P*P) with image_grid_thw (N, 3) (likewise pixel_values_videos / video_grid_thw) -> logits
@@ -269,16 +272,39 @@ class Qwen2VL(nn.Module, CausalLM):
 
     # ---------------------------------------------------------------- checks and positions
 
+    def media_tokens(self, pixel_values: Tensor | None = None, image_grid_thw: Tensor | None = None,
+                     pixel_values_videos: Tensor | None = None, video_grid_thw: Tensor | None = None,
+                     second_per_grid_ts=None) -> dict[int, int]:
+        """{placeholder token id: the prompt positions these inputs fill}, from the grids (checked against the
+        pixel rows), for callers that check a request before any work (the server's engine)."""
+        out = {}
+        for kind, pixels, grid in (("image", pixel_values, image_grid_thw), ("video", pixel_values_videos,
+                                                                           video_grid_thw)):
+            need = self._grid_tokens(kind, pixels, grid)
+            out[self.config.token_id(kind)] = sum(need)
+        return out
+
     def check_media(self, input_ids: Tensor, kind: str, pixels: Tensor | None, grid: Tensor | None) -> None:
         """Images (or videos) against their grids and the prompt's tokens: one clear error before the tower runs."""
         c = self.config
-        names = ("pixel_values", "image_grid_thw") if kind == "image" else ("pixel_values_videos", "video_grid_thw")
         count = int((input_ids == c.token_id(kind)).sum())
-        if pixels is None and grid is None:
+        need = self._grid_tokens(kind, pixels, grid)
+        if pixels is None:
             if count:
-                raise ValueError(f"the prompt has {count} {kind} tokens (token {c.token_id(kind)}) but no {names[0]} "
-                                 f"came with it")
+                raise ValueError(f"the prompt has {count} {kind} tokens (token {c.token_id(kind)}) but no "
+                                 f"{_NAMES[kind][0]} came with it")
             return
+        if count != sum(need):
+            raise ValueError(f"{len(need)} {kind}(s) of {show(need)} features need {sum(need)} {kind} tokens in the "
+                             f"prompt, found {count} (token {c.token_id(kind)}); the processor expands each {kind} to "
+                             f"its feature count")
+
+    def _grid_tokens(self, kind: str, pixels: Tensor | None, grid: Tensor | None) -> list[int]:
+        """The tokens each image (or video) fills, its grid checked against the pixel rows; [] without media."""
+        c = self.config
+        names = _NAMES[kind]
+        if pixels is None and grid is None:
+            return []
         if pixels is None or grid is None:
             raise ValueError(f"{names[0]} and {names[1]} go together: each {kind}'s (t, h, w) patch grid says how its "
                              f"rows of {names[0]} are laid out")
@@ -294,11 +320,7 @@ class Qwen2VL(nn.Module, CausalLM):
             raise ValueError(f"{names[1]} {show(grid.tolist())} describes {rows} patches of {v.patch_dim} values "
                              f"(channels x {v.temporal_patch_size} frames x {v.patch_size}^2 pixels), but {names[0]} "
                              f"has shape {tuple(pixels.shape)}")
-        need = [self.image_tokens(g) for g in grid.tolist()]
-        if count != sum(need):
-            raise ValueError(f"{len(need)} {kind}(s) of {show(need)} features need {sum(need)} {kind} tokens in the "
-                             f"prompt, found {count} (token {c.token_id(kind)}); the processor expands each {kind} to "
-                             f"its feature count")
+        return [self.image_tokens(g) for g in grid.tolist()]
 
     def get_rope_index(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                        image_grid_thw: Tensor | None = None, video_grid_thw: Tensor | None = None,
