@@ -232,15 +232,20 @@ class T5(nn.Module):
 
     # ------------------------------------------------------------------------------ generation
 
-    def generation_prefill(self, input_ids: Tensor, attention_mask: Tensor, max_len: int
-                           ) -> tuple[DecoderState, Tensor]:
+    def generation_prefill(self, input_ids: Tensor, attention_mask: Tensor, max_len: int, *,
+                           inputs_embeds: Tensor | None = None) -> tuple[DecoderState, Tensor]:
         """Encode once, cache every layer's cross-attention keys and values, run the start token -> (state, (B, V)).
 
         max_len counts the encoder input plus the new tokens (polymodal.generation's convention); the decoder's
-        own sequence is the start token plus the new tokens, which the state's `prompt` begins."""
+        own sequence is the start token plus the new tokens, which the state's `prompt` begins. inputs_embeds
+        (B, S', D): what the encoder reads instead of input_ids' embeddings, attention_mask (B, S') covering it
+        (BLIP-2 writes its visual prompt there); input_ids (B, S) then only size the decoder's cache."""
         self._needs_decoder()
         B, S = input_ids.shape
-        encoded = self.encode(input_ids, attention_mask)  # (B, S, D)
+        if inputs_embeds is None:
+            encoded = self.encode(input_ids, attention_mask)  # (B, S, D)
+        else:
+            encoded = self.encode(attention_mask=attention_mask, inputs_embeds=inputs_embeds)  # (B, S', D)
         cross = [layer.cross_attn.project_kv(encoded) for layer in self.decoder.block]
         p, c = self.shared.weight, self.config
         cache = [KVCache(B, c.num_heads, max_len - S + 1, c.d_kv, dtype=p.dtype, device=p.device)

@@ -350,6 +350,10 @@ def load_weights(
     if missing or unexpected or mismatched or twice:
         raise CheckpointError(where, _strict_report(missing, unexpected, mismatched, twice))
 
+    # a model may name parts that stay in fp32 when its weights come in fp16 (BLIP-2's Q-Former): `keep_in_fp32`, a
+    # tuple of name prefixes. As transformers' `_keep_in_fp32_modules`, fp16 only: its range is what they need,
+    # and bf16 has fp32's
+    keep = tuple(getattr(model, "keep_in_fp32", ()))
     done: set[int] = set()
     for step in steps:
         for name, t in zip(step.dst, step.fn([ckpt[k] for k in step.src])):
@@ -357,7 +361,10 @@ def load_weights(
             if id(target) in done:
                 continue
             if t.is_floating_point():
-                t = t.to(device=device, dtype=dtype or t.dtype)
+                wanted = dtype or t.dtype
+                if keep and wanted == torch.float16 and name.startswith(keep):
+                    wanted = torch.float32
+                t = t.to(device=device, dtype=wanted)
             else:
                 t = t.to(device=device)
             new = nn.Parameter(t.contiguous(), requires_grad=target.requires_grad) if isinstance(
