@@ -387,3 +387,26 @@ def test_checkpoint_whose_token_ids_disagree_with_the_model(saved, tmp_path):
                                                "text_config": {"max_position_embeddings": 4096}}))
     loaded = Qwen2VLProcessor.from_pretrained(d)
     assert loaded.context_length == 4096 and loaded.second_per_grid_ts  # model_type qwen2_5_vl
+
+
+def test_every_video_part_form_gives_the_same_inputs(saved, tmp_path):
+    import base64
+    import io
+
+    from test_video import encode_video
+
+    path = tmp_path / "clip.mp4"
+    encode_video(path, frames=16, fps=8, size=(64, 96))
+    data = path.read_bytes()
+    b64 = base64.b64encode(data).decode()
+    ours = Qwen2VLProcessor.from_pretrained(saved)
+    want = ours([{"role": "user", "content": [{"type": "video", "path": str(path)}]}])
+    forms = [{"type": "video", "video": str(path)}, {"type": "video", "video": data},
+             {"type": "video", "video": io.BytesIO(data)}, {"type": "video", "base64": b64},
+             {"type": "video", "url": f"data:video/mp4;base64,{b64}"},
+             {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{b64}"}}]
+    for part in forms:
+        got = ours([{"role": "user", "content": [part]}])
+        assert got["input_ids"].tolist() == want["input_ids"].tolist(), str(part)[:60]
+        assert torch.equal(got["pixel_values_videos"], want["pixel_values_videos"]), str(part)[:60]
+        assert got["video_grid_thw"].tolist() == want["video_grid_thw"].tolist()

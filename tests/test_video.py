@@ -192,7 +192,7 @@ def test_limits_from_the_header_before_decoding(tmp_path, monkeypatch):
     with pytest.raises(VideoTooLarge, match=r"the header claims 20 frames, over the limit of 10"):
         read_video(data, max_total_frames=10, transform=no_decode)
     with pytest.raises(VideoTooLarge, match=r"4 frames of 96x64 would take 0 MiB, over the limit"):
-        read_video(data, max_bytes=10_000, transform=no_decode)
+        read_video(data, max_bytes=10_000)  # frames kept as decoded (no transform) are bounded before decoding
     # a huge frame size claimed by the header: the stream's declared size is checked, nothing is allocated for it
     big = tmp_path / "big.mp4"
     encode_video(big, frames=2, fps=2, size=(2048, 4096))

@@ -176,9 +176,9 @@ class Qwen2VLImageProcessor:
             raise ValueError("Qwen2VLImageProcessor: got an empty list of images")
         return self.patches([[self.resize(_uint8(im))] for im in items])
 
-    def resize(self, x: Tensor) -> Tensor:
-        """A uint8 `(H, W, C)` image (or frame) at its smart_resize size, still uint8 `(h, w, C)`."""
-        h, w = self.resized(x.shape[0], x.shape[1])
+    def resize(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """A uint8 `(H, W, C)` image (or frame) at its smart_resize size (or `size`), still uint8 `(h, w, C)`."""
+        h, w = size or self.resized(x.shape[0], x.shape[1])
         if (h, w) == tuple(x.shape[:2]):
             return x  # the references skip the resampler at the same size
         if self.backend == "pil" or self.resample not in _TORCH:
@@ -450,14 +450,18 @@ class Qwen2VLProcessor(ChatProcessor):
                 video = frames_video(src, media.where, fps=fps, max_pixels=self.max_pixels)
                 first = video.frames[0]
                 h, w = (first.height, first.width) if isinstance(first, Image.Image) else first.shape[:2]
-                media.state = (video, None)
+                media.state = (video, None, vp.resized(h, w))
                 frames = len(video.frames)
             else:
+                position = src.tell() if hasattr(src, "seek") else None  # a file object is read again later
                 info = probe_video(src, max_pixels=self.max_pixels)
+                if position is not None:
+                    src.seek(position)
                 indices = sample_indices(info.total_frames, info.fps, fps=vp.fps, min_frames=vp.min_frames,
                                          max_frames=vp.max_frames, temporal_patch_size=vp.temporal_patch_size)
                 h, w = info.height, info.width
-                media.state = (src, indices)
+                # every frame goes to the size the header's frame size gives, the one its tokens were counted at
+                media.state = (src, indices, vp.resized(h, w))
                 frames = len(indices)
         except (VideoError, ValueError) as e:
             raise type(e)(f"{media.where}: {e}") from None
@@ -494,13 +498,13 @@ class Qwen2VLProcessor(ChatProcessor):
     def _frames(self, media: Media) -> Video:
         """The video's frames, each resized as it is decoded (a file's) or converted (given frames)."""
         vp = self.video_processor
-        first, indices = media.state
+        first, indices, size = media.state
         try:
             if indices is None:
                 video: Video = first
-                video.frames = [vp.resize(_uint8(f)) for f in video.frames]
+                video.frames = [vp.resize(_uint8(f), size) for f in video.frames]
                 return video
             return read_video(first, indices=indices, max_pixels=self.max_pixels,
-                              transform=lambda rgb: vp.resize(torch.from_numpy(rgb)))
+                              transform=lambda rgb: vp.resize(torch.from_numpy(rgb), size))
         except (VideoError, ValueError) as e:
             raise type(e)(f"{media.where}: {e}") from None

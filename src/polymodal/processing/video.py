@@ -237,7 +237,8 @@ def read_video(src: VideoSource, *, fps: float | None = DEFAULT_FPS, num_frames:
     Sampling as `sample_indices` (or the given `indices`). Each kept frame, a uint8 `(H, W, 3)` RGB array, goes
     through `transform` before the next is decoded. Refused with `VideoTooLarge` before decoding: a frame over
     `max_pixels`, a duration over `max_duration`, a frame count over `max_total_frames`, sampled frames over
-    `max_bytes`; with `VideoError`: not a video, no video stream, no frames, a file that ends early or is corrupt."""
+    `max_bytes` (when kept as decoded, without `transform`); with `VideoError`: not a video, no video stream, no
+    frames, a file that ends early or is corrupt."""
     name = _name(src)
     av = _av()
     container = _open(src, name)
@@ -255,7 +256,7 @@ def read_video(src: VideoSource, *, fps: float | None = DEFAULT_FPS, num_frames:
             if not picked or picked[0] < 0 or picked[-1] >= info.total_frames:
                 raise ValueError(f"{name}: indices must be within the video's {info.total_frames} frames")
         size = len(picked) * info.width * info.height * 3
-        if size > max_bytes:
+        if transform is None and size > max_bytes:  # with a transform, what is kept is what it makes
             raise VideoTooLarge(f"{name}: {len(picked)} frames of {info.width}x{info.height} would take "
                                 f"{size / 2**20:,.0f} MiB, over the limit of {max_bytes / 2**20:,.0f} MiB; sample "
                                 "fewer frames (fps=, max_frames=) or pass max_bytes=")
@@ -296,7 +297,7 @@ def frames_video(frames: Any, name: str = "video", *, fps: float | None = None,
     for t, f in enumerate(items):
         if isinstance(f, Image.Image):
             sizes.add((f.height, f.width))
-        elif isinstance(f, np.ndarray) and f.dtype == np.uint8 and f.ndim == 3 and f.shape[2] in (1, 3, 4):
+        elif isinstance(f, np.ndarray) and f.dtype == np.uint8 and f.ndim == 3 and f.shape[2] == 3:
             sizes.add(f.shape[:2])
         else:
             got = f"{f.dtype} {f.shape}" if isinstance(f, np.ndarray) else type(f).__name__
