@@ -324,3 +324,23 @@ def test_tiny_preset_generates_and_presets_follow_transformers_defaults():
     assert big.vision_config.image_size == hf.vision_config.image_size
     assert big.vision_config.patch_size == hf.vision_config.patch_size
     assert big.num_query_tokens == hf.num_query_tokens
+
+
+@torch.no_grad()
+def test_hub_files_with_the_tied_head_load_and_a_missing_tensor_is_named(saved, loaded, tmp_path):
+    """The hub's 4.x files also store OPT's tied `language_model.lm_head.weight`; a file that lacks a Q-Former
+    tensor is refused with its checkpoint name."""
+    from safetensors.torch import load_file, save_file
+
+    d = saved["opt"][1]
+    tensors = load_file(d / "model.safetensors")
+    tensors["language_model.lm_head.weight"] = tensors["language_model.model.decoder.embed_tokens.weight"].clone()
+    shutil.copy(d / "config.json", tmp_path / "config.json")
+    save_file(tensors, tmp_path / "model.safetensors")
+    ids, mask = prompts([[5, 6]])
+    px = images(1)
+    torch.testing.assert_close(pm.load(tmp_path)(ids, px, mask), loaded["opt"](ids, px, mask), atol=0, rtol=0)
+    del tensors["qformer.encoder.layer.0.output_query.dense.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing.*qformer\.encoder\.layer\.0\.output_query\.dense\.weight"):
+        pm.load(tmp_path)

@@ -142,13 +142,15 @@ class QFormerLayer(nn.Module):
     def forward(self, x: Tensor, queries: int, mask: Tensor | None, image: Tensor | None) -> Tensor:
         """x (B, Q + T, D) with Q = `queries`; mask (B, 1, 1, Q + T) bool or None; image (B, S, Dv)."""
         x = self.norm1(x + self.attn(x, mask=mask))
-        q, text = x[:, :queries], x[:, queries:]
-        if queries and self.cross_attn is not None:
-            q = self.norm_cross(q + self.cross_attn(q, image))  # every image position is real: no mask
-        q = self.norm_query(q + self.mlp_query(q))
+        q, text = x[:, :queries], x[:, queries:]  # (B, Q, D), (B, T, D)
         if text.shape[1]:
             text = self.norm2(text + self.mlp(text))
-        return torch.cat([q, text], dim=1) if text.shape[1] and queries else (q if queries else text)
+        if not queries:  # ITC's text encoder: the text alone
+            return text
+        if self.cross_attn is not None:
+            q = self.norm_cross(q + self.cross_attn(q, image))  # every image position is real: no mask
+        q = self.norm_query(q + self.mlp_query(q))
+        return torch.cat([q, text], dim=1) if text.shape[1] else q
 
 
 class QFormer(nn.Module):
