@@ -44,6 +44,7 @@ from polymodal.models.opt import OPT, OPTConfig
 from polymodal.models.t5 import T5, T5Config
 from polymodal.models.vit import ViT, ViTConfig
 from polymodal.nn import MLP, Attention, padding_mask
+from polymodal.processing.blip2 import Blip2Processor
 from polymodal.processing.image import ImageProcessor
 from polymodal.registry import Family, Layout
 from polymodal.weights.keymap import Drop, Fuse, KeyMap, Rename
@@ -116,6 +117,22 @@ class Blip2Config:
     def is_t5(self) -> bool:
         return isinstance(self.text_config, T5Config)
 
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """Flan-T5's generate returns the decoder's sequence, not the prompt continued (the pipelines read it)."""
+        return self.is_t5
+
+    @property
+    def text_positions(self) -> int:
+        """The Q-Former's text positions (retrieval's text encoder): the image-text-matching pipeline truncates to
+        them."""
+        return self.qformer_config.max_position_embeddings
+
+    @property
+    def image_tokens(self) -> int:
+        """The visual prompt's length: the image tokens each prompt holds (the chat pipeline checks its processor)."""
+        return self.num_query_tokens
+
 
 # ------------------------------------------------------------------------------------------------ Q-Former
 
@@ -165,15 +182,22 @@ class QFormer(nn.Module):
 
     def forward(self, x: Tensor, queries: int, attention_mask: Tensor | None = None,
                 image: Tensor | None = None) -> Tensor:
-        """x (B, Q + T, D), queries = Q; attention_mask (B, Q + T) 1 for real positions; image (B, S, Dv), needed
-        when Q > 0."""
+        """x (B, Q + T, D), queries = Q; attention_mask (B, Q + T) 1 for real positions, or a boolean
+        (B, 1, Q + T, Q + T) mask of which position sees which (True: may attend; stage 1's unimodal, bidirectional
+        and multimodal-causal masks, `polymodal.train.blip2.qformer_mask`); image (B, S, Dv), needed when Q > 0."""
         if queries and image is None:
             raise ValueError("the Q-Former's queries cross-attend an image: pass its features")
         dtype = self.layernorm.weight.dtype  # fp32 in a half-precision model (see the module docstring)
         x = self.layernorm(x.to(dtype))
         image = None if image is None else image.to(dtype)
         mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            L = x.shape[1]
+            if attention_mask.dtype != torch.bool or attention_mask.shape[1:] != (1, L, L):
+                raise ValueError(f"a full Q-Former mask is boolean (B, 1, {L}, {L}), got {attention_mask.dtype} "
+                                 f"{tuple(attention_mask.shape)}")
+            mask = attention_mask
+        elif attention_mask is not None and not bool(attention_mask.all()):
             mask = padding_mask(attention_mask)  # (B, 1, 1, Q + T): both ways, padding keys hidden
         for layer in self.layers:
             x = layer(x, queries, mask, image)
@@ -361,10 +385,36 @@ class Blip2(nn.Module):
         if mask is not None and tuple(mask.shape) != (ids.shape[0], Q + ids.shape[1]):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected input_ids' "
                              f"{tuple(input_ids.shape)}")
+        return self._itm_logits(image, ids, mask)
+
+    def _itm_logits(self, image: Tensor, ids: Tensor, mask: Tensor | None) -> Tensor:
+        """image tokens (B, 1+N, Dv), texts alone (B, T), mask (B, Q + T) or None -> ITM logits (B, 2)."""
+        Q = self.config.num_query_tokens
         text = self.embeddings(ids)  # (B, T, D)
         x = torch.cat([self.query_tokens.expand(ids.shape[0], -1, -1).to(text.dtype), text], dim=1)
         h = self.qformer(x, Q, mask, image)[:, :Q]  # (B, Q, D)
         return self.itm_head(h.to(self.itm_head.weight.dtype)).mean(1)
+
+    def match(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Both scores of image i and text i from the images' tokens (B, 1+N, Dv) (`image_embeds`, computed once
+        for every text) and the texts alone (B, T) (no image tokens: the tokenizer's ids) -> (ITM logits (B, 2),
+        ITC cosine (B,): the best over the image's queries), as the image-text-matching pipeline reads them."""
+        self._needs("retrieval")
+        ids = input_ids
+        if ids.dim() != 2 or ids.is_floating_point() or image.dim() != 3 or image.shape[0] != ids.shape[0]:
+            raise ValueError(f"expected image tokens ({ids.shape[0]}, 1+N, D) for texts (B, T) of integer ids, got "
+                             f"{tuple(image.shape)} and {tuple(ids.shape)}")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(ids.shape):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected input_ids' "
+                             f"{tuple(ids.shape)}")
+        Q = self.config.num_query_tokens
+        mask = None if attention_mask is None else torch.cat([attention_mask.new_ones(ids.shape[0], Q),
+                                                               attention_mask], dim=1)
+        logits = self._itm_logits(image, ids, mask)
+        z = self.qformer(self.query_tokens.expand(image.shape[0], -1, -1), Q, image=image)  # (B, Q, D)
+        queries = F.normalize(self.vision_projection(z.to(self.vision_projection.weight.dtype)), dim=-1)
+        text = self._text_embeds(ids, attention_mask)  # (B, E)
+        return logits, (queries @ text[:, :, None]).squeeze(-1).amax(dim=1)
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """ITC's image embeddings (B, Q, E), unit length: one per query."""
@@ -383,7 +433,11 @@ class Blip2(nn.Module):
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected input_ids' "
                                  f"{tuple(input_ids.shape)}")
             attention_mask = attention_mask[:, input_ids.shape[1] - ids.shape[1]:]
-        h = self.qformer(self.embeddings(ids), 0, attention_mask)  # (B, T, D)
+        return self._text_embeds(ids, attention_mask)
+
+    def _text_embeds(self, ids: Tensor, mask: Tensor | None) -> Tensor:
+        """The texts alone (B, T) -> ITC's text embeddings (B, E), unit length."""
+        h = self.qformer(self.embeddings(ids), 0, mask)  # (B, T, D)
         return F.normalize(self.text_projection(h[:, 0].to(self.text_projection.weight.dtype)), dim=-1)
 
     def itc(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -578,5 +632,9 @@ FAMILY = Family(
     hub_ids=HUB_IDS,
     description="BLIP-2: frozen ViT-g, Q-Former queries as a soft prompt of OPT or Flan-T5; ITM/ITC retrieval",
     image_processor=lambda c: ImageProcessor.blip(size=c.vision_config.image_size),
-    tasks=(),  # the BLIP pipelines call BLIP's own API, and image-text-to-text needs a chat processor
+    processor=Blip2Processor.from_pretrained,
+    tasks=("image-to-text", "visual-question-answering", "image-text-to-text", "image-text-matching"),
+    checkpoints={"generation": ("Blip2ForConditionalGeneration",
+                                ("image-to-text", "visual-question-answering", "image-text-to-text")),
+                 "retrieval": ("Blip2ForImageTextRetrieval", ("image-text-matching",))},
 )

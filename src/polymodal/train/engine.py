@@ -108,10 +108,11 @@ def _no_decay(name: str, module: nn.Module, p: Tensor) -> bool:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: weight decay on matrices (linear, conv, token embeddings), none on biases, norm
     weights, scalars and position tables (decaying those only pulls them to zero; nanoGPT, timm)."""
-    decay, no_decay = [], []
+    decay, no_decay, seen = [], [], set()
     for mname, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
-            if p.requires_grad:
+            if p.requires_grad and id(p) not in seen:  # a tied weight (OPT's lm_head) is one parameter, once
+                seen.add(id(p))
                 (no_decay if _no_decay(f"{mname}.{pname}", module, p) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -13,6 +13,10 @@ All recipes live in the one explicit `RECIPES` dict below; `polymodal train NAME
 * `blip-shapes-vqa`: BLIP's VQA model (question encoder + answer decoder) on ShapesWorld's questions (count,
   color, shape, existence), from scratch or from a `blip-shapes` run (`init=DIR`), reported as exact-match answer
   accuracy on seen and never-seen combinations, per kind of question.
+* `blip2-shapes`: BLIP-2's two stages (train/blip2.py) over a frozen image encoder and a frozen tiny OPT: stage 1
+  trains the Q-Former with ITC, ITM and ITG under their attention masks, stage 2 makes its queries a soft prompt of
+  the OPT (LM loss on captions); `stage=1|2|both`, `init=DIR` (stage 2 from a stage-1 run), `ablation=true` (stage
+  2 from stage 1 vs from scratch: caption exact match and zero-shot VQA on seen and never-seen combinations).
 * `lenet-fashion-mnist`: the paper's LeNet-5 (Table I connections, RBF output) on Fashion-MNIST with the paper's
   MAP loss, reported as accuracy on the 10,000 test images.
 * `vit-fashion-mnist`: a small ViT on Fashion-MNIST (by default the ViT paper's hybrid: a ResNet stem, then the
@@ -36,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polymodal.train import blip2
 from polymodal.train.config import ConfigError, TrainConfig, apply_overrides
 from polymodal.train.data import ShuffledBatches
 from polymodal.train.distributed import World, close_world, init_world
@@ -660,6 +665,9 @@ class Recipe:
     config: type[TrainConfig]
     build: Callable[[TrainConfig, World], Task]
     description: str
+    # a recipe of several runs (e.g. blip2-shapes' stages): plan(name, config, out, overrides, resume) runs them and
+    # returns the summary, or None for the usual single run
+    plan: Callable[..., dict | None] | None = None
 
 
 RECIPES: dict[str, Recipe] = {
@@ -670,6 +678,9 @@ RECIPES: dict[str, Recipe] = {
                           "small BLIP pretrained (ITC + ITM + LM) on noisy ShapesWorld pairs; captions, ITM, CapFilt"),
     "blip-shapes-vqa": Recipe(BlipShapesVqaConfig, build_blip_shapes_vqa,
                               "BLIP VQA on ShapesWorld's questions (init=a blip-shapes run); answer accuracy"),
+    "blip2-shapes": Recipe(blip2.Blip2ShapesConfig, blip2.build_blip2_shapes,
+                           "BLIP-2's stage 1 (ITC/ITM/ITG) and 2 (frozen OPT) on ShapesWorld; ablation=true: stage 1's "
+                           "effect on captions and VQA", plan=blip2.plan),
     "lenet-fashion-mnist": Recipe(LeNetFashionConfig, build_lenet_fashion,
                                   "the paper's LeNet-5 on Fashion-MNIST (MAP loss); test accuracy"),
     "vit-fashion-mnist": Recipe(ViTFashionConfig, build_vit_fashion,
@@ -689,6 +700,10 @@ def run(name: str, out: str | Path, overrides: list[str] = (), resume: bool = Fa
     resumed run that already finished returns its stored results without loading its data. quiet: notes to
     `out/train.log` only (`fit`)."""
     config = recipe_config(name, overrides)
+    if RECIPES[name].plan is not None:
+        summary = RECIPES[name].plan(name, config, out, list(overrides), resume)
+        if summary is not None:
+            return summary
     if getattr(config, "ablation", False):
         return run_ablation(name, out, overrides, resume)
     stored = check_run_dir(out, config, resume, quiet=os.environ.get("RANK", "0") != "0")
