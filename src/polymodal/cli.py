@@ -257,40 +257,91 @@ def cmd_chat(args) -> None:
     _sampling(args)  # refuse bad settings before the model loads
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
-    images = list(zip(args.image, _open_images(args.image)))  # decoded and checked before the model loads
-    if images and args.model is None:
-        raise UsageError("--image: the default chat model (SmolLM2-135M-Instruct) takes no images; pass --model a "
-                         "vision-language model such as a LLaVA checkpoint directory")
-    pipe = chat_pipeline(args.model, images=bool(images))  # a text-only model with --image: ValueError, exit 2
+    if args.fps is not None and not (args.fps > 0 and args.video):
+        raise UsageError("--fps is the rate videos are sampled at: a positive number, with --video")
+    if args.draw and not args.image:
+        raise UsageError("--draw draws the boxes and points of the answer on the first --image: give one")
+    if args.draw and args.message is None:
+        raise UsageError("--draw needs a message (one question, one answer)")
+    # decoded (images) or probed from the header (videos) before the model loads
+    media = [("image", p, im) for p, im in zip(args.image, _open_images(args.image))]
+    media += [("video", p, p) for p in _probe_videos(args.video)]
+    if media and args.model is None:
+        raise UsageError(f"--{media[0][0]}: the default chat model (SmolLM2-135M-Instruct) takes no images or "
+                         "videos; pass --model a vision-language model such as a LLaVA or Qwen2-VL checkpoint")
+    pipe = chat_pipeline(args.model, images=bool(media))  # a text-only model with --image: ValueError, exit 2
+    if args.video:
+        _video_settings(pipe, args.fps)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     if args.message is not None:  # one question, one answer
-        turn, shown = _user_turn(args.message, images)
+        turn, shown = _user_turn(args.message, media)
         if args.json:
             (result,) = pipe([*history, turn], **_sampling(args))
-            _emit(args, [{**result, "generated_text": [*history, shown, result["generated_text"][-1]]}], str)
+            out = {**result, "generated_text": [*history, shown, result["generated_text"][-1]]}
+            if args.draw:
+                out["regions"] = _draw(pipe, media, result["generated_text"][-1]["content"], args.draw)
+            _emit(args, [out], str)
             return
-        _stream_out(pipe, [*history, turn], args)
+        answer = _stream_out(pipe, [*history, turn], args)
+        if args.draw:
+            regions = _draw(pipe, media, answer, args.draw)
+            print(f"[{len(regions)} box(es) and point(s) drawn on {args.image[0]}: {args.draw}]", file=sys.stderr)
         return
     if args.json:
         raise UsageError("--json needs a message (the interactive chat streams text)")
-    _interactive_chat(pipe, history, args, images)
+    _interactive_chat(pipe, history, args, media)
 
 
-def _user_turn(text: str, images: list) -> tuple[dict, dict]:
-    """A user message with its (path, decoded image) pairs first, then the text; and the same naming the images by
-    path, as --json shows it."""
-    if not images:
+def _probe_videos(paths: list[str]) -> list[str]:
+    """Each --video's header read (size, rate, length checked against the decoding limits), no frame decoded."""
+    from polymodal.processing.video import probe_video
+
+    for p in paths:
+        probe_video(p)
+    return paths
+
+
+def _video_settings(pipe, fps: float | None) -> None:
+    """The pipeline's processor takes videos, sampled at --fps when given."""
+    video = getattr(pipe.processor, "video_processor", None)
+    if video is None:
+        raise ValueError(f"{pipe.source or 'this model'} is a {pipe.family} model: it takes images, not videos "
+                         "(Qwen2-VL and Qwen2.5-VL take videos)")
+    if fps is not None:
+        pipe.processor.video_processor = video.replace(fps=fps)
+
+
+def _draw(pipe, media: list, answer: str, out: str) -> list[dict]:
+    """The answer's boxes and points, read in the model's frame for the first image, drawn on it and saved to
+    `out` -> the regions in that image's pixels."""
+    from polymodal.processing.grounding import draw, parse_regions
+
+    image = next(im for kind, _, im in media if kind == "image")
+    frame_of = getattr(pipe.processor, "box_frame", None)
+    if frame_of is None:
+        raise ValueError(f"--draw: a {pipe.family} model writes no boxes in a known frame (Qwen2-VL and Qwen2.5-VL "
+                         "do)")
+    regions = parse_regions(answer, frame_of(image.width, image.height))
+    draw(image, regions).save(out)
+    return [r.to_image(image.size).as_dict() for r in regions]
+
+
+def _user_turn(text: str, media: list) -> tuple[dict, dict]:
+    """A user message with its (kind, path, image or video) attachments first, then the text; and the same naming
+    them by path, as --json shows it."""
+    if not media:
         return {"role": "user", "content": text}, {"role": "user", "content": text}
     question = {"type": "text", "text": text}
-    return ({"role": "user", "content": [*({"type": "image", "image": im} for _, im in images), question]},
-            {"role": "user", "content": [*({"type": "image", "path": str(p)} for p, _ in images), question]})
+    return ({"role": "user", "content": [*({"type": kind, kind: obj} for kind, _, obj in media), question]},
+            {"role": "user", "content": [*({"type": kind, "path": str(p)} for kind, p, _ in media), question]})
 
 
-def _interactive_chat(pipe, history: list[dict], args, images: list = ()) -> None:
+def _interactive_chat(pipe, history: list[dict], args, media: list = ()) -> None:
     """A multi-turn session on stdin: line editing and history (readline) at a terminal; Ctrl-C stops the answer
     being written (the turn is dropped) and keeps the session; Ctrl-D or /exit ends it. With a vision-language
-    model, `/image PATH` attaches an image to the next question (--image ones go with the first); a question the
-    model refuses (too long with its images, say) is reported and dropped, and the session goes on."""
+    model, `/image PATH` (`/video PATH`) attaches one to the next question (--image and --video ones go with the
+    first); a question the model refuses (too long with its images, say) is reported and dropped, and the session
+    goes on."""
     from polymodal.weights.record import record
 
     interactive = sys.stdin.isatty()
@@ -299,12 +350,12 @@ def _interactive_chat(pipe, history: list[dict], args, images: list = ()) -> Non
             import readline  # noqa: F401  (input() gains line editing and history)
         except ImportError:  # Windows
             pass
-        attach = "/image PATH attaches an image to your next question, " if pipe.takes_images else ""
+        attach = "/image PATH (/video PATH) attaches one to your next question, " if pipe.takes_images else ""
         source = record(pipe.model).source
         print(f"chatting with {source or 'the default model'}; {attach}/reset clears "
               "the conversation, Ctrl-C stops an answer, /exit or Ctrl-D ends the chat", file=sys.stderr)
     system = history[:1]
-    pending = list(images)  # (path, image) pairs for the next question
+    pending = list(media)  # (kind, path, image or video) for the next question
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -321,12 +372,13 @@ def _interactive_chat(pipe, history: list[dict], args, images: list = ()) -> Non
         if line == "/reset":
             turns = (len(history) - len(system)) // 2
             history = list(system)
-            dropped = f", {len(pending)} attached image(s) dropped" if pending else ""
+            dropped = f", {len(pending)} attachment(s) dropped" if pending else ""
             pending = []
             print(f"(conversation cleared: {turns} turn{'s' * (turns != 1)} forgotten{dropped})", file=sys.stderr)
             continue
-        if line == "/image" or line.startswith("/image "):
-            pending += _attach(pipe, line[len("/image"):].strip())
+        command = line.split(maxsplit=1)
+        if command[0] in ("/image", "/video"):
+            pending += _attach(pipe, command[0][1:], command[1].strip() if len(command) > 1 else "")
             continue
         turn, _ = _user_turn(line, pending)
         if interactive:
@@ -343,23 +395,27 @@ def _interactive_chat(pipe, history: list[dict], args, images: list = ()) -> Non
         pending = []
 
 
-def _attach(pipe, path: str) -> list:
-    """`/image PATH` in the interactive chat -> [(path, decoded image)], or [] after saying on stderr why not."""
+def _attach(pipe, kind: str, path: str) -> list:
+    """`/image PATH` or `/video PATH` in the interactive chat -> [(kind, path, decoded image or the video's path)],
+    or [] after saying on stderr why not."""
     from polymodal.pipelines.text import no_images_error
 
     if not path:
-        print("(usage: /image PATH attaches that image to your next question)", file=sys.stderr)
+        print(f"(usage: /{kind} PATH attaches that {kind} to your next question)", file=sys.stderr)
         return []
     if not pipe.takes_images:
         print(f"error: {no_images_error(pipe.model)}", file=sys.stderr)
         return []
+    if kind == "video" and getattr(pipe.processor, "video_processor", None) is None:
+        print(f"error: a {pipe.family} model takes images, not videos", file=sys.stderr)
+        return []
     try:
-        (image,) = _open_images([path])
-    except ValueError as e:  # ImageError: missing, not an image, too large
+        (item,) = _open_images([path]) if kind == "image" else _probe_videos([path])
+    except ValueError as e:  # ImageError / VideoError: missing, not decodable, too large
         print(f"error: {_first_line(e)}", file=sys.stderr)
         return []
     print(f"({path} goes with your next question)", file=sys.stderr)
-    return [(path, image)]
+    return [(kind, path, item)]
 
 
 def cmd_demo(args) -> None:
@@ -511,8 +567,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("message", nargs="?", default=None, help="answer this once; without it, an interactive chat")
     sp.add_argument("--system", default=None, help="system prompt")
     sp.add_argument("--image", action="append", default=[], help="an image to ask about, with a vision-language "
-                    "--model such as LLaVA (repeatable; interactive: they go with the first question, and /image "
-                    "PATH attaches more later)")
+                    "--model such as LLaVA or Qwen2-VL (repeatable; interactive: they go with the first question, "
+                    "and /image PATH attaches more later)")
+    sp.add_argument("--video", action="append", default=[], help="a video to ask about, with a Qwen2-VL or "
+                    "Qwen2.5-VL --model (repeatable; interactive: /video PATH attaches more later)")
+    sp.add_argument("--fps", type=float, default=None, help="sample --video at this many frames per second "
+                    "(default: the processor's, 2)")
+    sp.add_argument("--draw", default=None, metavar="OUT.png", help="draw the boxes and points of the answer on "
+                    "the first --image and save it there (with --json: the regions in its pixels too)")
     add_sampling(sp)
 
     add("models", cmd_models, "list the models that run here offline, then every family's presets and hub ids")

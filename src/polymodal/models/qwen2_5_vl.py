@@ -30,6 +30,7 @@ from polymodal.models.qwen2_vl import (
     write_hf_vl,
 )
 from polymodal.nn import RMSNorm, SwiGLU
+from polymodal.processing.qwen2_vl import Qwen2VLProcessor
 from polymodal.registry import Family, Layout, native_layout
 
 
@@ -157,6 +158,6 @@ FAMILY = Family(
     presets=PRESETS,
     hub_ids=HUB_IDS,
     description="Qwen2.5-VL: Qwen2-VL with a windowed RMSNorm/SwiGLU vision tower and absolute-time video M-RoPE",
-    processor=None,
+    processor=Qwen2VLProcessor.from_pretrained,
     tasks=("image-text-to-text",),
 )

@@ -30,6 +30,7 @@ from polymodal.generation import CausalLM, DecoderState
 from polymodal.models.llama import hf_key_map, read_hf_config, write_hf_config
 from polymodal.models.qwen2 import Qwen2, Qwen2Config
 from polymodal.nn import MLP, Attention, KVCache, LayerNorm
+from polymodal.processing.qwen2_vl import Qwen2VLProcessor
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import KeyMap
 
@@ -528,6 +529,6 @@ FAMILY = Family(
     hub_ids=HUB_IDS,
     description="Qwen2-VL: a native-resolution ViT (2-D RoPE, per-frame attention, 2x2 patch merger) for images and "
                 "videos into a Qwen2 decoder with M-RoPE",
-    processor=None,
+    processor=Qwen2VLProcessor.from_pretrained,
     tasks=("image-text-to-text",),
 )

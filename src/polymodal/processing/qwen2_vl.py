@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from polymodal.processing.grounding import RELATIVE_1000, Frame
 from polymodal.processing.image import CLIP_MEAN, CLIP_STD, FORMATS, ImageTooLarge, open_image, to_rgb
 from polymodal.processing.text import TextTokenizer
 from polymodal.processing.video import Video, VideoError, frames_video, probe_video, read_video, sample_indices
@@ -373,7 +374,8 @@ class Qwen2VLProcessor(ChatProcessor):
     def __init__(self, tokenizer: TextTokenizer, image_processor: Qwen2VLImageProcessor | None = None,
                  video_processor: Qwen2VLVideoProcessor | None = None, *, image_token: str = "<|image_pad|>",
                  video_token: str = "<|video_pad|>", second_per_grid_ts: bool = False,
-                 context_length: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 boxes: Literal["relative", "resized"] | None = None, context_length: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         super().__init__(tokenizer, {"image": image_token, "video": video_token}, context_length=context_length,
                          max_pixels=max_pixels)
         self.image_processor = image_processor or Qwen2VLImageProcessor()
@@ -381,6 +383,18 @@ class Qwen2VLProcessor(ChatProcessor):
         self.image_token, self.image_token_id = self.media_tokens["image"]
         self.video_token, self.video_token_id = self.media_tokens["video"]
         self.second_per_grid_ts = second_per_grid_ts
+        # the frame of the boxes the model writes: Qwen2-VL's 0-1000 relative ones; Qwen2.5-VL (the processor that
+        # gives second_per_grid_ts) was trained on absolute coordinates in the resized image's pixels
+        self.boxes = boxes or ("resized" if second_per_grid_ts else "relative")
+
+    def box_frame(self, width: int, height: int) -> Frame:
+        """The frame of the boxes and points the model writes about an image of width x height (the original):
+        `processing.grounding.parse_regions(answer, frame)` reads them, `region.to_image((width, height))` maps
+        them back to that image's pixels."""
+        if self.boxes == "relative":
+            return RELATIVE_1000
+        h, w = self.image_processor.resized(height, width)
+        return Frame("resized", (w, h))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, backend: Literal["torch", "pil"] = "torch",

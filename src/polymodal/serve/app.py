@@ -314,6 +314,16 @@ async def _canonical_messages(app: FastAPI, req: ChatCompletionRequest) -> list[
         raise APIError(e.status, str(getattr(e, "message", e)), param="messages") from None
 
 
+def _processor_messages(messages: list[dict]) -> list[dict]:
+    """Canonical messages as a chat processor takes them: a video part's sampled frames under "video", with the rate
+    the media layer sampled them at."""
+    def part(p: dict) -> dict:
+        return {"type": "video", "video": p["frames"], "fps": p["fps"]} if p["type"] == "video" else p
+
+    return [msg if isinstance(msg["content"], str) else {**msg, "content": [part(p) for p in msg["content"]]}
+            for msg in messages]
+
+
 def _text_only(messages: list[dict]) -> list[dict]:
     """Canonical messages with text parts joined into one string: what text-only chat templates expect."""
     return [{"role": msg["role"], "content": msg["content"] if isinstance(msg["content"], str)
@@ -349,7 +359,7 @@ async def _engine_events(app: FastAPI, m: ServedModel, messages: list[dict], max
         if m.processor is None:
             text = m.tokenizer.apply_chat_template(_text_only(messages), add_generation_prompt=True)
             return m.tokenizer.encode(text, add_special_tokens=False), {}  # the template placed the special tokens
-        inputs = m.processor(messages)  # one conversation: (1, T) ids, images expanded, and pixel values
+        inputs = m.processor(_processor_messages(messages))  # one conversation: (1, T) ids, media expanded, pixels
         extras = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
         return inputs["input_ids"][0].tolist(), extras
 

@@ -208,7 +208,9 @@ def serve_model(model_id: str, obj, *, source: str = "", tokenizer=None, process
         if tokenizer.chat_template is None:
             raise ValueError("its tokenizer has no chat template, so it cannot serve chat completions")
         engine = ChatEngine(obj.eval(), tokenizer, max_batch=max_batch, max_queue=max_queue)
-        modalities = frozenset({"text", "image"} if processor is not None else {"text"})
+        # a chat processor names the media it places in a prompt (LLaVA: images; Qwen2-VL: images and videos)
+        media = set(getattr(processor, "media_tokens", {"image": None})) if processor is not None else set()
+        modalities = frozenset({"text", *media})
         return ServedModel(model_id, "chat", modalities, source, engine=engine, tokenizer=tokenizer,
                            processor=processor, defaults=request_defaults(obj, model_id))
     raise ValueError(f"a {type(obj).__name__} can be neither chatted with nor embedded: the server serves decoder "
