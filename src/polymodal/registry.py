@@ -106,6 +106,11 @@ class Family:
     # the pm.pipeline tasks its models serve (transformers' task names); a pipeline refuses a model of a family that
     # does not list its task, naming the ones it does
     tasks: tuple[str, ...] = ()
+    # for a family whose checkpoints are task models (BLIP's captioning, VQA and retrieval files): the config's
+    # `task` -> (the transformers class of such a checkpoint, the pipeline tasks it serves); a pipeline refuses a
+    # checkpoint of the family that does not serve its task, naming the one that would. Empty: every checkpoint
+    # serves all of `tasks`
+    checkpoints: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
 
     @property
     def default_layout(self) -> Layout:

@@ -459,4 +459,7 @@ FAMILY = Family(
     description="BLIP: ViT + BERT multimodal encoder-decoder; captioning, image-text matching/retrieval, VQA",
     image_processor=lambda c: ImageProcessor.blip(size=c.vision.image_size),
     tasks=("image-to-text", "visual-question-answering", "image-text-matching"),
+    checkpoints={"captioning": ("BlipForConditionalGeneration", ("image-to-text",)),
+                 "vqa": ("BlipForQuestionAnswering", ("visual-question-answering",)),
+                 "retrieval": ("BlipForImageTextRetrieval", ("image-text-matching",))},
 )

@@ -39,6 +39,8 @@ class Pipeline:
             serves = f"it serves {', '.join(fam.tasks)}" if fam.tasks else "no pipeline serves it: use its Python API"
             raise ValueError(f"{record(model).origin or 'this model'} is a {fam.name} model, not {self.model_kind}: "
                              f"{serves}")
+        if self.task and fam.checkpoints:
+            check_checkpoint_task(fam, model.config.task, self.task)
         if optimize:
             from polymodal.nn.inference import optimize_for_inference
 
@@ -67,6 +69,24 @@ class Pipeline:
 
         opened = [open_image(im) for im in images]
         return to_model(self.processor.inputs(opened), self.device, self.dtype)
+
+
+def check_checkpoint_task(fam: registry.Family, kind: str, task: str) -> None:
+    """Refuse a checkpoint of a task-model family (`Family.checkpoints`) that does not serve pipeline `task`, naming
+    the checkpoint that would."""
+    if task in fam.checkpoints.get(kind, ("", ()))[1]:
+        return
+    name = fam.name.upper()
+    want = [f"a {name} {k} checkpoint ({arch})" for k, (arch, tasks) in fam.checkpoints.items() if task in tasks]
+    raise ValueError(f"{task} needs {' or '.join(want)}, got a {name} {kind} checkpoint")
+
+
+def new_tokens(model: nn.Module, generated: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """What `generate` added (B, N): the tokens after the prompt, or for an encoder-decoder
+    (`config.is_encoder_decoder`: T5, a Flan-T5 BLIP-2), whose output is its decoder's sequence, those after the
+    decoder's start token."""
+    start = 1 if getattr(model.config, "is_encoder_decoder", False) else input_ids.shape[1]
+    return generated[:, start:]
 
 
 def to_model(inputs: dict[str, torch.Tensor], device, dtype) -> dict[str, torch.Tensor]:
@@ -101,8 +121,9 @@ def default_image_processor(model: nn.Module):
     from polymodal.processing import ImageProcessor
 
     source: Path | None = record(model).source
-    if source is not None and (source / "preprocessor_config.json").exists():
-        return ImageProcessor.from_pretrained(source)
+    if source is not None and ((source / "preprocessor_config.json").exists()
+                               or "image_processor" in _json_or_empty(source / "processor_config.json")):
+        return ImageProcessor.from_pretrained(source)  # (transformers 5 nests it in processor_config.json)
     if source is not None and (source / "open_clip_config.json").exists():
 
         cfg = read_json(source / "open_clip_config.json")
@@ -119,3 +140,7 @@ def default_tokenizer(model: nn.Module):
     if source is not None and any((source / f).exists() for f in ("tokenizer.json", "vocab.json")):
         return CLIPTokenizer.from_pretrained(source)
     return CLIPTokenizer.default()
+
+
+def _json_or_empty(path: Path) -> dict:
+    return read_json(path) if path.exists() else {}

@@ -1,4 +1,5 @@
-"""Image-grounded text: captioning, visual question answering, image-text matching, and BLIP's CapFilt.
+"""Image-grounded text: captioning, visual question answering, image-text matching, and BLIP's CapFilt, with BLIP's
+and BLIP-2's checkpoints.
 
 Outputs follow transformers' pipelines: `[{"generated_text": ...}]` per image for "image-to-text",
 `[{"answer": ...}]` for "visual-question-answering"; "image-text-matching" ranks texts by the probability that
@@ -11,24 +12,29 @@ from dataclasses import dataclass
 
 import torch
 
-from polymodal.pipelines.base import Pipeline, as_list
+from polymodal.pipelines.base import Pipeline, as_list, family_processor, new_tokens, to_model
 from polymodal.pipelines.text import default_text_tokenizer
 
 
 class _ImageTextModelPipeline(Pipeline):
-    """A BLIP checkpoint of the task this pipeline serves, with its tokenizer."""
+    """A checkpoint that serves this pipeline's task (its family's `Family.checkpoints` say which: BLIP's captioning,
+    VQA and retrieval files; BLIP-2's generative and retrieval ones), with its tokenizer. A family that owns a
+    processor (BLIP-2's: the image tokens before the text) prepares the prompts and pixels with it
+    (`self.prompts`); otherwise the tokenizer and the image processor do (BLIP)."""
 
-    needs: str = ""  # the checkpoint's task (BlipConfig.task)
-    model_kind = "a BLIP checkpoint"
+    model_kind = "an image-text model (BLIP, BLIP-2)"
+    uses_prompts = True  # the family's processor writes the prompts (image-text matching tokenizes texts alone)
 
     def __init__(self, model, *, tokenizer=None, **kw):
         super().__init__(model, **kw)
-        task = getattr(self.model.config, "task", None)
-        if self.family != "blip" or task != self.needs:
-            what = f"a BLIP {task} checkpoint" if self.family == "blip" else f"a {self.family} model"
-            raise ValueError(f"{self.task} needs a BLIP {self.needs} checkpoint (BlipFor"
-                             f"{_ARCH[self.needs]}), got {what}")
-        self.tokenizer = tokenizer or default_text_tokenizer(self.model)
+        if not hasattr(self, "prompts"):  # (default_processor read it already, unless processor= was given)
+            self.prompts = family_processor(self.model) if self.uses_prompts else None
+        self.tokenizer = tokenizer or getattr(self.prompts, "tokenizer", None) or default_text_tokenizer(self.model)
+
+    def default_processor(self):
+        """The family processor's image processor when the family owns one, else the checkpoint's own."""
+        self.prompts = family_processor(self.model) if self.uses_prompts else None
+        return self.prompts.image_processor if self.prompts is not None else super().default_processor()
 
     def _generate(self, images, ids, mask, max_new_tokens, seed, **options):
         if seed is not None:
@@ -36,8 +42,15 @@ class _ImageTextModelPipeline(Pipeline):
         return self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device),
                                    max_new_tokens=max_new_tokens, **self.image_inputs(images), **options)
 
+    def _generate_prompted(self, images, texts: list[str], max_new_tokens, seed, **options):
+        """Each image with its prompt through the family's processor -> (generate's output, the inputs' ids)."""
+        from polymodal.processing import open_image
 
-_ARCH = {"captioning": "ConditionalGeneration", "vqa": "QuestionAnswering", "retrieval": "ImageTextRetrieval"}
+        if seed is not None:
+            options["generator"] = torch.Generator(device=self.device).manual_seed(seed)
+        inputs = to_model(self.prompts(text=texts, images=[open_image(im) for im in images]), self.device,
+                          self.dtype)
+        return self.model.generate(**inputs, max_new_tokens=max_new_tokens, **options), inputs["input_ids"]
 
 
 class ImageToTextPipeline(_ImageTextModelPipeline):
@@ -45,7 +58,6 @@ class ImageToTextPipeline(_ImageTextModelPipeline):
     (BLIP's "a picture of"), which the text then starts with."""
 
     task = "image-to-text"
-    needs = "captioning"
 
     @torch.inference_mode()
     def __call__(self, images, prompt: str | None = None, *, max_new_tokens: int = 30, num_beams: int = 1,
@@ -54,15 +66,23 @@ class ImageToTextPipeline(_ImageTextModelPipeline):
         items, single = as_list(images)
         if prompt is not None and not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, not {type(prompt).__name__}")
+        options = dict(num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                       repetition_penalty=repetition_penalty)
+        if self.prompts is not None:  # BLIP-2: the processor's image tokens, then the prompt as the tokenizer frames it
+            out = []
+            for i in range(0, len(items), batch_size):
+                chunk = items[i : i + batch_size]
+                generated, _ = self._generate_prompted(chunk, [prompt or ""] * len(chunk), max_new_tokens, seed,
+                                                       **options)
+                out += [[{"generated_text": t.strip()}] for t in self.tokenizer.batch_decode(generated.tolist())]
+            return out[0] if single else out
         start = [self.model.config.text.bos_token_id]
         row = start + (self.tokenizer.encode(prompt, add_special_tokens=False) if prompt else [])
         out = []
         for i in range(0, len(items), batch_size):
             chunk = items[i : i + batch_size]
             ids, mask = self.tokenizer.pad([row] * len(chunk))
-            generated = self._generate(chunk, ids, mask, max_new_tokens, seed, num_beams=num_beams,
-                                       do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                                       repetition_penalty=repetition_penalty)
+            generated = self._generate(chunk, ids, mask, max_new_tokens, seed, **options)
             out += [[{"generated_text": self.tokenizer.decode(g, skip_special_tokens=True).strip()}]
                     for g in generated.tolist()]
         return out[0] if single else out
@@ -72,7 +92,9 @@ class VisualQuestionAnsweringPipeline(_ImageTextModelPipeline):
     """`pipe(image, question)` -> [{"answer"}]; a list of images with one question, or a question per image."""
 
     task = "visual-question-answering"
-    needs = "vqa"
+    # BLIP-2's prompt for OPT and Flan-T5 (Li et al. 2023, sec. 4.2), for a family that writes prompts (BLIP's VQA
+    # model encodes the question itself)
+    template = "Question: {} Answer:"
 
     @torch.inference_mode()
     def __call__(self, image, question, *, max_new_tokens: int = 10, num_beams: int = 1, batch_size: int = 8):
@@ -82,6 +104,14 @@ class VisualQuestionAnsweringPipeline(_ImageTextModelPipeline):
             raise ValueError("visual-question-answering takes one non-empty question (a string) for all images, or "
                              f"one per image; got {len(questions)} for {len(images)} image(s)")
         out = []
+        if self.prompts is not None:  # BLIP-2: the answer is what the language model adds after the prompt
+            for i in range(0, len(images), batch_size):
+                texts = [self.template.format(q.strip()) for q in questions[i : i + batch_size]]
+                generated, ids = self._generate_prompted(images[i : i + batch_size], texts, max_new_tokens, None,
+                                                         num_beams=num_beams)
+                answers = self.tokenizer.batch_decode(new_tokens(self.model, generated, ids).tolist())
+                out += [[{"answer": a.strip()}] for a in answers]
+            return out[0] if single else out
         for i in range(0, len(images), batch_size):
             ids, mask = self.tokenizer(questions[i : i + batch_size], padding_side="right")
             ids, mask = _fit(ids, mask, self.model.config.text.max_position_embeddings)
@@ -97,7 +127,7 @@ class ImageTextMatchingPipeline(_ImageTextModelPipeline):
     probability that the text describes the image, `similarity` the ITC cosine of their embeddings."""
 
     task = "image-text-matching"
-    needs = "retrieval"
+    uses_prompts = False  # texts alone, scored against image tokens encoded once (`model.match`)
 
     @torch.inference_mode()
     def scores(self, images, texts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +136,7 @@ class ImageTextMatchingPipeline(_ImageTextModelPipeline):
         if len(images) not in (1, len(texts)):
             raise ValueError(f"expected one image, or one per text: {len(images)} images, {len(texts)} texts")
         ids, mask = self.tokenizer(texts, padding_side="right")
-        ids, mask = _fit(ids.to(self.device), mask.to(self.device), self.model.config.text.max_position_embeddings)
+        ids, mask = _fit(ids.to(self.device), mask.to(self.device), _text_positions(self.model.config))
         tokens = self.model.image_embeds(**self.image_inputs(images))  # (1 or N, 1+P, D): each image encoded once
         logits, cosine = self.model.match(tokens.expand(len(texts), -1, -1), ids, mask)
         return logits.float().softmax(-1)[:, 1], cosine.float()
@@ -118,6 +148,12 @@ class ImageTextMatchingPipeline(_ImageTextModelPipeline):
         match, similarity = self.scores([image], items)
         ranked = sorted(zip(items, match.tolist(), similarity.tolist()), key=lambda r: -r[1])
         return [{"text": t, "score": s, "similarity": c} for t, s, c in ranked]
+
+
+def _text_positions(config) -> int:
+    """The positions of the model's text encoder: a config's `text_positions` (BLIP-2's Q-Former), else those of its
+    text config (BLIP's BERT)."""
+    return getattr(config, "text_positions", None) or config.text.max_position_embeddings
 
 
 def _fit(ids: torch.Tensor, mask: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:

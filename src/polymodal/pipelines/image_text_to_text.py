@@ -1,5 +1,5 @@
-"""Chat about images: `pm.pipeline("image-text-to-text", model=...)` on a vision-language model (LLaVA), with
-transformers' task name, inputs and output shape.
+"""Chat about images: `pm.pipeline("image-text-to-text", model=...)` on a vision-language model (LLaVA, Qwen2-VL,
+BLIP-2), with transformers' task name, inputs and output shape.
 
     pipe = pm.pipeline("image-text-to-text", model="path/to/llava-1.5-7b-hf")
     messages = [{"role": "user", "content": [{"type": "image", "image": "cat.jpg"},
@@ -94,11 +94,15 @@ class ImageTextToTextPipeline(TextGenerationPipeline):
                                  "prompt")
             return [_Prompt(t, tuple(group)) for t, group in zip(texts, listed)]
         prompts, start = [], 0  # a flat list, dealt out in reading order
+        fixed = getattr(self.processor, "images_per_prompt", None)  # BLIP-2: one each, its tokens not in the text
         for t in texts:
-            n = t.count(self.processor.image_token)
+            n = fixed if fixed is not None else t.count(self.processor.image_token)
             prompts.append(_Prompt(t, tuple(listed[start : start + n])))
             start += n
         if start != len(listed):
+            if fixed is not None:
+                raise ValueError(f"{len(listed)} image(s) given for {len(texts)} prompt(s); this model reads {fixed} "
+                                 "image(s) per prompt")
             raise ValueError(f"{len(listed)} image(s) given for {start} {self.processor.image_token} in the prompts; "
                              "write one in the text for each image")
         return prompts

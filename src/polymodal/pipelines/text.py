@@ -23,7 +23,7 @@ import torch
 
 from polymodal import registry
 from polymodal.generation import generate, generation_defaults
-from polymodal.pipelines.base import Pipeline
+from polymodal.pipelines.base import Pipeline, new_tokens
 from polymodal.providers.base import ChatResult
 from polymodal.weights.record import record
 
@@ -213,7 +213,7 @@ class TextGenerationPipeline(Pipeline):
             max_new_tokens, seed, stop, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, num_beams=num_beams, max_time=max_time, compile_step=compile_step))
         results = []
-        for item, row in zip(items, out[:, model_inputs["input_ids"].shape[1]:].tolist()):
+        for item, row in zip(items, new_tokens(self.model, out, model_inputs["input_ids"]).tolist()):
             text = self._generated_text(item, self._answer(row, stop), return_full_text)
             results.append([{"generated_text": text, "finish_reason": self._finish_reason(row, max_new_tokens, stop)}])
         return results[0] if single else results

@@ -151,7 +151,7 @@ class ChatProcessor:
             of_kind = [m for parts in found for m in parts if m.kind == media_kind]
             if of_kind:
                 out.update(self._prepare(media_kind, of_kind))
-        ids, mask = self.tokenizer.pad([self._expand(r, parts) for r, parts in zip(rows, found)])
+        ids, mask = self._batch(rows, found)
         return {"input_ids": ids, "attention_mask": mask, **out}
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -213,6 +213,12 @@ class ChatProcessor:
                 raise ValueError(f"{name} is {length:,} tokens once its {counts} are expanded to {to}, over the "
                                  f"model's context of {self.context_length:,}; use fewer or smaller images or a "
                                  "shorter conversation")
+
+    def _batch(self, rows: list[list[int]], found: list[list[Media]]) -> tuple[Tensor, Tensor]:
+        """The checked rows with their media -> (input_ids, attention_mask) (B, T): each placeholder expanded, the
+        rows left-padded. A family whose processor lays its rows out otherwise (BLIP-2's image tokens first, before
+        the padding) overrides this."""
+        return self.tokenizer.pad([self._expand(r, parts) for r, parts in zip(rows, found)])
 
     def _expand(self, ids: list[int], parts: list[Media]) -> list[int]:
         """Each placeholder token repeated as many times as its media's tokens: the slots the model fills with that
