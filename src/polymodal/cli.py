@@ -518,14 +518,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--texts", required=True, nargs="+")
     sp.add_argument("--top-k", type=int, default=5)
 
-    sp = add("caption", cmd_caption, "describe images in words (BLIP captioning)")
+    sp = add("caption", cmd_caption, "describe images in words (a BLIP or BLIP-2 captioning model)")
     sp.add_argument("--model", required=True)
     sp.add_argument("--image", required=True, action="append")
     sp.add_argument("--prompt", default=None, help='a beginning the caption continues, e.g. "a picture of"')
     sp.add_argument("--max-new-tokens", type=int, default=30)
     sp.add_argument("--beams", type=int, default=1, help="beam search width (1: greedy)")
 
-    sp = add("vqa", cmd_vqa, "answer a question about an image (BLIP VQA)")
+    sp = add("vqa", cmd_vqa, "answer a question about an image (BLIP VQA, or BLIP-2 with its Question: ... Answer: "
+             "prompt)")
     sp.add_argument("--model", required=True)
     sp.add_argument("--image", required=True)
     sp.add_argument("--question", required=True)
