@@ -410,3 +410,13 @@ def test_every_video_part_form_gives_the_same_inputs(saved, tmp_path):
         assert got["input_ids"].tolist() == want["input_ids"].tolist(), str(part)[:60]
         assert torch.equal(got["pixel_values_videos"], want["pixel_values_videos"]), str(part)[:60]
         assert got["video_grid_thw"].tolist() == want["video_grid_thw"].tolist()
+
+
+def test_pil_backend_resizes_images_only(saved):
+    # transformers' video processor has no PIL class: with backend="pil" the frames still go through torch's kernel
+    frames = clip_frames(4)
+    conversation = [{"role": "user", "content": [{"type": "video", "video": frames}]}]
+    pil = Qwen2VLProcessor.from_pretrained(saved, backend="pil")
+    assert pil.image_processor.backend == "pil" and pil.video_processor.backend == "torch"
+    assert torch.equal(pil(conversation)["pixel_values_videos"],
+                       Qwen2VLProcessor.from_pretrained(saved)(conversation)["pixel_values_videos"])

@@ -185,7 +185,7 @@ class Qwen2VLImageProcessor:
         if self.backend == "pil" or self.resample not in _TORCH:
             im = Image.fromarray(np.ascontiguousarray(x[:, :, :3].numpy()))
             filters = {v: k for k, v in _FILTERS.items()}
-            return torch.from_numpy(np.asarray(im.resize((w, h), filters[self.resample])))
+            return torch.from_numpy(np.array(im.resize((w, h), filters[self.resample])))
         # (1, C, H, W) as a channels-last view of the (H, W, C) buffer: torch's vectorized uint8 antialiased
         # resampler works in that layout without a copy; the same kernel transformers reaches through torchvision
         y = F.interpolate(x.permute(2, 0, 1)[None], size=(h, w), mode=self.resample, antialias=True,
@@ -407,7 +407,8 @@ class Qwen2VLProcessor(ChatProcessor):
         config.json, when present, gives the context length and the image / video token ids the model expects.
 
         min_pixels / image_max_pixels override the image processor's pixel range (transformers' min_pixels /
-        max_pixels); max_pixels is the decode guard, the largest image or frame read at all."""
+        max_pixels); max_pixels is the decode guard, the largest image or frame read at all. backend: how images are
+        resized, "torch" (transformers' default processor) or "pil" (its Qwen2VLImageProcessorPil)."""
         d = Path(directory)
         config = _read(d / "processor_config.json")
         model = _read(d / "config.json")
@@ -420,7 +421,8 @@ class Qwen2VLProcessor(ChatProcessor):
                                     "preprocessor_config.json; is this a Qwen2-VL checkpoint?")
         try:
             images = Qwen2VLImageProcessor.from_hf(images_cfg, d / "processor_config.json").replace(backend=backend)
-            videos = Qwen2VLVideoProcessor.from_hf(videos_cfg, d / "processor_config.json").replace(backend=backend)
+            # transformers' video processor has no PIL class: its frames are always resized by torch's kernel
+            videos = Qwen2VLVideoProcessor.from_hf(videos_cfg, d / "processor_config.json")
             if min_pixels is not None or image_max_pixels is not None:
                 images = images.replace(min_pixels=min_pixels or images.min_pixels,
                                         max_pixels=image_max_pixels or images.max_pixels)
