@@ -215,7 +215,7 @@ class Blip2ShapesConfig(TrainConfig):
     width: int = 64  # the ViT, Q-Former and OPT width
     num_query_tokens: int = 8
     qformer_layers: int = 2
-    vision_steps: int = 300  # stage 0: the image encoder's attribute pretraining
+    vision_steps: int = 800  # stage 0: the image encoder's attribute pretraining
     llm_steps: int = 600  # stage 0: the OPT's text pretraining
 
     def __post_init__(self):
@@ -350,11 +350,13 @@ def _train_vision(c: Blip2ShapesConfig, where: Path) -> None:
 
 
 def _llm_documents(c: Blip2ShapesConfig) -> list[str]:
-    """The LLM's text: every training scene's caption alone, and its caption followed by each of its questions
-    and answers in the VQA prompt's wording (a language model of the world that has read descriptions and
-    questions about them, never an image). Training split only: held-out combinations are never named."""
+    """The LLM's text: scenes' captions alone, and each caption followed by the scene's questions and answers in
+    the VQA prompt's wording: a language model of the world that has read descriptions and questions about them,
+    never an image. Its scenes are drawn from every color-shape combination (seed 3), as a real LLM knows the
+    words "a red triangle" whether or not a training image showed one; the held-out combinations are held out of
+    what the Q-Former sees (stages 1 and 2), which is what the never-seen evaluation measures."""
     docs = []
-    for s in _world(c, 0, "train", c.train_images):
+    for s in _world(c, 3, "all", c.train_images):
         docs.append(s.caption)
         docs += [f"{s.caption}. {vqa_prompt(q)} {a}" for q, a in s.qa]
     return docs
@@ -365,10 +367,15 @@ def _train_llm(c: Blip2ShapesConfig, tok, where: Path) -> None:
 
     docs = _llm_documents(c)
     ids, mask = tok.pad([[tok.bos_token_id, *_words(tok, d), tok.eos_token_id] for d in docs], padding_side="right")
-    model = pm.build("opt", llm_config(c, tok.vocab_size))
+    model = init_weights(pm.build("opt", llm_config(c, tok.vocab_size)))
 
     def loss_fn(m, b):
-        logits = m(b["input_ids"], b["attention_mask"])[:, :-1]
+        # every document at a random offset of up to 2Q positions: a real LLM has read text at every position, and
+        # stage 2 puts the soft prompt's Q tokens before the text
+        mask = b["attention_mask"]
+        offset = torch.randint(0, 2 * c.num_query_tokens + 1, (mask.shape[0], 1), device=mask.device)
+        positions = mask.cumsum(1) - 1 + offset
+        logits = m(b["input_ids"], mask, position_ids=positions)[:, :-1]
         labels = b["input_ids"][:, 1:].masked_fill(b["attention_mask"][:, 1:] == 0, -100)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
@@ -398,6 +405,26 @@ def frozen_parts(c: Blip2ShapesConfig, tok, where: str | Path) -> tuple[dict, nn
     if llm.config != llm_config(c, tok.vocab_size):
         raise ConfigError(f"{where}/llm was trained with other settings (width, vocabulary); use another frozen=")
     return vision, llm
+
+
+def init_weights(model: nn.Module) -> nn.Module:
+    """BERT's and OPT's initialization (initializer_range 0.02, as LAVIS starts a Q-Former without BERT's weights
+    and OPT trains): linear and embedding weights ~ N(0, 0.02), biases 0, the padding row 0, LayerNorms 1 and 0;
+    query tokens ~ N(0, 0.02) (LAVIS), never the zeros Blip2 is built with (identical queries stay identical)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            module.weight.data[module.padding_idx].zero_()
+        if isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for name, p in model.named_parameters():
+        if name.endswith("query_tokens"):
+            nn.init.normal_(p, std=0.02)
+    return model
 
 
 def _freeze(module: nn.Module) -> None:
@@ -540,7 +567,7 @@ def build_blip2_shapes(c: Blip2ShapesConfig, world: World) -> Task:
     pixels = _pixels(c, samples)
     captions = [s.caption for s in samples]
     if c.stage == "1":
-        model = QFormerPretraining(blip2_config(c, tok, 1), tok.token_to_id("[DEC]"))
+        model = init_weights(QFormerPretraining(blip2_config(c, tok, 1), tok.token_to_id("[DEC]")))
         vision, _ = frozen_parts(c, tok, c.frozen)
         model.blip2.vision_model.load_state_dict(vision)
         _freeze(model.blip2.vision_model)
@@ -549,7 +576,7 @@ def build_blip2_shapes(c: Blip2ShapesConfig, world: World) -> Task:
                         lambda i: {"pixel_values": pixels[i], "input_ids": ids[i], "attention_mask": mask[i]})
         return Task(model, stage1_loss, data, after_step=_clamp_temperature,
                     evaluate=lambda m: evaluate_stage1(m, c, tok), export=lambda m, d: export_stage1(m, d, tok))
-    model = pm.build("blip-2", blip2_config(c, tok, 2))
+    model = init_weights(pm.build("blip-2", blip2_config(c, tok, 2)))
     vision, llm = frozen_parts(c, tok, c.frozen)
     model.vision_model.load_state_dict(vision)
     model.language_model.load_state_dict(llm.state_dict())
