@@ -28,7 +28,7 @@ from PIL import Image
 from serve_helpers import greedy_vlm_answer, running, save_tiny_chat_llama, save_tiny_llava
 
 from polymodal.serve import ServedModels, create_app
-from polymodal.serve.registry import load_model, serve_model
+from polymodal.serve.registry import ServedModel, load_model, serve_model
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = "/usr/bin/chromium"
@@ -504,3 +504,62 @@ def test_a_local_vision_language_model_takes_images(vlm_server, page, tmp_path, 
     want, _ = greedy_vlm_answer(served.engine.model, served.processor, sent, 12)
     assert second.locator(".body").inner_text().strip() == want.strip()
     assert page.locator(".message.user img.thumb").count() == 2
+
+
+class _RelativeBoxes:
+    """A processor that only says its model's boxes are Qwen2-VL's (0-1000 relative): the /v1/grounding side."""
+
+    def box_frame(self, width, height):
+        from polymodal.processing.grounding import RELATIVE_1000
+
+        return RELATIVE_1000
+
+
+@pytest.fixture(scope="module")
+def grounded_server():
+    """A scripted chat model that takes images and videos and writes Qwen2-VL-style boxes."""
+    fake = ScriptedChat("fake:grounded", {"text", "image", "video"})
+    served = ServedModels([ServedModel("grounded", "chat", frozenset(fake.modalities), "fake", provider=fake,
+                                       provider_slots=threading.BoundedSemaphore(2), processor=_RelativeBoxes()),
+                           serve_model("text", ScriptedChat("fake:text", {"text"}))])
+    with running(create_app(served)) as url:
+        yield url, fake
+
+
+def test_video_attachment_and_boxes_drawn_over_the_image(grounded_server, page, tmp_path):
+    """The video button follows the card's modalities; an attached video reaches the model as sampled frames beside
+    the image; the answer's box, read by the server in the model's frame (POST /v1/grounding), is drawn over the
+    image in its own pixels."""
+    av = pytest.importorskip("av")
+    url, fake = grounded_server
+    _open(page, url)
+    page.select_option("#model", "grounded")
+    assert page.is_enabled("#attach-video") and page.is_enabled("#attach-image")
+    fake.answer = ("<|object_ref_start|>the square<|object_ref_end|><|box_start|>(250,500),(750,900)<|box_end|>")
+    png, _ = _png(7, size=(200, 100))
+    page.set_input_files("#image-input", files=[{"name": "scene.png", "mimeType": "image/png", "buffer": png}])
+    clip = io.BytesIO()
+    with av.open(clip, "w", format="mp4") as c:
+        s = c.add_stream("mpeg4", rate=4)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for t in range(8):
+            frame = np.full((48, 64, 3), t * 30, np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    page.set_input_files("#video-input", files=[{"name": "clip.mp4", "mimeType": "video/mp4",
+                                                 "buffer": clip.getvalue()}])
+    page.locator("#attachments .chip[data-kind=video]").wait_for()
+    answer = _ask(page, "Where is the square?")
+    content = fake.calls[-1][-1]["content"]
+    assert [p["type"] for p in content] == ["text", "image", "video"]
+    assert len(content[2]["frames"]) == 4 and content[2]["fps"] == 2.0  # 2 s at 4 fps, sampled at 2 fps
+    assert page.locator(".message.user video.thumb").count() == 1
+    rect = answer.locator("svg.regions rect")
+    rect.wait_for()
+    # (250, 500)-(750, 900) of 1000 on a 200 x 100 image: x 50..150, y 50..90
+    assert [float(rect.get_attribute(k)) for k in ("x", "y", "width", "height")] == [50, 50, 100, 40]
+    assert answer.locator("svg.regions text").text_content() == "the square"
+    assert answer.locator("svg.regions").get_attribute("viewBox") == "0 0 200 100"
+    _screenshot(page, tmp_path, "grounding.png")

@@ -49,6 +49,7 @@ from polymodal.serve.schemas import (
     PART_MODALITY,
     ChatCompletionRequest,
     EmbeddingRequest,
+    GroundingRequest,
     ImageGenerationRequest,
 )
 
@@ -126,6 +127,22 @@ def create_app(served: ServedModels, *, api_key: str | None = None, cors_origins
                            "served here generates images yet.", param="model", code="model_not_supported")
         raise APIError(400, "No served model generates images: polymodal has no text-to-image family to serve yet.",
                        param="model", code="model_not_supported")
+
+    @app.post("/v1/grounding", openapi_extra=_body_schema(GroundingRequest))
+    async def grounding(request: Request):
+        """The boxes and points a served model wrote about an image (width, height), read in the model's frame
+        (`processor.box_frame`) and returned in that image's pixels: what the web UI draws."""
+        req = await _parse(request, GroundingRequest)
+        m = served.get(req.model)
+        frame_of = getattr(m.processor, "box_frame", None)
+        if frame_of is None:
+            raise APIError(400, f"The model {m.id!r} writes no boxes in a known frame (Qwen2-VL and Qwen2.5-VL do).",
+                           param="model", code="model_not_supported")
+        from polymodal.processing.grounding import parse_regions
+
+        width, height = req.image_size
+        regions = parse_regions(req.text, frame_of(width, height))
+        return {"object": "list", "data": [r.to_image((width, height)).as_dict() for r in regions]}
 
     _add_ui_routes(app)
     return app

@@ -56,6 +56,8 @@ class ServedModel:
         has room to grow)."""
         card = {"id": self.id, "object": "model", "created": self.created, "owned_by": self.owned_by,
                 "kind": self.kind, "modalities": sorted(self.modalities)}
+        if getattr(self.processor, "box_frame", None) is not None:
+            card["grounding"] = True  # POST /v1/grounding reads the boxes and points of its answers
         if self.engine is not None:
             context = self.engine.max_len
             card["context_length"] = context

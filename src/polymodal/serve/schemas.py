@@ -119,3 +119,12 @@ class ImageGenerationRequest(_Body):
     n: StrictInt | None = Field(None, ge=1, le=10)
     size: StrictStr | None = None
     response_format: Literal["url", "b64_json"] | None = None
+
+
+# ------------------------------------------------------------------------------------------------ grounding
+class GroundingRequest(_Strict):
+    """Our route /v1/grounding: the boxes and points in a model's answer about an image, in that image's pixels."""
+
+    model: StrictStr
+    text: StrictStr = Field(max_length=1_000_000)
+    image_size: tuple[Annotated[StrictInt, Field(ge=1, le=1_000_000)], Annotated[StrictInt, Field(ge=1, le=1_000_000)]]

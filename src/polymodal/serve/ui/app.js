@@ -19,7 +19,7 @@ const $ = (id) => document.getElementById(id);
 const state = {
   models: [],          // the cards of GET /v1/models
   history: [],         // OpenAI messages of this conversation
-  attachments: [],     // {kind: "image", name, url} | {kind: "audio", name, data, format}
+  attachments: [],     // {kind: "image" | "video", name, url} | {kind: "audio", name, data, format}
   controller: null,    // the AbortController of the answer being streamed
   artifacts: [],       // {label, source}
   apiKey: sessionStorage.getItem("polymodal.apiKey") || "",
@@ -115,6 +115,7 @@ function updateModel() {
   const defaults = model.generation_defaults || {};
   $("attach-image").disabled = !modalities.includes("image");
   $("attach-audio").disabled = !modalities.includes("audio");
+  $("attach-video").disabled = !modalities.includes("video");
   $("temperature").value = defaults.temperature ?? "";
   $("max-tokens").value = defaults.max_tokens ?? "";
   if (model.context_length) $("max-tokens").max = model.context_length;
@@ -143,13 +144,15 @@ async function addFiles(files) {
     try {
       if (file.type.startsWith("image/")) {
         state.attachments.push({kind: "image", name: file.name || "pasted image", url: await readAsDataURL(file)});
+      } else if (file.type.startsWith("video/") || /\.(mp4|webm|mkv|mov|avi)$/i.test(file.name)) {
+        state.attachments.push({kind: "video", name: file.name, url: await readAsDataURL(file)});
       } else if (file.type.startsWith("audio/") || /\.(wav|mp3|flac|ogg|m4a|webm|aac)$/i.test(file.name)) {
         const url = await readAsDataURL(file);
         const ext = (file.name.match(/\.(\w+)$/) || [])[1];
         const format = AUDIO_FORMATS[file.type] || (ext ? ext.toLowerCase() : "wav");
         state.attachments.push({kind: "audio", name: file.name, data: url.slice(url.indexOf(",") + 1), format});
       } else {
-        setStatus(`${file.name} is neither an image nor audio: not attached.`);
+        setStatus(`${file.name} is not an image, a video or audio: not attached.`);
       }
     } catch (e) {
       setStatus(`Could not read ${file.name}: ${e.message}`);
@@ -162,7 +165,8 @@ function renderAttachments() {
   $("attachments").replaceChildren(...state.attachments.map((a, i) => {
     const remove = el("button", {type: "button", class: "remove", title: "Remove", text: "×"});
     remove.addEventListener("click", () => { state.attachments.splice(i, 1); renderAttachments(); });
-    const preview = a.kind === "image" ? el("img", {src: a.url, alt: a.name}) : el("span", {text: `♪ ${a.name}`});
+    const preview = a.kind === "image" ? el("img", {src: a.url, alt: a.name})
+      : el("span", {text: `${a.kind === "video" ? "▶" : "♪"} ${a.name}`});
     return el("span", {class: `chip ${a.kind}`, "data-kind": a.kind}, preview, remove);
   }));
 }
@@ -173,6 +177,7 @@ function userContent(text) {
   const parts = text ? [{type: "text", text}] : [];
   for (const a of state.attachments) {
     if (a.kind === "image") parts.push({type: "image_url", image_url: {url: a.url}});
+    else if (a.kind === "video") parts.push({type: "video_url", video_url: {url: a.url}});
     else parts.push({type: "input_audio", input_audio: {data: a.data, format: a.format}});
   }
   return parts;
@@ -192,8 +197,9 @@ function renderUser(view, text, attachments) {
   const body = view.querySelector(".body");
   if (text) body.append(el("div", {class: "text", text}));
   for (const a of attachments) {
-    body.append(a.kind === "image" ? el("img", {class: "thumb", src: a.url, alt: a.name})
-                                   : el("div", {class: "audio", text: `♪ ${a.name}`}));
+    if (a.kind === "image") body.append(el("img", {class: "thumb", src: a.url, alt: a.name}));
+    else if (a.kind === "video") body.append(el("video", {class: "thumb", src: a.url, controls: true, muted: true}));
+    else body.append(el("div", {class: "audio", text: `♪ ${a.name}`}));
   }
 }
 
@@ -340,6 +346,7 @@ async function send(event) {
   const model = $("model").value;
   if (!model) return setStatus("No chat model to send to.");
   const user = {role: "user", content: userContent(text)};
+  const image = state.attachments.find((a) => a.kind === "image");
   renderUser(addMessage("user"), text, state.attachments);
   $("prompt").value = "";
   state.attachments = [];
@@ -348,6 +355,7 @@ async function send(event) {
   const answer = await streamChat(model, [...state.history, user], view);
   if (answer.status !== "error") {  // a refused turn stays out of the history, so the next one can go through
     state.history.push(user, {role: "assistant", content: answer.text});
+    if (image && (currentModel() || {}).grounding) await showRegions(view, model, image, answer.text);
   }
   view.scrollIntoView({block: "end"});
 }
@@ -356,6 +364,51 @@ function newChat() {
   if (state.controller) state.controller.abort();
   state.history = [];
   $("messages").replaceChildren();
+}
+
+// ------------------------------------------------------------------------------------------------ grounding
+async function showRegions(view, model, image, text) {
+  // The boxes and points of an answer about an image, drawn over it: the server reads them in the model's frame
+  // (POST /v1/grounding) and gives them in the image's own pixels, which the SVG's viewBox is.
+  const img = new Image();
+  img.src = image.url;
+  try {
+    await img.decode();
+    const response = await fetch("/v1/grounding", {method: "POST", headers: headers(), body: JSON.stringify(
+      {model, text, image_size: [img.naturalWidth, img.naturalHeight]})});
+    if (!response.ok) return;
+    const regions = (await response.json()).data || [];
+    if (!regions.length) return;
+    const NS = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(NS, "svg");
+    svg.setAttribute("viewBox", `0 0 ${img.naturalWidth} ${img.naturalHeight}`);
+    svg.setAttribute("class", "regions");
+    const stroke = Math.max(2, Math.min(img.naturalWidth, img.naturalHeight) / 200);
+    const font = Math.max(10, Math.min(img.naturalWidth, img.naturalHeight) / 20);
+    const shape = (tag, attrs) => {
+      const node = document.createElementNS(NS, tag);
+      for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+      svg.append(node);
+      return node;
+    };
+    shape("image", {href: image.url, width: img.naturalWidth, height: img.naturalHeight});
+    for (const r of regions) {
+      const [x1, y1, x2, y2] = r.bbox_2d || [...r.point_2d, ...r.point_2d];
+      if (r.bbox_2d) {
+        shape("rect", {x: Math.min(x1, x2), y: Math.min(y1, y2), width: Math.abs(x2 - x1), height: Math.abs(y2 - y1),
+                       fill: "none", stroke: "#e6194b", "stroke-width": stroke});
+      } else {
+        shape("circle", {cx: x1, cy: y1, r: 3 * stroke, fill: "none", stroke: "#e6194b", "stroke-width": stroke});
+      }
+      if (r.label) {
+        shape("text", {x: Math.min(x1, x2), y: Math.max(Math.min(y1, y2) - stroke, font), fill: "#e6194b",
+                       "font-size": font}).textContent = r.label;
+      }
+    }
+    view.querySelector(".body").append(svg);
+  } catch (e) {
+    setStatus(`Could not draw the answer's boxes: ${e.message}`);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------ artifacts
@@ -423,7 +476,8 @@ $("model").addEventListener("change", updateModel);
 $("new-chat").addEventListener("click", newChat);
 $("attach-image").addEventListener("click", () => $("image-input").click());
 $("attach-audio").addEventListener("click", () => $("audio-input").click());
-for (const id of ["image-input", "audio-input"]) {
+$("attach-video").addEventListener("click", () => $("video-input").click());
+for (const id of ["image-input", "audio-input", "video-input"]) {
   $(id).addEventListener("change", async (e) => { await addFiles([...e.target.files]); e.target.value = ""; });
 }
 document.addEventListener("paste", (e) => {  // images from the clipboard
