@@ -181,6 +181,21 @@ def test_server_takes_image_url_and_video_url_parts(checkpoint):
                                              {"type": "text", "text": "?"}]}]})
             assert r.status_code in (400, 415) and "video" in r.text
             assert httpx.get(f"{url}/v1/models", timeout=60).status_code == 200  # the server goes on
+            # the answer's boxes in the image's pixels, read in this family's frame
+            text = ('```json\n[{"bbox_2d": [0, 0, 56, 28], "label": "a"}]\n```' if family == "qwen2_5_vl"
+                    else "<|box_start|>(0,0),(500,250)<|box_end|>")
+            r = httpx.post(f"{url}/v1/grounding", timeout=60, json={"model": "vl", "text": text,
+                                                                   "image_size": [1000, 600]})
+            assert r.status_code == 200, r.text
+            (region,) = r.json()["data"]
+            frame = served.get("vl").processor.box_frame(1000, 600)
+            assert region["frame"] == "image" and region["frame_size"] == [1000, 600]
+            assert region["bbox_2d"] == pytest.approx(
+                [0, 0, 1000 * (56 if frame.kind == "resized" else 500) / frame.size[0],
+                 600 * (28 if frame.kind == "resized" else 250) / frame.size[1]], abs=0.01)
+            for body in ({"model": "vl", "text": text, "image_size": [0, 5]}, {"model": "vl", "text": 3},
+                         {"model": "vl", "text": text, "image_size": [10, 10], "extra": 1}):
+                assert httpx.post(f"{url}/v1/grounding", timeout=60, json=body).status_code == 400
     finally:
         served.close()
 

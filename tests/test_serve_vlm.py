@@ -374,6 +374,19 @@ def test_bad_image_requests_are_400_and_the_server_goes_on(server, body, code, s
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
 
 
+def test_grounding_needs_a_model_whose_boxes_have_a_frame(server):
+    """LLaVA writes no boxes in a known frame: POST /v1/grounding says so (400, OpenAI's error shape); the card
+    does not offer it."""
+    import httpx
+
+    r = httpx.post(f"{server[0]}/v1/grounding", json={"model": "llava", "text": "(1,2),(3,4)", "image_size": [8, 8]},
+                   timeout=60, headers={"Authorization": f"Bearer {KEY}"})
+    err = _refused(r)
+    assert err["code"] == "model_not_supported" and "no boxes in a known frame" in err["message"]
+    card = httpx.get(f"{server[0]}/v1/models/llava", timeout=60, headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert "grounding" not in card
+
+
 def test_an_image_over_the_pixel_budget_is_refused_unread(served):
     """The media layer reads each image's size from its header and refuses one over `max_pixels` (413, as every
     media limit) before decoding it; the next request is served."""
