@@ -124,69 +124,71 @@ def _losses(run_dir: Path, key: str = "loss") -> list[float]:
     return [json.loads(line)[key] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_both_stages_and_the_ablation_end_to_end(tmp_path):
-    summary = run("blip2-shapes", tmp_path, [*TINY, "ablation=true"], quiet=True)
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory) -> tuple[Path, dict]:
+    """One tiny ablation run (frozen parts, stage 1, stage 2 from it and from scratch) shared by the tests."""
+    out = tmp_path_factory.mktemp("blip2-shapes")
+    return out, run("blip2-shapes", out, [*TINY, "ablation=true"], quiet=True)
+
+
+def test_both_stages_and_the_ablation_end_to_end(ablation):
+    out, summary = ablation
     assert set(summary["stages"]) == {"stage1", "stage2", "stage2-scratch"}
     for arm in summary["stages"]:
-        losses = _losses(tmp_path / arm)
+        losses = _losses(out / arm)
         assert len(losses) == 25
         assert sum(losses[-5:]) < 0.9 * sum(losses[:5]), (arm, losses)  # the loss falls by over 10%
     for part in ("itc", "itm", "itg"):
-        assert all(torch.isfinite(torch.tensor(_losses(tmp_path / "stage1", part))))
+        assert all(torch.isfinite(torch.tensor(_losses(out / "stage1", part))))
 
     # the frozen parts: stage 1's image encoder and stage 2's image encoder and LLM, after training, bit for bit
-    frozen = tmp_path / "frozen"
+    frozen = out / "frozen"
     vision = torch.load(frozen / "vision.pt", weights_only=True)
     llm = pm.load(frozen / "llm").state_dict()
-    stage1 = pm.load(tmp_path / "stage1" / "model")
+    stage1 = pm.load(out / "stage1" / "model")
     assert stage1.config.task == "retrieval"
     for arm in ("stage2", "stage2-scratch"):
-        model = pm.load(tmp_path / arm / "model")
+        model = pm.load(out / arm / "model")
         assert model.config.task == "generation"
         for k, v in vision.items():
             assert torch.equal(model.vision_model.state_dict()[k], v), (arm, k)
             assert torch.equal(stage1.vision_model.state_dict()[k], v), k
         for k, v in llm.items():
             assert torch.equal(model.language_model.state_dict()[k], v), (arm, k)
-        # the exported model generates with its tokenizer beside it
-        tok = TextTokenizer.from_pretrained(tmp_path / arm / "model")
+        tok = TextTokenizer.from_pretrained(out / arm / "model")  # the exported model carries its tokenizer
         assert tok.token_to_id("[IMG]") == model.config.image_token_index
-    head = load_file(str(tmp_path / "stage1" / "model" / ITG_HEAD_FILE))
+    head = load_file(str(out / "stage1" / "model" / ITG_HEAD_FILE))
     assert {"Qformer.cls.predictions.transform.dense.weight", "Qformer.cls.predictions.bias", "temp"} <= set(head)
-
-    # the two stage-2 arms differ in their start only: the scratch arm's Q-Former moved away from stage 1's
-    with_init = pm.load(tmp_path / "stage2" / "model")
-    scratch = pm.load(tmp_path / "stage2-scratch" / "model")
-    assert not torch.equal(with_init.query_tokens, scratch.query_tokens)
 
     for key in ("caption_exact_train", "caption_exact_heldout", "vqa_accuracy_train", "vqa_accuracy_heldout"):
         assert 0 <= summary["stages"]["stage2"]["eval"][key] <= 1
-    table = (tmp_path / "ablation.md").read_text()
+    table = (out / "ablation.md").read_text()
     assert "the stage-1 Q-Former" in table and "scratch" in table
-    assert json.loads((tmp_path / "ablation.json").read_text())["stage2"]["caption_exact_heldout"] is not None
+    assert json.loads((out / "ablation.json").read_text())["stage2"]["caption_exact_heldout"] is not None
 
 
-def test_stage2_starts_from_a_stage1_run(tmp_path):
+def test_stage2_starts_from_a_stage1_run(ablation, tmp_path):
     """init=DIR copies the queries and every Q-Former tensor the generative Q-Former has (not the text
-    feed-forward); a stage-2 run alone takes the frozen parts recorded beside that stage-1 run."""
-    s1 = tmp_path / "s1"
-    run("blip2-shapes", s1, [*TINY, "stage=1", "max_steps=2"], quiet=True)
-    assert json.loads((s1 / "frozen.json").read_text())["frozen"] == str(s1 / "frozen")
+    feed-forward); a stage-2 run alone takes the frozen parts recorded in that stage-1 run."""
+    out, _ = ablation
+    s1 = out / "stage1"
+    assert json.loads((s1 / "frozen.json").read_text())["frozen"] == str(out / "frozen")
     c = recipe_config("blip2-shapes", [*TINY, "stage=2"])
-    tok = shapes_tokenizer()
-    model = pm.build("blip-2", blip2_config(c, tok, 2))
+    model = pm.build("blip-2", blip2_config(c, shapes_tokenizer(), 2))
     init_from_stage1(model, s1)
     source = pm.load(s1 / "model")
     assert torch.equal(model.query_tokens, source.query_tokens)
-    theirs = source.qformer.state_dict()
-    ours = model.qformer.state_dict()
+    theirs, ours = source.qformer.state_dict(), model.qformer.state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in ours.items())
     assert set(theirs) - set(ours) and all(".mlp." in k or ".norm2." in k for k in set(theirs) - set(ours))
 
     s2 = tmp_path / "s2"
-    run("blip2-shapes", s2, [*TINY, "stage=2", f"init={s1}", "max_steps=2"], quiet=True)
-    assert json.loads((s2 / "frozen.json").read_text())["frozen"] == str(s1 / "frozen")
-    assert not (s2 / "frozen").exists()
+    summary = run("blip2-shapes", s2, [*TINY, "stage=2", f"init={s1}", "max_steps=2"], quiet=True)
+    assert summary["steps"] == 2
+    assert json.loads((s2 / "frozen.json").read_text())["frozen"] == str(out / "frozen")
+    assert not (s2 / "frozen").exists()  # nothing trained again
+    with pytest.raises(ConfigError, match="no frozen.json"):
+        run("blip2-shapes", tmp_path / "s3", [*TINY, "stage=2", f"init={tmp_path}"], quiet=True)
 
 
 def test_refusals(tmp_path):

@@ -512,8 +512,9 @@ ITG_HEAD_FILE = "itg_head.safetensors"
 def export_stage1(model: QFormerPretraining, out: Path, tok) -> None:
     """The retrieval model in transformers' `Blip2ForImageTextRetrieval` layout, the tokenizer, and ITG's head and
     temperature under LAVIS's names (`Qformer.cls.predictions.*`; its decoder is the tied word embeddings)."""
-    import polymodal as pm
     from safetensors.torch import save_file
+
+    import polymodal as pm
 
     pm.save(model.blip2, out)
     tok.save_pretrained(out)
@@ -602,20 +603,19 @@ def plan(name: str, c: Blip2ShapesConfig, out: str | Path, overrides: list[str],
     """How `polymodal train blip2-shapes` runs: one stage (None: the usual single run, once `frozen=` is
     resolved), both stages one after the other (OUT/stage1, OUT/stage2 from it), or the ablation (also
     OUT/stage2-scratch, then OUT/ablation.md and .json). The frozen parts live in OUT/frozen unless given."""
-    from polymodal.train.recipes import run
 
     out = Path(out)
     if c.stage != "both" and not c.ablation:
         if c.frozen:
             return None
-        frozen = Path(c.init) / "frozen" if c.init else out / "frozen"
-        if c.init:  # a stage-1 run of a two-stage directory keeps its frozen parts beside it
+        frozen = out / "frozen"
+        if c.init:  # the stage-1 Q-Former learned to read one image encoder: stage 2 keeps it
             recorded = Path(c.init) / "frozen.json"
-            if recorded.is_file():
-                frozen = Path(json.loads(recorded.read_text())["frozen"])
-        summary = run(name, out, [*overrides, f"frozen={frozen}"], resume)
-        (out / "frozen.json").write_text(dump_json({"frozen": str(frozen)}))
-        return summary
+            if not recorded.is_file():
+                raise ConfigError(f"init={c.init!r}: no frozen.json (the frozen parts its stage 1 used) in it; is it "
+                                  "a blip2-shapes stage-1 run? Pass frozen=DIR to name them")
+            frozen = Path(json.loads(recorded.read_text())["frozen"])
+        return _stage(name, out, [*overrides, f"frozen={frozen}"], resume, frozen)
     base = _without(overrides, "stage", "init", "ablation", "frozen")
     frozen = [f"frozen={c.frozen or out / 'frozen'}"]
     arms = {"stage1": ["stage=1"], "stage2": ["stage=2", f"init={out / 'stage1'}"]}
@@ -624,7 +624,8 @@ def plan(name: str, c: Blip2ShapesConfig, out: str | Path, overrides: list[str],
     results = {}
     for arm, extra in arms.items():
         t0 = time.perf_counter()
-        results[arm] = run(name, out / arm, [*base, *frozen, *extra, "ablation=false"], resume)
+        results[arm] = _stage(name, out / arm, [*base, *frozen, *extra, "ablation=false"], resume,
+                              Path(frozen[0].partition("=")[2]))
         results[arm]["wall_seconds"] = round(time.perf_counter() - t0, 1)
     summary = {"stages": results}
     if c.ablation:
@@ -632,6 +633,15 @@ def plan(name: str, c: Blip2ShapesConfig, out: str | Path, overrides: list[str],
         (out / "ablation.md").write_text(summary["table"] + "\n")
         (out / "ablation.json").write_text(dump_json({k: results[k].get("eval") for k in results}, indent=2))
     (out / "results.json").write_text(dump_json(summary, indent=2))
+    return summary
+
+
+def _stage(name: str, out: Path, overrides: list[str], resume: bool, frozen: Path) -> dict:
+    """One stage's run, then `out/frozen.json` naming the frozen parts it used (stage 2's `init=` reads it)."""
+    from polymodal.train.recipes import run
+
+    summary = run(name, out, overrides, resume)
+    (out / "frozen.json").write_text(dump_json({"frozen": str(frozen)}))
     return summary
 
 
