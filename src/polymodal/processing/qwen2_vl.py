@@ -198,38 +198,50 @@ class Qwen2VLImageProcessor:
 
         The frames of a clip are padded to a multiple of the temporal patch with its last frame (an image: its one
         frame twice), the duplication Qwen2-VL's 3-D patch embedding expects."""
+        grids = [self.clip_grid(frames) for frames in clips]
+        out, views = self.output(grids)
+        for frames, view in zip(clips, views):
+            self.write(frames, view)
+        return out, torch.tensor(grids, dtype=torch.long)
+
+    def clip_grid(self, frames: list[Tensor]) -> tuple[int, int, int]:
+        """(t, gh, gw) of resized frames."""
+        h, w = frames[0].shape[:2]
+        P, m = self.patch_size, self.merge_size
+        if h % (P * m) or w % (P * m):
+            raise ValueError(f"frames of {w}x{h} are not multiples of {P * m}; resize them first")
+        return -(-len(frames) // self.temporal_patch_size), h // P, w // P
+
+    def output(self, grids: list[tuple[int, int, int]]) -> tuple[Tensor, list[Tensor]]:
+        """The empty pixel tensor `(sum t * gh * gw, C * T * P * P)` for clips of these grids, and each clip's rows."""
+        rows = [t * gh * gw for t, gh, gw in grids]
+        out = _output(sum(rows), 3 * self.temporal_patch_size * self.patch_size**2)  # (N, C * T * P * P)
+        return out, list(out.split(rows))
+
+    def write(self, frames: list[Tensor], rows: Tensor) -> None:
+        """One clip's patches, normalized, into its rows of the output (the images of a batch are written side by
+        side, each into its own rows)."""
         T, P, m = self.temporal_patch_size, self.patch_size, self.merge_size
-        grids = []
-        for frames in clips:
-            h, w = frames[0].shape[:2]
-            if h % (P * m) or w % (P * m):
-                raise ValueError(f"frames of {w}x{h} are not multiples of {P * m}; resize them first")
-            grids.append((-(-len(frames) // T), h // P, w // P))
-        rows = sum(t * gh * gw for t, gh, gw in grids)
-        out = _output(rows, 3 * T * P * P)  # (N, C * T * P * P)
+        t, gh, gw = self.clip_grid(frames)
+        n = t * gh * gw
         shift = torch.tensor(self.image_mean) * (1.0 / self.rescale_factor)  # fused rescale + normalize, as
         divisor = torch.tensor(self.image_std) * (1.0 / self.rescale_factor)  # transformers' default processor
-        start = 0
-        for frames, (t, gh, gw) in zip(clips, grids):
-            n = t * gh * gw
-            # the uint8 pixels gathered into patch order first, (t, gh/m, gw/m, m, m, C, Tp, P, P) from
-            # (t, Tp, gh/m, m, P, gw/m, m, P, C): a byte copy; the float passes then run over contiguous memory (a
-            # float gather straight from the image, with its 14-pixel runs, took two to four times as long)
-            if len(frames) == 1:  # an image: one frame, repeated over the temporal patch once normalized
-                x = frames[0][..., :3].reshape(1, 1, gh // m, m, P, gw // m, m, P, 3)
-            else:
-                x = torch.stack(frames + [frames[-1]] * (t * T - len(frames)))[..., :3]  # (t * T, h, w, C)
-                x = x.reshape(t, T, gh // m, m, P, gw // m, m, P, 3)
-            u = x.permute(0, 2, 5, 3, 6, 8, 1, 4, 7).contiguous().view(n, 3, -1, P * P)  # (n, C, Tp, P * P)
-            view = out[start:start + n].view(n, 3, T, P * P)
-            if len(frames) == 1:
-                f = u.float().sub_(shift.view(3, 1, 1)).div_(divisor.view(3, 1, 1))  # (n, C, 1, P * P)
-                view.copy_(f.expand(-1, -1, T, -1))
-            else:
-                torch.sub(u, shift.view(3, 1, 1), out=view)  # uint8 -> float32 as it is written
-                view.div_(divisor.view(3, 1, 1))
-            start += n
-        return out, torch.tensor(grids, dtype=torch.long)
+        # the uint8 pixels gathered into patch order first, (t, gh/m, gw/m, m, m, C, Tp, P, P) from
+        # (t, Tp, gh/m, m, P, gw/m, m, P, C): a byte copy; the float passes then run over contiguous memory (a
+        # float gather straight from the image, with its 14-pixel runs, took two to four times as long)
+        if len(frames) == 1:  # an image: one frame, repeated over the temporal patch once normalized
+            x = frames[0][..., :3].reshape(1, 1, gh // m, m, P, gw // m, m, P, 3)
+        else:
+            x = torch.stack(frames + [frames[-1]] * (t * T - len(frames)))[..., :3]  # (t * T, h, w, C)
+            x = x.reshape(t, T, gh // m, m, P, gw // m, m, P, 3)
+        u = x.permute(0, 2, 5, 3, 6, 8, 1, 4, 7).contiguous().view(n, 3, -1, P * P)  # (n, C, Tp, P * P)
+        view = rows.view(n, 3, T, P * P)
+        if len(frames) == 1:
+            f = u.float().sub_(shift.view(3, 1, 1)).div_(divisor.view(3, 1, 1))  # (n, C, 1, P * P)
+            view.copy_(f.expand(-1, -1, T, -1))
+        else:
+            torch.sub(u, shift.view(3, 1, 1), out=view)  # uint8 -> float32 as it is written
+            view.div_(divisor.view(3, 1, 1))
 
 
 @dataclass(frozen=True)
@@ -487,16 +499,25 @@ class Qwen2VLProcessor(ChatProcessor):
         if kind == "image":
             ip = self.image_processor
 
-            def prepare(m: Media) -> list[Tensor]:
+            sizes = [ip.resized(*m.state) for m in media]  # from the headers: the output is allocated first
+            grids = [(1, h // ip.patch_size, w // ip.patch_size) for h, w in sizes]
+            pixels, views = ip.output(grids)
+
+            def prepare(k: int) -> None:
+                m = media[k]
                 x = _uint8(open_media_image(m, self.max_pixels))
                 if tuple(x.shape[:2]) != m.state:  # the header and the pixels must agree, or the count is wrong
                     raise ValueError(f"{m.where}: the image decoded to {x.shape[1]}x{x.shape[0]}, but its header "
                                      f"said {m.state[1]}x{m.state[0]}")
-                return [ip.resize(x)]
+                ip.write([ip.resize(x, sizes[k])], views[k])
 
-            # PIL's decoding and torch's uint8 resampler (one thread per image) release the GIL: images overlap
-            clips = list(_pool().map(prepare, media)) if len(media) > 1 else [prepare(media[0])]
-            pixels, grids = ip.patches(clips)
+            # each image decoded, resized and written into its own rows; PIL's decoding and torch's kernels release
+            # the GIL, so the images of a batch overlap
+            if len(media) > 1:
+                list(_pool().map(prepare, range(len(media))))
+            else:
+                prepare(0)
+            grids = torch.tensor(grids, dtype=torch.long)
             return {"pixel_values": pixels, "image_grid_thw": grids}
         vp = self.video_processor
         clips, rates = [], []
