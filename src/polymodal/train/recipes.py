@@ -17,6 +17,10 @@ All recipes live in the one explicit `RECIPES` dict below; `polymodal train NAME
   trains the Q-Former with ITC, ITM and ITG under their attention masks, stage 2 makes its queries a soft prompt of
   the OPT (LM loss on captions); `stage=1|2|both`, `init=DIR` (stage 2 from a stage-1 run), `ablation=true` (stage
   2 from stage 1 vs from scratch: caption exact match and zero-shot VQA on seen and never-seen combinations).
+* `qwen2-vl-shapes`, `qwen2.5-vl-shapes`: a small random Qwen2-VL / Qwen2.5-VL (train/qwen2_vl.py) answering
+  ShapesWorld's image questions and MovingShapes' video questions (what moved, where it went, at what second a
+  shape appeared) through the real Qwen2VLProcessor, loss on the answer; exact match on seen and never-seen
+  combinations and per frame rate; `compare=true` trains both families and writes the per-rate table.
 * `lenet-fashion-mnist`: the paper's LeNet-5 (Table I connections, RBF output) on Fashion-MNIST with the paper's
   MAP loss, reported as accuracy on the 10,000 test images.
 * `vit-fashion-mnist`: a small ViT on Fashion-MNIST (by default the ViT paper's hybrid: a ResNet stem, then the
@@ -40,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polymodal.train import blip2
+from polymodal.train import blip2, qwen2_vl
 from polymodal.train.config import ConfigError, TrainConfig, apply_overrides
 from polymodal.train.data import ShuffledBatches
 from polymodal.train.distributed import World, close_world, init_world
@@ -681,6 +685,12 @@ RECIPES: dict[str, Recipe] = {
     "blip2-shapes": Recipe(blip2.Blip2ShapesConfig, blip2.build_blip2_shapes,
                            "BLIP-2's stage 1 (ITC/ITM/ITG) and 2 (frozen OPT) on ShapesWorld; ablation=true: stage 1's "
                            "effect on captions and VQA", plan=blip2.plan),
+    "qwen2-vl-shapes": Recipe(qwen2_vl.Qwen2VLShapesConfig, qwen2_vl.build_qwen2_vl_shapes,
+                              "small Qwen2-VL on ShapesWorld images and moving-shapes videos; compare=true: both "
+                              "families' 'at what second' accuracy per frame rate", plan=qwen2_vl.plan),
+    "qwen2.5-vl-shapes": Recipe(qwen2_vl.Qwen25VLShapesConfig, qwen2_vl.build_qwen2_vl_shapes,
+                                "small Qwen2.5-VL (absolute-time video positions) on the same data; compare=true "
+                                "as qwen2-vl-shapes", plan=qwen2_vl.plan),
     "lenet-fashion-mnist": Recipe(LeNetFashionConfig, build_lenet_fashion,
                                   "the paper's LeNet-5 on Fashion-MNIST (MAP loss); test accuracy"),
     "vit-fashion-mnist": Recipe(ViTFashionConfig, build_vit_fashion,
