@@ -30,6 +30,7 @@ from polymodal.generation import CausalLM, DecoderState
 from polymodal.models.llama import hf_key_map, read_hf_config, write_hf_config
 from polymodal.models.qwen2 import Qwen2, Qwen2Config
 from polymodal.nn import MLP, Attention, KVCache, LayerNorm
+from polymodal.nn.attention import SPLIT_MIN_ROWS
 from polymodal.processing.qwen2_vl import Qwen2VLProcessor
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import KeyMap
@@ -122,32 +123,51 @@ def vision_rope(grids: list[tuple[int, int, int]], merge: int, head_dim: int, th
 
 
 class Segments:
-    """Consecutive runs of tokens (L, ...) that attend only among themselves (transformers' cu_seqlens), laid out as
-    a batch (S, Lmax, ...) for `Attention`: a plain view when the runs are equally long (one image, the frames of a
-    video), else padded, with a (S, 1, 1, Lmax) key mask (padded keys get exactly zero weight, padded queries are
-    dropped on unpacking)."""
+    """Consecutive runs of tokens (L, ...) that attend only among themselves (transformers' cu_seqlens): images,
+    video frames, Qwen2.5-VL's windows. Only attention sees them; norms, projections and MLPs run on the L real rows
+    (padding every run to the longest would multiply that work: four images of 1024, 768, 384 and 256 patches
+    would become 4 x 1024 rows). Runs of one length attend as one batch (S, H, l, Dh) through SDPA with no mask, a
+    view when they lie side by side (one image, a video's frames, a frame's full windows), else gathered; runs of
+    other lengths are further SDPA calls (a 2.5 frame's cut windows at its right and bottom edges)."""
 
     def __init__(self, lengths: list[int], device=None):
         self.lengths, self.total = lengths, sum(lengths)
-        S, Lmax = len(lengths), max(lengths)
-        self.shape = (S, Lmax)
-        self.index = self.keep = self.mask = None
-        if len(set(lengths)) > 1:
-            valid = torch.arange(Lmax, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
-            starts = torch.tensor([0, *lengths[:-1]], device=device).cumsum(0)
-            self.index = (starts[:, None] + torch.arange(Lmax, device=device)[None]).clamp(max=self.total - 1)
-            self.index = self.index.flatten()  # (S * Lmax,) a padded slot repeats some real token: masked anyway
-            self.keep = valid.flatten().nonzero().squeeze(1)  # (L,)
-            self.mask = valid[:, None, None, :]  # (S, 1, 1, Lmax)
+        starts = [0]
+        for n in lengths[:-1]:
+            starts.append(starts[-1] + n)
+        by_length: dict[int, list[int]] = {}
+        for start, n in zip(starts, lengths):
+            by_length.setdefault(n, []).append(start)
+        # each group: (run length l, runs S, first row if the runs are side by side else a row index (S * l,))
+        self.groups: list[tuple[int, int, int | Tensor]] = []
+        for n, firsts in by_length.items():
+            if firsts == list(range(firsts[0], firsts[0] + n * len(firsts), n)):
+                self.groups.append((n, len(firsts), firsts[0]))
+            else:
+                rows = torch.tensor(firsts, device=device)[:, None] + torch.arange(n, device=device)
+                self.groups.append((n, len(firsts), rows.flatten()))
 
-    def pack(self, x: Tensor) -> Tensor:
-        """(L, ...) -> (S, Lmax, ...)."""
-        return (x if self.index is None else x.index_select(0, self.index)).reshape(*self.shape, *x.shape[1:])
-
-    def unpack(self, x: Tensor) -> Tensor:
-        """(S, Lmax, ...) -> (L, ...)."""
-        x = x.reshape(-1, *x.shape[2:])
-        return x if self.keep is None else x.index_select(0, self.keep)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+        """q, k, v (L, H, Dh) -> (L, H * Dh): each run's queries over its own keys."""
+        L, H, Dh = q.shape
+        if len(self.groups) == 1 and isinstance(self.groups[0][2], int):  # runs of one length side by side
+            n, S, _ = self.groups[0]
+            out = F.scaled_dot_product_attention(*(t.view(S, n, H, Dh).transpose(1, 2) for t in (q, k, v)),
+                                                 scale=scale)  # (S, H, l, Dh)
+            return out.transpose(1, 2).reshape(L, H * Dh)
+        out = q.new_empty(L, H, Dh)
+        for n, S, rows in self.groups:
+            if isinstance(rows, int):
+                part = [t[rows:rows + S * n] for t in (q, k, v)]
+            else:
+                part = [t.index_select(0, rows) for t in (q, k, v)]
+            o = F.scaled_dot_product_attention(*(t.view(S, n, H, Dh).transpose(1, 2) for t in part), scale=scale)
+            o = o.transpose(1, 2).reshape(S * n, H, Dh)
+            if isinstance(rows, int):
+                out[rows:rows + S * n] = o
+            else:
+                out.index_copy_(0, rows, o)
+        return out.view(L, H * Dh)
 
 
 class PatchEmbed(nn.Module):
@@ -165,7 +185,7 @@ class PatchEmbed(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    """Pre-norm block with rotary attention: (S, L, D) segments -> (S, L, D)."""
+    """Pre-norm block with rotary attention within segments: (L, D) rows -> (L, D)."""
 
     def __init__(self, dim: int, heads: int, norm: type, mlp: nn.Module):
         super().__init__()
@@ -174,9 +194,20 @@ class VisionBlock(nn.Module):
         self.norm2 = norm(dim, eps=1e-6)
         self.mlp = mlp
 
-    def forward(self, x: Tensor, mask: Tensor | None, rope: tuple[Tensor, Tensor]) -> Tensor:
-        x = x + self.attn(self.norm1(x), mask=mask, rope=rope)
+    def forward(self, x: Tensor, segments: Segments, rope: tuple[Tensor, Tensor]) -> Tensor:
+        x = x + self.attention(self.norm1(x), segments, rope)
         return x + self.mlp(self.norm2(x))
+
+    def attention(self, x: Tensor, segments: Segments, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """The shared Attention's projections and rotary positions over all L rows at once, its softmax within
+        each segment: (L, D) -> (L, D)."""
+        a = self.attn
+        # as Attention.forward decides: three products on CPUs for wide layers (unless prepacked), else one
+        split = (x.device.type == "cpu" and x.shape[-1] >= 512 and x.shape[0] > SPLIT_MIN_ROWS
+                 and not getattr(a.qkv, "packed", False))
+        q, k, v = a.project_qkv(x[None], split=split, rope=rope)  # (1, H, L, Dh) each
+        out = segments.attend(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), a.scale)
+        return a.proj(out)
 
 
 class PatchMerger(nn.Module):
@@ -229,13 +260,9 @@ class VisionTower(nn.Module):
         if order is not None:  # permute whole merge blocks: (L / m^2, m^2, ...) rows in `order`
             unit = c.spatial_merge_size ** 2
             x, cos, sin = (t.reshape(-1, unit, t.shape[-1])[order].reshape(t.shape) for t in (x, cos, sin))
-        current, rope = None, None
+        rope = (cos[None], sin[None])  # (1, L, Dh)
         for block, seg in zip(self.blocks, segments):
-            if seg is not current:  # consecutive blocks of one layout stay packed
-                x = x if current is None else current.unpack(x)
-                x, rope, current = seg.pack(x), (seg.pack(cos), seg.pack(sin)), seg
-            x = block(x, seg.mask, rope)
-        x = x if current is None else current.unpack(x)
+            x = block(x, seg, rope)
         out = self.merger(x)  # (L / m^2, D)
         return out if order is None else out[torch.argsort(order)]
 
