@@ -178,7 +178,7 @@ def model_config(c: Qwen2VLShapesConfig, tok):
            "vision_end_token_id": tok.token_to_id("<|vision_end|>")}
     if c.family == "qwen2_vl":
         vision = Qwen2VLVisionConfig(depth=c.vision_layers, embed_dim=c.vision_width, hidden_size=c.width,
-                                     mlp_ratio=2.0, num_heads=c.vision_heads)
+                                     mlp_ratio=2, num_heads=c.vision_heads)
         return Qwen2VLConfig(vision=vision, text=text, **ids)
     vision = Qwen2_5_VLVisionConfig(depth=c.vision_layers, hidden_size=c.vision_width,
                                     intermediate_size=2 * c.vision_width, num_heads=c.vision_heads,
