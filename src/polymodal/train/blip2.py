@@ -291,12 +291,16 @@ def qformer_text(tok, captions: list[str]) -> tuple[Tensor, Tensor]:
 def llm_caption_rows(tok, queries: int, captions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
     """Stage 2's LLM input: [IMG] x Q, BOS, caption, EOS, right-padded -> ids, mask and which positions are
     targets (the caption and its EOS)."""
-    img, bos = tok.token_to_id("[IMG]"), tok.bos_token_id
-    rows = [[img] * queries + [bos] + _words(tok, t) + [tok.eos_token_id] for t in captions]
+    rows = [soft_prompt(tok, queries) + _words(tok, t) + [tok.eos_token_id] for t in captions]
     ids, mask = tok.pad(rows, padding_side="right")
     target = torch.zeros_like(ids, dtype=torch.bool)
     target[:, queries + 1:] = True
     return ids, mask, target & mask.bool()
+
+
+def soft_prompt(tok, queries: int) -> list[int]:
+    """The LLM's prompt start: Q image tokens (where the projected queries go), then BOS, as BLIP-2 feeds OPT."""
+    return [tok.token_to_id("[IMG]")] * queries + [tok.bos_token_id]
 
 
 def vqa_prompt(question: str) -> str:
@@ -367,7 +371,9 @@ def _train_llm(c: Blip2ShapesConfig, tok, where: Path) -> None:
 
     docs = _llm_documents(c)
     ids, mask = tok.pad([[tok.bos_token_id, *_words(tok, d), tok.eos_token_id] for d in docs], padding_side="right")
-    model = init_weights(pm.build("opt", llm_config(c, tok.vocab_size)))
+    # PyTorch's default initialization, not OPT's N(0, 0.02): from that one this tiny LLM came out unable to use a
+    # soft prompt (stage 2 stalled at a caption loss of 0.77, blind guessing; 0.30 from this one, 200 steps each)
+    model = pm.build("opt", llm_config(c, tok.vocab_size))
 
     def loss_fn(m, b):
         # every document at a random offset of up to 2Q positions: a real LLM has read text at every position, and
@@ -473,14 +479,16 @@ def evaluate_stage2(model: nn.Module, c: Blip2ShapesConfig, tok) -> dict:
     color-shape combinations; VQA per kind of question too."""
     model.eval()
     device = next(model.parameters()).device
-    Q, img, bos = c.num_query_tokens, tok.token_to_id("[IMG]"), tok.bos_token_id
+    Q = c.num_query_tokens
     result = {}
     for split in ("train", "heldout"):
         samples = _world(c, 1, split, c.eval_images)
         px = _pixels(c, samples)
         captions = []
         for start in range(0, len(samples), 128):
-            out = model.generate(pixel_values=px[start: start + 128].to(device), max_new_tokens=8)
+            n = len(px[start: start + 128])
+            prompt = torch.tensor([soft_prompt(tok, Q)] * n, device=device)
+            out = model.generate(prompt, pixel_values=px[start: start + 128].to(device), max_new_tokens=8)
             captions += [tok.decode(row[Q + 1:]).strip() for row in out.tolist()]
         result[f"caption_exact_{split}"] = sum(t in s.captions for t, s in zip(captions, samples)) / len(samples)
         result[f"caption_examples_{split}"] = [[s.caption, t] for s, t in zip(samples[:4], captions)]
@@ -489,7 +497,7 @@ def evaluate_stage2(model: nn.Module, c: Blip2ShapesConfig, tok) -> dict:
         examples = []
         for start in range(0, len(rows), 128):
             chunk = rows[start: start + 128]
-            ids, mask = tok.pad([[img] * Q + [bos] + _words(tok, vqa_prompt(q)) for _, q, _ in chunk])
+            ids, mask = tok.pad([soft_prompt(tok, Q) + _words(tok, vqa_prompt(q)) for _, q, _ in chunk])
             out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=3,
                                  pixel_values=px[[i for i, _, _ in chunk]].to(device))
             for (_, q, a), row in zip(chunk, out[:, ids.shape[1]:].tolist()):
