@@ -90,7 +90,7 @@ def test_both_families_train_and_report(compared):
             assert 0.0 <= e[key] <= 1.0, key
         assert set(e["video_1fps_by_kind"]) <= {"when appeared", "what moved?", "where it went"}
         assert {"how many", "what color", "what shape", "is there"} == set(e["image_seen_by_kind"])
-        assert (out / family / "results.md").read_text().startswith(f"| family |")
+        assert (out / family / "results.md").read_text().startswith("| family |")
         assert family in (out / family / "results.md").read_text()
     table = (out / "table.md").read_text()
     assert "| qwen2_vl |" in table and "| qwen2_5_vl |" in table and "wall time:" in table

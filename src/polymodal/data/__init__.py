@@ -1,4 +1,5 @@
-"""Data: ShapesWorld, a generated image-text world that needs no download, and readers for real datasets."""
+"""Data: ShapesWorld, a generated image-text world that needs no download (and MovingShapes, its short videos), and
+readers for real datasets."""
 
 from polymodal.data.datasets import (
     DataError,
@@ -11,6 +12,7 @@ from polymodal.data.datasets import (
     decode_image,
     read_idx,
 )
+from polymodal.data.moving_shapes import Clip, MovingShapes, Track
 from polymodal.data.shapes import (
     ALL_COLORS,
     ALL_SHAPES,
@@ -22,6 +24,6 @@ from polymodal.data.shapes import (
     Vocabulary,
 )
 
-__all__ = ["ALL_COLORS", "ALL_SHAPES", "COLORS", "SHAPES", "DataError", "Digits", "EasyVQA", "FashionMNIST",
-           "JsonlDataset", "Object", "Sample", "ShapesWorld", "TarShards", "Vocabulary", "collate", "decode_image",
-           "read_idx"]
+__all__ = ["ALL_COLORS", "ALL_SHAPES", "COLORS", "SHAPES", "Clip", "DataError", "Digits", "EasyVQA", "FashionMNIST",
+           "JsonlDataset", "MovingShapes", "Object", "Sample", "ShapesWorld", "TarShards", "Track", "Vocabulary",
+           "collate", "decode_image", "read_idx"]

@@ -309,7 +309,7 @@ def evaluate(model: nn.Module, c: Qwen2VLShapesConfig, tok, batch: int = 32) -> 
         for start in range(0, len(items), batch):
             chunk = items[start:start + batch]
             got = answer(model, proc, [conv for conv, _, _ in chunk])
-            for (conv, q, want), g in zip(chunk, got):
+            for (_, q, want), g in zip(chunk, got):
                 hits.setdefault(_question_kind(q), []).append(g == want)
                 if len(examples) < 4:
                     examples.append([q, want, g])
