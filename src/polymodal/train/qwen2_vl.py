@@ -401,10 +401,11 @@ def build_qwen2_vl_shapes(c: Qwen2VLShapesConfig, world: World) -> Task:
     return Task(model, answer_loss, data, evaluate=evaluate_and_keep, export=export)
 
 
-def plan(name: str, c: Qwen2VLShapesConfig, out: str | Path, overrides: list[str], resume: bool) -> dict | None:
+def plan(name: str, c: Qwen2VLShapesConfig, out: str | Path, overrides: list[str], resume: bool,
+         quiet: bool = False) -> dict | None:
     """compare=true: both families, one after the other on the same data and seed, into OUT/qwen2_vl and
     OUT/qwen2_5_vl, then OUT/table.md and OUT/table.json with every run's wall time. Otherwise the usual single
-    run (None)."""
+    run (None). quiet: each run's notes to its train.log only."""
     from polymodal.train.recipes import run
 
     if not c.compare:
@@ -414,7 +415,7 @@ def plan(name: str, c: Qwen2VLShapesConfig, out: str | Path, overrides: list[str
     results = {}
     for family in FAMILIES:
         t0 = time.perf_counter()
-        results[family] = run(name, out / family, [*base, f"family={family}", "compare=false"], resume)
+        results[family] = run(name, out / family, [*base, f"family={family}", "compare=false"], resume, quiet=quiet)
         results[family]["wall_seconds"] = round(time.perf_counter() - t0, 1)
     table = results_table({f: r["eval"] for f, r in results.items()}, c)
     times = ", ".join(f"{f} {r['wall_seconds']:.0f} s (training {r['seconds']:.0f} s)" for f, r in results.items())
