@@ -607,7 +607,8 @@ def _without(overrides: list[str], *keys: str) -> list[str]:
     return [o for o in overrides if o.partition("=")[0].strip() not in keys]
 
 
-def plan(name: str, c: Blip2ShapesConfig, out: str | Path, overrides: list[str], resume: bool) -> dict | None:
+def plan(name: str, c: Blip2ShapesConfig, out: str | Path, overrides: list[str], resume: bool,
+         quiet: bool = False) -> dict | None:
     """How `polymodal train blip2-shapes` runs: one stage (None: the usual single run, once `frozen=` is
     resolved), both stages one after the other (OUT/stage1, OUT/stage2 from it), or the ablation (also
     OUT/stage2-scratch, then OUT/ablation.md and .json). The frozen parts live in OUT/frozen unless given."""
@@ -623,7 +624,7 @@ def plan(name: str, c: Blip2ShapesConfig, out: str | Path, overrides: list[str],
                 raise ConfigError(f"init={c.init!r}: no frozen.json (the frozen parts its stage 1 used) in it; is it "
                                   "a blip2-shapes stage-1 run? Pass frozen=DIR to name them")
             frozen = Path(json.loads(recorded.read_text())["frozen"])
-        return _stage(name, out, [*overrides, f"frozen={frozen}"], resume, frozen)
+        return _stage(name, out, [*overrides, f"frozen={frozen}"], resume, frozen, quiet)
     base = _without(overrides, "stage", "init", "ablation", "frozen")
     frozen = [f"frozen={c.frozen or out / 'frozen'}"]
     arms = {"stage1": ["stage=1"], "stage2": ["stage=2", f"init={out / 'stage1'}"]}
@@ -633,7 +634,7 @@ def plan(name: str, c: Blip2ShapesConfig, out: str | Path, overrides: list[str],
     for arm, extra in arms.items():
         t0 = time.perf_counter()
         results[arm] = _stage(name, out / arm, [*base, *frozen, *extra, "ablation=false"], resume,
-                              Path(frozen[0].partition("=")[2]))
+                              Path(frozen[0].partition("=")[2]), quiet)
         results[arm]["wall_seconds"] = round(time.perf_counter() - t0, 1)
     summary = {"stages": results}
     if c.ablation:
@@ -644,11 +645,11 @@ def plan(name: str, c: Blip2ShapesConfig, out: str | Path, overrides: list[str],
     return summary
 
 
-def _stage(name: str, out: Path, overrides: list[str], resume: bool, frozen: Path) -> dict:
+def _stage(name: str, out: Path, overrides: list[str], resume: bool, frozen: Path, quiet: bool) -> dict:
     """One stage's run, then `out/frozen.json` naming the frozen parts it used (stage 2's `init=` reads it)."""
     from polymodal.train.recipes import run
 
-    summary = run(name, out, overrides, resume)
+    summary = run(name, out, overrides, resume, quiet)
     (out / "frozen.json").write_text(dump_json({"frozen": str(frozen)}))
     return summary
 

@@ -669,8 +669,8 @@ class Recipe:
     config: type[TrainConfig]
     build: Callable[[TrainConfig, World], Task]
     description: str
-    # a recipe of several runs (e.g. blip2-shapes' stages): plan(name, config, out, overrides, resume) runs them and
-    # returns the summary, or None for the usual single run
+    # a recipe of several runs (e.g. blip2-shapes' stages): plan(name, config, out, overrides, resume, quiet) runs
+    # them and returns the summary, or None for the usual single run
     plan: Callable[..., dict | None] | None = None
 
 
@@ -711,7 +711,7 @@ def run(name: str, out: str | Path, overrides: list[str] = (), resume: bool = Fa
     `out/train.log` only (`fit`)."""
     config = recipe_config(name, overrides)
     if RECIPES[name].plan is not None:
-        summary = RECIPES[name].plan(name, config, out, list(overrides), resume)
+        summary = RECIPES[name].plan(name, config, out, list(overrides), resume, quiet)
         if summary is not None:
             return summary
     if getattr(config, "ablation", False):
