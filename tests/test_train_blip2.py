@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import polymodal as pm
+from polymodal.cli import main
 from polymodal.processing.text import TextTokenizer
 from polymodal.train import ConfigError, recipe_config, run
 from polymodal.train.blip2 import (
@@ -134,6 +135,7 @@ def ablation(tmp_path_factory) -> tuple[Path, dict]:
 def test_both_stages_and_the_ablation_end_to_end(ablation):
     out, summary = ablation
     assert set(summary["stages"]) == {"stage1", "stage2", "stage2-scratch"}
+    assert summary["steps"] == 25 and summary["eval"] == summary["stages"]["stage2"]["eval"]
     for arm in summary["stages"]:
         losses = _losses(out / arm)
         assert len(losses) == 25
@@ -189,6 +191,18 @@ def test_stage2_starts_from_a_stage1_run(ablation, tmp_path):
     assert not (s2 / "frozen").exists()  # nothing trained again
     with pytest.raises(ConfigError, match="no frozen.json"):
         run("blip2-shapes", tmp_path / "s3", [*TINY, "stage=2", f"init={tmp_path}"], quiet=True)
+
+
+def test_cli_reports_both_stages_and_the_ablation(ablation, capsys):
+    """`polymodal train blip2-shapes` with stage=both and with ablation=true (here resumed: every stage is
+    finished, nothing trains again) ends with its one-line report or the table."""
+    out, _ = ablation
+    args = ["train", "blip2-shapes", "--out", str(out), *(x for o in TINY for x in ("--set", o)), "--resume"]
+    assert main([*args, "--set", "stage=both"]) == 0
+    assert "trained blip2-shapes: 25 steps" in capsys.readouterr().out
+    assert main([*args, "--set", "ablation=true"]) == 0
+    assert "| scratch (no stage 1) |" in capsys.readouterr().out
+    assert main(["train", "blip2-shapes", "--out", str(out / "x"), "--set", "stage=2", "--set", "init=nowhere"]) == 2
 
 
 def test_refusals(tmp_path):

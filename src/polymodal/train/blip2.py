@@ -636,7 +636,8 @@ def plan(name: str, c: Blip2ShapesConfig, out: str | Path, overrides: list[str],
         results[arm] = _stage(name, out / arm, [*base, *frozen, *extra, "ablation=false"], resume,
                               Path(frozen[0].partition("=")[2]), quiet)
         results[arm]["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    summary = {"stages": results}
+    # stage 2's summary (steps, losses, evaluation: what `polymodal train` reports) with every stage's beside it
+    summary = {**results["stage2"], "stages": results}
     if c.ablation:
         summary["table"] = ablation_table(results, c)
         (out / "ablation.md").write_text(summary["table"] + "\n")
