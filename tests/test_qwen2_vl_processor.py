@@ -420,3 +420,64 @@ def test_pil_backend_resizes_images_only(saved):
     assert pil.image_processor.backend == "pil" and pil.video_processor.backend == "torch"
     assert torch.equal(pil(conversation)["pixel_values_videos"],
                        Qwen2VLProcessor.from_pretrained(saved)(conversation)["pixel_values_videos"])
+
+
+def test_a_video_over_its_token_budget_is_fitted_smaller_then_sparser(saved25, tmp_path):
+    """Within `max_tokens` a video keeps every sampled frame at a smaller size while it can, then keeps fewer frames
+    spread over the whole clip (a lower rate, which second_per_grid_ts reports); the tokens, the grid and the
+    pixel rows agree, and the file is never decoded past what is kept."""
+    from test_video import encode_video
+
+    ours = Qwen2VLProcessor.from_pretrained(saved25)
+    vp = ours.video_processor  # 16 x 28^2 .. 64 x 28^2 pixels per frame in these tests
+    frames = clip_frames(8, size=(224, 224))
+    ask_video = lambda video, **part: [{"role": "user", "content": [{"type": "video", "video": video, **part},  # noqa
+                                                                    {"type": "text", "text": "What happens?"}]}]
+    full = ours(ask_video(frames, fps=4.0))
+    t, gh, gw = full["video_grid_thw"][0].tolist()
+    assert (t, gh * gw // 4) == (4, 64)  # 4 temporal patches of 64 tokens: 256 tokens
+
+    ours.video_processor = vp.replace(max_tokens=128)  # half: every frame kept, each smaller
+    smaller = ours(ask_video(frames, fps=4.0))
+    t2, gh2, gw2 = smaller["video_grid_thw"][0].tolist()
+    assert t2 == 4 and t2 * gh2 * gw2 // 4 <= 128 and gh2 * gw2 < gh * gw
+    assert int((smaller["input_ids"] == ours.video_token_id).sum()) == t2 * gh2 * gw2 // 4
+    assert smaller["pixel_values_videos"].shape[0] == t2 * gh2 * gw2
+    assert smaller["second_per_grid_ts"].tolist() == pytest.approx([2 / 4.0])
+
+    ours.video_processor = vp.replace(max_tokens=40)  # below the smallest frames x 4 patches: fewer frames
+    sparser = ours(ask_video(frames, fps=4.0))
+    t3, gh3, gw3 = sparser["video_grid_thw"][0].tolist()
+    assert t3 < 4 and t3 * gh3 * gw3 // 4 <= 40 and gh3 * gw3 * 28 * 28 // 4 >= vp.min_pixels * 0.8
+    assert sparser["second_per_grid_ts"].tolist() == pytest.approx([2 / (4.0 * 2 * t3 / 8)])
+
+    path = tmp_path / "long.mp4"  # 30 s at 8 fps, sampled at 2 fps: 60 frames, 30 patches
+    encode_video(path, frames=240, fps=8, size=(56, 84))
+    ours.video_processor = vp.replace(max_tokens=24)
+    got = ours(ask_video(str(path)))
+    t4, gh4, gw4 = got["video_grid_thw"][0].tolist()
+    assert t4 * gh4 * gw4 // 4 <= 24 and t4 < 30
+    assert got["second_per_grid_ts"].tolist() == pytest.approx([2 / (2 * t4 / 240 * 8)])
+
+    ours.video_processor = vp.replace(max_tokens=2)  # not even one patch of the smallest frames fits
+    with pytest.raises(ValueError, match="over the video budget of 2"):
+        ours(ask_video(frames))
+
+
+def test_max_visual_tokens_refuses_a_prompt_before_decoding(saved, tmp_path, monkeypatch):
+    import polymodal.processing.qwen2_vl as qwen2_vl
+
+    ours = Qwen2VLProcessor.from_pretrained(saved)
+    ours.max_visual_tokens = 100
+    big = tmp_path / "big.png"
+    PHOTOS["astronaut"].save(big)
+    conversation = [{"role": "user", "content": [{"type": "image", "path": str(big)},
+                                                 {"type": "image", "path": str(big)}, {"type": "text", "text": "?"}]}]
+    opened = []
+    real = qwen2_vl.open_media_image
+    monkeypatch.setattr(qwen2_vl, "open_media_image", lambda *a, **k: opened.append(1) or real(*a, **k))
+    with pytest.raises(ValueError, match=r"become 512 visual tokens, over the limit of 100 \(max_visual_tokens\)"):
+        ours(conversation)
+    assert not opened  # refused from the headers
+    ours.max_visual_tokens = 512
+    assert ours(conversation)["image_grid_thw"].shape == (2, 3) and len(opened) == 2

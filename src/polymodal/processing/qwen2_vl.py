@@ -45,7 +45,15 @@ from torch import Tensor
 from polymodal.processing.grounding import RELATIVE_1000, Frame
 from polymodal.processing.image import CLIP_MEAN, CLIP_STD, FORMATS, ImageTooLarge, open_image, to_rgb
 from polymodal.processing.text import TextTokenizer
-from polymodal.processing.video import Video, VideoError, frames_video, probe_video, read_video, sample_indices
+from polymodal.processing.video import (
+    Video,
+    VideoError,
+    VideoTooLarge,
+    frames_video,
+    probe_video,
+    read_video,
+    sample_indices,
+)
 from polymodal.processing.vlm import (
     DEFAULT_MAX_PIXELS,
     ChatProcessor,
@@ -247,13 +255,39 @@ class Qwen2VLImageProcessor:
 @dataclass(frozen=True)
 class Qwen2VLVideoProcessor(Qwen2VLImageProcessor):
     """The video side: the same patches within the video's own pixel range (transformers' defaults: 128 x 28^2 to
-    768 x 28^2 per frame), frames sampled at `fps` with at least `min_frames` and at most `max_frames`."""
+    768 x 28^2 per frame), frames sampled at `fps` with at least `min_frames` and at most `max_frames`.
+
+    max_tokens: the visual-token budget of one video (None: none). A video whose sampled frames would become more
+    tokens is fitted to it as qwen-vl-utils fits its total-pixel budget: first each frame is made smaller (down to
+    `min_pixels`), then fewer frames are kept, spread evenly over the whole video (a lower, "dynamic" frame rate,
+    which second_per_grid_ts reports). transformers has no such budget: at 768 frames of 768 x 28^2 pixels a
+    ten-minute clip became 53,760 tokens and 3.3 GB of preprocessing; within 16,384 the whole hour stays bounded."""
 
     min_pixels: int = 128 * 28 * 28
     max_pixels: int = 768 * 28 * 28
     fps: float = 2.0
     min_frames: int = 4
     max_frames: int = 768
+    max_tokens: int | None = 16384
+
+    def fit(self, frames: int, height: int, width: int) -> tuple[int, tuple[int, int]]:
+        """(frames to keep, (h, w) of each) for `frames` sampled frames of height x width, within `max_tokens`."""
+        size = self.resized(height, width)
+        T, unit = self.temporal_patch_size, self.factor**2  # a token: factor x factor pixels of a temporal patch
+        groups = -(-frames // T)
+        if self.max_tokens is None or groups * (size[0] * size[1] // unit) <= self.max_tokens:
+            return frames, size
+        cap = self.max_tokens // groups * unit  # the pixels per frame that keep every frame
+        if cap >= self.min_pixels:
+            size = smart_resize(height, width, self.factor, self.min_pixels, cap)
+            if groups * (size[0] * size[1] // unit) <= self.max_tokens:
+                return frames, size
+        size = smart_resize(height, width, self.factor, self.min_pixels, self.min_pixels)
+        keep = self.max_tokens // (size[0] * size[1] // unit)  # temporal patches at the smallest frames
+        if keep < 1:
+            raise VideoTooLarge(f"one temporal patch of {size[1]}x{size[0]} frames is {size[0] * size[1] // unit:,} "
+                                f"tokens, over the video budget of {self.max_tokens:,} (max_tokens)")
+        return min(frames, keep * T), size
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], source: Any = "video_preprocessor_config.json",
@@ -478,8 +512,11 @@ class Qwen2VLProcessor(ChatProcessor):
                 video = frames_video(src, media.where, fps=fps, max_pixels=self.max_pixels)
                 first = video.frames[0]
                 h, w = (first.height, first.width) if isinstance(first, Image.Image) else first.shape[:2]
-                media.state = (video, None, vp.resized(h, w))
-                frames = len(video.frames)
+                frames, size = vp.fit(len(video.frames), h, w)
+                if frames < len(video.frames):  # over the budget: fewer frames, spread over the whole video
+                    picked = [i * len(video.frames) // frames for i in range(frames)]
+                    video = Video([video.frames[i] for i in picked], picked, video.fps, video.total_frames)
+                media.state = (video, None, size)
             else:
                 position = src.tell() if hasattr(src, "seek") else None  # a file object is read again later
                 info = probe_video(src, max_pixels=self.max_pixels)
@@ -488,12 +525,17 @@ class Qwen2VLProcessor(ChatProcessor):
                 indices = sample_indices(info.total_frames, info.fps, fps=vp.fps, min_frames=vp.min_frames,
                                          max_frames=vp.max_frames, temporal_patch_size=vp.temporal_patch_size)
                 h, w = info.height, info.width
+                frames, size = vp.fit(len(indices), h, w)
+                if frames < len(indices):  # over the budget: fewer frames, spread over the whole video
+                    indices = sample_indices(info.total_frames, info.fps, fps=None, num_frames=frames,
+                                             temporal_patch_size=vp.temporal_patch_size)
+                    frames = len(indices)
                 # every frame goes to the size the header's frame size gives, the one its tokens were counted at
-                media.state = (src, indices, vp.resized(h, w))
-                frames = len(indices)
+                media.state = (src, indices, size)
         except (VideoError, ValueError) as e:
             raise type(e)(f"{media.where}: {e}") from None
-        media.tokens = vp.tokens(h, w, frames)
+        t = -(-frames // vp.temporal_patch_size)
+        media.tokens = t * (size[0] // vp.patch_size) * (size[1] // vp.patch_size) // vp.merge_size**2
 
     def _prepare(self, kind: str, media: list[Media]) -> dict[str, Tensor]:
         if kind == "image":

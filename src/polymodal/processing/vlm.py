@@ -75,7 +75,8 @@ class ChatProcessor:
     tokens: the placeholder token of each kind of media the family takes (`{"image": "<image>"}`); the chat template
     writes one per media part and each is expanded to the tokens that media becomes. context_length: the decoder's
     positions; a longer prompt is refused before any media is decoded. max_pixels: the largest image (or video frame)
-    accepted, read from its header before it is decoded.
+    accepted, read from its header before it is decoded. max_visual_tokens: the most tokens the media of one prompt
+    may become together (None: only the context bounds them); a prompt over it is refused before any decoding.
 
     Subclasses implement `_measure(media)` (set `media.tokens` from the header alone; it may keep what it opened in
     `media.state`) and `_prepare(kind, media) -> dict` (decode and preprocess every media of a kind, in reading order,
@@ -83,10 +84,13 @@ class ChatProcessor:
     """
 
     def __init__(self, tokenizer: TextTokenizer, tokens: dict[str, str], *, context_length: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_visual_tokens: int | None = None):
+        if max_visual_tokens is not None and (not _is_int(max_visual_tokens) or max_visual_tokens < 1):
+            raise ValueError(f"max_visual_tokens={max_visual_tokens!r}: a positive number of tokens, or None")
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.max_pixels = max_pixels
+        self.max_visual_tokens = max_visual_tokens
         self.media_tokens: dict[str, tuple[str, int]] = {}
         for kind, token in tokens.items():
             token_id = tokenizer.token_to_id(token)
@@ -204,6 +208,11 @@ class ChatProcessor:
                                      f"token(s) (id {token_id}); each {media_kind} needs exactly one ({hint})")
             for m in parts:
                 self._measure(m)
+            visual = sum(m.tokens for m in parts)
+            if self.max_visual_tokens is not None and visual > self.max_visual_tokens:
+                raise ValueError(f"{name}'s {len(parts)} image(s)/video(s) become {visual:,} visual tokens, over the "
+                                 f"limit of {self.max_visual_tokens:,} (max_visual_tokens); send fewer or smaller "
+                                 "images, or shorter videos")
             length = len(ids) + sum(m.tokens - 1 for m in parts)
             if self.context_length is not None and length > self.context_length:
                 counts = " and ".join(f"{sum(m.kind == c for m in parts)} {c}(s)" for c in self.media_tokens
