@@ -3,8 +3,10 @@ Pre-training with Frozen Image Encoders and Large Language Models"), the `blip2-
 
     stage 0  the frozen parts, built once per run directory (`frozen/`): a ViT pretrained here as an attribute
              classifier (color and shape heads) stands in for the paper's pretrained ViT-g, and a tiny OPT
-             trained on ShapesWorld's text alone stands in for its frozen OPT. No packaged real LLM loads as OPT
-             (SmolLM2 is LLaMA-architecture), so the "LLM" knows this world's language and nothing else.
+             (width 64, 2 layers, ~0.1 M parameters) trained on ShapesWorld's text alone stands in for its frozen
+             OPT. No packaged real LLM loads as OPT (SmolLM2 is LLaMA-architecture), so the "LLM" knows this
+             world's language and nothing else: captions, and captions followed by questions and answers in the
+             zero-shot VQA prompt's wording ("Question: ... Answer: ..."), never an image.
     stage 1  representation learning (sec. 3.2): the Q-Former's queries read the frozen image; three objectives
              share one Q-Former, each with its self-attention mask (`qformer_mask`, the paper's Fig. 2):
                ITC  unimodal: queries see queries, text sees text; score = max over queries of the cosine
@@ -20,6 +22,10 @@ embeddings tied, a bias), `polymodal.models.blip.LMHead` here, exported beside t
 Stage 2 trains `Blip2` of task "generation" (`Blip2ForConditionalGeneration`) and starts its Q-Former from a
 stage-1 run (`init=DIR`: queries, shared self-attention, cross-attention and the queries' feed-forward; the text
 feed-forward is dropped, as LAVIS's stage 2 drops it) or from scratch (the paper's Fig. 5 ablation).
+
+Evaluation (stage 2): greedy captions (exact match) and zero-shot VQA, the LLM answering "Question: ... Answer:"
+after the soft prompt as the paper prompts OPT, on fresh scenes of seen and never-seen color-shape combinations.
+`ablation=true` trains stage 2 from stage 1 and from scratch with the same steps and writes OUT/ablation.md.
 
 One word-level vocabulary of the world's words serves the Q-Former and the LLM alike (BLIP-2 uses BERT's
 WordPiece for the Q-Former and GPT-2's BPE for OPT; the layouts do not depend on the vocabulary).
