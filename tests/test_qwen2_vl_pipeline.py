@@ -147,6 +147,11 @@ def test_cli_refuses_bad_video_settings_before_loading(checkpoint, tmp_path, cap
         assert main(["chat", "--model", str(path), *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
+    for argv, message in ((["--max-video-frames", "0"], "--max-video-frames=0 must be positive"),
+                          (["--max-visual-tokens", "0"], "--max-visual-tokens must be at least 1"),
+                          (["--video-fps", "-1"], "--video-fps=-1.0 must be positive")):
+        assert main(["serve", "--model", str(path), *argv]) == 2  # before the port is bound or a model loads
+        assert message in capsys.readouterr().err
 
 
 def test_server_takes_image_url_and_video_url_parts(checkpoint):
@@ -196,6 +201,20 @@ def test_server_takes_image_url_and_video_url_parts(checkpoint):
             for body in ({"model": "vl", "text": text, "image_size": [0, 5]}, {"model": "vl", "text": 3},
                          {"model": "vl", "text": text, "image_size": [10, 10], "extra": 1}):
                 assert httpx.post(f"{url}/v1/grounding", timeout=60, json=body).status_code == 400
+            # the server's own limits (polymodal serve --max-visual-tokens, --disable video)
+            served.limit(max_visual_tokens=4)
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={"model": "vl", "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                             {"type": "text", "text": "?"}]}]})
+            assert r.status_code == 400 and "over the limit of 4 (max_visual_tokens)" in r.text, r.text
+            served.limit(disable=("video",))
+            assert "video" not in httpx.get(f"{url}/v1/models/vl", timeout=60).json()["modalities"]
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={"model": "vl", "messages": [
+                {"role": "user", "content": [{"type": "video_url", "video_url": {"url": video_url}},
+                                             {"type": "text", "text": "?"}]}]})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_modality"
+            with pytest.raises(ValueError, match="image, video and audio"):
+                served.limit(disable=("text",))
     finally:
         served.close()
 

@@ -474,13 +474,22 @@ def cmd_serve(args) -> None:
         raise UsageError("--allow-remote-media needs at least one --allowed-domain (remote media is allow-listed)")
     from polymodal.serve.media import MediaPolicy
 
-    policy = MediaPolicy(allow_remote=args.allow_remote_media or bool(args.allowed_domain),
-                         allowed_domains=tuple(args.allowed_domain), local_root=args.media_root)
+    try:
+        policy = MediaPolicy(allow_remote=args.allow_remote_media or bool(args.allowed_domain),
+                             allowed_domains=tuple(args.allowed_domain), local_root=args.media_root,
+                             **{k: v for k, v in (("max_video_frames", args.max_video_frames),
+                                                  ("max_video_seconds", args.max_video_seconds),
+                                                  ("video_fps", args.video_fps)) if v is not None})
+    except ValueError as e:
+        raise UsageError(str(e).replace("MediaPolicy.", "--").replace("_", "-")) from None
+    if args.max_visual_tokens is not None and args.max_visual_tokens < 1:
+        raise UsageError("--max-visual-tokens must be at least 1")
     if args.max_body_mib is not None and args.max_body_mib < 1:
         raise UsageError("--max-body-mib must be at least 1")
     sock = bind_socket(args.host, args.port)  # a port in use: OSError, exit 2, before the models load
     try:
         served = load_served(args.model, max_batch=args.max_batch, max_queue=args.max_queue)  # ValueError: exit 2
+        served.limit(disable=tuple(args.disable), max_visual_tokens=args.max_visual_tokens)
     except BaseException:
         sock.close()
         raise
@@ -609,6 +618,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-batch", type=int, default=8, help="requests decoded together per model")
     sp.add_argument("--max-queue", type=int, default=32, help="requests waiting per model before 429")
     sp.add_argument("--max-body-mib", type=int, default=None, help="largest request body in MiB (default 32)")
+    sp.add_argument("--disable", action="append", default=[], choices=("image", "video", "audio"),
+                    help="refuse this kind of media for every model (repeatable)")
+    sp.add_argument("--max-visual-tokens", type=int, default=None, metavar="N",
+                    help="the most tokens one request's images and videos may become (default: the context)")
+    sp.add_argument("--max-video-frames", type=int, default=None, metavar="N",
+                    help="frames decoded per video at the most (default 64)")
+    sp.add_argument("--max-video-seconds", type=float, default=None, metavar="S",
+                    help="the longest video taken (default 120)")
+    sp.add_argument("--video-fps", type=float, default=None, metavar="FPS",
+                    help="the rate videos are sampled at (default 2)")
     sp.add_argument("--allow-remote-media", action="store_true",
                     help="fetch http(s) media URLs from the --allowed-domain hosts")
     sp.add_argument("--allowed-domain", action="append", default=[], metavar="DOMAIN",

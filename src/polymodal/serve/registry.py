@@ -81,6 +81,21 @@ class ServedModels:
     def ids(self) -> list[str]:
         return list(self.models)
 
+    def limit(self, *, disable: tuple[str, ...] = (), max_visual_tokens: int | None = None) -> None:
+        """The server's own limits on what its models take: `disable` switches modalities off for every model
+        (a request with such a part is refused with 400 unsupported_modality before anything is fetched);
+        `max_visual_tokens` bounds the tokens one request's images and videos may become in a local
+        vision-language model's prompt (counted from their headers, before decoding)."""
+        unknown = set(disable) - {"image", "video", "audio"}
+        if unknown:
+            raise ValueError(f"cannot disable {sorted(unknown)}: the media modalities are image, video and audio")
+        if max_visual_tokens is not None and max_visual_tokens < 1:
+            raise ValueError(f"max_visual_tokens={max_visual_tokens}: at least 1")
+        for m in self.models.values():
+            m.modalities = m.modalities - set(disable)
+            if max_visual_tokens is not None and m.processor is not None:
+                m.processor.max_visual_tokens = max_visual_tokens
+
     def get(self, model_id: str) -> ServedModel:
         """The model, or a 404 `model_not_found` naming the models that are served."""
         try:
