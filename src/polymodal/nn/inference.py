@@ -19,7 +19,9 @@ One more change serves the matrix-vector products of decoding (one row per seque
 transpose contiguous), which MKL multiplies as a sum of columns, streaming long runs of memory. Measured on that
 machine at one row (fp32, 2 threads, weights not in cache): 960x576 and 1536x576 products 1.31x and 1.38x
 faster, 576x576 1.08x; narrower outputs (576x1536) are 0.8x that way and keep the row-major layout. No extra memory;
-`state_dict` and saving are unchanged (saving writes contiguous tensors).
+`state_dict` and saving are unchanged (saving writes contiguous tensors). Products of a few rows with weights of
+16M elements or more (a 7B model's decode step) take `F.linear` as well: they only stream the weight, which MKL's
+GEMV did faster than the packed product (see `FEW_ROWS`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ _OPS = {"enabled": None}
 # at any row count (128 wide, 197 rows: 0.9x). Narrower layers stay plain nn.Linear.
 MIN_IN_FEATURES = 256
 MIN_MACS = 1 << 20
+# Matrix-vector products (a decode step: a row or a few per sequence) of weights far larger than the caches only
+# stream the weight from memory; there oneDNN's packed product was slower than F.linear's MKL GEMV on the same
+# machine (fp32, prepacked, interleaved runs, weights out of cache): 1x3584 @ 3584x152064 (a 7B vocabulary head)
+# 282 vs 247 ms on one thread, 259 vs 180 ms on two; 3584x18944 30 vs 21 ms on one thread; and a whole decode step
+# of Qwen2-VL-7B's widths with 2 layers 264 vs 208 ms of CPU time on one thread (benchmarks/bench_qwen2_vl.py).
+# Such calls take F.linear; prefills (hundreds of rows) and smaller weights keep the packed product.
+FEW_ROWS = 16
+LARGE_WEIGHT = 1 << 24  # elements: 64 MB in fp32
 
 
 def _available() -> bool:
@@ -74,6 +84,7 @@ class PackedLinear(nn.Linear):
             return F.linear(x, w, self.bias)
         if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
                 and x.numel() * self.out_features >= MIN_MACS
+                and not (x.numel() <= FEW_ROWS * self.in_features and w.numel() >= LARGE_WEIGHT)
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and _available()):
             packed = self._packed_weight()
             try:
