@@ -255,6 +255,21 @@ def test_inconsistent_inputs_fail_before_the_tower(pair, monkeypatch):
         ours(two, pixel_values=torch.randn(72, PATCH), image_grid_thw=torch.tensor([B, A]))
 
 
+def test_transformers_inputs_with_mm_token_type_ids_are_taken_as_they_are(pair):
+    """transformers 5's inputs carry mm_token_type_ids; ours derives it from the ids, takes it when it agrees (the
+    same logits and tokens) and refuses one that does not."""
+    ref, ours, _ = pair
+    mine, theirs = batch(CASES["image and video"], seed=2)
+    torch.testing.assert_close(ours(**theirs), ours(**mine), rtol=0, atol=0)
+    assert torch.equal(ours.generate(**theirs, max_new_tokens=4), ours.generate(**mine, max_new_tokens=4))
+    wrong = theirs["mm_token_type_ids"].clone()
+    wrong[0, 3] = 0 if wrong[0, 3] else 1  # one position called text that is an image token, or the reverse
+    with pytest.raises(ValueError, match="mm_token_type_ids disagrees"):
+        ours(**{**theirs, "mm_token_type_ids": wrong})
+    with pytest.raises(ValueError, match="must have input_ids' shape"):
+        ours(**{**theirs, "mm_token_type_ids": wrong[:, 1:]})
+
+
 @pytest.mark.parametrize("family,preset,billions", [
     ("qwen2_vl", "Qwen/Qwen2-VL-2B-Instruct", 2.209), ("qwen2_vl", "Qwen/Qwen2-VL-7B-Instruct", 8.291),
     ("qwen2_5_vl", "Qwen/Qwen2.5-VL-3B-Instruct", 3.755), ("qwen2_5_vl", "Qwen/Qwen2.5-VL-7B-Instruct", 8.292)])
@@ -277,6 +292,17 @@ def test_tiny_presets_run(family, preset):
     out = model.generate(ids, pixel_values=torch.randn(32, c.vision.patch_dim), image_grid_thw=grid,
                          max_new_tokens=3, eos_token_id=[])
     assert out.shape == (1, ids.shape[1] + 3)
+
+
+@pytest.mark.parametrize("family,preset", [("qwen2_vl", "qwen2-vl-tiny-test"), ("qwen2_5_vl", "qwen2.5-vl-tiny-test")])
+def test_a_preset_built_model_saves_what_transformers_loads(family, preset, tmp_path):
+    """Presets hold float fields (Qwen2-VL's mlp_ratio 4.0) that transformers' strict configs take as ints."""
+    fam = get_family(family)
+    model = fam.model(fam.presets[preset]).eval()
+    pm.save(model, tmp_path)
+    back = CLASSES[family][0].from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[1, 5, 6, 7]])
+    torch.testing.assert_close(back(input_ids=ids).logits, model(ids), atol=ATOL, rtol=0)
 
 
 def test_mrope_tables_match_transformers_and_refuse_bad_sections():

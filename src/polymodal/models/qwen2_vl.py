@@ -302,7 +302,7 @@ class Qwen2VL(nn.Module, CausalLM):
 
     def media_tokens(self, pixel_values: Tensor | None = None, image_grid_thw: Tensor | None = None,
                      pixel_values_videos: Tensor | None = None, video_grid_thw: Tensor | None = None,
-                     second_per_grid_ts=None) -> dict[int, int]:
+                     second_per_grid_ts=None, mm_token_type_ids: Tensor | None = None) -> dict[int, int]:
         """{placeholder token id: the prompt positions these inputs fill}, from the grids (checked against the
         pixel rows), for callers that check a request before any work (the server's engine)."""
         out = {}
@@ -311,6 +311,19 @@ class Qwen2VL(nn.Module, CausalLM):
             need = self._grid_tokens(kind, pixels, grid)
             out[self.config.token_id(kind)] = sum(need)
         return out
+
+    def check_token_types(self, input_ids: Tensor | None, types: Tensor | None) -> None:
+        """transformers' mm_token_type_ids (0 text, 1 image, 2 video per position) must say what the ids say."""
+        if types is None:
+            return
+        c = self.config
+        if input_ids is None or types.shape != input_ids.shape:
+            raise ValueError(f"mm_token_type_ids {tuple(types.shape)} must have input_ids' shape "
+                             f"{None if input_ids is None else tuple(input_ids.shape)}")
+        derived = (input_ids == c.image_token_id).long() + 2 * (input_ids == c.video_token_id).long()
+        if not torch.equal(types.long(), derived):
+            raise ValueError("mm_token_type_ids disagrees with input_ids' image and video tokens (it is derived from "
+                             "them: leave it out)")
 
     def check_media(self, input_ids: Tensor, kind: str, pixels: Tensor | None, grid: Tensor | None) -> None:
         """Images (or videos) against their grids and the prompt's tokens: one clear error before the tower runs."""
@@ -416,10 +429,13 @@ class Qwen2VL(nn.Module, CausalLM):
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 pixel_values: Tensor | None = None, image_grid_thw: Tensor | None = None,
                 pixel_values_videos: Tensor | None = None, video_grid_thw: Tensor | None = None, *,
-                second_per_grid_ts=None, inputs_embeds: Tensor | None = None, cache: list[KVCache] | None = None,
+                second_per_grid_ts=None, mm_token_type_ids: Tensor | None = None,
+                inputs_embeds: Tensor | None = None, cache: list[KVCache] | None = None,
                 position_ids: Tensor | None = None, logits_to_keep: int = 0) -> Tensor:
         """-> logits (B, T, V). position_ids (3, B, T) default to `get_rope_index` of the prompt; continuing from a
-        filled cache needs them given (generation does: the prefill's rope_deltas decide them)."""
+        filled cache needs them given (generation does: the prefill's rope_deltas decide them). mm_token_type_ids
+        (what transformers 5's processors may return) is derived from the ids; when given it must agree."""
+        self.check_token_types(input_ids, mm_token_type_ids)
         media = {"image": (pixel_values, image_grid_thw), "video": (pixel_values_videos, video_grid_thw)}
         if inputs_embeds is None:
             if input_ids is None or input_ids.dim() != 2:
@@ -445,9 +461,11 @@ class Qwen2VL(nn.Module, CausalLM):
     def generation_prefill(self, input_ids: Tensor, attention_mask: Tensor, max_len: int, *,
                            pixel_values: Tensor | None = None, image_grid_thw: Tensor | None = None,
                            pixel_values_videos: Tensor | None = None, video_grid_thw: Tensor | None = None,
-                           second_per_grid_ts=None) -> tuple[DecoderState, Tensor]:
+                           second_per_grid_ts=None, mm_token_type_ids: Tensor | None = None
+                           ) -> tuple[DecoderState, Tensor]:
         """The prompt with its images into a new cache -> (state, next-token logits (B, V)). The state starts from
         the M-RoPE positions, so each row's next position is its largest + 1 (offset = rope_deltas)."""
+        self.check_token_types(input_ids, mm_token_type_ids)
         self.check_media(input_ids, "image", pixel_values, image_grid_thw)
         self.check_media(input_ids, "video", pixel_values_videos, video_grid_thw)
         positions, _ = self.get_rope_index(input_ids, attention_mask, image_grid_thw, video_grid_thw,
@@ -533,6 +551,11 @@ def write_hf_vl(c, model_type: str, architecture: str) -> dict:
     text = {**write_hf_config(t, f"{model_type}_text", architecture), "use_sliding_window": False}
     del text["architectures"]
     vision = {k: v for k, v in to_dict(c.vision).items() if k != "rope_theta"}
+    if "mlp_ratio" in vision:  # transformers' config holds an int (its strict config refuses 4.0)
+        if not float(vision["mlp_ratio"]).is_integer():
+            raise ValueError(f"transformers' {architecture} takes a whole mlp_ratio, not {vision['mlp_ratio']}; "
+                             "save this model in polymodal's layout")
+        vision["mlp_ratio"] = int(vision["mlp_ratio"])
     return {
         "model_type": model_type, "architectures": [architecture], "text_config": text,
         "vision_config": {"model_type": f"{model_type}_vision", **vision,
