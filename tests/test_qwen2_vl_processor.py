@@ -16,26 +16,13 @@ import torch
 from PIL import Image
 
 from polymodal.processing import ImageError
-from polymodal.processing.qwen2_vl import Qwen2VLImageProcessor, Qwen2VLProcessor, smart_resize
+from polymodal.processing.qwen2_vl import QWEN2_VL_CHAT_TEMPLATE, Qwen2VLImageProcessor, Qwen2VLProcessor, smart_resize
 from polymodal.processing.video import read_video
 
 transformers = pytest.importorskip("transformers")
 skimage_data = pytest.importorskip("skimage.data")
 av = pytest.importorskip("av")
 
-# Qwen2-VL-7B-Instruct's chat template, as the hub ships it
-TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
-    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
-    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
-    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n{% endif %}"
-)
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
            "<|video_pad|>"]
 CORPUS = ["system You are a helpful assistant. user What is shown in this image? assistant A cat on a table.",
@@ -65,7 +52,7 @@ def save_processor(path, qwen25: bool = False, min_pixels=56 * 56, max_pixels=28
     videos = transformers.Qwen2VLVideoProcessor(min_pixels=video_pixels[0], max_pixels=video_pixels[1],
                                                 cap_pixels_per_frame=False)
     cls(image_processor=images, video_processor=videos, tokenizer=tiny_tokenizer(),
-        chat_template=TEMPLATE).save_pretrained(path)
+        chat_template=QWEN2_VL_CHAT_TEMPLATE).save_pretrained(path)
 
 
 def reference(path, backend: str = "torchvision"):

@@ -139,22 +139,27 @@ def _name(src: Any) -> str:
     return str(getattr(src, "name", "") or f"<{type(src).__name__}>")
 
 
-def _opened(src: Any, name: str) -> Image.Image:
+def source_file(src: Any, name: str, kind: str, error: type[ValueError], alternative: str) -> Any:
+    """A path, bytes or a binary file object -> what a decoder opens (a path string, a BytesIO, the file object);
+    `error` naming `name` for a missing path, a directory or any other value (`alternative`: the other form the
+    caller takes, "a PIL image" or "a list of frames")."""
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         if not path.exists():
-            raise ImageError(f"{name}: no such file; check the path")
+            raise error(f"{name}: no such file; check the path")
         if path.is_dir():
-            raise ImageError(f"{name}: is a directory, not an image file")
-        fp: Any = str(path)
-    elif isinstance(src, (bytes, bytearray, memoryview)):
-        fp = io.BytesIO(bytes(src))
-    elif hasattr(src, "read"):
-        fp = src
-    else:
-        raise ImageError(
-            f"{name}: not an image source; pass a path, bytes, a binary file object or a PIL image"
-        )
+            raise error(f"{name}: is a directory, not {'an' if kind[0] in 'aeiou' else 'a'} {kind} file")
+        return str(path)
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(src))
+    if hasattr(src, "read"):
+        return src
+    raise error(f"{name}: not {'an' if kind[0] in 'aeiou' else 'a'} {kind} source; pass a path, bytes, a binary file "
+                f"object or {alternative}")
+
+
+def _opened(src: Any, name: str) -> Image.Image:
+    fp = source_file(src, name, "image", ImageError, "a PIL image")
     try:
         return Image.open(fp, formats=_formats())
     except Image.UnidentifiedImageError:

@@ -21,19 +21,17 @@ PyAV (`av`, in the `serve` extras) is imported when a file is read, with an erro
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from polymodal.processing.image import ImageError, ImageTooLarge
+from polymodal.processing.image import ImageError, ImageTooLarge, source_file
 
 VideoSource = str | os.PathLike | bytes | bytearray | memoryview | Any  # a path, bytes or a binary file object
 
@@ -110,19 +108,7 @@ def _name(src: Any) -> str:
 
 def _open(src: VideoSource, name: str):
     av = _av()
-    if isinstance(src, (str, os.PathLike)):
-        path = Path(src)
-        if not path.exists():
-            raise VideoError(f"{name}: no such file; check the path")
-        if path.is_dir():
-            raise VideoError(f"{name}: is a directory, not a video file")
-        fp: Any = str(path)
-    elif isinstance(src, (bytes, bytearray, memoryview)):
-        fp = io.BytesIO(bytes(src))
-    elif hasattr(src, "read"):
-        fp = src
-    else:
-        raise VideoError(f"{name}: not a video source; pass a path, bytes, a binary file object or a list of frames")
+    fp = source_file(src, name, "video", VideoError, "a list of frames")
     try:
         container = av.open(fp, mode="r")
     except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from polymodal.processing.qwen2_vl import QWEN2_VL_CHAT_TEMPLATE
 from polymodal.train.config import ConfigError, TrainConfig
 from polymodal.train.data import ShuffledBatches
 from polymodal.train.distributed import World
@@ -43,19 +44,6 @@ FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 # Qwen2's special tokens (the hub tokenizer's added tokens), <unk> for words outside the world
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
             "<|video_pad|>", "<unk>")
-# Qwen2-VL-7B-Instruct's chat template, as the hub ships it
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
-    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
-    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
-    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
-    "<|im_start|>assistant\n{% endif %}"
-)
 _WORDS = ("system", "you", "are", "a", "an", "helpful", "assistant", "user", ".", "?", ",", "how", "many", "shape",
           "shapes", "is", "there", "what", "color", "object", "the", "where", "relative", "to", "left", "right",
           "above", "below", "up", "down", "yes", "no", "at", "second", "did", "appear", "moved", "go", "of", "and",
@@ -77,7 +65,7 @@ def shapes_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # "appear?" -> "appear", "?"; "\n" separates only
     tok.add_special_tokens(list(SPECIALS))
     return TextTokenizer(tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>",
-                         chat_template=CHAT_TEMPLATE, copy=False)
+                         chat_template=QWEN2_VL_CHAT_TEMPLATE, copy=False)
 
 
 # ------------------------------------------------------------------------------------------------ config
