@@ -20,8 +20,8 @@ transpose contiguous), which MKL multiplies as a sum of columns, streaming long 
 machine at one row (fp32, 2 threads, weights not in cache): 960x576 and 1536x576 products 1.31x and 1.38x
 faster, 576x576 1.08x; narrower outputs (576x1536) are 0.8x that way and keep the row-major layout. No extra memory;
 `state_dict` and saving are unchanged (saving writes contiguous tensors). Products of a few rows with weights of
-16M elements or more (a 7B model's decode step) take `F.linear` as well: they only stream the weight, which MKL's
-GEMV did faster than the packed product (see `FEW_ROWS`).
+64M elements or more (a 7B model's MLP and vocabulary head at a decode step) take `F.linear` as well: they only
+stream the weight, which MKL's GEMV did faster than the packed product (see `FEW_ROWS`).
 """
 
 from __future__ import annotations
@@ -44,9 +44,11 @@ MIN_MACS = 1 << 20
 # machine (fp32, prepacked, interleaved runs, weights out of cache): 1x3584 @ 3584x152064 (a 7B vocabulary head)
 # 282 vs 247 ms on one thread, 259 vs 180 ms on two; 3584x18944 30 vs 21 ms on one thread; and a whole decode step
 # of Qwen2-VL-7B's widths with 2 layers 264 vs 208 ms of CPU time on one thread (benchmarks/bench_qwen2_vl.py).
-# Such calls take F.linear; prefills (hundreds of rows) and smaller weights keep the packed product.
+# Such calls take F.linear; prefills (hundreds of rows) and smaller weights keep the packed product. The line sits
+# above SmolLM2's 49152x576 vocabulary head (28 M elements), whose decode was faster packed (bench_llm, smollm2
+# eager decode with the line at 16 M: 1.25x / 1.44x at batch 1 / 8, against 1.38x / 1.72x packed, back to back).
 FEW_ROWS = 16
-LARGE_WEIGHT = 1 << 24  # elements: 64 MB in fp32
+LARGE_WEIGHT = 1 << 26  # elements: 256 MB in fp32 (3584x18944, a 7B MLP, and 7B vocabulary heads are above it)
 
 
 def _available() -> bool:
