@@ -4,14 +4,16 @@
     python benchmarks/bench_qwen2_vl.py                                   # both families, tiny + 7B widths
     python benchmarks/bench_qwen2_vl.py --families qwen2_5_vl --sizes 7b-4v2l --batches 1 --rounds 3
     python benchmarks/bench_qwen2_vl.py --parts tower                     # the vision towers only
+    python benchmarks/bench_qwen2_vl.py --sizes 7b --device cuda --dtype bf16 --batches 1 --grids 1x72x72
+                                                                          # the real 7B shapes on a GPU (1008^2 px)
 
 Each size is built with random weights by transformers and loaded into polymodal from its `save_pretrained` files
 (then `pm.optimize_for_inference`, as the pipelines run it). "7b-4v2l" has the 7B checkpoints' widths (the 1280-wide,
 16-head vision tower and its 5120 -> 3584 merger; the 3584-wide, 28-head / 4-KV-head decoder with its 152,064-entry
 vocabulary) with 4 vision and 2 decoder layers, so both models fit a 2-core CPU with 24 GB; Qwen2.5-VL's keeps 112-px
 windows and makes its last vision layer a full-attention one (the checkpoints': every 8th). "tiny" is the tests'
-shape. Images are processor-shaped rows of random patches: a 448x448 image is grid (1, 32, 32): 1024 patches,
-256 merged tokens.
+shape; "7b" is the checkpoints' full depth (32 vision and 28 decoder layers), for a GPU. Images are
+processor-shaped rows of random patches: a 448x448 image is grid (1, 32, 32): 1024 patches, 256 merged tokens.
 
   tower  = the vision tower alone on one image (patch embedding, blocks, merger), for each --grids entry
   TTFT   = time of generate(max_new_tokens=1): the tower, the merge, the M-RoPE positions and the prefill
@@ -55,11 +57,15 @@ VISION = {
     ("qwen2_5_vl", "7b-4v2l"): dict(depth=4, hidden_size=1280, out_hidden_size=3584, intermediate_size=3420,
                                     num_heads=16, window_size=112, fullatt_block_indexes=[3], tokens_per_second=2),
 }
-TEXT = {"tiny": TEXT_TINY, "7b-4v2l": TEXT_7B}
+VISION[("qwen2_vl", "7b")] = {**VISION[("qwen2_vl", "7b-4v2l")], "depth": 32}
+VISION[("qwen2_5_vl", "7b")] = {**VISION[("qwen2_5_vl", "7b-4v2l")], "depth": 32,
+                                "fullatt_block_indexes": [7, 15, 23, 31]}
+TEXT = {"tiny": TEXT_TINY, "7b-4v2l": TEXT_7B, "7b": {**TEXT_7B, "num_hidden_layers": 28}}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
 
 
-def build(family: str, size: str, workdir: Path):
+def build(family: str, size: str, workdir: Path, dtype: torch.dtype = torch.float32, device="cpu"):
     """-> (transformers' model, ours, (image, start, end) token ids); the weights are transformers' init."""
     text = TEXT[size]
     V = text["vocab_size"]
@@ -69,15 +75,17 @@ def build(family: str, size: str, workdir: Path):
                            text_config={**text, "max_position_embeddings": 4096, "bos_token_id": 1,
                                         "eos_token_id": None, "pad_token_id": 0}, **tokens)
     torch.manual_seed(0)
-    ref = cls(cfg).eval()
+    with torch.device(device):
+        ref = cls(cfg).to(dtype).eval()
     ref.generation_config.eos_token_id = None
     path = workdir / f"{family}-{size}"
     ref.save_pretrained(path)
-    ours = pm.optimize_for_inference(pm.load(path))
+    ours = pm.optimize_for_inference(pm.load(path, dtype=dtype, device=device))
     return ref, ours, (tokens["image_token_id"], tokens["vision_start_token_id"], tokens["vision_end_token_id"])
 
 
-def prompts(grids: list[list[int]], text: int, tokens, vocab: int, seed: int) -> tuple[dict, dict]:
+def prompts(grids: list[list[int]], text: int, tokens, vocab: int, seed: int, dtype=torch.float32,
+            device="cpu") -> tuple[dict, dict]:
     """One row per grid: [bos, text/2 tokens, start, image tokens, end, text/2 tokens], left padded with 0 ->
     (our inputs, transformers' inputs: ours and mm_token_type_ids)."""
     image, start, end = tokens
@@ -90,7 +98,8 @@ def prompts(grids: list[list[int]], text: int, tokens, vocab: int, seed: int) ->
     ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
     grid = torch.tensor(grids)
-    pixels = torch.randn(int(grid.prod(-1).sum()), PATCH_DIM, generator=g)
+    pixels = torch.randn(int(grid.prod(-1).sum()), PATCH_DIM, generator=g).to(device, dtype)
+    ids, mask, grid = ids.to(device), mask.to(device), grid.to(device)
     ours = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_grid_thw": grid}
     return ours, {**ours, "mm_token_type_ids": (ids == image).long()}
 
@@ -106,10 +115,11 @@ def report(name: str, ratios: list[float], ref_value: str, our_value: str, note:
 
 
 @torch.inference_mode()
-def bench_tower(label: str, ref, ours, grid: list[int], rounds: int) -> None:
+def bench_tower(label: str, ref, ours, grid: list[int], rounds: int, sync=lambda: None) -> None:
     g = torch.Generator().manual_seed(sum(grid))
-    thw = torch.tensor([grid])
-    px = torch.randn(int(thw.prod()), PATCH_DIM, generator=g)
+    p = next(ours.parameters())
+    thw = torch.tensor([grid], device=p.device)
+    px = torch.randn(int(thw.prod()), PATCH_DIM, generator=g).to(p.device, p.dtype)
 
     def run_ref():
         return ref.model.visual(px, grid_thw=thw).pooler_output
@@ -122,15 +132,17 @@ def bench_tower(label: str, ref, ours, grid: list[int], rounds: int) -> None:
     for r in range(rounds):
         order = [(run_ref, ref_t), (run_ours, our_t)] if r % 2 == 0 else [(run_ours, our_t), (run_ref, ref_t)]
         for fn, times in order:
-            times.append(timed(fn, lambda: None))
+            times.append(timed(fn, sync))
     ratios = [a / b for a, b in zip(ref_t, our_t)]
     ms = lambda t: f"{statistics.median(t) * 1e3:8.1f} ms"  # noqa: E731
     report(f"{label} tower {'x'.join(map(str, grid))}", ratios, ms(ref_t), ms(our_t), f"   rel diff {diff:.1e}")
 
 
 @torch.inference_mode()
-def bench_generate(label: str, ref, ours, grids: list[list[int]], tokens, args) -> None:
-    mine, theirs = prompts(grids, args.prompt, tokens, ours.config.text.vocab_size, seed=len(grids))
+def bench_generate(label: str, ref, ours, grids: list[list[int]], tokens, args, sync=lambda: None) -> None:
+    p = next(ours.parameters())
+    mine, theirs = prompts(grids, args.prompt, tokens, ours.config.text.vocab_size, seed=len(grids), dtype=p.dtype,
+                           device=p.device)
     want = ref(**theirs, logits_to_keep=8).logits
     got = ours(**mine, logits_to_keep=8)
     diff = relative(got, want)
@@ -143,7 +155,7 @@ def bench_generate(label: str, ref, ours, grids: list[list[int]], tokens, args) 
                              **{k: v for k, v in mine.items() if k != "input_ids"})
 
     same = run_ref(args.new).tolist() == run_ours(args.new).tolist()  # also the warm-up
-    result = paired_generation(run_ref, run_ours, args.new, args.rounds, lambda: None)
+    result = paired_generation(run_ref, run_ours, args.new, args.rounds, sync)
     B = len(grids)
     for k, name in (("first", "TTFT"), ("token", "decode")):
         ratios, ref_t, our_t = result[k]
@@ -164,25 +176,29 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=64, help="text tokens per row, besides the image's")
     p.add_argument("--new", type=int, default=16, help="generated tokens per row in the decode measurement")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     parse = lambda s: [[int(v) for v in g.split("x")] for g in s.split(",")]  # noqa: E731
     tower_grids, batch_grids = parse(args.grids), parse(args.batch_grids)
     parts = args.parts.split(",")
-    print(f"torch {torch.__version__}, cpu fp32, threads {torch.get_num_threads()}, {args.rounds} rounds, "
+    print(f"torch {torch.__version__}, {device} {args.dtype}, threads {torch.get_num_threads()}, {args.rounds} rounds, "
           f"text prompt {args.prompt} + one image per row, new {args.new}")
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families.split(","):
             for size in args.sizes.split(","):
-                ref, ours, tokens = build(family, size, Path(tmp))
+                ref, ours, tokens = build(family, size, Path(tmp), dtype, device)
                 label = f"{family} {size}"
                 if "tower" in parts:
                     for grid in tower_grids:
-                        bench_tower(label, ref, ours, grid, args.rounds)
+                        bench_tower(label, ref, ours, grid, args.rounds, sync)
                 if "generate" in parts:
                     for batch in map(int, args.batches.split(",")):
                         if batch > len(batch_grids):
                             raise SystemExit(f"batch {batch} needs {batch} --batch-grids, got {len(batch_grids)}")
-                        bench_generate(label, ref, ours, batch_grids[:batch], tokens, args)
+                        bench_generate(label, ref, ours, batch_grids[:batch], tokens, args, sync)
                 del ref, ours
                 gc.collect()
 

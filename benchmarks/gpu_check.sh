@@ -5,6 +5,9 @@
 # 2. bench_llm on a Qwen2-7B-shaped LLaMA in bf16 at batch 1: transformers' generate vs ours eager, with the CUDA
 #    graph, and with the compiled step, as a fraction of the memory-bandwidth ceiling (issue 3's GPU goal).
 # 3. bench_llava on LLaVA-1.5-7B's shape in bf16 (time to first token, decode).
+# 4. bench_qwen2_vl on Qwen2-VL-7B's and Qwen2.5-VL-7B's shapes in bf16: the vision towers on a 1008x1008 image
+#    (grid 1x72x72; issue 13: Qwen2-VL >= 1.2x transformers', Qwen2.5-VL's windowed tower faster than Qwen2-VL's)
+#    and decode against the bandwidth ceiling.
 # It needs only what that machine's image holds (torch, transformers, safetensors, tokenizers, jinja2, pytest).
 set -u -o pipefail
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -18,3 +21,6 @@ timeout 420 python3 benchmarks/bench_llm.py --sizes 7b --device cuda --dtype bf1
 # 3. LLaVA-1.5-7B's shape in bf16, one 336-px image + 64 text tokens: time to first token and decode (issue 12)
 timeout 300 python3 benchmarks/bench_llava.py --sizes 7b --device cuda --dtype bf16 --batches 1 --prompt 64 \
     --new 64 --rounds 3 --static 2>&1 | tee "$OUT/bench_llava_7b.log"
+# 4. Qwen2-VL-7B / Qwen2.5-VL-7B shapes in bf16: the towers on a 1008^2 image, then first token and decode (issue 13)
+timeout 300 python3 benchmarks/bench_qwen2_vl.py --sizes 7b --device cuda --dtype bf16 --batches 1 \
+    --grids 1x72x72 --prompt 64 --new 64 --rounds 3 2>&1 | tee "$OUT/bench_qwen2_vl_7b.log"
