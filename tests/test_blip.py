@@ -100,8 +100,8 @@ def test_captions_match_transformers_token_for_token(saved, num_beams):
 
 
 def test_prompted_caption_matches_transformers(saved):
-    """transformers takes the processor's "[CLS] prompt [SEP]", puts [DEC] first and drops the [SEP]; we take
-    the decoder prompt itself."""
+    """The decoder prompt itself ([DEC] first) continues as transformers continues the processor's
+    "[CLS] prompt [SEP]" (test_processor_prompts_caption_as_transformers: that form is taken too)."""
     ref, d = saved["captioning"]
     model = pm.load(d)
     px = images()
@@ -418,6 +418,91 @@ def test_capfilt_keeps_what_the_filter_accepts(with_files, photos):
         assert r.kept == [c for c, p in r.scores.items() if p >= 0.5]
     with pytest.raises(ValueError, match="captions for each image"):
         capfilt(captioner, matcher, photos, web[:2])
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_processor_prompts_caption_as_transformers(with_files, photos, num_beams):
+    """BLIP's processor writes "[CLS] prompt [SEP]"; transformers' generate puts [DEC] first and drops the last
+    column. The same processor outputs give the same tokens here."""
+    from transformers import BlipProcessor
+
+    d = with_files["captioning"]
+    ref, model = BlipForConditionalGeneration.from_pretrained(d).eval(), pm.load(d)
+    processor = BlipProcessor.from_pretrained(d)
+    inputs = processor(images=[Image.open(p) for p in photos], text=["a picture of"] * 3, return_tensors="pt")
+    # transformers writes [DEC] into the ids it is given: hand it copies
+    expected = ref.generate(**{k: v.clone() for k, v in inputs.items()}, max_new_tokens=6, num_beams=num_beams,
+                            do_sample=False)
+    got = model.generate(**inputs, max_new_tokens=6, num_beams=num_beams)
+    assert got.tolist() == expected.tolist()
+    assert got[:, 0].tolist() == [model.config.text.bos_token_id] * 3
+
+
+def test_right_padded_processor_prompts_caption_as_one_by_one(with_files, photos):
+    """In a right-padded batch transformers drops a padding column of the shorter rows and keeps their [SEP];
+    here every row continues its prompt as it does alone, which is transformers' answer for that row alone."""
+    from transformers import BlipProcessor
+
+    d = with_files["captioning"]
+    ref, model = BlipForConditionalGeneration.from_pretrained(d).eval(), pm.load(d)
+    processor = BlipProcessor.from_pretrained(d)
+    pictures, prompts = [Image.open(p) for p in photos], ["a picture of", "a", "two blue"]
+    batch = processor(images=pictures, text=prompts, padding=True, return_tensors="pt")
+    assert batch["attention_mask"].sum(1).unique().numel() > 1  # the rows are padded
+    got = model.generate(**batch, max_new_tokens=6)
+    for i, (picture, prompt) in enumerate(zip(pictures, prompts)):
+        alone = processor(images=picture, text=prompt, return_tensors="pt")
+        expected = ref.generate(**{k: v.clone() for k, v in alone.items()}, max_new_tokens=6, do_sample=False)
+        row = [t for t in got[i].tolist() if t != model.config.text.pad_token_id]
+        assert row[: expected.shape[1]] == expected[0].tolist()
+    ids = batch["input_ids"].clone()
+    ids[0, 0] = model.config.text.bos_token_id  # one row in our form, the others in the processor's: refused
+    with pytest.raises(ValueError, match="start with \\[DEC\\]"):
+        model.generate(ids, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
+
+
+def test_retrieve_reranks_itc_top_k_by_itm(with_files, photos):
+    """The paper's retrieval: ITC ranks every candidate, ITM re-ranks each query's top k (computed here by hand
+    from the model's itc and itm). A tiny random model: the order is checked, not recall (a trained BLIP is not
+    cheap enough for tests/)."""
+    pipe = pm.pipeline("image-text-matching", model=with_files["retrieval"])
+    texts = ["a red circle", "two blue squares", "a photo of noise", "a green triangle", "nothing at all"]
+    before = pipe(photos[0], texts)
+    got = pipe.retrieve(photos, texts, k=3, batch_size=2)  # batches smaller than the sets
+    assert pipe(photos[0], texts) == before  # the pipeline's own call is unchanged
+    ids, mask = pipe.tokenizer(texts, padding_side="right")
+    px = pipe.image_inputs(photos)["pixel_values"]
+    with torch.no_grad():
+        sim = pipe.model.itc(px, ids, mask)  # (3, 5)
+        close(got.similarity, sim)
+        for i in range(len(photos)):  # image -> texts
+            top = sim[i].topk(3).indices
+            p = pipe.model.itm(px[i : i + 1].expand(3, -1, -1, -1), ids[top], mask[top]).softmax(-1)[:, 1]
+            assert got.image_to_text[i].tolist() == top[p.argsort(descending=True)].tolist()
+            close(got.image_to_text_scores[i], p.sort(descending=True).values)
+        for t in range(len(texts)):  # text -> images
+            top = sim[:, t].topk(3).indices
+            p = pipe.model.itm(px[top], ids[t : t + 1].expand(3, -1), mask[t : t + 1].expand(3, -1)).softmax(-1)[:, 1]
+            assert got.text_to_image[t].tolist() == top[p.argsort(descending=True)].tolist()
+    everything = pipe.retrieve(photos, texts)  # k=16 > 5 texts: every candidate, re-ranked
+    assert everything.image_to_text.shape == (3, 5) and everything.text_to_image.shape == (5, 3)
+    for bad, message in [(dict(k=0), "k must be a positive"), (dict(texts=[]), "at least one image and one text")]:
+        with pytest.raises(ValueError, match=message):
+            pipe.retrieve(photos, **{"texts": texts, **bad})
+
+
+def test_retrieval_recall_at_k():
+    """Recall@k from the re-ranked lists: an image is found when one of its texts is in its first k."""
+    from polymodal.pipelines.image_text import Retrieval
+
+    i2t = torch.tensor([[1, 0, 2], [0, 2, 1]])  # 2 images, 3 texts; texts 0, 1 describe image 0, text 2 image 1
+    t2i = torch.tensor([[0, 1], [1, 0], [1, 0]])
+    r = Retrieval(torch.zeros(2, 3), i2t, torch.zeros(2, 3), t2i, torch.zeros(3, 2))
+    got = r.recall([0, 0, 1], ks=(1, 2))
+    assert got == {"image_to_text_r@1": 0.5, "text_to_image_r@1": 2 / 3, "image_to_text_r@2": 1.0,
+                   "text_to_image_r@2": 1.0}
+    with pytest.raises(ValueError, match="one image index"):
+        r.recall([0, 5, 1])
 
 
 def test_pipelines_refuse_a_checkpoint_of_another_task(with_files):

@@ -278,17 +278,52 @@ class Blip(nn.Module):
         continue each image's prompt input_ids (B, T), [DEC] first (default: [DEC] alone; left-padded when prompts
         differ in length) -> (B, T + N). VQA: answer the questions input_ids (B, T) ([CLS] q [SEP], right-padded as
         BLIP's processor pads: the encoder's positions are absolute) -> (B, 1 + N), [DEC] first. Generation ends at
-        [SEP]; see `polymodal.generation.generate` for the options (num_beams, ...)."""
+        [SEP]; see `polymodal.generation.generate` for the options (num_beams, ...).
+
+        A captioning prompt may also come as BLIP's processor writes it, `[CLS] prompt [SEP]` (right-padded):
+        then, as transformers' `BlipForConditionalGeneration.generate` does, [DEC] replaces its first token and its
+        closing [SEP] is dropped, so that `generate(**processor(images, text))` gives transformers' tokens."""
         t = self.config.text
         if input_ids is None:
             if self.config.task == "vqa":
                 raise ValueError("a VQA model needs the question: generate(question_ids, pixel_values=...)")
             input_ids = torch.full((pixel_values.shape[0], 1), t.bos_token_id, dtype=torch.long,
                                    device=pixel_values.device)
+        elif self.config.task != "vqa":
+            input_ids, attention_mask = self._decoder_prompt(input_ids, attention_mask)
         options.setdefault("eos_token_id", t.sep_token_id)
         options.setdefault("pad_token_id", t.pad_token_id)
         return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         pixel_values=pixel_values, **options)
+
+    def _decoder_prompt(self, input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Captioning prompts (B, T) -> the decoder's prompts, [DEC] first. Rows that start with [DEC] are kept as
+        given (left-padded when they differ in length). Rows from BLIP's processor, `[CLS] prompt [SEP]`, become
+        `[DEC] prompt`, left-padded: transformers swaps the first token for [DEC] and drops the last column, which
+        is the same for unpadded rows; in a right-padded batch that column is padding for the shorter rows, whose
+        [SEP] transformers then keeps and decodes after, where each row here continues its prompt as it would
+        alone."""
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"expected prompt ids (B, T), T >= 1, got shape {tuple(input_ids.shape)}")
+        t = self.config.text
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        if tuple(mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; expected input_ids' "
+                             f"{tuple(input_ids.shape)}")
+        rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids, mask)]  # each row's real tokens
+        if any(not r for r in rows):
+            raise ValueError("a captioning prompt has no tokens (its attention_mask is all zeros)")
+        if all(r[0] == t.bos_token_id for r in rows):
+            return input_ids, attention_mask
+        if not all(r[0] != t.bos_token_id and len(r) >= 2 and r[-1] == t.sep_token_id for r in rows):
+            raise ValueError(f"captioning prompts start with [DEC] (id {t.bos_token_id}), or are all BLIP "
+                             f"processor's '[CLS] prompt [SEP]' (ending with id {t.sep_token_id}); got a mix or "
+                             "neither")
+        rows = [[t.bos_token_id, *r[1:-1]] for r in rows]
+        T = max(map(len, rows))
+        ids = torch.tensor([[t.pad_token_id] * (T - len(r)) + r for r in rows], device=input_ids.device)
+        new_mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=input_ids.device)
+        return ids, (None if attention_mask is None else new_mask.to(attention_mask.dtype))
 
     def generation_prefill(self, input_ids: Tensor, attention_mask: Tensor, max_len: int, *,
                            pixel_values: Tensor | None = None) -> tuple[DecoderState, Tensor]:

@@ -3,7 +3,8 @@ and BLIP-2's checkpoints.
 
 Outputs follow transformers' pipelines: `[{"generated_text": ...}]` per image for "image-to-text",
 `[{"answer": ...}]` for "visual-question-answering"; "image-text-matching" ranks texts by the probability that
-they describe the image ([{"text", "score", "similarity"}]).
+they describe the image ([{"text", "score", "similarity"}]); its `retrieve` is BLIP's retrieval (ITC ranks, ITM
+re-ranks the top k).
 """
 
 from __future__ import annotations
@@ -148,6 +149,80 @@ class ImageTextMatchingPipeline(_ImageTextModelPipeline):
         match, similarity = self.scores([image], items)
         ranked = sorted(zip(items, match.tolist(), similarity.tolist()), key=lambda r: -r[1])
         return [{"text": t, "score": s, "similarity": c} for t, s, c in ranked]
+
+
+    @torch.inference_mode()
+    def retrieve(self, images, texts, *, k: int = 16, batch_size: int = 32) -> Retrieval:
+        """Image-text retrieval as BLIP infers it (Li et al. 2022, sec. 4.5; the authors' `evaluation` in
+        train_retrieval.py): ITC's cosines rank every text for each image and every image for each text, and the
+        ITM head re-ranks each query's top `k` by its match probability (the paper's "k candidates based on the
+        image-text feature similarity, then rerank ... based on their pairwise ITM scores"; the authors' code
+        sorts by the ITM logit plus the cosine, an order that can differ). images: N_i images; texts: N_t strings."""
+        if any(isinstance(x, (list, tuple)) and not x for x in (images, texts)):
+            raise ValueError("retrieval needs at least one image and one text; got an empty list")
+        (images, _), (texts, _) = as_list(images), as_list(texts)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must be strings")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        ids, mask = self.tokenizer(texts, padding_side="right")
+        ids, mask = _fit(ids.to(self.device), mask.to(self.device), _text_positions(self.model.config))
+        encode = self.model.encode_text
+        text_embeds = torch.cat([encode(ids[i : i + batch_size], mask[i : i + batch_size])
+                                 for i in range(0, len(texts), batch_size)])  # (N_t, E)
+        tokens, cosines = [], []
+        for i in range(0, len(images), batch_size):  # every image decoded and preprocessed once
+            px = self.image_inputs(images[i : i + batch_size])["pixel_values"]
+            tokens.append(self.model.image_embeds(px))  # (b, 1+P, D) for ITM
+            sim = self.model.encode_image(px) @ text_embeds.T  # (b, N_t), or (b, Q, N_t) for BLIP-2's queries
+            cosines.append(sim.amax(1) if sim.ndim == 3 else sim)
+        tokens, similarity = torch.cat(tokens), torch.cat(cosines).float()  # (N_i, 1+P, D), (N_i, N_t)
+
+        def rerank(sim: torch.Tensor, images_ask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            """sim (Q, C) -> ITC's top k of each query's C candidates re-ranked by ITM: indices (Q, k), p (Q, k)."""
+            top = sim.topk(min(k, sim.shape[1]), dim=1).indices  # (Q, k), ITC's order
+            queries = torch.arange(sim.shape[0], device=top.device)[:, None].expand_as(top).reshape(-1)
+            im, tx = (queries, top.reshape(-1)) if images_ask else (top.reshape(-1), queries)  # the Q*k pairs
+            p = torch.cat([self.model.match(tokens[im[j : j + batch_size]], ids[tx[j : j + batch_size]],
+                                            mask[tx[j : j + batch_size]])[0].float().softmax(-1)[:, 1]
+                           for j in range(0, len(im), batch_size)]).view(top.shape)
+            order = p.argsort(dim=1, descending=True, stable=True)  # ties keep ITC's order
+            return top.gather(1, order), p.gather(1, order)
+
+        i2t, i2t_p = rerank(similarity, images_ask=True)
+        t2i, t2i_p = rerank(similarity.T, images_ask=False)
+        return Retrieval(similarity, i2t, i2t_p, t2i, t2i_p)
+
+
+@dataclass
+class Retrieval:
+    """`ImageTextMatchingPipeline.retrieve`'s answer: the ITC cosines of every pair, and for each image (text) the
+    indices of ITC's top k texts (images) re-ranked by ITM, best first, with their ITM match probabilities."""
+
+    similarity: torch.Tensor  # (N_images, N_texts) ITC cosines
+    image_to_text: torch.Tensor  # (N_images, k) text indices
+    image_to_text_scores: torch.Tensor  # (N_images, k) ITM p(match)
+    text_to_image: torch.Tensor  # (N_texts, k) image indices
+    text_to_image_scores: torch.Tensor  # (N_texts, k) ITM p(match)
+
+    def recall(self, text_image, ks=(1, 5, 10)) -> dict[str, float]:
+        """Recall@k of both directions, as the paper reports retrieval (COCO, Flickr30K), given `text_image[t]`, the
+        image that text t describes: an image counts as found when any of its texts is in its first k, a text when
+        its image is. k above the re-ranked list's length reads the whole list."""
+        truth = torch.as_tensor(list(text_image), device=self.text_to_image.device)
+        n_i, n_t = self.similarity.shape
+        if truth.shape != (n_t,) or truth.numel() and not (0 <= int(truth.min()) and int(truth.max()) < n_i):
+            raise ValueError(f"text_image needs one image index in [0, {n_i}) per text ({n_t}), got {len(truth)}")
+        out = {}
+        for k in ks:
+            found_i = (truth[self.image_to_text[:, :k]] == torch.arange(n_i, device=truth.device)[:, None]).any(1)
+            found_t = (self.text_to_image[:, :k] == truth[:, None]).any(1)
+            has_text = torch.bincount(truth, minlength=n_i) > 0  # images no text describes are left out
+            out[f"image_to_text_r@{k}"] = found_i[has_text].double().mean().item()
+            out[f"text_to_image_r@{k}"] = found_t.double().mean().item()
+        return out
 
 
 def _text_positions(config) -> int:
