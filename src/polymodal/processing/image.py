@@ -391,7 +391,7 @@ class ImageProcessor:
             return dst
 
         if len(items) > 1:
-            arrays = list(_pool().map(prepare, range(len(items))))
+            arrays = list(image_pool().map(prepare, range(len(items))))
         else:
             arrays = [prepare(0)]
         if out is not None:
@@ -538,8 +538,9 @@ def _normalize(src: np.ndarray, dst: np.ndarray, shift: np.ndarray | None, divis
 _POOL: ThreadPoolExecutor | None = None
 
 
-def _pool() -> ThreadPoolExecutor:
-    """A small shared thread pool for preparing the images of a batch side by side."""
+def image_pool() -> ThreadPoolExecutor:
+    """The small thread pool every processor prepares the images of a batch on, side by side (one for all: two
+    pools would put twice the threads on the same cores)."""
     global _POOL
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="polymodal-image")

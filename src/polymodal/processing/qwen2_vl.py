@@ -31,7 +31,6 @@ import math
 import os
 import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +42,7 @@ from PIL import Image
 from torch import Tensor
 
 from polymodal.processing.grounding import RELATIVE_1000, Frame
-from polymodal.processing.image import CLIP_MEAN, CLIP_STD, FORMATS, ImageTooLarge, open_image, to_rgb
+from polymodal.processing.image import CLIP_MEAN, CLIP_STD, FORMATS, ImageTooLarge, image_pool, open_image, to_rgb
 from polymodal.processing.text import TextTokenizer
 from polymodal.processing.video import (
     Video,
@@ -343,17 +342,6 @@ def _libc():
 
 
 _LIBC = _libc()
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    """A small shared thread pool for preparing the images of a batch side by side."""
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="polymodal-qwen2-vl")
-    return _POOL
-
-
 def _uint8(image: Any) -> Tensor:
     """A PIL image, path, bytes or uint8 array -> a uint8 `(H, W, C)` tensor (C = 4 for PIL's RGBX buffer)."""
     if isinstance(image, Tensor):
@@ -572,7 +560,7 @@ class Qwen2VLProcessor(ChatProcessor):
             # each image decoded, resized and written into its own rows; PIL's decoding and torch's kernels release
             # the GIL, so the images of a batch overlap
             if len(media) > 1:
-                list(_pool().map(prepare, range(len(media))))
+                list(image_pool().map(prepare, range(len(media))))
             else:
                 prepare(0)
             grids = torch.tensor(grids, dtype=torch.long)
