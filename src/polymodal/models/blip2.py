@@ -399,6 +399,12 @@ class Blip2(nn.Module):
         """Both scores of image i and text i from the images' tokens (B, 1+N, Dv) (`image_embeds`, computed once
         for every text) and the texts alone (B, T) (no image tokens: the tokenizer's ids) -> (ITM logits (B, 2),
         ITC cosine (B,): the best over the image's queries), as the image-text-matching pipeline reads them."""
+        logits = self.itm_logits(image, input_ids, attention_mask)
+        text = self._text_embeds(input_ids, attention_mask)  # (B, E)
+        return logits, (self.project_image(image) @ text[:, :, None]).squeeze(-1).amax(dim=1)
+
+    def itm_logits(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """ITM logits (B, 2) of image i and text i from the images' tokens (B, 1+N, Dv) and the texts alone (B, T)."""
         self._needs("retrieval")
         ids = input_ids
         if ids.dim() != 2 or ids.is_floating_point() or image.dim() != 3 or image.shape[0] != ids.shape[0]:
@@ -410,11 +416,14 @@ class Blip2(nn.Module):
         Q = self.config.num_query_tokens
         mask = None if attention_mask is None else torch.cat([attention_mask.new_ones(ids.shape[0], Q),
                                                                attention_mask], dim=1)
-        logits = self._itm_logits(image, ids, mask)
-        z = self.qformer(self.query_tokens.expand(image.shape[0], -1, -1), Q, image=image)  # (B, Q, D)
-        queries = F.normalize(self.vision_projection(z.to(self.vision_projection.weight.dtype)), dim=-1)
-        text = self._text_embeds(ids, attention_mask)  # (B, E)
-        return logits, (queries @ text[:, :, None]).squeeze(-1).amax(dim=1)
+        return self._itm_logits(image, ids, mask)
+
+    def project_image(self, image: Tensor) -> Tensor:
+        """ITC's image embeddings (B, Q, E), unit length, from the images' tokens (B, 1+N, Dv): one per query."""
+        self._needs("retrieval")
+        z = self.qformer(self.query_tokens.expand(image.shape[0], -1, -1), self.config.num_query_tokens,
+                         image=image)  # (B, Q, D)
+        return F.normalize(self.vision_projection(z.to(self.vision_projection.weight.dtype)), dim=-1)
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         """ITC's image embeddings (B, Q, E), unit length: one per query."""

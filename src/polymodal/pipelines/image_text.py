@@ -173,10 +173,10 @@ class ImageTextMatchingPipeline(_ImageTextModelPipeline):
         text_embeds = torch.cat([encode(ids[i : i + batch_size], mask[i : i + batch_size])
                                  for i in range(0, len(texts), batch_size)])  # (N_t, E)
         tokens, cosines = [], []
-        for i in range(0, len(images), batch_size):  # every image decoded and preprocessed once
-            px = self.image_inputs(images[i : i + batch_size])["pixel_values"]
-            tokens.append(self.model.image_embeds(px))  # (b, 1+P, D) for ITM
-            sim = self.model.encode_image(px) @ text_embeds.T  # (b, N_t), or (b, Q, N_t) for BLIP-2's queries
+        for i in range(0, len(images), batch_size):  # every image decoded, preprocessed and encoded once
+            image = self.model.image_embeds(**self.image_inputs(images[i : i + batch_size]))  # (b, 1+P, D)
+            tokens.append(image)  # ITM reads the tokens; ITC their projection
+            sim = self.model.project_image(image) @ text_embeds.T  # (b, N_t), or (b, Q, N_t) for BLIP-2's queries
             cosines.append(sim.amax(1) if sim.ndim == 3 else sim)
         tokens, similarity = torch.cat(tokens), torch.cat(cosines).float()  # (N_i, 1+P, D), (N_i, N_t)
 
@@ -185,8 +185,8 @@ class ImageTextMatchingPipeline(_ImageTextModelPipeline):
             top = sim.topk(min(k, sim.shape[1]), dim=1).indices  # (Q, k), ITC's order
             queries = torch.arange(sim.shape[0], device=top.device)[:, None].expand_as(top).reshape(-1)
             im, tx = (queries, top.reshape(-1)) if images_ask else (top.reshape(-1), queries)  # the Q*k pairs
-            p = torch.cat([self.model.match(tokens[im[j : j + batch_size]], ids[tx[j : j + batch_size]],
-                                            mask[tx[j : j + batch_size]])[0].float().softmax(-1)[:, 1]
+            p = torch.cat([self.model.itm_logits(tokens[im[j : j + batch_size]], ids[tx[j : j + batch_size]],
+                                                 mask[tx[j : j + batch_size]]).float().softmax(-1)[:, 1]
                            for j in range(0, len(im), batch_size)]).view(top.shape)
             order = p.argsort(dim=1, descending=True, stable=True)  # ties keep ITC's order
             return top.gather(1, order), p.gather(1, order)
