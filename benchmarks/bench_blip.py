@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from timing import timed  # benchmarks/timing.py, beside this script
+from timing import paired_rounds  # benchmarks/timing.py, beside this script
 from transformers import BlipConfig, BlipForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
@@ -114,15 +114,7 @@ def compare(size, batch, num_beams, ref, ours, px, never, rounds, new, sync) -> 
     want, got = run_ref(), run_ours()  # also the warm-up
     same = want.tolist() == got.tolist()
     tokens = batch * (got.shape[1] - 1)  # the [DEC] start token is not generated
-    ratios, ref_times, our_times = [], [], []
-    for r in range(rounds):
-        sides = [("ref", run_ref), ("ours", run_ours)]
-        if r % 2:  # alternate: neither side always runs first
-            sides.reverse()
-        t = {name: timed(fn, sync) for name, fn in sides}
-        ratios.append(t["ref"] / t["ours"])
-        ref_times.append(t["ref"])
-        our_times.append(t["ours"])
+    ratios, ref_times, our_times = paired_rounds(run_ref, run_ours, rounds, sync)
     ref_t, our_t = statistics.median(ref_times), statistics.median(our_times)
     print(f"{size:<5} b{batch:<2} beams {num_beams}  caption ratio {statistics.median(ratios):5.2f}x "
           f"({min(ratios):.2f}-{max(ratios):.2f})   ref {tokens / ref_t:8.1f} tok/s {ref_t * 1e3:8.1f} ms   "

@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from timing import timed  # benchmarks/timing.py, beside this script
+from timing import paired_rounds  # benchmarks/timing.py, beside this script
 from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTConfig, T5Config
 from transformers.utils import logging as hf_logging
 
@@ -158,15 +158,7 @@ def compare(name, task, batch, num_beams, ref, ours, px, ids, never, rounds, new
         want, got = run_ref(), run_ours()  # also the warm-up
         same = want.tolist() == got.tolist()
         tokens = batch * new
-        ratios, ref_times, our_times = [], [], []
-        for r in range(rounds):
-            sides = [("ref", run_ref), ("ours", run_ours)]
-            if r % 2:  # alternate: neither side always runs first
-                sides.reverse()
-            t = {side: timed(fn, sync) for side, fn in sides}
-            ratios.append(t["ref"] / t["ours"])
-            ref_times.append(t["ref"])
-            our_times.append(t["ours"])
+        ratios, ref_times, our_times = paired_rounds(run_ref, run_ours, rounds, sync)
     ref_t, our_t = statistics.median(ref_times), statistics.median(our_times)
     print(f"{name:<9} {task:<7} b{batch:<2} beams {num_beams}  ratio {statistics.median(ratios):5.2f}x "
           f"({min(ratios):.2f}-{max(ratios):.2f})   ref {tokens / ref_t:8.1f} tok/s {ref_t * 1e3:8.1f} ms   "

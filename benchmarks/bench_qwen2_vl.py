@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from timing import paired_generation, timed  # benchmarks/timing.py, beside this script
+from timing import paired_generation, paired_rounds  # benchmarks/timing.py, beside this script
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 import polymodal as pm
@@ -128,12 +128,7 @@ def bench_tower(label: str, ref, ours, grid: list[int], rounds: int, sync=lambda
         return ours.visual(px, thw)
 
     diff = relative(run_ours(), run_ref())  # also the warm-up
-    ref_t, our_t = [], []
-    for r in range(rounds):
-        order = [(run_ref, ref_t), (run_ours, our_t)] if r % 2 == 0 else [(run_ours, our_t), (run_ref, ref_t)]
-        for fn, times in order:
-            times.append(timed(fn, sync))
-    ratios = [a / b for a, b in zip(ref_t, our_t)]
+    ratios, ref_t, our_t = paired_rounds(run_ref, run_ours, rounds, sync)
     ms = lambda t: f"{statistics.median(t) * 1e3:8.1f} ms"  # noqa: E731
     report(f"{label} tower {'x'.join(map(str, grid))}", ratios, ms(ref_t), ms(our_t), f"   rel diff {diff:.1e}")
 

@@ -1,5 +1,5 @@
-"""What the paired benchmarks share: one call timed between device synchronizations, and paired rounds of a
-generation benchmark."""
+"""What the paired benchmarks share: one call timed between device synchronizations, paired rounds of two calls,
+and paired rounds of a generation benchmark."""
 
 from __future__ import annotations
 
@@ -15,6 +15,18 @@ def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
     fn()
     sync()
     return time.perf_counter() - start
+
+
+def paired_rounds(run_ref: Callable[[], object], run_ours: Callable[[], object], rounds: int,
+                  sync: Callable[[], None] = lambda: None) -> tuple[list[float], list[float], list[float]]:
+    """`rounds` timed calls of each side, alternating which goes first -> (the paired ratios reference / ours, the
+    reference's seconds, ours), one entry per round."""
+    ref_times, our_times = [], []
+    for r in range(rounds):
+        order = [(run_ref, ref_times), (run_ours, our_times)]
+        for fn, times in order if r % 2 == 0 else order[::-1]:
+            times.append(timed(fn, sync))
+    return [a / b for a, b in zip(ref_times, our_times)], ref_times, our_times
 
 
 def first_and_per_token(run: Callable[[int], object], new: int, sync: Callable[[], None]) -> tuple[float, float]:
