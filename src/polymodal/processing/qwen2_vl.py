@@ -25,11 +25,9 @@ image processors (tests/test_qwen2_vl_processor.py): the same ids, masks and gri
 
 from __future__ import annotations
 
-import ctypes
 import io
 import math
 import os
-import sys
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,6 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from polymodal.processing import buffers
 from polymodal.processing.grounding import RELATIVE_1000, Frame
 from polymodal.processing.image import CLIP_MEAN, CLIP_STD, FORMATS, ImageTooLarge, image_pool, open_image, to_rgb
 from polymodal.processing.text import TextTokenizer
@@ -316,32 +315,9 @@ class Qwen2VLVideoProcessor(Qwen2VLImageProcessor):
 
 
 def _output(rows: int, cols: int) -> Tensor:
-    """An empty float32 `(rows, cols)` tensor whose memory the kernel backs with 2 MiB pages where it can.
-
-    The patches of a few 1024-px photos are ~100 MB, freshly mapped on every call; faulting them in 4 KiB pages took
-    ~30 ms of a 4-photo batch's ~80 (measured), with transparent huge pages ~6 ms. This is what torch does for all
-    large allocations under THP_MEM_ALLOC_ENABLE=1, done for this one (Linux' madvise(MADV_HUGEPAGE); a no-op
-    elsewhere or where the kernel has THP off)."""
-    out = torch.empty(rows, cols)
-    size = out.numel() * out.element_size()
-    if _LIBC is not None and size >= 4 << 21:
-        huge = 1 << 21
-        start = (out.data_ptr() + huge - 1) & ~(huge - 1)
-        end = (out.data_ptr() + size) & ~(huge - 1)
-        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 14)  # MADV_HUGEPAGE; errors ignored
-    return out
-
-
-def _libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
+    """An uninitialized float32 `(rows, cols)` tensor: the patches of a few 1024-px photos are ~100 MB, whose pages
+    freshly mapped on every call cost about as much as the preprocessing; `buffers.empty` recycles them."""
+    return buffers.empty(rows, cols)
 def _uint8(image: Any) -> Tensor:
     """A PIL image, path, bytes or uint8 array -> a uint8 `(H, W, C)` tensor (C = 4 for PIL's RGBX buffer)."""
     if isinstance(image, Tensor):
