@@ -52,6 +52,9 @@ class DecoderState:
     position_dims: tuple[int, ...] = ()  # leading dimensions of position ids: () or (3,) for M-RoPE
     cross: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer: keys, values (B, KV, S, Dh)
     cross_mask: Tensor | None = None  # (B, S) 1 for the cross-attended positions that are real; None: no padding
+    # (B,) how much each row's cross-attention output counts, where a family weighs it per row (Llama 3.2 Vision: 0 for
+    # a row whose last prompt token sees no image); None: fully
+    cross_gate: Tensor | None = None
     prompt: Tensor | None = None  # (B, T') an encoder-decoder's decoder start tokens: the output begins with them
 
     @classmethod
@@ -61,7 +64,7 @@ class DecoderState:
         (..., B, T)). By default positions count each row's real tokens from 0, so left padding changes nothing;
         a model that lays its prompt out otherwise (M-RoPE over image patches) passes its `position_ids`
         (..., B, T), and each row continues from their largest value + 1 over its real tokens. `fields`: the
-        optional ones (cross, cross_mask, prompt)."""
+        optional ones (cross, cross_mask, cross_gate, prompt)."""
         B, T = attention_mask.shape
         if T > max_len:
             raise ValueError(f"the prompt holds {T} positions, more than the {max_len} preallocated")
@@ -99,6 +102,8 @@ class DecoderState:
         self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
         if self.cross_mask is not None:
             self.cross_mask = self.cross_mask.index_select(0, index)
+        if self.cross_gate is not None:
+            self.cross_gate = self.cross_gate.index_select(0, index)
         if self.prompt is not None:
             self.prompt = self.prompt.index_select(0, index)
 
@@ -117,7 +122,8 @@ class DecoderState:
     @staticmethod
     def cat(states: list[DecoderState]) -> DecoderState:
         """The rows of states of one length and capacity, stacked in order (a request joining the serving
-        engine's batch)."""
+        engine's batch). Cross-attended keys and values of different lengths (images of other sizes or counts) are
+        padded with zeros to the longest, and `cross_mask` marks the padding."""
         head = states[0]
         for s in states[1:]:
             if (s.length, s.mask.shape[1], s.position_dims) != (head.length, head.mask.shape[1], head.position_dims):
@@ -126,18 +132,30 @@ class DecoderState:
                                  f"({head.position_dims})")
             if len(s.cross) != len(head.cross) or (s.prompt is None) != (head.prompt is None):
                 raise ValueError("states of different kinds: one has cross-attention or a prompt, the other not")
-        cross = [(torch.cat([k for k, _ in layer]), torch.cat([v for _, v in layer]))
+        lengths = [s.cross[0][0].shape[2] if s.cross else 0 for s in states]
+        S = max(lengths)
+
+        def pad(t: Tensor) -> Tensor:  # (B, KV, S', Dh) -> (B, KV, S, Dh), zeros after the row's own positions
+            return t if t.shape[2] == S else torch.cat([t, t.new_zeros(*t.shape[:2], S - t.shape[2], t.shape[3])], 2)
+
+        cross = [(torch.cat([pad(k) for k, _ in layer]), torch.cat([pad(v) for _, v in layer]))
                  for layer in zip(*(s.cross for s in states))]
         cross_mask = None
-        if any(s.cross_mask is not None for s in states):
-            cross_mask = torch.cat([s.cross_mask if s.cross_mask is not None
-                                    else s.mask.new_ones(s.mask.shape[0], s.cross[0][0].shape[2])
-                                    for s in states])
+        if any(s.cross_mask is not None for s in states) or len(set(lengths)) > 1:
+            parts = []
+            for s, n in zip(states, lengths):
+                own = s.cross_mask if s.cross_mask is not None else s.mask.new_ones(s.mask.shape[0], n)
+                parts.append(torch.cat([own, own.new_zeros(own.shape[0], S - n)], 1))
+            cross_mask = torch.cat(parts)
+        cross_gate = None
+        if any(s.cross_gate is not None for s in states):
+            cross_gate = torch.cat([s.cross_gate if s.cross_gate is not None else s.offset.new_ones(s.offset.shape[0])
+                                    for s in states]).float()
         return DecoderState(
             cache=[KVCache.cat(layer) for layer in zip(*(s.cache for s in states))],
             mask=torch.cat([s.mask for s in states]), length=head.length,
             offset=torch.cat([s.offset for s in states]), position_dims=head.position_dims, cross=cross,
-            cross_mask=cross_mask,
+            cross_mask=cross_mask, cross_gate=cross_gate,
             prompt=torch.cat([s.prompt for s in states]) if head.prompt is not None else None,
         )
 
@@ -213,7 +231,13 @@ class CausalLM:
 
     def generation_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
         mask, positions = state.advance()
-        return self(tokens[:, None], mask, cache=state.cache, position_ids=positions, logits_to_keep=1)[:, -1]
+        return self.decode_step(tokens[:, None], mask, positions, state)
+
+    def decode_step(self, tokens: Tensor, mask: Tensor, positions: Tensor, state: DecoderState) -> Tensor:
+        """One decode step's forward: tokens (B, 1), the mask over the positions so far ((B, L), or the fixed-shape
+        step's (B, 1, 1, T_max)), their position ids (..., B, 1) -> next-token logits (B, V). A family whose steps
+        read more of the state than its cache (Llama 3.2 Vision's cross-attended image states) overrides this."""
+        return self(tokens, mask, cache=state.cache, position_ids=positions, logits_to_keep=1)[:, -1]
 
     def generate(self, input_ids: Tensor, max_new_tokens: int = 20, do_sample: bool = False, **options) -> Tensor:
         """input_ids (B, T) -> (B, T + N) token ids; see `polymodal.generation.generate` for the options."""
@@ -253,8 +277,7 @@ class FixedShapeStep:
 
     def _step(self) -> Tensor:
         mask = self.state.mask.bool()[:, None, None, :]  # (B, 1, 1, T_max): the filled positions
-        return self.model(self.tokens[:, None], mask, cache=self.state.cache, position_ids=self.positions,
-                          logits_to_keep=1)[:, -1]
+        return self.model.decode_step(self.tokens[:, None], mask, self.positions, self.state)
 
     def __call__(self, tokens: Tensor) -> Tensor:
         state = self.state

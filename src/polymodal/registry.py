@@ -32,6 +32,7 @@ FAMILIES: dict[str, str] = {
     "llava": "polymodal.models.llava",
     "qwen2_vl": "polymodal.models.qwen2_vl",
     "qwen2_5_vl": "polymodal.models.qwen2_5_vl",
+    "mllama": "polymodal.models.mllama",
 }
 
 # transformers' config.json `model_type` (and polymodal's own) -> family
@@ -63,6 +64,8 @@ MODEL_TYPES: dict[str, str] = {
     "polymodal-qwen2_vl": "qwen2_vl",
     "qwen2_5_vl": "qwen2_5_vl",
     "polymodal-qwen2_5_vl": "qwen2_5_vl",
+    "mllama": "mllama",
+    "polymodal-mllama": "mllama",
 }
 
 # timm's config.json `architecture` prefix -> family
