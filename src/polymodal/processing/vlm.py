@@ -83,6 +83,10 @@ class ChatProcessor:
     into the model's tensors).
     """
 
+    # string message contents reach the template as one text part (VLM templates iterate over parts); a family
+    # whose template reads strings itself (Llama 3.2 Vision's trims a system message's string) keeps them
+    string_contents: bool = False
+
     def __init__(self, tokenizer: TextTokenizer, tokens: dict[str, str], *, context_length: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, max_visual_tokens: int | None = None):
         if max_visual_tokens is not None and (not _is_int(max_visual_tokens) or max_visual_tokens < 1):
@@ -131,18 +135,20 @@ class ChatProcessor:
             rows, found = [], []
             for k, conversation in enumerate(batch):
                 name = f"conversation {k}: " if len(batch) > 1 else ""
-                messages, parts = _split_media(conversation, name, tuple(self.media_tokens))
+                messages, parts = _split_media(conversation, name, tuple(self.media_tokens),
+                                               keep_strings=self.string_contents)
                 prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                             chat_template=chat_template, **template_variables)
                 bos = self.tokenizer.bos_token
-                rows.append(self.tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos))))
+                special = not (bos and prompt.startswith(bos))
+                rows.append(self.tokenizer.encode(self._prompt(prompt), add_special_tokens=special))
                 found.append(parts)
             kind = "conversation"
         else:
             texts = [text] if isinstance(text, str) else list(text)
             if not texts or not all(isinstance(t, str) for t in texts):
                 raise TypeError("text= takes a prompt string or a non-empty list of them")
-            rows = [self.tokenizer.encode(t) for t in texts]
+            rows = [self.tokenizer.encode(self._prompt(t)) for t in texts]
             found = [[] for _ in rows]
             for media_kind, given in (("image", images), ("video", videos)):
                 if media_kind in self.media_tokens:
@@ -150,13 +156,7 @@ class ChatProcessor:
                         row += more
             kind = "text"
         self._check(rows, found, kind)
-        out: dict[str, Tensor] = {}
-        for media_kind in self.media_tokens:
-            of_kind = [m for parts in found for m in parts if m.kind == media_kind]
-            if of_kind:
-                out.update(self._prepare(media_kind, of_kind))
-        ids, mask = self._batch(rows, found)
-        return {"input_ids": ids, "attention_mask": mask, **out}
+        return self._inputs(rows, found)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -165,6 +165,23 @@ class ChatProcessor:
         return self.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens)
 
     # ---------------------------------------------------------------------------------------- steps
+
+    def _prompt(self, text: str) -> str:
+        """A prompt as it is tokenized: the chat template's (or a written-out one) as it is, unless the family's
+        processor rewrites it (Llama 3.2 Vision's puts the bos token after leading image tokens)."""
+        return text
+
+    def _inputs(self, rows: list[list[int]], found: list[list[Media]]) -> dict[str, Tensor]:
+        """The checked rows and their media -> the returned dict: each kind's tensors (`_prepare`, in reading order)
+        beside the padded ids and mask (`_batch`). A family whose inputs tie the two together (Llama 3.2 Vision's
+        cross-attention mask, per row and image) overrides this."""
+        out: dict[str, Tensor] = {}
+        for media_kind in self.media_tokens:
+            of_kind = [m for parts in found for m in parts if m.kind == media_kind]
+            if of_kind:
+                out.update(self._prepare(media_kind, of_kind))
+        ids, mask = self._batch(rows, found)
+        return {"input_ids": ids, "attention_mask": mask, **out}
 
     def _text_media(self, rows: list[list[int]], given: Any, kind: str) -> list[list[Media]]:
         """The images (or videos) of each written-out prompt: one list per text, or a flat list dealt out in reading
@@ -359,17 +376,20 @@ def _conversations(value: Any) -> list[Conversation]:
                     "conversations")
 
 
-def _split_media(conversation: Conversation, name: str = "", kinds: tuple[str, ...] = ("image",)
-                 ) -> tuple[Conversation, list[Media]]:
+def _split_media(conversation: Conversation, name: str = "", kinds: tuple[str, ...] = ("image",),
+                 keep_strings: bool = False) -> tuple[Conversation, list[Media]]:
     """The conversation as its chat template reads it (media parts as `{"type": "image"}` / `{"type": "video"}`,
-    string contents as one text part) and its media in reading order, each with where it came from. Only the kinds
-    the family takes are media; other parts reach the template as they are."""
+    string contents as one text part, or kept as strings with `keep_strings`) and its media in reading order, each
+    with where it came from. Only the kinds the family takes are media; other parts reach the template as they
+    are."""
     messages, media = [], []
     for i, message in enumerate(conversation):
         if not isinstance(message.get("role"), str):
             raise ValueError(f"{name}messages[{i}]: expected a 'role' (user, assistant, system)")
         content = message.get("content")
-        if content is None or isinstance(content, str):
+        if isinstance(content, str) and keep_strings:
+            parts = content
+        elif content is None or isinstance(content, str):
             parts = [{"type": "text", "text": content}] if content else []
         elif isinstance(content, (list, tuple)):
             parts = []
