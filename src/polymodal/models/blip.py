@@ -84,11 +84,46 @@ def _blip_vit(**kw) -> ViTConfig:
 
 
 @dataclass(frozen=True)
+class BlipPretraining:
+    """How the pretraining model learns (polymodal's fields: no transformers config holds them; the task models
+    that `Blip.part` hands out never carry them).
+
+    itc: "in-batch" contrasts each image with the batch's texts and back; "momentum" is the paper's ITC (sec. 3.2,
+    from ALBEF): EMA copies of the vision and text encoders and projections (`momentum` per step) embed the batch,
+    a queue of their last `queue_size` features serves as extra negatives, and the targets are softened by the
+    momentum model's own similarities (weight `alpha`, raised linearly from 0 over `alpha_ramp` steps, as the
+    authors raise it over the first epoch; 0: from the start). share: the text decoder shares every parameter
+    with the text encoder except its self-attention and that block's LayerNorm (the paper's best setting, Table 2;
+    the authors' `tie_encoder_decoder_weights(..., skip_key='/attention')`)."""
+
+    itc: Literal["in-batch", "momentum"] = "in-batch"
+    queue_size: int = 4096
+    momentum: float = 0.995
+    alpha: float = 0.4
+    alpha_ramp: int = 0
+    share: bool = False
+
+    def __post_init__(self):
+        if self.itc not in ("in-batch", "momentum"):
+            raise ValueError(f"itc must be 'in-batch' or 'momentum', got {self.itc!r}")
+        if not (isinstance(self.queue_size, int) and self.queue_size >= 1):
+            raise ValueError(f"queue_size must be a positive number of features, got {self.queue_size!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1) (the EMA keeps this share of its weights), got "
+                             f"{self.momentum!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha (the soft targets' weight) must be in [0, 1], got {self.alpha!r}")
+        if self.alpha_ramp < 0:
+            raise ValueError(f"alpha_ramp must be >= 0 steps, got {self.alpha_ramp!r}")
+
+
+@dataclass(frozen=True)
 class BlipConfig:
     vision: ViTConfig = field(default_factory=_blip_vit)
     text: BlipTextConfig = field(default_factory=BlipTextConfig)
     task: Task = "captioning"
     image_text_hidden_size: int = 256  # ITC's shared embedding width (retrieval)
+    pretraining: BlipPretraining = field(default_factory=BlipPretraining)  # read by task="pretraining" only
 
     def __post_init__(self):
         if self.task not in ("captioning", "retrieval", "vqa", "pretraining"):
@@ -116,11 +151,115 @@ class LMHead(nn.Module):
         return F.linear(self.norm(self.act(self.dense(x))), embedding, self.bias)
 
 
+def tie_text_towers(encoder: Bert, decoder: Bert) -> None:
+    """Make `decoder` share every module of `encoder` except each layer's self-attention (`attn`) and its LayerNorm
+    (`norm1`): the embeddings, cross-attention, MLP and their norms become the same modules (BLIP sec. 3.1: "the
+    encoder and decoder share all parameters except for the SA layers"; the authors skip the modules under
+    `attention`, which holds the self-attention and its output LayerNorm)."""
+    for name in ("word_embeddings", "position_embeddings", "embed_norm"):
+        setattr(decoder, name, getattr(encoder, name))
+    for enc, dec in zip(encoder.layers, decoder.layers, strict=True):
+        for name in ("cross_attn", "norm_cross", "mlp", "norm2"):
+            setattr(dec, name, getattr(enc, name))
+
+
+def _text_keys(input_ids: Tensor, mask: Tensor) -> Tensor:
+    """A 64-bit polynomial hash of each text's real tokens (B, T) -> (B,): equal texts, whatever their padding,
+    get equal keys, so that queued features of the same caption count as positives (as the authors' retrieval
+    fine-tuning keeps an `idx_queue` of image ids). int64 products wrap around, which is the hash's modulus."""
+    tokens = (input_ids.long() + 1) * mask.long()  # padding 0, every real token >= 1
+    powers = [pow(0x9E3779B97F4A7C15, i, 1 << 64) for i in range(tokens.shape[1])]
+    powers = torch.tensor([p - (1 << 64) if p >= 1 << 63 else p for p in powers], device=tokens.device)
+    return (tokens * powers).sum(-1)
+
+
+def _gathered(x: Tensor) -> Tensor:
+    """x from every process, concatenated (one process: x), so that each holds the same queue."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous())
+    return out
+
+
+class MomentumEncoders(nn.Module):
+    """ITC's momentum model and feature queue (BLIP sec. 3.2, from ALBEF, Li et al. 2021): EMA copies of the
+    vision encoder, the unimodal text encoder and both projections (no gradients: `update` moves them), and a
+    ring of the last `queue_size` momentum image and text features with each text's key (`_text_keys`).
+    Training state, not a task model's: `Blip.part` never hands it out, so exported checkpoints leave it out, and
+    the training checkpoint (the model's state_dict) holds it with the queue, so a resumed run continues exactly."""
+
+    PARTS = ("vision_model", "text_encoder", "vision_proj", "text_proj")
+
+    def __init__(self, c: BlipConfig):
+        super().__init__()
+        t, E, K = c.text, c.image_text_hidden_size, c.pretraining.queue_size
+        self.vision_model = ViT(c.vision)
+        # ITC reads the text alone: the copy has no cross-attention to keep
+        self.text_encoder = Bert(replace(t.bert(decoder=False, context_dim=c.vision.hidden_size),
+                                         add_cross_attention=False, encoder_hidden_size=None))
+        self.vision_proj = nn.Linear(c.vision.hidden_size, E)
+        self.text_proj = nn.Linear(t.hidden_size, E)
+        self.requires_grad_(False)
+        self.register_buffer("image_queue", torch.zeros(K, E))  # (K, E), unit rows once written
+        self.register_buffer("text_queue", torch.zeros(K, E))
+        self.register_buffer("text_keys", torch.zeros(K, dtype=torch.long))  # (K,)
+        self.register_buffer("written", torch.zeros((), dtype=torch.long))  # features enqueued so far
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))  # EMA steps so far (alpha's ramp)
+
+    def pairs(self, online: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        """(momentum parameters, the online parameters they follow), matched by name."""
+        mine = dict(self.named_parameters())
+        return list(mine.values()), [online.get_parameter(name) for name in mine]
+
+    @torch.no_grad()
+    def reset(self, online: nn.Module) -> None:
+        """Start as a copy of the online model, with an empty queue (the authors' `copy_params`)."""
+        for m, p in zip(*self.pairs(online)):
+            m.copy_(p)
+        for b in self.buffers():
+            b.zero_()
+
+    @torch.no_grad()
+    def update(self, online: nn.Module, m: float) -> None:
+        """theta_m <- m * theta_m + (1 - m) * theta (the authors' `_momentum_update`)."""
+        mine, theirs = self.pairs(online)
+        torch._foreach_mul_(mine, m)
+        torch._foreach_add_(mine, [p.detach() for p in theirs], alpha=1 - m)
+        self.updates += 1
+
+    @torch.no_grad()
+    def features(self, pixel_values: Tensor, input_ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The momentum model's unit image and text features (B, E) of a batch of pairs."""
+        image = F.normalize(self.vision_proj(self.vision_model.pooled(pixel_values)), dim=-1)
+        text = F.normalize(self.text_proj(self.text_encoder(input_ids, mask)[:, 0]), dim=-1)
+        return image, text
+
+    def queued(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The written part of the queue: image features (n, E), text features (n, E), text keys (n,)."""
+        n = min(int(self.written), self.image_queue.shape[0])
+        return self.image_queue[:n], self.text_queue[:n], self.text_keys[:n]
+
+    @torch.no_grad()
+    def enqueue(self, image: Tensor, text: Tensor, keys: Tensor) -> None:
+        """Write a batch's momentum features over the oldest entries (a ring; every process writes the same)."""
+        image, text, keys = _gathered(image), _gathered(text), _gathered(keys)
+        K = self.image_queue.shape[0]
+        image, text, keys = image[-K:], text[-K:], keys[-K:]  # a batch larger than the queue keeps its last K
+        slots = (self.written + torch.arange(len(keys), device=keys.device)) % K
+        self.image_queue[slots], self.text_queue[slots], self.text_keys[slots] = image.to(self.image_queue), \
+            text.to(self.text_queue), keys
+        self.written += len(keys)
+
+
 class Blip(nn.Module):
     """The parts of `config.task`: captioning (vision_model, text_decoder, lm_head), retrieval (vision_model,
     text_encoder, vision_proj, text_proj, itm_head), VQA (vision_model, text_encoder, text_decoder, lm_head), or
     pretraining (all of them and ITC's temperature: the three objectives at once; `part(task)` then hands out the
-    task models, sharing its weights)."""
+    task models, sharing its weights). A pretraining model may also hold ITC's momentum encoders and queue
+    (`momentum`) and a decoder that shares the encoder's weights (`config.pretraining`)."""
 
     def __init__(self, config: BlipConfig):
         super().__init__()
@@ -139,6 +278,13 @@ class Blip(nn.Module):
         if c.task == "pretraining":
             self.temp = nn.Parameter(torch.tensor(0.07))  # ITC's softmax temperature, learned (clamped by training)
             record(self).layout = "polymodal"  # no transformers class holds all parts; part(task) saves as one
+            if c.pretraining.share:
+                tie_text_towers(self.text_encoder, self.text_decoder)
+            if c.pretraining.itc == "momentum":
+                with torch.device("meta"):  # no initialization of its own: it starts as a copy (and draws no RNG)
+                    momentum = MomentumEncoders(c)
+                self.momentum = momentum.to_empty(device=self.temp.device)
+                self.momentum.reset(self)
 
     # ------------------------------------------------------------------------------ the three objectives
 
@@ -207,24 +353,28 @@ class Blip(nn.Module):
         """The paper's three objectives on a batch of pairs (image i, text i), texts starting with [CLS] ->
         (ITC, ITM, LM) losses, to be summed with equal weights.
 
-        ITC: contrastive over the batch, image->text and text->image; identical texts count as positives of each
-        other. ITM: the positive pairs plus one hard negative per image and per text, drawn in proportion to the
-        ITC similarity (sec. 3.2). LM: the decoder reads the text with [DEC] first and predicts each next token,
-        with label smoothing 0.1 as in the paper. The paper's momentum encoder and its queue are not built."""
+        ITC: contrastive image->text and text->image, identical texts counting as positives of each other: over
+        the batch (`config.pretraining.itc="in-batch"`), or against the momentum model's features of the batch
+        and of its queue with soft targets ("momentum", `itc_momentum`; a model in training mode then enqueues the
+        batch's momentum features). ITM: the positive pairs plus one hard negative per image and per text, drawn
+        in proportion to the ITC similarity within the batch (sec. 3.2). LM: the decoder reads the text with
+        [DEC] first and predicts each next token, with label smoothing 0.1 as in the paper."""
         self._needs("pretraining")
         B = input_ids.shape[0]
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         image = self._checked_image(pixel_values, input_ids)  # (B, 1+N, Dv)
-        sim = self.project_image(image) @ self.encode_text(input_ids, mask).T / self.temp  # (B, B)
         same = (input_ids[:, None] == input_ids[None]).all(-1)  # (B, B): equal texts (padded alike)
-        targets = same.float() / same.sum(1, keepdim=True)
-        itc = (F.cross_entropy(sim, targets) + F.cross_entropy(sim.T, targets)) / 2
+        if self.config.pretraining.itc == "momentum":
+            itc, i2t, t2i = self.itc_momentum(pixel_values, image, input_ids, mask)
+        else:
+            sim = self.project_image(image) @ self.encode_text(input_ids, mask).T / self.temp  # (B, B)
+            targets = same.float() / same.sum(1, keepdim=True)
+            itc = (F.cross_entropy(sim, targets) + F.cross_entropy(sim.T, targets)) / 2
+            i2t, t2i = sim, sim.T
 
         with torch.no_grad():  # hard negatives: likely under ITC, yet not the pair's own text
-            weights = sim.float().softmax(-1).masked_fill(same, 0) + (~same) * 1e-6  # (B, B)
-            weights[~weights.any(-1)] = 1.0  # a batch of one text has no negative: then any pair will do
-            negative_text = torch.multinomial(weights, 1).squeeze(1)  # (B,) for each image
-            negative_image = torch.multinomial(weights.T, 1).squeeze(1)  # (B,) for each text
+            negative_text = self._hard_negatives(i2t, same)  # (B,) for each image
+            negative_image = self._hard_negatives(t2i, same)  # (B,) for each text
         texts = torch.cat([input_ids, input_ids[negative_text], input_ids])
         masks = torch.cat([mask, mask[negative_text], mask])
         images = torch.cat([image, image, image[negative_image]])
@@ -240,14 +390,58 @@ class Blip(nn.Module):
                              label_smoothing=label_smoothing)
         return itc, itm, lm
 
+    @staticmethod
+    def _hard_negatives(sim: Tensor, same: Tensor) -> Tensor:
+        """One negative per row of in-batch similarities sim (B, B), drawn in proportion to softmax(sim) among the
+        columns that are not the row's own text -> indices (B,)."""
+        weights = sim.float().softmax(-1).masked_fill(same, 0) + (~same) * 1e-6  # (B, B)
+        weights[~weights.any(-1)] = 1.0  # a batch of one text has no negative: then any pair will do
+        return torch.multinomial(weights, 1).squeeze(1)
+
+    def itc_momentum(self, pixel_values: Tensor, image: Tensor, input_ids: Tensor,
+                     mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """ITC with momentum distillation and the queue (BLIP sec. 3.2; the authors' `BLIP_Pretrain.forward`):
+        each online image feature is contrasted with the momentum text features of the batch and the queue (n
+        of them so far), each online text feature with the momentum image features likewise; the target mixes
+        the momentum model's softmax (weight alpha) with the true pairs (texts equal to the query's, by key).
+        image: the online ViT's tokens (B, 1+N, Dv) -> (loss, image->text (B, B) and text->image (B, B) online
+        similarities within the batch, for ITM's hard negatives)."""
+        c, mom = self.config.pretraining, self.momentum
+        B = input_ids.shape[0]
+        image_feat = self.project_image(image)  # (B, E)
+        text_feat = self.encode_text(input_ids, mask)  # (B, E)
+        keys = _text_keys(input_ids, mask)  # (B,)
+        with torch.no_grad():
+            image_m, text_m = mom.features(pixel_values, input_ids, mask)  # (B, E) each
+            queue_image, queue_text, queue_keys = mom.queued()
+            image_all, text_all = torch.cat([image_m, queue_image]), torch.cat([text_m, queue_text])  # (B+n, E)
+            positive = (keys[:, None] == torch.cat([keys, queue_keys])[None]).float()  # (B, B+n)
+            hard = positive / positive.sum(1, keepdim=True)
+            alpha = c.alpha * (mom.updates.float() / c.alpha_ramp).clamp(max=1) if c.alpha_ramp else c.alpha
+            i2t_targets = alpha * (image_m @ text_all.T / self.temp).softmax(1) + (1 - alpha) * hard
+            t2i_targets = alpha * (text_m @ image_all.T / self.temp).softmax(1) + (1 - alpha) * hard
+        i2t = image_feat @ text_all.T / self.temp  # (B, B+n)
+        t2i = text_feat @ image_all.T / self.temp
+        loss = (-(i2t.log_softmax(1) * i2t_targets).sum(1).mean() - (t2i.log_softmax(1) * t2i_targets).sum(1).mean())
+        if self.training:
+            mom.enqueue(image_m, text_m, keys)
+        return loss / 2, i2t[:, :B].detach(), t2i[:, :B].detach()
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """One EMA step of the momentum encoders towards this model (after each optimizer step); nothing without
+        them (`config.pretraining.itc="in-batch"`)."""
+        if self.config.task == "pretraining" and self.config.pretraining.itc == "momentum":
+            self.momentum.update(self, self.config.pretraining.momentum)
+
     def part(self, task: str) -> Blip:
         """The `task` model ("captioning", "retrieval", "vqa") made of this pretraining model's parts: the same
         modules, not copies, so it saves in transformers' layout as that BlipFor* checkpoint."""
         self._needs("pretraining")
         if task not in ("captioning", "retrieval", "vqa"):
             raise ValueError(f"part() gives 'captioning', 'retrieval' or 'vqa', not {task!r}")
-        with torch.device("meta"):
-            model = Blip(replace(self.config, task=task))
+        with torch.device("meta"):  # a plain task model: the pretraining options (momentum, sharing) stay here
+            model = Blip(replace(self.config, task=task, pretraining=BlipPretraining()))
         for name, _ in list(model.named_children()):
             setattr(model, name, getattr(self, name))
         return model.train(self.training)

@@ -37,7 +37,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -222,18 +222,39 @@ class BlipShapesConfig(TrainConfig):
     train_images: int = 20000  # a fixed set generated once
     noise: float = 0.2  # the fraction of training pairs given another image's caption: BLIP's noisy web text
     eval_images: int = 400  # per split
+    # ITC over the batch, or the paper's momentum encoders with a queue of their features (BlipPretraining)
+    itc: Literal["in-batch", "momentum"] = "in-batch"
+    queue: int = 4096  # momentum features kept as extra negatives (64 batches of 64)
+    momentum: float = 0.995  # the EMA's share of the momentum weights kept at each step
+    alpha: float = 0.4  # the soft targets' weight, raised from 0 over the first epoch as the authors do
+    share: bool = False  # the text decoder shares all but its self-attention with the text encoder
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.pretraining()  # a bad itc setting is refused with the others, before any data is made
+
+    def pretraining(self):
+        """The model's BlipPretraining; alpha's ramp is the first epoch, as the authors'."""
+        from polymodal.models.blip import BlipPretraining
+
+        try:
+            return BlipPretraining(itc=self.itc, queue_size=self.queue, momentum=self.momentum, alpha=self.alpha,
+                                   alpha_ramp=max(1, self.train_images // self.batch_size), share=self.share)
+        except ValueError as e:
+            raise ConfigError(str(e).replace("queue_size", "queue")) from None
 
 
-def shapes_blip_config(image_size: int):
+def shapes_blip_config(image_size: int, pretraining=None):
     """The small BLIP that blip-shapes trains: 3-layer ViT and text transformers of width 96 over BLIP's real
-    vocabulary, patches of 8x8 pixels."""
-    from polymodal.models.blip import BlipConfig, BlipTextConfig, ViTConfig
+    vocabulary, patches of 8x8 pixels; `pretraining` (a BlipPretraining) chooses its ITC and sharing."""
+    from polymodal.models.blip import BlipConfig, BlipPretraining, BlipTextConfig, ViTConfig
 
     vision = ViTConfig(hidden_size=96, num_hidden_layers=3, num_attention_heads=4, intermediate_size=384,
                        image_size=image_size, patch_size=8, layer_norm_eps=1e-5)
     text = BlipTextConfig(hidden_size=96, num_hidden_layers=3, num_attention_heads=4, intermediate_size=384,
                           max_position_embeddings=32)
-    return BlipConfig(vision=vision, text=text, task="pretraining", image_text_hidden_size=64)
+    return BlipConfig(vision=vision, text=text, task="pretraining", image_text_hidden_size=64,
+                      pretraining=pretraining or BlipPretraining())
 
 
 def blip_loss(model: nn.Module, batch: dict):
@@ -241,16 +262,20 @@ def blip_loss(model: nn.Module, batch: dict):
     return itc + itm + lm, {"itc": itc.detach(), "itm": itm.detach(), "lm": lm.detach()}
 
 
-def _clamp_blip_temperature(model: nn.Module) -> None:
+def _blip_after_step(model: nn.Module) -> None:
     model.temp.clamp_(0.001, 0.5)  # BLIP's bounds for the ITC temperature
+    model.momentum_update()  # the momentum encoders follow the step just taken (none with in-batch ITC)
 
 
 @torch.no_grad()
 def evaluate_blip_shapes(model: nn.Module, image_size: int, n: int, noisy: list[tuple[object, str, bool]]) -> dict:
     """Greedy captions of fresh images (exact match with a true caption, on seen and never-seen color-shape
-    combinations), ITM accuracy on true vs. wrong captions, image -> text recall@1 by ITC, and CapFilt's filter
-    on training pairs (how many of the noisy captions it removes and of the clean ones it keeps)."""
+    combinations), ITM accuracy on true vs. wrong captions, image -> text recall@1 by ITC, recall@1/5 of BLIP's
+    retrieval (ITC ranks, ITM re-ranks its top 16: `ImageTextMatchingPipeline.retrieve`) in both directions over
+    one fresh image per distinct caption, and CapFilt's filter on training pairs (how many of the noisy captions
+    it removes and of the clean ones it keeps)."""
     from polymodal.data import ShapesWorld
+    from polymodal.pipelines.image_text import ImageTextMatchingPipeline
     from polymodal.processing import ImageProcessor
     from polymodal.processing.text import TextTokenizer
 
@@ -258,6 +283,8 @@ def evaluate_blip_shapes(model: nn.Module, image_size: int, n: int, noisy: list[
     device = next(model.parameters()).device
     model.eval()
     captioner, matcher = model.part("captioning"), model.part("retrieval")
+    # optimize=False: the part shares the trained modules, which the export still saves as they are
+    retriever = ImageTextMatchingPipeline(matcher, tokenizer=tok, optimize=False)
 
     def match_prob(tokens: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """ITM's p(match) of image tokens (N, 1+P, D) with captions (N)."""
@@ -283,6 +310,10 @@ def evaluate_blip_shapes(model: nn.Module, image_size: int, n: int, noisy: list[
         sim = matcher.project_image(tokens) @ matcher.encode_text(ids.to(device), mask.to(device)).T  # (n, captions)
         best = sim.argmax(-1).tolist()
         result[f"itc_recall@1_{split}"] = sum(distinct[b] in s.captions for b, s in zip(best, samples)) / n
+        # one image per caption (its first), so that each text has one right image and each image one right text
+        first = [next(s for s in samples if s.caption == t) for t in distinct]
+        found = retriever.retrieve([s.image for s in first], distinct, k=16).recall(range(len(distinct)), ks=(1, 5))
+        result.update({f"retrieval_{key}_{split}": v for key, v in found.items()})
     images, captions, is_noise = zip(*noisy)
     kept = (match_prob(matcher.image_embeds(proc(list(images)).to(device)), list(captions)) >= 0.5).tolist()
     noise_kept = [k for k, bad in zip(kept, is_noise) if bad]
@@ -317,7 +348,7 @@ def build_blip_shapes(c: BlipShapesConfig, world: World) -> Task:
     from polymodal.processing import ImageProcessor
     from polymodal.processing.text import TextTokenizer
 
-    model = pm.build("blip", shapes_blip_config(c.image_size))
+    model = pm.build("blip", shapes_blip_config(c.image_size, c.pretraining()))
     samples = ShapesWorld(c.image_size, seed=0, split="train", vocab="full").batch(0, c.train_images)
     pixels = ImageProcessor.blip(size=c.image_size)([s.image for s in samples])  # (N, 3, H, W)
     # noisy web text: a fixed fraction of pairs carries another image's caption
@@ -335,7 +366,7 @@ def build_blip_shapes(c: BlipShapesConfig, world: World) -> Task:
                            world_size=world.size)
     probe = [(samples[i].image, captions[i], i in noisy and captions[i] not in samples[i].captions)
              for i in range(min(len(samples), 2 * c.eval_images))]
-    return Task(model, blip_loss, data, after_step=_clamp_blip_temperature,
+    return Task(model, blip_loss, data, after_step=_blip_after_step,
                 evaluate=lambda m: evaluate_blip_shapes(m, c.image_size, c.eval_images, probe),
                 export=export_blip_shapes)
 
