@@ -65,7 +65,8 @@ DEFAULT_MAX_IMAGES = 8  # images per prompt: each is max_image_tiles x 3.8 MB of
 _BY_NUMBER = {v: k for k, v in _PIL_FILTERS.items()}
 
 # Llama-3.2-11B-Vision-Instruct's chat template, as the hub ships it: for tokenizers that carry none, such as those
-# built for tests. Images allow no system message; without images a system header with the date comes first.
+# built for tests. Images allow no system message; without images a system header with the date comes first. (One
+# long string is written as two joined by ~, for the line length; the rendered text is the same.)
 LLAMA32_VISION_CHAT_TEMPLATE = r"""{{- bos_token }}
 {%- if custom_tools is defined %}
     {%- set tools = custom_tools %}
@@ -116,7 +117,8 @@ LLAMA32_VISION_CHAT_TEMPLATE = r"""{{- bos_token }}
     {{- "Cutting Knowledge Date: December 2023\n" }}
     {{- "Today Date: " + date_string + "\n\n" }}
     {%- if tools is not none and not tools_in_user_message %}
-        {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
+        {{- "You have access to the following functions. To call a function, please respond with JSON for a " ~
+            "function call." }}
         {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
         {{- "Do not use variables.\n\n" }}
         {%- for t in tools %}
