@@ -373,9 +373,11 @@ class Mllama(nn.Module, CausalLM):
             if input_ids is not None and input_ids.shape[1] > 1 and (n := int((input_ids == token).sum())):
                 raise ValueError(f"the prompt has {n} <|image|> tokens (id {token}) but no pixel_values came with it")
             return 0
-        if aspect_ratio_ids is None or aspect_ratio_mask is None:
-            raise ValueError("pixel_values need aspect_ratio_ids (B, images) and aspect_ratio_mask (B, images, tiles): "
-                             "the processor returns them")
+        # without cross_attention_mask, transformers' SDPA path makes the cross-attention causal over the image
+        # positions (its `is_causal` defaults to True there) and its eager path does not: no meaning to match
+        if aspect_ratio_ids is None or aspect_ratio_mask is None or cross_attention_mask is None:
+            raise ValueError("pixel_values need aspect_ratio_ids (B, images), aspect_ratio_mask (B, images, tiles) and "
+                             "cross_attention_mask (B, length, images, tiles): the processor returns them")
         want = ("batch", "images", f"tiles={v.max_num_tiles}", f"channels={v.num_channels}",
                 f"height={v.image_size}", f"width={v.image_size}")
         if (pixel_values.dim() != 6 or tuple(pixel_values.shape[2:]) != (v.max_num_tiles, v.num_channels,
@@ -395,8 +397,7 @@ class Mllama(nn.Module, CausalLM):
         if tuple(aspect_ratio_mask.shape) != (B, N, v.max_num_tiles):
             raise ValueError(f"aspect_ratio_mask must be (batch, images, tiles) = {(B, N, v.max_num_tiles)}, got "
                              f"{tuple(aspect_ratio_mask.shape)}")
-        if cross_attention_mask is not None and (
-                cross_attention_mask.dim() != 4 or cross_attention_mask.shape[0] != B
+        if (cross_attention_mask.dim() != 4 or cross_attention_mask.shape[0] != B
                 or tuple(cross_attention_mask.shape[2:]) != (N, v.max_num_tiles)
                 or (length is not None and cross_attention_mask.shape[1] != length)):
             raise ValueError(f"cross_attention_mask must be (batch, length, images, tiles) = "
@@ -451,11 +452,8 @@ class Mllama(nn.Module, CausalLM):
         context = None
         if pixel_values is not None:
             kv = self.cross_kv(self.image_states(pixel_values, aspect_ratio_ids, aspect_ratio_mask).to(h.dtype))
-            mask = rows = None
-            if cross_attention_mask is not None:
-                sees, any_ = self.token_masks(cross_attention_mask)
-                mask, rows = sees[:, None], any_[..., None].to(h.dtype)  # (B, 1, T, S), (B, T, 1)
-            context = CrossContext(kv, mask, rows)
+            sees, any_ = self.token_masks(cross_attention_mask)
+            context = CrossContext(kv, sees[:, None], any_[..., None].to(h.dtype))  # masks (B, 1, T, S), (B, T, 1)
         positions, mask = lm.decoder_inputs(h, attention_mask, cache, position_ids)
         return lm.head(lm.decode(h, mask=mask, positions=positions, cache=cache, context=context,
                                  keep=logits_to_keep))
@@ -482,11 +480,9 @@ class Mllama(nn.Module, CausalLM):
             state.cross_mask, state.cross_gate = input_ids.new_zeros(B, 0), h.new_zeros(B)
         else:
             kv = self.cross_kv(self.image_states(pixel_values, aspect_ratio_ids, aspect_ratio_mask).to(h.dtype))
-            context, state.cross = CrossContext(kv, None, None), kv
-            if cross_attention_mask is not None:
-                sees, any_ = self.token_masks(cross_attention_mask)
-                context.mask, context.rows = sees[:, None], any_[..., None].to(h.dtype)
-                state.cross_mask, state.cross_gate = sees[:, -1].long(), any_[:, -1].to(h.dtype)
+            sees, any_ = self.token_masks(cross_attention_mask)
+            context = CrossContext(kv, sees[:, None], any_[..., None].to(h.dtype))
+            state.cross, state.cross_mask, state.cross_gate = kv, sees[:, -1].long(), any_[:, -1].to(h.dtype)
         _, mask = lm.decoder_inputs(h, attention_mask, cache, positions)
         logits = lm.head(lm.decode(h, mask=mask, positions=positions, cache=cache, context=context, keep=1))
         return state, logits[:, -1]
