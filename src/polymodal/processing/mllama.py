@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from polymodal.processing import buffers
 from polymodal.processing.image import _PIL_FILTERS, CLIP_MEAN, CLIP_STD, HALF, ImageProcessor, _normalize, image_pool
 from polymodal.processing.qwen2_vl import image_size
 from polymodal.processing.text import TextTokenizer
@@ -361,7 +362,9 @@ class MllamaImageProcessor:
         """Each sample's images, loaded by `load(item, where) -> uint8 (H, W, C)` on the image pool, written into one
         output: the slots of missing images and tiles are zeroed, every other value is written once."""
         B, I, T, S = len(samples), max(len(s) for s in samples), self.max_image_tiles, self.tile_size
-        pixels = torch.empty(B, I, T, 3, S, S)  # (B, I, T, C, S, S)
+        # (B, I, T, C, S, S); ~15 MB per image slot at 560-px tiles, over recycled maps (faulting fresh pages in
+        # cost more than the writing), every element written below
+        pixels = buffers.empty(B, I, T, 3, S, S)
         view = pixels.numpy()
         shift, divisor, factor = self._images._affine_arrays(3)
         pad = np.empty((3, 1, 1), np.float32)  # a zero pixel, normalized: what the canvas is padded with
