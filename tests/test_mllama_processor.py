@@ -346,3 +346,35 @@ def test_bad_configs_are_refused(saved, tmp_path):
     with pytest.raises(ValueError, match=r"the tokenizer's '<\|image\|>' is id \d+, but config.json's "
                                          "image_token_index is 3"):
         MllamaProcessor.from_pretrained(d)
+
+
+# ------------------------------------------------------------------------------------------ with the model
+
+
+def test_our_inputs_drive_the_model_as_transformers_inputs_drive_theirs(saved, tmp_path):
+    # a tiny random Llama 3.2 Vision on the processor's 112-px tiles: our processor -> polymodal's model gives
+    # transformers' logits and greedy tokens from its processor -> its model, batched with 1 and 2 images
+    import polymodal as pm
+
+    ref = reference(saved)
+    tok = ref.tokenizer
+    config = transformers.MllamaConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                           attention_heads=4, image_size=TILE, patch_size=28, max_num_tiles=4, vision_output_dim=96,
+                           intermediate_layers_indices=[0, 1]),
+        text_config=dict(vocab_size=len(tok) + 8, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1],
+                         max_position_embeddings=256, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id),
+        image_token_index=tok.convert_tokens_to_ids("<|image|>"))
+    torch.manual_seed(0)
+    theirs = transformers.MllamaForConditionalGeneration(config).eval()
+    theirs.save_pretrained(tmp_path)
+    model = pm.load(tmp_path)
+    batch = [CONVERSATIONS["one image, square"], CONVERSATIONS["wide and tall, one prompt"]]
+    got, want = MllamaProcessor.from_pretrained(saved)(batch), run_reference(ref, batch)
+    with torch.no_grad():
+        # fp32 on both sides, the same inputs: agreement at float rounding
+        torch.testing.assert_close(model(**got), theirs(**want).logits, atol=1e-4, rtol=1e-4)
+        want_ids = theirs.generate(**want, max_new_tokens=6, do_sample=False)
+    assert model.generate(**got, max_new_tokens=6).tolist() == want_ids.tolist()
