@@ -5,12 +5,12 @@ reads through gated cross-attention layers interleaved with its self-attention l
     x = PatchConv(tile) ; x += tanh(g) E_pre[aspect]           each image: up to max_num_tiles tiles of image_size^2
     x = [CLS, x] ; x += (1 - tanh(g)) E_pos + tanh(g) E_tile[aspect]
     x = LN_pre(x), padded to a multiple of 8 patches           the tiles of one image attend together
-    L x:  x = x + Attn(LN(x)) ; x = x + MLP(LN(x))             the local encoder, layers `intermediate_layers_indices` kept
+    L x:  x = x + Attn(LN(x)) ; x = x + MLP(LN(x))             the local encoder; intermediate_layers_indices kept
     x = LN_post(x) ; x += tanh(g) E_post[aspect]
     G x:  x = x + tanh(a) Attn(LN(x)) ; x = x + tanh(m) MLP(LN(x))    the global encoder, gated
     f = Linear([x, kept states interleaved])                   vision_output_dim -> the decoder's width
     decoder layer i in cross_attention_layers:
-          h = h + tanh(a) CrossAttn(RMSNorm(h), f)             q/k RMSNorm, no RoPE; each token sees the images before it
+          h = h + tanh(a) CrossAttn(RMSNorm(h), f)             q/k RMSNorm, no RoPE; a token sees the images before it
           h = h + tanh(m) row_seen * SwiGLU(RMSNorm(h))        a token that sees no image keeps no MLP output
     other layers: Llama's own (`polymodal.models.llama.DecoderLayer`, Llama 3.1 RoPE scaling)
 
@@ -415,7 +415,8 @@ class Mllama(nn.Module, CausalLM):
     # ---------------------------------------------------------------- images
 
     def image_states(self, pixel_values: Tensor, aspect_ratio_ids: Tensor, aspect_ratio_mask: Tensor) -> Tensor:
-        """-> the projected image states the decoder cross-attends (B, N * tiles * P, D), image by image, tile by tile."""
+        """-> the projected image states the decoder cross-attends (B, N * tiles * P, D), image by image, tile by
+        tile."""
         f = self.vision_model(pixel_values, aspect_ratio_ids, aspect_ratio_mask)  # (B, N, tiles, P, Dv)
         return self.multi_modal_projector(f).flatten(1, 3)
 
