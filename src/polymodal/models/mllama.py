@@ -34,6 +34,7 @@ from polymodal.config import from_dict, show, to_dict
 from polymodal.generation import CausalLM, DecoderState, input_embeddings
 from polymodal.models.llama import DecoderLayer, Llama, LlamaConfig, hf_key_map, read_hf_config, write_hf_config
 from polymodal.nn import MLP, Attention, KVCache, LayerNorm, PatchEmbed, RMSNorm, SwiGLU
+from polymodal.processing.mllama import MllamaProcessor
 from polymodal.registry import Family, Layout, native_layout
 from polymodal.weights.keymap import Fuse, KeyMap, Rename
 
@@ -614,6 +615,6 @@ FAMILY = Family(
     hub_ids=HUB_IDS,
     description="Llama 3.2 Vision: a tiled ViT (local + gated global encoder, intermediate layers kept) read by a "
                 "Llama 3.1 decoder through interleaved gated cross-attention layers",
-    processor=None,
+    processor=MllamaProcessor.from_pretrained,
     tasks=("image-text-to-text",),
 )
