@@ -11,7 +11,8 @@ The paper's multimodal mixture of encoder-decoder (MED) is one BERT per role ove
 self-attention -> cross-attention to the image -> MLP, post-norm; the encoder attends both ways, the decoder
 causally and starts from [DEC] (the `bos_token_id`). CapFilt (the paper's dataset bootstrapping) is a use of
 these parts: the captioner writes synthetic captions, the ITM head filters noisy pairs
-(`polymodal.pipelines`, `Blip.itm`).
+(`polymodal.pipelines`, `Blip.itm`). Pretraining may share the decoder's weights with the encoder but for
+self-attention, and train ITC against momentum encoders and a queue of their features (`BlipPretraining`).
 
 The released checkpoints are task models, as in transformers: `BlipForConditionalGeneration` (captioning: ViT +
 decoder), `BlipForImageTextRetrieval` (ViT + encoder + ITC projections + ITM head), `BlipForQuestionAnswering`
@@ -153,8 +154,8 @@ class LMHead(nn.Module):
 
 def tie_text_towers(encoder: Bert, decoder: Bert) -> None:
     """Make `decoder` share every module of `encoder` except each layer's self-attention (`attn`) and its LayerNorm
-    (`norm1`): the embeddings, cross-attention, MLP and their norms become the same modules (BLIP sec. 3.1: "the
-    encoder and decoder share all parameters except for the SA layers"; the authors skip the modules under
+    (`norm1`): the embeddings, cross-attention, MLP and their norms become the same modules (BLIP sec. 3.2: "the
+    text encoder and text decoder share all parameters except for the SA layers"; the authors skip the modules under
     `attention`, which holds the self-attention and its output LayerNorm)."""
     for name in ("word_embeddings", "position_embeddings", "embed_norm"):
         setattr(decoder, name, getattr(encoder, name))

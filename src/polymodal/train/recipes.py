@@ -8,8 +8,11 @@ All recipes live in the one explicit `RECIPES` dict below; `polymodal train NAME
   as zero-shot accuracy on color-shape combinations never seen in training and image <-> text recall@1/5.
 * `blip-shapes`: a small BLIP pretrained with its three objectives (ITC, ITM with hard negatives, LM) on
   ShapesWorld pairs of which 20% carry a wrong caption (the paper's noisy web text), reported as caption exact
-  match and ITM accuracy on seen and never-seen combinations, ITC recall@1, and how well CapFilt's filter (the
-  ITM head) separates the noisy training pairs from the clean ones.
+  match and ITM accuracy on seen and never-seen combinations, ITC recall@1, recall@1/5 of BLIP's retrieval (ITC
+  ranks, ITM re-ranks) both ways, and how well CapFilt's filter (the ITM head) separates the noisy training pairs
+  from the clean ones. `itc=momentum` (with `queue`, `momentum`, `alpha`) trains ITC against momentum encoders
+  and their feature queue, `share=true` ties the text decoder to the encoder but for self-attention (the paper's
+  options; in-batch ITC, unshared towers by default).
 * `blip-shapes-vqa`: BLIP's VQA model (question encoder + answer decoder) on ShapesWorld's questions (count,
   color, shape, existence), from scratch or from a `blip-shapes` run (`init=DIR`), reported as exact-match answer
   accuracy on seen and never-seen combinations, per kind of question.
