@@ -34,6 +34,7 @@ FAMILIES: dict[str, str] = {
     "qwen2_vl": "polymodal.models.qwen2_vl",
     "qwen2_5_vl": "polymodal.models.qwen2_5_vl",
     "mllama": "polymodal.models.mllama",
+    "qwen_vl": "polymodal.models.qwen_vl",
 }
 
 # transformers' config.json `model_type` (and polymodal's own) -> family
@@ -69,6 +70,8 @@ MODEL_TYPES: dict[str, str] = {
     "polymodal-qwen2_5_vl": "qwen2_5_vl",
     "mllama": "mllama",
     "polymodal-mllama": "mllama",
+    "qwen": "qwen_vl",  # Qwen (v1) with `visual` in its config: Qwen-VL
+    "polymodal-qwen_vl": "qwen_vl",
 }
 
 # timm's config.json `architecture` prefix -> family
