@@ -224,3 +224,204 @@ def test_presets_have_the_real_sizes():
     assert 7.5e9 < sum(p.numel() for p in mistral.parameters()) < 7.6e9  # Mistral-7B's 7,242 M, ViT-L/14-336, MLP
     # a 1024 x 1024 photo: 2 x 2 crops of 24 x 24 features, each of the 48 rows with its newline, and the whole 576
     assert PRESETS["llava-hf/llava-v1.6-vicuna-7b-hf"].tokens(1024, 1024) == 576 + 48 * 49
+
+
+# ------------------------------------------------------------------------------------------ the processor
+
+TILE = 336  # the released tower's size, with its default pinpoints; the tokenizer of tests/test_llava_processor.py
+WIDE = PHOTOS["coffee"].resize((1500, 300))  # a 1 x 3 canvas, bands above and below
+TALL = PHOTOS["rocket"].transpose(Image.Transpose.ROTATE_90)  # 427 x 640 on a 2 x 1 canvas, bands beside
+
+
+def save_processor(path, patch_size: int = 14, image_processor=None):
+    """transformers' LlavaNextProcessor for a 336-px tower saved to `path` -> that processor (reloaded). As in
+    llava-hf's files, num_additional_image_tokens=1 counts the [CLS] that "default" drops."""
+    images = image_processor or transformers.LlavaNextImageProcessor(size={"shortest_edge": TILE},
+                                                                      crop_size={"height": TILE, "width": TILE})
+    proc = transformers.LlavaNextProcessor(image_processor=images, tokenizer=tiny_tokenizer(), patch_size=patch_size,
+                                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                           chat_template=TEMPLATE)
+    proc.save_pretrained(path)
+    return transformers.AutoProcessor.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llava-next-processor")
+    return save_processor(path), path
+
+
+def processed(proc, conversations) -> dict:
+    return dict(proc.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                         return_tensors="pt",
+                                         processor_kwargs={"padding": True, "padding_side": "left"}))
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert set(got) == set(want) & {"input_ids", "attention_mask", "pixel_values", "image_sizes"}
+    assert got["input_ids"].tolist() == want["input_ids"].tolist()
+    assert got["attention_mask"].tolist() == want["attention_mask"].tolist()
+    if "pixel_values" in want:
+        assert got["image_sizes"].tolist() == want["image_sizes"].tolist()
+        assert got["pixel_values"].shape == want["pixel_values"].shape
+        # the same uint8 resampling kernels and fused normalization: 0 seen (PIL's: 2.4e-7, its rescale and
+        # normalize are two float32 steps); 1e-5 is the bound asked of a processor
+        torch.testing.assert_close(got["pixel_values"], want["pixel_values"], atol=1e-5, rtol=0)
+
+
+BATCH = [[ask("What is shown in this image?", PHOTOS["astronaut"])],  # square: a 2 x 2 canvas
+         [ask("Compare the cup and the cat.", PHOTOS["coffee"], PHOTOS["chelsea"])],
+         [ask("Describe the photo.", TALL), {"role": "assistant", "content": [{"type": "text", "text": "A rocket."}]},
+          ask("And this one?", WIDE)],
+         [ask("Describe the photo in detail, please.")]]
+
+
+def test_processor_equals_transformers(saved):
+    ref, path = saved
+    ours = LlavaNextProcessor.from_pretrained(path)
+    got = ours(BATCH)
+    assert_same(got, processed(ref, BATCH))
+    assert got["pixel_values"].shape == (5, 5, 3, TILE, TILE)  # 5 images, at most 2 x 2 crops + the whole image
+    sizes = [(512, 512), (400, 600), (300, 451), (640, 427), (300, 1500)]
+    assert got["image_sizes"].tolist() == [list(s) for s in sizes]
+    per_image = [ours.tokens(*s) for s in sizes]
+    assert int((got["input_ids"] == ours.image_token_id).sum()) == sum(per_image)
+    assert len(set(per_image)) == len(per_image)  # five grids and cuts
+    for row, conversation in enumerate(BATCH):  # each row is that conversation alone, left-padded
+        alone = ours(conversation)
+        n = alone["input_ids"].shape[1]
+        assert got["input_ids"][row, -n:].tolist() == alone["input_ids"][0].tolist()
+
+
+def test_written_out_prompts_and_the_pil_backend(saved):
+    ref, path = saved
+    texts = ["USER: <image>\nWhat is this? ASSISTANT:", "USER: <image>\n<image>\nCompare them. ASSISTANT:"]
+    images = [WIDE, PHOTOS["chelsea"], TALL]
+    want = dict(ref(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt"))
+    assert_same(LlavaNextProcessor.from_pretrained(path)(text=texts, images=images), want)
+    pil = transformers.LlavaNextProcessor(
+        image_processor=transformers.LlavaNextImageProcessorPil(size={"shortest_edge": TILE},
+                                                                crop_size={"height": TILE, "width": TILE}),
+        tokenizer=ref.tokenizer, patch_size=14, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=TEMPLATE)
+    ours = LlavaNextProcessor.from_pretrained(path, backend="pil")
+    assert_same(ours(BATCH[:3]), processed(pil, BATCH[:3]))
+
+
+def test_processor_refusals_before_decoding(saved, tmp_path):
+    from test_processing import _png  # a PNG header claiming a size, nothing behind it
+
+    _, path = saved
+    ours = LlavaNextProcessor.from_pretrained(path, context_length=3000)
+    missing = tmp_path / "never-opened.png"
+    with pytest.raises(ValueError, match=r"has 0 image\(s\) but its prompt has 1 <image>"):
+        ours([ask("<image> where is the picture?")])
+    with pytest.raises(ValueError, match=r"2 image\(s\) given for 1 <image> token"):
+        ours(text="USER: <image>\nWhat? ASSISTANT:", images=[missing, missing])
+    # headers alone: two 1000 x 1000 images are 2 x 2,928 tokens, over a context of 3,000; never decoded (the
+    # files hold no pixels, a decode would fail otherwise)
+    header = _png(1000, 1000)
+    with pytest.raises(ValueError, match=r"once its 2 image\(s\) are expanded to 2928 tokens each, over the "
+                                         r"model's context of 3,000"):
+        ours([ask("Compare them.", header, header)])
+    with pytest.raises(ValueError, match="over the limit of 1,000 \\(max_visual_tokens\\)"):
+        LlavaNextProcessor.from_pretrained(path, max_visual_tokens=1000)([ask("What is it?", header)])
+    with pytest.raises(ValueError, match=r"the header claims 10000x7000 = 70,000,000 pixels, over the limit"):
+        ours([ask("What is it?", _png(10_000, 7_000))])
+    # a checkpoint whose canvases are not whole crops, or differ from the model's
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in path.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    config = json.loads((path / "processor_config.json").read_text())
+    config["image_processor"]["image_grid_pinpoints"] = [[336, 500]]
+    (bad / "processor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="336x500 is not a grid of whole 336-px crops"):
+        LlavaNextProcessor.from_pretrained(bad)
+    (bad / "processor_config.json").write_text((path / "processor_config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({"model_type": "llava_next", "image_grid_pinpoints": [[336, 672]]}))
+    with pytest.raises(ValueError, match="image_grid_pinpoints"):
+        LlavaNextProcessor.from_pretrained(bad)
+
+
+# ------------------------------------------------------------------------------------------ pipeline and CLI
+
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A tiny random LlavaNextForConditionalGeneration over a 336-px tower of 28-px patches (12 x 12 features a
+    crop), saved by transformers beside its LlavaNextProcessor's files -> (model, processor, path)."""
+    path = tmp_path_factory.mktemp("llava-next-chat")
+    processor = save_processor(path, patch_size=28)
+    tok = processor.tokenizer
+    cfg = transformers.LlavaNextConfig(
+        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=4, image_size=TILE, patch_size=28),
+        text_config=transformers.LlamaConfig(vocab_size=len(tok) + 3, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        image_token_index=processor.image_token_id, image_seq_length=144)
+    torch.manual_seed(0)
+    model = transformers.LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # wider than transformers' init, so that the answer is not one token repeated
+        for name, p in model.named_parameters():
+            if p.dim() == 2 or "newline" in name:
+                p.normal_(0, 1.0 if "embed" in name or "newline" in name else 1.5 / p.shape[-1] ** 0.5)
+    model.save_pretrained(path)
+    return model, processor, path
+
+
+def test_pipeline_and_cli_chat_answer_as_transformers(chat_model, tmp_path, capsys):
+    from polymodal.cli import main
+
+    model, processor, path = chat_model
+    conversation = [ask("What is shown in this image?", TALL)]
+    inputs = processed(processor, [conversation])
+    eos = processor.tokenizer.eos_token_id
+    out = model.generate(**inputs, max_new_tokens=NEW, do_sample=False, eos_token_id=eos,
+                         pad_token_id=processor.tokenizer.pad_token_id)
+    want = out[0, inputs["input_ids"].shape[1]:].tolist()
+    want = want[: want.index(eos)] if eos in want else want
+    assert len(set(want)) > 2  # the weights make it say something
+    text = processor.tokenizer.decode(want, skip_special_tokens=True)
+    pipe = pm.pipeline("image-text-to-text", model=path)
+    assert isinstance(pipe.processor, LlavaNextProcessor)  # found through the family's record
+    (answer,) = pipe(conversation, max_new_tokens=NEW)
+    assert answer["generated_text"] == [*conversation, {"role": "assistant", "content": text}]
+    photo = tmp_path / "rocket.png"
+    TALL.save(photo)
+    assert main(["chat", "--model", str(path), "--image", str(photo), "What is shown in this image?",
+                 "--max-new-tokens", str(NEW), "--json"]) == 0
+    (cli,) = json.loads(capsys.readouterr().out)
+    assert cli["generated_text"][-1] == {"role": "assistant", "content": text}
+    assert main(["chat", "--model", str(path), "--image", str(tmp_path / "missing.png"), "Hi?"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "no such file" in err
+
+
+def test_serving_engine_batches_image_requests_of_different_sizes(pair, tmp_path):
+    """The server's continuous batch takes image_sizes as an extra prefill input: requests with images of different
+    grids and a text-only one, decoded together, each equal to `generate` alone; a prompt whose image tokens do not
+    match its image's size is refused at submit."""
+    from polymodal.generation import generate
+    from polymodal.processing import TextTokenizer
+    from polymodal.serve.engine import ChatEngine, Finished
+
+    _, ours, _ = pair
+    tiny_tokenizer().save_pretrained(tmp_path)
+    rows = [prompt(SIZES[0], [5, 6]), prompt([7, 8]), prompt(SIZES[3], [9])]
+    extras = [{"pixel_values": pixels(SIZES[:1]), "image_sizes": torch.tensor(SIZES[:1])}, {},
+              {"pixel_values": pixels(SIZES[3:4], 2), "image_sizes": torch.tensor(SIZES[3:4])}]
+    with ChatEngine(ours, TextTokenizer.from_pretrained(tmp_path), max_batch=4) as engine:
+        requests = [engine.submit(r, extras=e, max_new_tokens=6) for r, e in zip(rows, extras)]
+        got = [[ev.token_id for ev in r.events() if not isinstance(ev, Finished)] for r in requests]
+        with pytest.raises(ValueError, match=rf"holds {count(SIZES[0])} placeholder tokens .* its images fill "
+                                             rf"{count(SIZES[3])}"):
+            engine.submit(rows[0], extras={"pixel_values": extras[0]["pixel_values"],
+                                           "image_sizes": extras[2]["image_sizes"]})
+    for ids, e, tokens in zip(rows, extras, got):
+        alone = generate(ours, torch.tensor([ids]), max_new_tokens=6, eos_token_id=[], **e)
+        assert tokens == alone[0, len(ids):].tolist()

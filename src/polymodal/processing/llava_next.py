@@ -131,6 +131,14 @@ def check_pinpoints(pinpoints: Any, tile: int) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def _pairs(value: Any) -> Any:
+    """Pinpoints as comparable (h, w) tuples (whatever they hold is checked later)."""
+    try:
+        return [tuple(p) for p in value]
+    except TypeError:
+        return value
+
+
 # ------------------------------------------------------------------------------------------ processor
 
 
@@ -156,8 +164,8 @@ class LlavaNextProcessor(ChatProcessor):
             raise ValueError("LLaVA-NeXT pads each image onto its canvas; pad_to_square is LLaVA-1.5's")
         passes = image_processor.size is None or image_processor._resized_size(tile, tile) == (tile, tile)
         if not passes:
-            raise ValueError(f"the image processor resizes a {tile}-px crop (size={image_processor.size}); LLaVA-NeXT's "
-                             "crops are already the tower's size, so size and crop_size must agree")
+            raise ValueError(f"the image processor resizes a {tile}-px crop (size={image_processor.size}); "
+                             "LLaVA-NeXT's crops are already the tower's size, so size and crop_size must agree")
         if not _is_int(patch_size) or not 0 < patch_size <= tile:
             raise ValueError(f"patch_size={patch_size!r}: the tower's patch, at most the crop size {tile}")
         super().__init__(tokenizer, {"image": image_token}, context_length=context_length, max_pixels=max_pixels,
@@ -180,9 +188,9 @@ class LlavaNextProcessor(ChatProcessor):
         """From what transformers' `LlavaNextProcessor.save_pretrained` writes: processor_config.json (`patch_size`,
         `vision_feature_select_strategy`, `num_additional_image_tokens`; transformers 5 nests the image processor
         there), else the hub's preprocessor_config.json (`image_grid_pinpoints`, sizes, normalization); the
-        tokenizer files and chat template. config.json, when present, gives the pinpoints the model packs with, the
-        context length and the image token id. backend: "torch" resizes as transformers' default image processor,
-        "pil" as its LlavaNextImageProcessorPil."""
+        tokenizer files and chat template. config.json, when present, gives the context length and the image token
+        id, and its pinpoints (the canvases the model packs with) must be the image processor's. backend: "torch"
+        resizes as transformers' default image processor, "pil" as its LlavaNextImageProcessorPil."""
         d = Path(directory)
         config = _read(d / "processor_config.json")
         model = _read(d / "config.json")
@@ -208,7 +216,12 @@ class LlavaNextProcessor(ChatProcessor):
             raise CheckpointError(where, f"vision_feature_select_strategy {strategy!r}: expected 'default' or 'full'")
         if not _is_int(extra) or extra < 0:
             raise CheckpointError(where, f"num_additional_image_tokens {extra!r}: expected an integer >= 0")
-        pinpoints = model.get("image_grid_pinpoints") or images_cfg.get("image_grid_pinpoints") or DEFAULT_PINPOINTS
+        pinpoints = images_cfg.get("image_grid_pinpoints") or DEFAULT_PINPOINTS
+        packed = model.get("image_grid_pinpoints")
+        if packed is not None and _pairs(packed) != _pairs(pinpoints):
+            raise CheckpointError(d, f"the image processor's image_grid_pinpoints {_pairs(pinpoints)} differ from "
+                                  f"config.json's {_pairs(packed)}: the model would lay the crops out on other "
+                                  "canvases than they were cut from")
         token = _token_text(_read(d / "tokenizer_config.json").get("image_token")) or config.get("image_token")
         token = token if isinstance(token, str) else "<image>"
         tokenizer = TextTokenizer.from_pretrained(d)
@@ -231,7 +244,7 @@ class LlavaNextProcessor(ChatProcessor):
                 f"patch_size={self.patch_size}, base_tokens={self.base_tokens}, image_token={self.image_token!r}, "
                 f"context_length={self.context_length}, backend={self.image_processor.backend!r})")
 
-    def image_tokens(self, height: int, width: int) -> int:
+    def tokens(self, height: int, width: int) -> int:
         """The tokens an image of (height, width) becomes (what its <image> expands to)."""
         return image_tokens(height, width, self.pinpoints, self.tile, self.patch_size, self.base_tokens)
 
@@ -240,7 +253,7 @@ class LlavaNextProcessor(ChatProcessor):
     def _measure(self, media: Media) -> None:
         h, w = image_size(media.source, self.max_pixels, media.where)  # the header alone
         media.state = (h, w)
-        media.tokens = self.image_tokens(h, w)
+        media.tokens = self.tokens(h, w)
 
     def _prepare(self, kind: str, media: list[Media]) -> dict[str, Tensor]:
         """Every image's crops written into one output, allocated from the headers' sizes before any decoding."""
