@@ -145,7 +145,10 @@ class Resampler(nn.Module):
                              f"(output_dim / 128)")
         self.grid = grid
         self.query = nn.Parameter(torch.zeros(grid * grid, dim))
-        self.pos_embed = nn.Parameter(sincos_2d_mae(grid, dim), requires_grad=False)  # fixed, but in the checkpoint
+        pos = torch.empty(grid * grid, dim)  # on the default device: the loader builds on meta, then fills
+        if pos.device.type != "meta":
+            pos = sincos_2d_mae(grid, dim).to(pos.device)
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)  # fixed, but in the checkpoint
         self.kv_proj = nn.Linear(kv_dim, dim, bias=False) if kv_dim != dim else None
         self.attn = nn.Module()
         self.attn.qkv = nn.Linear(dim, 3 * dim)
