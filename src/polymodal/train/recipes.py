@@ -24,6 +24,10 @@ All recipes live in the one explicit `RECIPES` dict below; `polymodal train NAME
   ShapesWorld's image questions and MovingShapes' video questions (what moved, where it went, at what second a
   shape appeared) through the real Qwen2VLProcessor, loss on the answer; exact match on seen and never-seen
   combinations and per frame rate; `compare=true` trains both families and writes the per-rate table.
+* `mllama-shapes`: Llama 3.2 Vision's adapter recipe (train/mllama.py): the packaged SmolLM2-135M-Instruct frozen,
+  gated cross-attention layers (gates from zero) inserted into it and a small tiled vision encoder trained on
+  ShapesWorld's questions through the real MllamaProcessor; answer accuracy on seen and never-seen combinations per
+  kind, and text-only prompts checked bit for bit against the original LLM.
 * `lenet-fashion-mnist`: the paper's LeNet-5 (Table I connections, RBF output) on Fashion-MNIST with the paper's
   MAP loss, reported as accuracy on the 10,000 test images.
 * `vit-fashion-mnist`: a small ViT on Fashion-MNIST (by default the ViT paper's hybrid: a ResNet stem, then the
@@ -47,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polymodal.train import blip2, qwen2_vl
+from polymodal.train import blip2, mllama, qwen2_vl
 from polymodal.train.config import ConfigError, TrainConfig, apply_overrides
 from polymodal.train.data import ShuffledBatches
 from polymodal.train.distributed import World, close_world, init_world
@@ -725,6 +729,9 @@ RECIPES: dict[str, Recipe] = {
     "qwen2.5-vl-shapes": Recipe(qwen2_vl.Qwen25VLShapesConfig, qwen2_vl.build_qwen2_vl_shapes,
                                 "small Qwen2.5-VL (absolute-time video positions) on the same data; compare=true "
                                 "as qwen2-vl-shapes", plan=qwen2_vl.plan),
+    "mllama-shapes": Recipe(mllama.MllamaShapesConfig, mllama.build_mllama_shapes,
+                            "Llama 3.2 Vision's adapter recipe: gated cross-attention layers and a small vision "
+                            "encoder trained into the frozen SmolLM2 on ShapesWorld's questions"),
     "lenet-fashion-mnist": Recipe(LeNetFashionConfig, build_lenet_fashion,
                                   "the paper's LeNet-5 on Fashion-MNIST (MAP loss); test accuracy"),
     "vit-fashion-mnist": Recipe(ViTFashionConfig, build_vit_fashion,
