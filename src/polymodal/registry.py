@@ -35,6 +35,7 @@ FAMILIES: dict[str, str] = {
     "qwen2_5_vl": "polymodal.models.qwen2_5_vl",
     "mllama": "polymodal.models.mllama",
     "qwen_vl": "polymodal.models.qwen_vl",
+    "autoencoder_kl": "polymodal.models.autoencoder_kl",
 }
 
 # transformers' config.json `model_type` (and polymodal's own) -> family
@@ -72,6 +73,11 @@ MODEL_TYPES: dict[str, str] = {
     "polymodal-mllama": "mllama",
     "qwen": "qwen_vl",  # Qwen (v1) with `visual` in its config: Qwen-VL
     "polymodal-qwen_vl": "qwen_vl",
+}
+
+# diffusers' component config.json `_class_name` -> family (read through the family's "diffusers" layout)
+DIFFUSERS_CLASSES: dict[str, str] = {
+    "AutoencoderKL": "autoencoder_kl",
 }
 
 # timm's config.json `architecture` prefix -> family

@@ -88,7 +88,12 @@ def detect(directory: Path) -> tuple[registry.Family, registry.Layout, dict]:
                     return fam, fam.layouts["timm"], cfg
         raise CheckpointError(config_path, f"unsupported timm architecture {show(arch)}")
     if "_class_name" in cfg:
-        raise CheckpointError(config_path, f"diffusers model {show(cfg['_class_name'])} is not supported yet")
+        name = registry.DIFFUSERS_CLASSES.get(cfg["_class_name"])
+        if name is None:
+            raise CheckpointError(config_path, f"diffusers model {show(cfg['_class_name'])} is not supported yet; "
+                                               f"supported: {sorted(registry.DIFFUSERS_CLASSES)}")
+        fam = registry.family(name)
+        return fam, fam.layouts["diffusers"], cfg
     raise CheckpointError(config_path, "cannot tell the model family (no model_type or architecture)")
 
 
