@@ -191,7 +191,7 @@ def make_plan(method: Method, schedule: NoiseSchedule, num_inference_steps: int)
         ac = ac.clone()
         ac[-1] = 2**-24
     steps = _spaced(schedule, num_inference_steps, rounded_linspace=False).astype(np.float32)
-    table = np.array(((1 - ac) / ac) ** 0.5)  # (T,) fp32 sigma of each training step
+    table = (((1 - ac) / ac) ** 0.5).numpy()  # (T,) fp32 sigma of each training step
     sigmas = np.interp(steps, np.arange(T), table)  # float64, as diffusers
     if method == "euler" and schedule.use_karras_sigmas:
         sigmas = _karras(sigmas[-1].item(), sigmas[0].item(), num_inference_steps)
@@ -242,7 +242,7 @@ def _dpm_plan(s: NoiseSchedule, n: int, ac: Tensor) -> Plan:
         steps = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].copy() + s.steps_offset
     else:
         steps = _spaced(s, n)
-    table = np.array(((1 - ac) / ac) ** 0.5)
+    table = (((1 - ac) / ac) ** 0.5).numpy()
     if s.use_karras_sigmas:
         full = np.flip(table).copy()
         sigmas = _karras(full[-1].item(), full[0].item(), n)
