@@ -8,6 +8,8 @@
 # 4. bench_qwen2_vl on Qwen2-VL-7B's and Qwen2.5-VL-7B's shapes in bf16: the vision towers on a 1008x1008 image
 #    (grid 1x72x72; issue 13: Qwen2-VL >= 1.2x transformers', Qwen2.5-VL's windowed tower faster than Qwen2-VL's)
 #    and decode against the bandwidth ceiling.
+# 5. bench_mllama on Llama-3.2-11B-Vision's shape in bf16: the vision encoder on 1- and 4-tile images, time to first
+#    token (vision encoder, cross keys/values, prefill) and decode.
 # It needs only what that machine's image holds (torch, transformers, safetensors, tokenizers, jinja2, pytest).
 set -u -o pipefail
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -24,3 +26,7 @@ timeout 300 python3 benchmarks/bench_llava.py --sizes 7b --device cuda --dtype b
 # 4. Qwen2-VL-7B / Qwen2.5-VL-7B shapes in bf16: the towers on a 1008^2 image, then first token and decode (issue 13)
 timeout 300 python3 benchmarks/bench_qwen2_vl.py --sizes 7b --device cuda --dtype bf16 --batches 1 \
     --grids 1x72x72 --prompt 64 --new 64 --rounds 3 2>&1 | tee "$OUT/bench_qwen2_vl_7b.log"
+# 5. Llama-3.2-11B-Vision's shape in bf16 (1280-wide 32 + 8 layer vision encoder on 560-px tiles, 4096-wide decoder of
+#    40 layers, 8 of them gated cross-attention): the vision encoder on 1 and 4 tiles, then first token and decode
+timeout 360 python3 benchmarks/bench_mllama.py --sizes 11b --device cuda --dtype bf16 --batches 1 --tiles 1,4 \
+    --prompt 64 --new 64 --rounds 3 2>&1 | tee "$OUT/bench_mllama_11b.log"

@@ -170,7 +170,8 @@ class GatedPositionEmbedding(nn.Module):
 
 
 class VisionLayer(nn.Module):
-    """Pre-norm encoder layer (bias-free attention, GELU MLP): (M, N, D) -> (M, N, D)."""
+    """Pre-norm encoder layer (bias-free attention, GELU MLP): (M, N, D) -> (M, N, D), each image's positions laid out
+    real ones first (`real`: how many, per image; see `VisionModel.real_first`)."""
 
     def __init__(self, c: MllamaVisionConfig):
         super().__init__()
@@ -180,8 +181,31 @@ class VisionLayer(nn.Module):
         self.post_attention_layernorm = LayerNorm(D, eps=c.norm_eps)
         self.mlp = MLP(D, c.intermediate_size, c.hidden_act)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), mask=mask)
+    def attend(self, x: Tensor, real: list[int]) -> Tensor:
+        """The reference's masked attention, (M, N, D) -> (M, N, D), without its (M, 1, N, N) mask: a real position
+        attends to every position and a padding one to the real ones only (its additive mask is finfo.min exactly
+        where query and key are both padding, which weighs such keys exp(-3.4e38) = 0), so each image is two unmasked
+        products over contiguous slices. A 1-tile image padded to 4 tiles attends over 0.43x the pairs: 1025 x 4128
+        and 3103 x 1025, not 4128 x 4128. An image with no real tile (a padding image) gets the reference's even
+        weights: there every score plus finfo.min rounds to finfo.min itself."""
+        a = self.self_attn
+        M, N, _ = x.shape
+        # the same choice as Attention.forward: three products on CPUs for wide, unpacked weights
+        split = x.device.type == "cpu" and x.shape[-1] >= 512 and not getattr(a.qkv, "packed", False)
+        q, k, v = a.project_qkv(x, split=split)  # (M, H, N, Dh) each
+        out = q.new_empty(q.shape)
+        for m, R in enumerate(real):
+            qm, km, vm = q[m:m + 1], k[m:m + 1], v[m:m + 1]
+            if R == 0:
+                out[m:m + 1] = vm.mean(dim=2, keepdim=True)
+                continue
+            out[m:m + 1, :, :R] = F.scaled_dot_product_attention(qm[:, :, :R], km, vm)
+            if R < N:
+                out[m:m + 1, :, R:] = F.scaled_dot_product_attention(qm[:, :, R:], km[:, :, :R], vm[:, :, :R])
+        return a.proj(out.transpose(1, 2).reshape(M, N, -1))
+
+    def forward(self, x: Tensor, real: list[int]) -> Tensor:
+        x = x + self.attend(self.input_layernorm(x), real)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -193,8 +217,8 @@ class GatedVisionLayer(VisionLayer):
         self.gate_attn = nn.Parameter(torch.full((1,), math.pi / 4))
         self.gate_ffn = nn.Parameter(torch.full((1,), math.pi / 4))
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = x + self.gate_attn.tanh() * self.self_attn(self.input_layernorm(x), mask=mask)
+    def forward(self, x: Tensor, real: list[int]) -> Tensor:
+        x = x + self.gate_attn.tanh() * self.attend(self.input_layernorm(x), real)
         return x + self.gate_ffn.tanh() * self.mlp(self.post_attention_layernorm(x))
 
 
@@ -222,18 +246,17 @@ class VisionModel(nn.Module):
         self.transformer = Encoder(c, c.num_hidden_layers, VisionLayer)
         self.global_transformer = Encoder(c, c.num_global_layers, GatedVisionLayer)
 
-    def attention_mask(self, aspect_ratio_mask: Tensor, length: int, dtype: torch.dtype) -> Tensor:
-        """(M, tiles) real tiles -> the additive mask (M, 1, tiles * L, tiles * L) of the image's positions, L the
-        padded tile length. As the reference builds it, a key is masked only for queries that are padding themselves
-        (padded tiles and the positions added to reach a multiple of 8): real positions see every position, padding
-        only real ones; the positions of an all-padding image all see one another at -inf-like cost, i.e. evenly."""
+    def real_first(self, aspect_ratio_mask: Tensor, length: int) -> tuple[Tensor, list[int]]:
+        """(M, tiles) real tiles, L = `length` the padded tile length -> (order (M, tiles * L): each image's positions
+        with the real ones first, in order, then the padding ones (padded tiles and the positions added to reach a
+        multiple of 8); how many are real, per image). Attention does not depend on the order of its keys, and the
+        rest of a layer works position by position, so the encoders run on this order and the output is put back."""
         M, tiles = aspect_ratio_mask.shape
         pad = (aspect_ratio_mask == 0)[:, :, None].expand(M, tiles, length).clone()
         pad[:, :, self.config.num_patches:] = True
         pad = pad.reshape(M, tiles * length)
-        both = pad[:, :, None] & pad[:, None, :]  # (M, N, N)
-        return torch.zeros(both.shape, dtype=dtype, device=both.device).masked_fill_(
-            both, torch.finfo(dtype).min)[:, None]
+        order = torch.sort(pad.to(torch.uint8), dim=1, stable=True).indices  # (M, N): real (0) first
+        return order, (~pad).sum(1).tolist()
 
     def forward(self, pixel_values: Tensor, aspect_ratio_ids: Tensor, aspect_ratio_mask: Tensor) -> Tensor:
         c = self.config
@@ -246,20 +269,26 @@ class VisionModel(nn.Module):
         x = self.layernorm_pre(self.gated_positional_embedding(x, ids))  # (M, tiles, P, D)
         L = -(-P // 8) * 8  # the reference pads each tile to a multiple of 8 positions (zeros after the norm)
         x = F.pad(x, (0, 0, 0, L - P)).reshape(M, tiles * L, D)
-        mask = self.attention_mask(aspect_ratio_mask.reshape(M, tiles), L, x.dtype)
+        order, real = self.real_first(aspect_ratio_mask.reshape(M, tiles), L)
+        back = order.argsort(dim=1)  # (M, N): where each position of the tile layout went
+        index = order[..., None].expand(-1, -1, D)
+        x = x.gather(1, index)  # (M, N, D), real positions first
         kept: dict[int, Tensor] = {}
         for i, layer in enumerate(self.transformer.layers):
-            x = layer(x, mask)
+            x = layer(x, real)
             if i in c.intermediate_layers_indices:
                 kept[i] = x
-        x = self.layernorm_post(x).view(M, tiles, L, D)
-        x = self.post_tile_positional_embedding(x, ids).view(M, tiles * L, D)
+        x = self.layernorm_post(x).gather(1, back[..., None].expand(-1, -1, D)).view(M, tiles, L, D)
+        x = self.post_tile_positional_embedding(x, ids).view(M, tiles * L, D).gather(1, index)  # per tile: in layout
         for layer in self.global_transformer.layers:
-            x = layer(x, mask)
+            x = layer(x, real)
         # the intermediate states interleaved per channel (d0 of each layer, d1 of each layer, ...), after the final
         # ones: the order of the reference's stack(dim=-1), which the projector's columns were trained on
         inter = torch.stack([kept[i] for i in c.intermediate_layers_indices], dim=-1).flatten(-2)  # (M, N, D * k)
-        out = torch.cat([x, inter], dim=-1).view(M, tiles, L, -1)[:, :, :P]  # padding positions dropped
+        out = torch.cat([x, inter], dim=-1)  # (M, N, Dv), real positions first
+        # back to the tile layout, the padding positions dropped: (M, tiles, P) positions of the layout
+        keep = back.view(M, tiles, L)[:, :, :P].reshape(M, tiles * P)
+        out = out.gather(1, keep[..., None].expand(-1, -1, out.shape[-1]))
         return out.reshape(B, N, tiles, P, -1)
 
 
