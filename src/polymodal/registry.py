@@ -36,6 +36,7 @@ FAMILIES: dict[str, str] = {
     "mllama": "polymodal.models.mllama",
     "qwen_vl": "polymodal.models.qwen_vl",
     "autoencoder_kl": "polymodal.models.autoencoder_kl",
+    "unet_2d_condition": "polymodal.models.unet_2d_condition",
 }
 
 # transformers' config.json `model_type` (and polymodal's own) -> family
@@ -78,6 +79,7 @@ MODEL_TYPES: dict[str, str] = {
 # diffusers' component config.json `_class_name` -> family (read through the family's "diffusers" layout)
 DIFFUSERS_CLASSES: dict[str, str] = {
     "AutoencoderKL": "autoencoder_kl",
+    "UNet2DConditionModel": "unet_2d_condition",
 }
 
 # timm's config.json `architecture` prefix -> family
