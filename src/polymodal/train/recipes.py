@@ -24,6 +24,10 @@ All recipes live in the one explicit `RECIPES` dict below; `polymodal train NAME
   ShapesWorld's image questions and MovingShapes' video questions (what moved, where it went, at what second a
   shape appeared) through the real Qwen2VLProcessor, loss on the answer; exact match on seen and never-seen
   combinations and per frame rate; `compare=true` trains both families and writes the per-rate table.
+* `llava-shapes`: LLaVA's two stages (train/llava.py) with the packaged SmolLM2-135M-Instruct and the clip-shapes
+  tower: stage 1 trains the projector on captions, stage 2 the projector and the whole LLM on ShapesWorld instruction
+  data of LLaVA's three kinds (conversation, detailed description, complex reasoning), loss on the answers;
+  `stages=1,2|1|2`, `init=DIR`, `ablation=true`; accuracy per kind on seen and never-seen combinations.
 * `mllama-shapes`: Llama 3.2 Vision's adapter recipe (train/mllama.py): the packaged SmolLM2-135M-Instruct frozen,
   gated cross-attention layers (gates from zero) inserted into it and a small tiled vision encoder trained on
   ShapesWorld's questions through the real MllamaProcessor; answer accuracy on seen and never-seen combinations per
@@ -51,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polymodal.train import blip2, mllama, qwen2_vl
+from polymodal.train import blip2, llava, mllama, qwen2_vl
 from polymodal.train.config import ConfigError, TrainConfig, apply_overrides
 from polymodal.train.data import ShuffledBatches
 from polymodal.train.distributed import World, close_world, init_world
@@ -729,6 +733,10 @@ RECIPES: dict[str, Recipe] = {
     "qwen2.5-vl-shapes": Recipe(qwen2_vl.Qwen25VLShapesConfig, qwen2_vl.build_qwen2_vl_shapes,
                                 "small Qwen2.5-VL (absolute-time video positions) on the same data; compare=true "
                                 "as qwen2-vl-shapes", plan=qwen2_vl.plan),
+    "llava-shapes": Recipe(llava.LlavaShapesConfig, llava.build_llava_shapes,
+                           "LLaVA's two stages with the real SmolLM2-135M and clip-shapes' tower: projector "
+                           "alignment, then instruction tuning (conversation, description, reasoning); "
+                           "ablation=true: the paper's ablations", plan=llava.plan),
     "mllama-shapes": Recipe(mllama.MllamaShapesConfig, mllama.build_mllama_shapes,
                             "Llama 3.2 Vision's adapter recipe: gated cross-attention layers and a small vision "
                             "encoder trained into the frozen SmolLM2 on ShapesWorld's questions"),
