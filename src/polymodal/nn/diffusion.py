@@ -7,7 +7,7 @@ Their users are the VAE (`polymodal.models.autoencoder_kl`), the U-Nets of SD 1.
 (timestep embedding). Module names follow diffusers' checkpoint keys (`norm1`, `conv1`, `time_emb_proj`,
 `conv_shortcut`, `linear_1`, ...), so the families' key maps only rename what the structure changes. Checked
 against diffusers 0.42's `ResnetBlock2D`, `Downsample2D`, `Upsample2D`, `get_timestep_embedding`,
-`TimestepEmbedding` and its attention block (tests/test_autoencoder_kl.py, tests/test_nn.py).
+`TimestepEmbedding` and its attention block (tests/test_autoencoder_kl.py).
 """
 
 from __future__ import annotations
