@@ -37,6 +37,7 @@ FAMILIES: dict[str, str] = {
     "qwen_vl": "polymodal.models.qwen_vl",
     "autoencoder_kl": "polymodal.models.autoencoder_kl",
     "unet_2d_condition": "polymodal.models.unet_2d_condition",
+    "clip_text": "polymodal.models.clip_text",
 }
 
 # transformers' config.json `model_type` (and polymodal's own) -> family
@@ -74,6 +75,7 @@ MODEL_TYPES: dict[str, str] = {
     "polymodal-mllama": "mllama",
     "qwen": "qwen_vl",  # Qwen (v1) with `visual` in its config: Qwen-VL
     "polymodal-qwen_vl": "qwen_vl",
+    "clip_text_model": "clip_text",  # CLIPTextModel / CLIPTextModelWithProjection (diffusion text encoders)
 }
 
 # diffusers' component config.json `_class_name` -> family (read through the family's "diffusers" layout)

@@ -123,6 +123,10 @@ def load(source: str | os.PathLike, dtype: torch.dtype | None = None, device: st
         return _load_gguf(path, dtype, device)
     if not path.is_dir():
         raise CheckpointError(path, "expected a checkpoint directory (config.json + weights)")
+    if (path / "model_index.json").exists():  # a diffusers pipeline folder: its components, composed
+        from polymodal.pipelines.diffusion import load_pipeline
+
+        return load_pipeline(path, dtype, device)
     fam, layout, raw = detect(path)
     ckpt = open_checkpoint(path, layout.weights_stem)
     model = _build_and_fill(fam, layout, raw, ckpt, dtype, device, path, path / layout.config_file)
