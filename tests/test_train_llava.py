@@ -43,7 +43,7 @@ def parts(tmp_path_factory):
 
 
 def _tiny(parts, *extra: str) -> list[str]:
-    return [f"llm={parts / 'llm'}", f"clip={parts / 'clip'}", "train_scenes=16", "eval_scenes=2", "batch_size=4",
+    return [f"llm={parts / 'llm'}", f"clip={parts / 'clip'}", "train_scenes=16", "eval_scenes=1", "batch_size=4",
             "max_steps=3", "stage1_steps=2", "stage1_batch_size=4", "save_every=1", "log_every=1", "lr=1e-2",
             "stage1_lr=1e-2", *extra]
 

@@ -485,8 +485,14 @@ def answer(model, proc, conversations: list[list[dict]], max_new_tokens: int) ->
     """Greedy answers to a batch of conversations (the processor's left-padded batch, the model's generate)."""
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in proc(conversations).items()}
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens)
-    return [proc.tokenizer.decode(row).strip() for row in out[:, inputs["input_ids"].shape[1]:].tolist()]
+    end = proc.tokenizer.token_to_id("<|im_end|>")  # the turn's end (LlavaConfig carries no eos of its own)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=end)
+    return [_reply(proc.tokenizer, row, end) for row in out[:, inputs["input_ids"].shape[1]:].tolist()]
+
+
+def _reply(tok, ids: list[int], end: int) -> str:
+    """The generated ids up to the turn's end, as text."""
+    return tok.decode(ids[: ids.index(end)] if end in ids else ids).strip()
 
 
 def _ask(image, question: str) -> list[dict]:
@@ -535,9 +541,11 @@ def text_only(model, tok, llm_source: str, max_new_tokens: int = 24) -> list[dic
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
         ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
         dev = next(model.parameters()).device
-        got = model.generate(ids.to(dev), max_new_tokens=max_new_tokens)[0, ids.shape[1]:].tolist()
-        was = llm.generate(ids, max_new_tokens=max_new_tokens)[0, ids.shape[1]:].tolist()
-        out.append({"prompt": prompt, "trained": tok.decode(got).strip(), "original": tok.decode(was).strip()})
+        end = tok.token_to_id("<|im_end|>")
+        got = model.generate(ids.to(dev), max_new_tokens=max_new_tokens, eos_token_id=end)[0, ids.shape[1]:]
+        was = llm.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=end)[0, ids.shape[1]:]
+        out.append({"prompt": prompt, "trained": _reply(tok, got.tolist(), end),
+                    "original": _reply(tok, was.tolist(), end)})
     return out
 
 
