@@ -131,8 +131,7 @@ def test_sd15_text_to_image_matches_diffusers(sd):
     assert not np.allclose(ours, pipe("a cat", seed=4, output_type="np", **kw))
 
 
-@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerAncestralDiscreteScheduler",
-                                       "DPMSolverMultistepScheduler"])
+@pytest.mark.parametrize("scheduler", ["EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"])
 def test_sd15_scheduler_choice_and_batch(sd, scheduler):
     """pipe(..., scheduler=) samples the folder's schedule with another sampler, as diffusers'
     `Scheduler.from_config(pipe.scheduler.config)`; the ancestral sampler's noise comes from the seed's generator."""
@@ -144,7 +143,7 @@ def test_sd15_scheduler_choice_and_batch(sd, scheduler):
     other = diffusers.StableDiffusionPipeline(**{**ref.components, "scheduler": getattr(diffusers, scheduler)
                                                  .from_config(ref.scheduler.config)})
     other.set_progress_bar_config(disable=True)
-    kw = dict(num_inference_steps=4, height=16, width=16, num_images_per_prompt=2)
+    kw = dict(num_inference_steps=3, height=16, width=16, num_images_per_prompt=2)
     ours = pipe("a red cube", seed=5, output_type="np", scheduler=method, **kw)
     theirs = other("a red cube", generator=torch.Generator().manual_seed(5), output_type="np", **kw).images
     assert ours.shape == (2, 16, 16, 3)
@@ -178,7 +177,7 @@ def test_sdxl_text_to_image_matches_diffusers(sdxl):
     pipe = pm.load(d)
     assert isinstance(pipe, StableDiffusionXLPipeline) and len(pipe.towers) == 2
     z = _latents(ref, batch=1)
-    kw = dict(num_inference_steps=3, height=16, width=16, output_type="np", latents=z)
+    kw = dict(num_inference_steps=2, height=16, width=16, output_type="np", latents=z)
     # no negative prompt: SDXL's force_zeros_for_empty_prompt guides against zero embeddings
     np.testing.assert_allclose(pipe("a lighthouse at dusk", **kw), ref("a lighthouse at dusk", **kw).images, **TOL)
     # a negative prompt runs both text encoders on it; the default guidance scale is diffusers' SDXL default (5)
@@ -250,5 +249,5 @@ def test_pndm_folder_falls_back_to_ddim_with_a_warning(sd, tmp_path, caplog):
     ddim = diffusers.StableDiffusionPipeline(**{**ref.components, "scheduler": diffusers.DDIMScheduler.from_config(
         pndm.scheduler.config)})
     ddim.set_progress_bar_config(disable=True)
-    kw = dict(num_inference_steps=3, height=16, width=16, output_type="np", latents=_latents(ref))
+    kw = dict(num_inference_steps=2, height=16, width=16, output_type="np", latents=_latents(ref))
     np.testing.assert_allclose(pipe("a boat", **kw), ddim("a boat", **kw).images, **TOL)
