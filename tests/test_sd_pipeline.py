@@ -80,7 +80,8 @@ def _unet(seed: int, **config):
 def sd(tmp_path_factory, tokenizer_dir):
     ref = diffusers.StableDiffusionPipeline(
         vae=_vae(1), text_encoder=_text_encoder(transformers.CLIPTextModel, 2),
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77), unet=_unet(3, cross_attention_dim=32),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77),
+        unet=_unet(3, cross_attention_dim=32),
         scheduler=diffusers.EulerDiscreteScheduler(**SCHEDULE, timestep_spacing="leading"), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
@@ -91,7 +92,8 @@ def sd(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory, tokenizer_dir):
-    tok2 = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!", model_max_length=77)  # SDXL's second pads with "!"
+    # SDXL's second tokenizer pads with "!"
+    tok2 = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!", model_max_length=77)
     ref = diffusers.StableDiffusionXLPipeline(
         vae=_vae(4), text_encoder=_text_encoder(transformers.CLIPTextModel, 5),
         text_encoder_2=_text_encoder(transformers.CLIPTextModelWithProjection, 6, projection_dim=16,

@@ -31,7 +31,8 @@ SD15 = dict(block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D
 SDXL = dict(block_out_channels=(16, 32, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
                                                                 "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
-            norm_num_groups=8, cross_attention_dim=24, attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 1, 2),
+            norm_num_groups=8, cross_attention_dim=24, attention_head_dim=(2, 4, 4),
+            transformer_layers_per_block=(1, 1, 2),
             use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=12 + 6 * 8, sample_size=8)
 REFINER = {**SDXL, "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
