@@ -230,7 +230,7 @@ def reasoning_pairs(s, rng: random.Random) -> list[tuple[str, str, str]]:
     counting   "how many shapes are not blue?" -> "There are three shapes and one is blue, so two are not blue."
     relation   "what is left of the red circle?" -> "the small blue square." or "nothing." (ShapesWorld's relation:
                along the axis that separates the two objects most)"""
-    from polymodal.data.shapes import NUMBER_WORDS, _a, relation
+    from polymodal.data.shapes import NUMBER_WORDS, relation
 
     objs = s.objects
     colors = sorted({o.color for o in objs})
