@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 from timing import paired_generation, paired_rounds  # benchmarks/timing.py, beside this script
+from torch import nn
 from transformers import MllamaConfig, MllamaForConditionalGeneration
 
 import polymodal as pm
@@ -61,7 +62,8 @@ SIZES = {
                   num_key_value_heads=2, cross_attention_layers=[1, 3], max_position_embeddings=512,
                   rope_parameters={**_LLAMA31_ROPE, "original_max_position_embeddings": 64})),
     # 2 local layers keep the checkpoint's 5 intermediate states (layers 0, 0, 1, 1, 1): the 7680-wide projector input
-    "11b-2l": ({**VISION_11B, "num_hidden_layers": 2, "num_global_layers": 1, "intermediate_layers_indices": [0, 0, 1, 1, 1]},
+    "11b-2l": ({**VISION_11B, "num_hidden_layers": 2, "num_global_layers": 1,
+                "intermediate_layers_indices": [0, 0, 1, 1, 1]},
                {**TEXT_11B, "num_hidden_layers": 3, "cross_attention_layers": [1]}),
     "11b": (VISION_11B, TEXT_11B),
 }
@@ -69,8 +71,46 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ASPECT = {1: 1, 2: 2, 3: 3, 4: 6}  # tiles -> an aspect ratio id of the default list: (1, 1), (1, 2), (1, 3), (2, 2)
 
 
+def text_weights(ref):
+    """transformers' decoder weights that hold most of the memory -> {key: module whose .weight it is}: the embedding,
+    the head, and each layer's attention and MLP projections."""
+    lm = ref.model.language_model
+    out = {("embed",): lm.embed_tokens, ("head",): ref.lm_head}
+    for i, layer in enumerate(lm.layers):
+        attn = layer.cross_attn if hasattr(layer, "cross_attn") else layer.self_attn
+        out.update({(i, n): getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
+        out.update({(i, n): getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")})
+    return out
+
+
+def our_weight(ours, key) -> torch.Tensor:
+    """The tensor of ours that holds the same values as transformers' weight `key` (a row block of a fused one)."""
+    lm, c = ours.language_model, ours.config.text
+    if key == ("embed",):
+        return lm.embed_tokens.weight
+    if key == ("head",):
+        return lm.lm_head.weight
+    i, name = key
+    layer = lm.layers[i]
+    if name.endswith("proj") and name[:-5] in ("gate", "up", "down"):
+        return getattr(layer.mlp, name).weight
+    q, kv = c.num_attention_heads * c.dim_per_head, c.kv_heads * c.dim_per_head
+    if hasattr(layer, "cross_attn"):
+        a = layer.cross_attn
+        k, v = a.kv.weight.split(kv)
+        parts = {"q_proj": a.q.weight, "k_proj": k, "v_proj": v, "o_proj": a.proj.weight}
+    else:
+        a = layer.attn
+        parts = {"o_proj": a.proj.weight, **dict(zip(("q_proj", "k_proj", "v_proj"), a.qkv.weight.split([q, kv, kv])))}
+    return parts[name]
+
+
 def build(size: str, workdir: Path, dtype: torch.dtype, device: torch.device):
-    """-> (transformers' model, ours, the <|image|> id); the weights are transformers' init, gates drawn in [0.3, 1]."""
+    """-> (transformers' model, ours, the <|image|> id); the weights are transformers' init, gates drawn in [0.3, 1].
+
+    Both models would not fit 24 GB at 11b-2l (7.5 GB each in fp32, and our prepacked copies): once the files are
+    written, transformers' decoder weights are dropped and then pointed at ours, which hold the same values (checked:
+    each one's sum in float64 before and after). Each side still multiplies in its own layout."""
     vision, text = SIZES[size]
     image = text["vocab_size"]  # <|image|>: the first of the 8 rows past the vocabulary, as the checkpoints have it
     cfg = MllamaConfig(vision_config=vision, text_config={**text, "bos_token_id": 1, "eos_token_id": None,
@@ -86,7 +126,19 @@ def build(size: str, workdir: Path, dtype: torch.dtype, device: torch.device):
     ref.generation_config.eos_token_id = None
     path = workdir / f"mllama-{size}"
     ref.save_pretrained(path)
+    shared = text_weights(ref)
+    sums = {}
+    for key, module in shared.items():
+        sums[key] = float(module.weight.detach().double().sum())
+        module.weight = nn.Parameter(module.weight.new_empty(0), requires_grad=False)
+    gc.collect()
     ours = pm.optimize_for_inference(pm.load(path, dtype=dtype, device=device))
+    with torch.no_grad():
+        for key, module in shared.items():
+            w = our_weight(ours, key)
+            if float(w.double().sum()) != sums[key]:
+                raise SystemExit(f"transformers' weight {key} is not ours {tuple(w.shape)}: cannot share it")
+            module.weight = nn.Parameter(w.detach(), requires_grad=False)
     return ref, ours, image
 
 
@@ -196,8 +248,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--keep-going", action="store_true", help="time even where the greedy tokens differ")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     batch_tiles = [int(t) for t in args.batch_tiles.split(",")]

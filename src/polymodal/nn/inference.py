@@ -19,9 +19,10 @@ One more change serves the matrix-vector products of decoding (one row per seque
 transpose contiguous), which MKL multiplies as a sum of columns, streaming long runs of memory. Measured on that
 machine at one row (fp32, 2 threads, weights not in cache): 960x576 and 1536x576 products 1.31x and 1.38x
 faster, 576x576 1.08x; narrower outputs (576x1536) are 0.8x that way and keep the row-major layout. No extra memory;
-`state_dict` and saving are unchanged (saving writes contiguous tensors). Products of a few rows with weights of
-64M elements or more (a 7B model's MLP and vocabulary head at a decode step) take `F.linear` as well: they only
-stream the weight, which MKL's GEMV did faster than the packed product (see `FEW_ROWS`).
+`state_dict` and saving are unchanged (saving writes contiguous tensors). Products of one row with 1024 or more input
+features (a decode step at batch 1 of a 7B or 11B model) take `F.linear` as well: they only stream the weight, which
+MKL's GEMV does faster than the packed product; from two rows on, the packed product is the faster one again (see
+`ONE_ROW_MIN_IN_FEATURES`).
 """
 
 from __future__ import annotations
@@ -39,16 +40,17 @@ _OPS = {"enabled": None}
 # at any row count (128 wide, 197 rows: 0.9x). Narrower layers stay plain nn.Linear.
 MIN_IN_FEATURES = 256
 MIN_MACS = 1 << 20
-# Matrix-vector products (a decode step: a row or a few per sequence) of weights far larger than the caches only
-# stream the weight from memory; there oneDNN's packed product was slower than F.linear's MKL GEMV on the same
-# machine (fp32, prepacked, interleaved runs, weights out of cache): 1x3584 @ 3584x152064 (a 7B vocabulary head)
-# 282 vs 247 ms on one thread, 259 vs 180 ms on two; 3584x18944 30 vs 21 ms on one thread; and a whole decode step
-# of Qwen2-VL-7B's widths with 2 layers 264 vs 208 ms of CPU time on one thread (benchmarks/bench_qwen2_vl.py).
-# Such calls take F.linear; prefills (hundreds of rows) and smaller weights keep the packed product. The line sits
-# above SmolLM2's 49152x576 vocabulary head (28 M elements), whose decode was faster packed (bench_llm, smollm2
-# eager decode with the line at 16 M: 1.25x / 1.44x at batch 1 / 8, against 1.38x / 1.72x packed, back to back).
-FEW_ROWS = 16
-LARGE_WEIGHT = 1 << 26  # elements: 256 MB in fp32 (3584x18944, a 7B MLP, and 7B vocabulary heads are above it)
+# A product of one row (a decode step at batch 1) only streams the weight from memory; there MKL's GEMV beat oneDNN's
+# packed product wherever the rows of the weight are long, and lost where they are short. Measured on the 2-core
+# machine (fp32, one thread, process CPU time beside other work, medians; weights out of cache), F.linear / packed,
+# one row: 4096x4096 4.1 / 5.3 ms, 6144x4096 5.4 / 8.4, 14336x4096 11.4 / 16.1, 4096x14336 10.5 / 15.6,
+# 128256x4096 (Llama 3's vocabulary head) 107 / 151, 8192x1024 2.1 / 2.8, 18944x3584 16.0 / 19.6; but 49152x576
+# (SmolLM2's head) 10.4 / 9.0. Earlier, at two threads: 1x3584 @ 3584x152064 259 vs 180 ms, one Qwen2-VL-7B-width
+# decode step 264 vs 208 ms. From two rows on (batched decoding) MKL's small-M GEMM was the slow one: 4 rows of
+# 14336x4096 41.1 / 20.0 ms, 4 of 128256x4096 416 / 197, 8 of 6144x4096 18.9 / 11.7, 8 of 49152x576 20.4 / 13.6
+# (SmolLM2's decode at batch 8 fell from 1.72x to 1.44x of transformers when such calls took F.linear). So one-row
+# calls of weights at least this wide take F.linear, and every other call above MIN_MACS the packed product.
+ONE_ROW_MIN_IN_FEATURES = 1024
 
 
 def _available() -> bool:
@@ -86,7 +88,7 @@ class PackedLinear(nn.Linear):
             return F.linear(x, w, self.bias)
         if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
                 and x.numel() * self.out_features >= MIN_MACS
-                and not (x.numel() <= FEW_ROWS * self.in_features and w.numel() >= LARGE_WEIGHT)
+                and not (x.numel() == self.in_features and self.in_features >= ONE_ROW_MIN_IN_FEATURES)
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and _available()):
             packed = self._packed_weight()
             try:
