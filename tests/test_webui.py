@@ -563,3 +563,28 @@ def test_video_attachment_and_boxes_drawn_over_the_image(grounded_server, page, 
     assert answer.locator("svg.regions text").text_content() == "the square"
     assert answer.locator("svg.regions").get_attribute("viewBox") == "0 0 200 100"
     _screenshot(page, tmp_path, "grounding.png")
+
+
+def test_several_images_in_one_turn_and_qwen_vl_boxes(grounded_server, page, tmp_path):
+    """Two images attached in one turn both reach the model, in order, and both show in the conversation; an answer
+    in Qwen-VL's grounding form (<ref>..</ref><box>(x1,y1),(x2,y2)</box>, 0-1000) is drawn over the first image."""
+    url, fake = grounded_server
+    _open(page, url)
+    page.select_option("#model", "grounded")
+    fake.answer = "<ref>the left shape</ref><box>(0,0),(500,1000)</box>"
+    first, _ = _png(8, size=(120, 60))
+    second, _ = _png(9, size=(40, 40))
+    page.set_input_files("#image-input", files=[{"name": "a.png", "mimeType": "image/png", "buffer": first},
+                                                {"name": "b.png", "mimeType": "image/png", "buffer": second}])
+    page.locator("#attachments .chip img").nth(1).wait_for()
+    answer = _ask(page, "Which shape is on the left?")
+    content = fake.calls[-1][-1]["content"]
+    assert [p["type"] for p in content] == ["text", "image", "image"]
+    assert page.locator(".message.user img.thumb").count() == 2
+    rect = answer.locator("svg.regions rect")
+    rect.wait_for()
+    # (0, 0)-(500, 1000) of 1000 on the first image, 120 x 60: x 0..60, y 0..60
+    assert [float(rect.get_attribute(k)) for k in ("x", "y", "width", "height")] == [0, 0, 60, 60]
+    assert answer.locator("svg.regions text").text_content() == "the left shape"
+    assert answer.locator("svg.regions").get_attribute("viewBox") == "0 0 120 60"
+    _screenshot(page, tmp_path, "two-images.png")
