@@ -253,3 +253,90 @@ def test_pndm_folder_falls_back_to_ddim_with_a_warning(sd, tmp_path, caplog):
     ddim.set_progress_bar_config(disable=True)
     kw = dict(num_inference_steps=2, height=16, width=16, output_type="np", latents=_latents(ref))
     np.testing.assert_allclose(pipe("a boat", **kw), ddim("a boat", **kw).images, **TOL)
+
+
+def _photo(seed: int, size=(16, 16)):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _mask(size=(16, 16)):
+    from PIL import Image
+
+    m = np.zeros((size[1], size[0]), dtype=np.uint8)
+    m[4:12, 2:10] = 255  # white: repaint
+    return Image.fromarray(m)
+
+
+@pytest.mark.parametrize("scheduler", [None, "DDIMScheduler"])
+def test_sd15_img2img_matches_diffusers(sd, scheduler):
+    ref, d = sd
+    pipe = pm.load(d)
+    components = dict(ref.components)
+    if scheduler:
+        components["scheduler"] = getattr(diffusers, scheduler).from_config(ref.scheduler.config)
+    other = diffusers.StableDiffusionImg2ImgPipeline(**components)
+    other.set_progress_bar_config(disable=True)
+    method = "ddim" if scheduler else None
+    image = _photo(0, (24, 16))
+    kw = dict(num_inference_steps=5, strength=0.6, output_type="np")
+    ours = pipe(["a watercolor", "a sketch"], image=image, seed=3, scheduler=method, **kw)
+    theirs = other(["a watercolor", "a sketch"], image=image, generator=torch.Generator().manual_seed(3), **kw).images
+    assert ours.shape == (2, 16, 24, 3)
+    np.testing.assert_allclose(ours, theirs, **TOL)
+    # a tensor in [0, 1] is the same image (a permuted, non-contiguous one: the kernels' sums may reorder)
+    tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+    again = pipe(["a watercolor", "a sketch"], image=tensor, seed=3, scheduler=method, **kw)
+    np.testing.assert_allclose(again, ours, **TOL)
+
+
+def test_sd15_inpainting_matches_diffusers(sd, tmp_path):
+    """An inpainting U-Net (9 input channels) from its own folder, and a plain U-Net that puts the known part back."""
+    ref, d = sd
+    nine = diffusers.StableDiffusionInpaintPipeline(**{**ref.components,
+                                                        "unet": _unet(8, cross_attention_dim=32, in_channels=9)})
+    nine.set_progress_bar_config(disable=True)
+    nine.save_pretrained(tmp_path / "inpaint")
+    pipe = pm.load(tmp_path / "inpaint")
+    assert pipe.unet.config.in_channels == 9
+    image, mask = _photo(1), _mask()
+    for strength in (1.0, 0.7):
+        kw = dict(num_inference_steps=3, strength=strength, output_type="np", height=16, width=16)
+        ours = pipe("a red door", image=image, mask_image=mask, seed=4, **kw)
+        theirs = nine("a red door", image=image, mask_image=mask, generator=torch.Generator().manual_seed(4),
+                      **kw).images
+        np.testing.assert_allclose(ours, theirs, **TOL)
+    with pytest.raises(ValueError, match="inpainting model"):
+        pipe("a red door", num_inference_steps=2)
+    plain = diffusers.StableDiffusionInpaintPipeline(**ref.components)
+    plain.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=4, strength=0.75, output_type="np", height=16, width=16)
+    ours = pm.load(d)("a red door", image=image, mask_image=mask, seed=5, **kw)
+    theirs = plain("a red door", image=image, mask_image=mask, generator=torch.Generator().manual_seed(5),
+                   **kw).images
+    np.testing.assert_allclose(ours, theirs, **TOL)
+
+
+def test_image_editing_inputs_are_refused(sd, sdxl):
+    pipe = pm.load(sd[1])
+    image = _photo(2)
+    cases = [
+        (dict(image=image, strength=1.5), "strength must be a number in"),
+        (dict(image=image, strength=0.1), "leaves no denoising step"),
+        (dict(mask_image=_mask()), "mask_image needs the image"),
+        (dict(strength=0.5), "strength applies to img2img"),
+        (dict(image=image, height=16), "img2img takes its size from the image"),
+        (dict(image=image, latents=torch.zeros(1, 4, 8, 8)), "do not pass both"),
+        (dict(image=torch.rand(3, 15, 16)), "expected positive multiples of 2"),
+        (dict(image=torch.rand(3, 16, 16) * 2 - 1), r"values in \[0, 1\]"),
+        (dict(image="photo.png"), "image must be a PIL image"),
+        (dict(image=image, mask_image=torch.ones(8, 8)), "mask tensors must be"),
+        (dict(image=[image, image, image], num_images_per_prompt=2), "3 images for 2 images"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            pipe("a cat", num_inference_steps=4, **kwargs)
+    with pytest.raises(ValueError, match="does not edit images"):
+        pm.load(sdxl[1])("a cat", image=image, num_inference_steps=2)

@@ -434,6 +434,24 @@ def step(plan: Plan, i: int, x: Tensor, model_output: Tensor, state: DPMState | 
     return flow_match_step(plan, i, x, model_output), None
 
 
+def add_noise(plan: Plan, i: int, x0: Tensor, noise: Tensor) -> Tensor:
+    """Clean latents x0 noised to the level of the plan's step i, where a run that starts at step i begins
+    (img2img's strength, inpainting's re-noised image): sqrt(a_t) x0 + sqrt(1 - a_t) noise for DDPM/DDIM,
+    x0 + sigma noise for the Euler samplers, alpha x0 + sigma alpha noise (VP) for DPM-Solver, (1 - sigma) x0 +
+    sigma noise for flow matching; diffusers' `add_noise` / `scale_noise` with its begin index at i."""
+    m = plan.method
+    if m in ("ddpm", "ddim"):
+        a = plan.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[int(plan.timesteps[i])]
+        return a**0.5 * x0 + (1 - a) ** 0.5 * noise
+    sigma = plan.sigmas.to(device=x0.device, dtype=x0.dtype)[i]
+    if m == "dpmsolver++":
+        alpha = 1 / ((sigma**2 + 1) ** 0.5)
+        return alpha * x0 + sigma * alpha * noise
+    if m == "flow_match_euler":
+        return sigma * noise + (1.0 - sigma) * x0
+    return x0 + noise * sigma
+
+
 def classifier_free_guidance(uncond: Tensor, cond: Tensor, scale: float, rescale: float = 0.0) -> Tensor:
     """uncond + scale (cond - uncond) (Ho & Salimans 2022); rescale > 0 pulls the result's per-sample std toward
     cond's (Lin et al. 2024, sec. 3.4; diffusers' guidance_rescale)."""
@@ -446,7 +464,7 @@ def classifier_free_guidance(uncond: Tensor, cond: Tensor, scale: float, rescale
 
 
 __all__ = [
-    "DPMState", "METHODS", "NoiseSchedule", "Plan", "alphas_cumprod", "betas", "classifier_free_guidance",
+    "DPMState", "METHODS", "NoiseSchedule", "Plan", "add_noise", "alphas_cumprod", "betas", "classifier_free_guidance",
     "ddim_step", "ddpm_step", "dpm_solver_step", "euler_ancestral_step", "euler_step", "flow_match_step",
     "from_diffusers", "make_plan", "step",
 ]

@@ -27,6 +27,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from polymodal import schedulers as S
@@ -72,6 +73,7 @@ class StableDiffusionPipeline:
 
     default_guidance_scale = 7.5  # diffusers' default for this pipeline
     legacy_fixes = True  # see `schedule`
+    edits = True  # img2img and inpainting (see __call__)
 
     def __init__(self, unet, vae, towers: list[TextTower], scheduler_config: dict, method: S.Method, *,
                  force_zeros_for_empty_prompt: bool = False):
@@ -126,12 +128,22 @@ class StableDiffusionPipeline:
         scheduler: S.Method | None = None,
         guidance_rescale: float = 0.0,
         generator: torch.Generator | None = None,
+        image=None,
+        mask_image=None,
+        strength: float | None = None,
     ):
         """Images for `prompt` (a list of PIL images, or (B, H, W, 3) floats in [0, 1] for "np"; "pt": (B, 3, H, W);
         "latent": the final latents). guidance_scale: None takes diffusers' default (7.5 SD, 5.0 SDXL); <= 1 runs
         without classifier-free guidance. seed draws the initial latents (and a stochastic sampler's noise) from
         torch.Generator().manual_seed(seed), as diffusers draws them from such a generator; `latents` gives them.
-        scheduler: a sampler of `polymodal.schedulers.METHODS` on the folder's noise schedule."""
+        scheduler: a sampler of `polymodal.schedulers.METHODS` on the folder's noise schedule.
+
+        SD 1.x/2.x also edit images (PIL images or (B, 3, H, W) tensors in [0, 1]): `image` alone is img2img
+        (diffusers' StableDiffusionImg2ImgPipeline; the size is the image's, `strength` 0.8 by default: the run
+        starts that far into the noise), `image` and `mask_image` (white = repaint) inpainting
+        (StableDiffusionInpaintPipeline; the size is height/width as for text-to-image, `strength` 1.0 by default),
+        with an inpainting U-Net (9 input channels: latents, mask, masked image latents) or a plain one (the
+        unmasked part is put back, re-noised, after every step)."""
         prompts, negatives = _texts(prompt, "prompt"), None
         if negative_prompt is not None:
             negatives = _texts(negative_prompt, "negative_prompt")
@@ -158,10 +170,11 @@ class StableDiffusionPipeline:
             raise ValueError("give seed or generator, not both")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an integer, got {seed!r}")
-        H, W = self._size(height, width)
-        f = self.vae.config.downscale
         batch = len(prompts) * num_images_per_prompt
-        shape = (batch, self.unet.config.in_channels, H // f, W // f)
+        edit = self._edit_inputs(image, mask_image, strength, num_inference_steps, height, width, latents, batch)
+        H, W = (edit.pixels.shape[-2], edit.pixels.shape[-1]) if edit else self._size(height, width)
+        f = self.vae.config.downscale
+        shape = (batch, self.vae.config.latent_channels, H // f, W // f)
         if latents is not None and (not isinstance(latents, Tensor) or tuple(latents.shape) != shape):
             got = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
             raise ValueError(f"latents must be a tensor of shape {shape} for {batch} images of {H}x{W}, got {got}")
@@ -176,17 +189,42 @@ class StableDiffusionPipeline:
             added.update(self.added_conditioning(H, W, context, batch * (2 if guided else 1)))
             device, dtype = self.unet.conv_in.weight.device, self.unet.dtype
             context = context.to(device, dtype)
-            if latents is None:
-                latents = gaussian_noise(shape, generator=generator, device=device, dtype=dtype)
-            x = latents.to(device, dtype) * plan.init_noise_sigma
+            start, clean, noise, mask, extra = 0, None, None, None, None
+            if edit is None:
+                if latents is None:
+                    latents = gaussian_noise(shape, generator=generator, device=device, dtype=dtype)
+                x = latents.to(device, dtype) * plan.init_noise_sigma
+            else:
+                start = edit.start
+                pixels = edit.pixels.to(device, dtype)  # (N, 3, H, W) in [-1, 1]
+                full = edit.mask is not None and edit.strength == 1.0
+                if edit.mask is None or self.unet.config.in_channels == 4 or not full:
+                    clean = _tile(self._encode(pixels, generator), batch)  # (B, 4, h, w), the VAE's sample
+                noise = gaussian_noise(shape, generator=generator, device=device, dtype=dtype)
+                # inpainting at full strength starts from pure noise, as text-to-image does
+                x = noise * plan.init_noise_sigma if full else S.add_noise(plan, start, clean, noise)
+                if edit.mask is not None:
+                    # the mask at latent resolution (nearest) and the latents of the image with the hole cut out
+                    masked = pixels * (edit.mask.to(device) < 0.5)
+                    mask = _tile(F.interpolate(edit.mask.to(device, dtype), size=shape[-2:]), batch)  # (B, 1, h, w)
+                    masked = _tile(self._encode(masked, generator), batch)  # drawn for any U-Net, as diffusers
+                    if self.unet.config.in_channels == 9:
+                        extra = torch.cat([mask, masked], dim=1)  # (B, 1 + 4, h, w)
+                        extra = torch.cat([extra, extra]) if guided else extra
             state = None
-            for i, t in enumerate(plan.timesteps):
+            for i in range(start, len(plan)):
                 inp = plan.scale_model_input(torch.cat([x, x]) if guided else x, i)
-                eps = self.unet(inp, t, context, **added)  # (B or 2B, 4, h, w)
+                if extra is not None:
+                    inp = torch.cat([inp, extra], dim=1)  # (B or 2B, 9, h, w)
+                eps = self.unet(inp, plan.timesteps[i], context, **added)  # (B or 2B, 4, h, w)
                 if guided:
                     uncond, cond = eps.chunk(2)
                     eps = S.classifier_free_guidance(uncond, cond, guidance_scale, guidance_rescale)
                 x, state = S.step(plan, i, x, eps, state, generator=generator)
+                if mask is not None and extra is None:
+                    # a plain U-Net inpaints by putting the known part back, noised to the next step's level
+                    known = S.add_noise(plan, i + 1, clean, noise) if i + 1 < len(plan) else clean
+                    x = (1 - mask) * known + mask * x
             if output_type == "latent":
                 return x
             image = self.vae.decode(self._unscale(x))
@@ -199,6 +237,52 @@ class StableDiffusionPipeline:
         from PIL import Image
 
         return [Image.fromarray(a) for a in (array * 255).round().astype(np.uint8)]
+
+    def _encode(self, pixels: Tensor, generator) -> Tensor:
+        """Images in [-1, 1] -> scaled latents drawn from the VAE's distribution (diffusers' retrieve_latents)."""
+        return self.vae.config.scaling_factor * self.vae.encode_distribution(pixels).sample(generator)
+
+    def _edit_inputs(self, image, mask_image, strength, steps, height, width, latents, batch) -> _Edit | None:
+        """img2img's or inpainting's inputs checked and preprocessed (None for text-to-image)."""
+        if image is None:
+            if mask_image is not None:
+                raise ValueError("mask_image needs the image it masks (image=...)")
+            if strength is not None:
+                raise ValueError("strength applies to img2img and inpainting (image=...)")
+            if self.unet.config.in_channels != self.vae.config.latent_channels:
+                raise ValueError(f"this U-Net takes {self.unet.config.in_channels} input channels (an inpainting "
+                                 f"model): pass image= and mask_image=")
+            return None
+        if not self.edits:
+            raise ValueError(f"{type(self).__name__} does not edit images here: img2img and inpainting are built "
+                             f"for SD 1.x/2.x")
+        if latents is not None:
+            raise ValueError("latents come from the image in img2img and inpainting; do not pass both")
+        inpaint = mask_image is not None
+        strength = (1.0 if inpaint else 0.8) if strength is None else strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+            raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+        run = min(int(steps * strength), steps)
+        if run < 1:
+            raise ValueError(f"strength {strength} of {steps} steps leaves no denoising step; raise either")
+        c_in = self.unet.config.in_channels
+        if inpaint and c_in not in (4, 9):
+            raise ValueError(f"inpainting takes a U-Net of 4 or 9 input channels, this one has {c_in}")
+        if not inpaint and c_in != self.vae.config.latent_channels:
+            raise ValueError(f"this U-Net takes {c_in} input channels (an inpainting model): pass mask_image=")
+        f = self.vae.config.downscale
+        if inpaint:
+            size = self._size(height, width)
+        elif height is not None or width is not None:
+            raise ValueError("img2img takes its size from the image; resize it instead of passing height/width")
+        else:
+            size = None
+        pixels = _images(image, size, f)  # (N, 3, H, W) in [-1, 1]
+        mask = _masks(mask_image, pixels.shape[-2:]) if inpaint else None
+        for name, t in (("image", pixels), ("mask_image", mask)):
+            if t is not None and batch % t.shape[0]:
+                raise ValueError(f"{t.shape[0]} {name}s for {batch} images: give one, or one per prompt")
+        return _Edit(pixels, mask, float(strength), steps - run)
 
     def added_conditioning(self, height: int, width: int, context: Tensor, rows: int) -> dict[str, Tensor]:
         """The U-Net's keywords besides the text (none for SD 1.x/2.x)."""
@@ -239,6 +323,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 
     default_guidance_scale = 5.0
     legacy_fixes = False
+    edits = False  # SDXL's img2img / inpainting (aesthetic score, denoising_start) are not built
 
     def _check_components(self) -> None:
         width = sum(t.encoder.config.text.hidden_size for t in self.towers)
@@ -275,6 +360,77 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         return {"time_ids": ids.expand(rows, -1)}
 
 
+@dataclass
+class _Edit:
+    pixels: Tensor  # (N, 3, H, W) in [-1, 1]
+    mask: Tensor | None  # (N, 1, H, W) of 0 / 1 (1 = repaint)
+    strength: float
+    start: int  # the plan's first step
+
+
+def _tile(t: Tensor, batch: int) -> Tensor:
+    """N rows -> batch rows, repeating the whole stack (diffusers' torch.cat([t] * (batch // N)))."""
+    return t.repeat(batch // t.shape[0], *([1] * (t.ndim - 1)))
+
+
+def _as_list(value) -> list:
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("an empty list of images")
+        return list(value)
+    return [value]
+
+
+def _images(image, size: tuple[int, int] | None, f: int) -> Tensor:
+    """PIL images (resized with Lanczos to `size`, or the first one's size rounded down to a multiple of f) or
+    tensors (3, H, W) / (N, 3, H, W) in [0, 1] -> (N, 3, H, W) in [-1, 1] (diffusers' VaeImageProcessor)."""
+    from PIL import Image
+
+    items = _as_list(image)
+    if all(isinstance(i, Image.Image) for i in items):
+        first = items[0]
+        w, h = (size[1], size[0]) if size else (first.width - first.width % f, first.height - first.height % f)
+        if w <= 0 or h <= 0:
+            raise ValueError(f"the image ({first.width}x{first.height}) is smaller than the VAE factor {f}")
+        arrays = [np.asarray(i.convert("RGB").resize((w, h), Image.LANCZOS), dtype=np.float32) / 255.0
+                  for i in items]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2 - 1  # (N, 3, H, W)
+    if all(isinstance(i, Tensor) for i in items):
+        t = torch.cat([i if i.ndim == 4 else i[None] for i in items]) if all(i.ndim in (3, 4) for i in items) else None
+        if t is None or t.shape[1] != 3 or not t.is_floating_point():
+            raise ValueError("image tensors must be floating (3, H, W) or (N, 3, H, W)")
+        H, W = t.shape[-2:]
+        if (size is not None and (H, W) != tuple(size)) or H % f or W % f or H == 0 or W == 0:
+            want = f"{size[0]}x{size[1]}" if size is not None else f"positive multiples of {f}"
+            raise ValueError(f"the image tensor is {H}x{W}; expected {want} (resize it first)")
+        if t.min() < 0 or t.max() > 1:
+            raise ValueError("image tensors must hold values in [0, 1]")
+        return t.float() * 2 - 1
+    raise ValueError("image must be a PIL image, a tensor in [0, 1] or a list of either")
+
+
+def _masks(mask_image, size) -> Tensor:
+    """PIL images (resized to `size`, then grayscale) or tensors (H, W) / (N, 1, H, W) in [0, 1] -> (N, 1, H, W)
+    binarized at 0.5 (1 = repaint), as diffusers' mask processor."""
+    from PIL import Image
+
+    items = _as_list(mask_image)
+    H, W = int(size[0]), int(size[1])
+    if all(isinstance(i, Image.Image) for i in items):
+        arrays = [np.asarray(i.resize((W, H), Image.LANCZOS).convert("L"), dtype=np.float32) / 255.0 for i in items]
+        m = torch.from_numpy(np.stack(arrays))[:, None]
+    elif all(isinstance(i, Tensor) for i in items):
+        parts = [i.reshape(-1, 1, *i.shape[-2:]) if i.ndim in (2, 3, 4) else None for i in items]
+        if any(p is None for p in parts) or any(p.shape[-2:] != (H, W) for p in parts):
+            raise ValueError(f"mask tensors must be (H, W), (1, H, W) or (N, 1, H, W) of the image's {H}x{W}")
+        m = torch.cat(parts).float()
+        if m.min() < 0 or m.max() > 1:
+            raise ValueError("mask tensors must hold values in [0, 1]")
+    else:
+        raise ValueError("mask_image must be a PIL image, a tensor in [0, 1] or a list of either")
+    return (m >= 0.5).float()
+
+
 def _repeat(context: Tensor, added: dict[str, Tensor], n: int, guided: bool) -> tuple[Tensor, dict[str, Tensor]]:
     """Each prompt's conditioning n times in a row (diffusers' num_images_per_prompt), per half when guided."""
     if n == 1:
@@ -296,7 +452,10 @@ def _texts(value, name: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------------ loading
 
+# img2img and inpainting folders hold SD's components (an inpainting U-Net takes 9 channels); one pipeline serves all
 PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline,
+             "StableDiffusionImg2ImgPipeline": StableDiffusionPipeline,
+             "StableDiffusionInpaintPipeline": StableDiffusionPipeline,
              "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
 
 
