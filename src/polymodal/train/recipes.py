@@ -32,6 +32,11 @@ All recipes live in the one explicit `RECIPES` dict below; `polymodal train NAME
   gated cross-attention layers (gates from zero) inserted into it and a small tiled vision encoder trained on
   ShapesWorld's questions through the real MllamaProcessor; answer accuracy on seen and never-seen combinations per
   kind, and text-only prompts checked bit for bit against the original LLM.
+* `qwen-vl-shapes`: Qwen-VL's three stages (train/qwen_vl.py) on ShapesWorld scenes of several objects, a small
+  Qwen-VL from scratch (its LLM first pretrained on the task's text): stage 1 at 56 px with the LLM frozen
+  (captions), stage 2 at 112 px with everything trained (captions, VQA, grounding to `<box>`, referring), stage 3
+  chat SFT with the tower frozen; grounding accuracy at IoU >= 0.5, referring and VQA on seen and never-seen
+  combinations after each stage; exports Qwen-VL's official layout.
 * `lenet-fashion-mnist`: the paper's LeNet-5 (Table I connections, RBF output) on Fashion-MNIST with the paper's
   MAP loss, reported as accuracy on the 10,000 test images.
 * `vit-fashion-mnist`: a small ViT on Fashion-MNIST (by default the ViT paper's hybrid: a ResNet stem, then the
@@ -55,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polymodal.train import blip2, llava, mllama, qwen2_vl
+from polymodal.train import blip2, llava, mllama, qwen2_vl, qwen_vl
 from polymodal.train.config import ConfigError, TrainConfig, apply_overrides
 from polymodal.train.data import ShuffledBatches
 from polymodal.train.distributed import World, close_world, init_world
@@ -740,6 +745,10 @@ RECIPES: dict[str, Recipe] = {
     "mllama-shapes": Recipe(mllama.MllamaShapesConfig, mllama.build_mllama_shapes,
                             "Llama 3.2 Vision's adapter recipe: gated cross-attention layers and a small vision "
                             "encoder trained into the frozen SmolLM2 on ShapesWorld's questions"),
+    "qwen-vl-shapes": Recipe(qwen_vl.QwenVLShapesConfig, qwen_vl.build_qwen_vl_shapes,
+                             "Qwen-VL's three stages on ShapesWorld scenes (56 px with the LLM frozen; 112 px "
+                             "multi-task with grounding; chat SFT with the tower frozen); grounding at IoU 0.5",
+                             plan=qwen_vl.plan),
     "lenet-fashion-mnist": Recipe(LeNetFashionConfig, build_lenet_fashion,
                                   "the paper's LeNet-5 on Fashion-MNIST (MAP loss); test accuracy"),
     "vit-fashion-mnist": Recipe(ViTFashionConfig, build_vit_fashion,
