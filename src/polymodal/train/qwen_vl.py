@@ -623,8 +623,8 @@ def plan(name: str, c: QwenVLShapesConfig, out: str | Path, overrides: list[str]
          quiet: bool = False) -> dict | None:
     """How `polymodal train qwen-vl-shapes` runs `stages`: stage 0 into OUT/stage0 when stage 1 runs without `llm=`,
     then each stage an ordinary run of the loop into OUT/stageN from the one before (the first from `init=` when it
-    is 2 or 3), OUT/model linking the last one's model; OUT/table.md with each stage's results and times. Each run
-    resumes on its own (`--resume`)."""
+    is 2 or 3), OUT/model linking the last one's model; OUT/table.md with each stage's results and times. A single
+    stage (`stages=3 init=DIR`) trains into OUT itself. Each run resumes on its own (`--resume`)."""
     from polymodal.train.recipes import run
 
     if c.stage:
@@ -641,6 +641,9 @@ def plan(name: str, c: QwenVLShapesConfig, out: str | Path, overrides: list[str]
         key = "llm" if stage == "1" else "init"
         runs.append((stage, [f"{key}={previous}"] if previous else []))
         previous = str(out / f"stage{stage}")
+    if len(runs) == 1:  # one stage (2 or 3, from `init`): an ordinary run into OUT itself
+        stage, extra = runs[0]
+        return run(name, out, [*base, *extra, *_stage_overrides(c, stage)], resume, quiet)
     results = {}
     for stage, extra in runs:
         t0 = time.perf_counter()
