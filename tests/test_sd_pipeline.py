@@ -209,7 +209,8 @@ def test_bad_inputs_are_refused_before_denoising(sd):
         (dict(latents=torch.zeros(1, 4, 3, 3)), "latents must be a tensor of shape"),
         (dict(negative_prompt=["a", "b"]), "negative_prompt has 2 texts for 1 prompts"),
         (dict(output_type="jpeg"), "output_type"),
-        (dict(scheduler="pndm"), "unknown scheduler"),
+        (dict(scheduler="heun"), "unknown scheduler"),
+        (dict(scheduler="pndm"), "Runge-Kutta warm-up"),  # the folder's Euler config says nothing of skip_prk_steps
         (dict(seed="1"), "seed must be an integer"),
     ]
     for kwargs, message in cases:
@@ -238,21 +239,43 @@ def test_unknown_pipeline_and_missing_component_are_refused(sd, tmp_path):
         pm.load(copy)
 
 
-def test_pndm_folder_falls_back_to_ddim_with_a_warning(sd, tmp_path, caplog):
-    """SD 1.5 ships PNDM, which is not built: the folder still loads, sampling its schedule with DDIM."""
+def test_pndm_folder_samples_with_plms(sd, tmp_path):
+    """SD 1.5 ships PNDM with skip_prk_steps: PLMS, N + 1 model calls for N steps; text-to-image and img2img."""
     ref, _ = sd
-    d = tmp_path / "pndm"
     pndm = diffusers.StableDiffusionPipeline(**{**ref.components, "scheduler": diffusers.PNDMScheduler(
         **SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False)})
-    pndm.save_pretrained(d)
+    pndm.set_progress_bar_config(disable=True)
+    pndm.save_pretrained(tmp_path / "pndm")
+    pipe = pm.load(tmp_path / "pndm")
+    assert pipe.method == "pndm"
+    kw = dict(num_inference_steps=4, height=16, width=16, output_type="np", latents=_latents(ref))
+    np.testing.assert_allclose(pipe("a boat", **kw), pndm("a boat", **kw).images, **TOL)
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**pndm.components)
+    img2img.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=5, strength=0.5, output_type="np", image=_photo(3))
+    np.testing.assert_allclose(pipe("a boat", seed=1, **kw),
+                               img2img("a boat", generator=torch.Generator().manual_seed(1), **kw).images, **TOL)
+
+
+def test_unbuilt_scheduler_falls_back_to_ddim_with_a_warning(sd, tmp_path, caplog):
+    ref, _ = sd
+    d = tmp_path / "heun"
+    heun = diffusers.StableDiffusionPipeline(**{**ref.components, "scheduler": diffusers.HeunDiscreteScheduler(
+        **SCHEDULE)})
+    heun.save_pretrained(d)
     with caplog.at_level(logging.WARNING, logger="polymodal.pipelines.diffusion"):
         pipe = pm.load(d)
-    assert pipe.method == "ddim" and any("PNDMScheduler is not built" in r.getMessage() for r in caplog.records)
+    assert pipe.method == "ddim"
+    assert any("HeunDiscreteScheduler" in r.getMessage() and "DDIM" in r.getMessage() for r in caplog.records)
+    # from the saved file, as a user switching the loaded folder's scheduler does (an in-memory config would leave
+    # out the values Heun kept at its defaults, its linspace spacing among them)
+    saved = diffusers.HeunDiscreteScheduler.from_pretrained(d / "scheduler")
     ddim = diffusers.StableDiffusionPipeline(**{**ref.components, "scheduler": diffusers.DDIMScheduler.from_config(
-        pndm.scheduler.config)})
+        saved.config)})
     ddim.set_progress_bar_config(disable=True)
     kw = dict(num_inference_steps=2, height=16, width=16, output_type="np", latents=_latents(ref))
     np.testing.assert_allclose(pipe("a boat", **kw), ddim("a boat", **kw).images, **TOL)
+
 
 
 def _photo(seed: int, size=(16, 16)):
@@ -340,3 +363,32 @@ def test_image_editing_inputs_are_refused(sd, sdxl):
             pipe("a cat", num_inference_steps=4, **kwargs)
     with pytest.raises(ValueError, match="does not edit images"):
         pm.load(sdxl[1])("a cat", image=image, num_inference_steps=2)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_plms_steps_match_pndm_scheduler(spacing, prediction):
+    """schedulers.plms_step against diffusers' PNDMScheduler (skip_prk_steps) over whole runs with a fake model;
+    1 and 2 steps exercise the repeated first step's edge cases."""
+    from polymodal import schedulers as S
+
+    for n in (1, 2, 5, 20):
+        ref = diffusers.PNDMScheduler(**SCHEDULE, timestep_spacing=spacing, prediction_type=prediction,
+                                      skip_prk_steps=True, set_alpha_to_one=False)
+        ref.set_timesteps(n)
+        method, schedule = S.from_diffusers({**dict(ref.config), "_class_name": "PNDMScheduler"}, "pndm")
+        plan = S.make_plan(method, schedule, n)
+        assert torch.equal(plan.timesteps, ref.timesteps)
+        g = torch.Generator().manual_seed(n)
+        x = torch.randn(2, 4, 4, 4, generator=g)
+        y, state, weight = x.clone(), None, torch.randn(4, 4, generator=g) * 0.3
+
+        def model(z, t, w=weight):
+            return torch.einsum("oc,bchw->bohw", w, z) * (1 + float(t) / 1000)
+
+        for i, t in enumerate(ref.timesteps):
+            y = ref.step(model(y, t), t, y).prev_sample
+            x, state = S.step(plan, i, x, model(x, plan.timesteps[i]), state)
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="Runge-Kutta"):
+        S.from_diffusers({**dict(ref.config), "_class_name": "PNDMScheduler", "skip_prk_steps": False}, "pndm")

@@ -13,6 +13,8 @@ x_{t-1}. Multistep DPM-Solver++ takes and returns its history (`DPMState`); the 
 
     DDPM        Ho et al. 2020, eq. 7 (posterior mean + fixed variance)          diffusers DDPMScheduler
     DDIM        Song et al. 2021, eq. 12 (eta = 0: deterministic)                DDIMScheduler
+    PLMS        Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models  PNDMScheduler (skip_prk_steps)
+                on Manifolds", eqs. 9, 12 (linear multistep, no Runge-Kutta warm-up)
     Euler       Karras et al. 2022, Alg. 1 without churn (k-diffusion's sampler) EulerDiscreteScheduler
     Euler a     k-diffusion's ancestral Euler (sigma_up / sigma_down split)      EulerAncestralDiscreteScheduler
     DPM++ 2M    Lu et al. 2022, "DPM-Solver++", Alg. 2 (multistep, order 2)      DPMSolverMultistepScheduler
@@ -37,7 +39,7 @@ from torch import Tensor
 from polymodal.config import from_dict
 from polymodal.nn.diffusion import gaussian_noise
 
-Method = Literal["ddpm", "ddim", "euler", "euler_ancestral", "dpmsolver++", "flow_match_euler"]
+Method = Literal["ddpm", "ddim", "pndm", "euler", "euler_ancestral", "dpmsolver++", "flow_match_euler"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class NoiseSchedule:
 _CLASS_DEFAULTS: dict[str, tuple[Method, dict]] = {
     "DDPMScheduler": ("ddpm", {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
                                "clip_sample": True}),
+    "PNDMScheduler": ("pndm", {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}),
     "DDIMScheduler": ("ddim", {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
                                "clip_sample": True, "set_alpha_to_one": True}),
     "EulerDiscreteScheduler": ("euler", {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
@@ -86,10 +89,15 @@ METHODS: dict[Method, str] = {m: cls for cls, (m, _) in _CLASS_DEFAULTS.items()}
 
 def from_diffusers(config: dict, method: Method | None = None) -> tuple[Method, NoiseSchedule]:
     """A diffusers scheduler_config.json -> (method, schedule). `method` picks another sampler on the same schedule
-    (diffusers' `OtherScheduler.from_config(pipe.scheduler.config)`: SD 1.5 ships PNDM, which is not built here);
-    fields the file leaves out take that sampler's diffusers defaults."""
+    (diffusers' `OtherScheduler.from_config(pipe.scheduler.config)`); fields the file leaves out take that sampler's
+    diffusers defaults. PNDMScheduler as a whole (its Runge-Kutta warm-up) is not built: its PLMS steps alone, what
+    SD 1.5's file asks for with skip_prk_steps, are method="pndm", asked for by name."""
     name = config.get("_class_name")
     if method is None:
+        if name == "PNDMScheduler":
+            raise ValueError(f"scheduler 'PNDMScheduler' (with its Runge-Kutta warm-up) is not built; pass "
+                             f"method='pndm' for its PLMS steps alone (skip_prk_steps true, Stable Diffusion's "
+                             f"setting), or another of {sorted(METHODS)}")
         if name not in _CLASS_DEFAULTS:
             raise ValueError(f"scheduler {name!r} is not built; pass method= one of {sorted(METHODS)} to sample "
                              f"its noise schedule with another sampler")
@@ -99,6 +107,10 @@ def from_diffusers(config: dict, method: Method | None = None) -> tuple[Method, 
     if (config.get("algorithm_type", "dpmsolver++"), config.get("solver_type", "midpoint")) != ("dpmsolver++",
                                                                                              "midpoint"):
         raise ValueError("only DPM-Solver++ with the midpoint solver type is built")
+    if method == "pndm" and not config.get("skip_prk_steps", False):
+        raise ValueError(f"scheduler 'PNDMScheduler' with its Runge-Kutta warm-up steps (skip_prk_steps false) is "
+                         f"not built; pass method= one of {sorted(METHODS)} to sample its noise schedule with another "
+                         f"sampler, or set skip_prk_steps true (PLMS alone, Stable Diffusion's setting)")
     if config.get("trained_betas") is not None or config.get("use_dynamic_shifting"):
         raise ValueError("trained_betas and dynamic shifting are not supported")
     defaults = _CLASS_DEFAULTS[METHODS[method]][1]
@@ -156,6 +168,7 @@ class Plan:
     sigmas: Tensor | None
     alphas_cumprod: Tensor | None
     init_noise_sigma: float = 1.0
+    num_inference_steps: int | None = None  # PLMS: the N asked for (its plan calls the model N + 1 times)
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -185,6 +198,14 @@ def make_plan(method: Method, schedule: NoiseSchedule, num_inference_steps: int)
     if method in ("ddpm", "ddim"):
         return Plan(method, schedule, torch.from_numpy(_spaced(schedule, num_inference_steps).astype(np.int64)),
                     None, ac)
+    if method == "pndm":
+        if schedule.prediction_type == "sample":
+            raise ValueError("PLMS takes epsilon or v_prediction models")
+        up = _spaced(schedule, num_inference_steps)[::-1].astype(np.int64)  # ascending
+        # PLMS without the warm-up runs the second-to-last timestep twice: the first step is redone from the same
+        # sample with the average of two model outputs (diffusers' plms_timesteps)
+        steps = np.concatenate([up[:-1], up[-2:-1], up[-1:]])[::-1].copy()
+        return Plan(method, schedule, torch.from_numpy(steps), None, ac, num_inference_steps=num_inference_steps)
     if method == "dpmsolver++":
         return _dpm_plan(schedule, num_inference_steps, ac)
     if schedule.rescale_betas_zero_snr:  # the Euler samplers' sigma_T would be infinite (diffusers' fix)
@@ -332,6 +353,53 @@ def ddim_step(plan: Plan, i: int, x: Tensor, model_output: Tensor, *, eta: float
     return out
 
 
+@dataclass(frozen=True)
+class PLMSState:
+    """PLMS's history: up to four past model outputs, the steps taken, and the first step's sample (the second
+    step restarts from it)."""
+
+    outputs: tuple[Tensor, ...] = ()
+    counter: int = 0
+    sample: Tensor | None = None
+
+
+def plms_step(plan: Plan, i: int, x: Tensor, model_output: Tensor, state: PLMSState | None = None
+              ) -> tuple[Tensor, PLMSState]:
+    """Pseudo linear multistep (Liu et al. 2022, eq. 12): the noise estimate is an Adams-Bashforth combination of
+    the last 1-4 model outputs (55, -59, 37, -9) / 24 once four exist; the first step is taken twice (Euler, then
+    from the same sample with the two outputs averaged), then the transfer of eq. 9 moves x_t to x_{t - T/N}.
+    Returns (x', the state for step i + 1); the step counter, not i, drives it, so a run may start late."""
+    s, ac = plan.schedule, plan.alphas_cumprod
+    state = state or PLMSState()
+    ratio = s.num_train_timesteps // plan.num_inference_steps
+    t = int(plan.timesteps[i])
+    outputs, counter, first = list(state.outputs), state.counter, state.sample
+    prev = t - ratio
+    if counter != 1:
+        outputs = outputs[-3:] + [model_output]
+    else:  # the repeated first step: from the first sample, over the first step's span
+        prev, t = t, t + ratio
+    if len(outputs) == 1 and counter == 0:
+        eps, first = model_output, x
+    elif len(outputs) == 1 and counter == 1:
+        eps, x, first = (model_output + outputs[-1]) / 2, first, None
+    elif len(outputs) == 2:
+        eps = (3 * outputs[-1] - outputs[-2]) / 2
+    elif len(outputs) == 3:
+        eps = (23 * outputs[-1] - 16 * outputs[-2] + 5 * outputs[-3]) / 12
+    else:
+        eps = (1 / 24) * (55 * outputs[-1] - 59 * outputs[-2] + 37 * outputs[-3] - 9 * outputs[-4])
+    a_t = ac[t]
+    a_prev = ac[prev] if prev >= 0 else (torch.tensor(1.0) if s.set_alpha_to_one else ac[0])
+    b_t, b_prev = 1 - a_t, 1 - a_prev
+    if s.prediction_type == "v_prediction":
+        eps = (a_t**0.5) * eps + (b_t**0.5) * x
+    # eq. 9: x' = sqrt(a'/a) x - (a' - a) eps / (a sqrt(1 - a') + sqrt(a (1 - a) a'))
+    denom = a_t * b_prev ** (0.5) + (a_t * b_t * a_prev) ** (0.5)
+    out = (a_prev / a_t) ** (0.5) * x - (a_prev - a_t) * eps / denom
+    return out, PLMSState(tuple(outputs), counter + 1, first)
+
+
 def _euler_x0(schedule: NoiseSchedule, x: Tensor, out: Tensor, sigma: Tensor) -> Tensor:
     if schedule.prediction_type == "epsilon":
         return x - sigma * out
@@ -417,12 +485,14 @@ def flow_match_step(plan: Plan, i: int, x: Tensor, model_output: Tensor) -> Tens
     return (h + (plan.sigmas[i + 1] - plan.sigmas[i]) * model_output).to(model_output.dtype)
 
 
-def step(plan: Plan, i: int, x: Tensor, model_output: Tensor, state: DPMState | None = None, *,
-         generator: torch.Generator | None = None) -> tuple[Tensor, DPMState | None]:
+def step(plan: Plan, i: int, x: Tensor, model_output: Tensor, state: DPMState | PLMSState | None = None, *,
+         generator: torch.Generator | None = None) -> tuple[Tensor, DPMState | PLMSState | None]:
     """One step of the plan's sampler -> (x_{i+1}, state): the uniform entry a pipeline's loop calls."""
     m = plan.method
     if m == "dpmsolver++":
         return dpm_solver_step(plan, i, x, model_output, state)
+    if m == "pndm":
+        return plms_step(plan, i, x, model_output, state)
     if m == "ddpm":
         return ddpm_step(plan, i, x, model_output, generator=generator), None
     if m == "ddim":
@@ -436,11 +506,11 @@ def step(plan: Plan, i: int, x: Tensor, model_output: Tensor, state: DPMState | 
 
 def add_noise(plan: Plan, i: int, x0: Tensor, noise: Tensor) -> Tensor:
     """Clean latents x0 noised to the level of the plan's step i, where a run that starts at step i begins
-    (img2img's strength, inpainting's re-noised image): sqrt(a_t) x0 + sqrt(1 - a_t) noise for DDPM/DDIM,
+    (img2img's strength, inpainting's re-noised image): sqrt(a_t) x0 + sqrt(1 - a_t) noise for DDPM/DDIM/PLMS,
     x0 + sigma noise for the Euler samplers, alpha x0 + sigma alpha noise (VP) for DPM-Solver, (1 - sigma) x0 +
     sigma noise for flow matching; diffusers' `add_noise` / `scale_noise` with its begin index at i."""
     m = plan.method
-    if m in ("ddpm", "ddim"):
+    if m in ("ddpm", "ddim", "pndm"):
         a = plan.alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[int(plan.timesteps[i])]
         return a**0.5 * x0 + (1 - a) ** 0.5 * noise
     sigma = plan.sigmas.to(device=x0.device, dtype=x0.dtype)[i]
@@ -464,7 +534,8 @@ def classifier_free_guidance(uncond: Tensor, cond: Tensor, scale: float, rescale
 
 
 __all__ = [
-    "DPMState", "METHODS", "NoiseSchedule", "Plan", "add_noise", "alphas_cumprod", "betas", "classifier_free_guidance",
+    "DPMState", "METHODS", "NoiseSchedule", "PLMSState", "Plan", "add_noise", "alphas_cumprod", "betas",
+    "classifier_free_guidance",
     "ddim_step", "ddpm_step", "dpm_solver_step", "euler_ancestral_step", "euler_step", "flow_match_step",
-    "from_diffusers", "make_plan", "step",
+    "from_diffusers", "make_plan", "plms_step", "step",
 ]

@@ -463,8 +463,8 @@ def load_pipeline(directory: str | os.PathLike, dtype: torch.dtype | None = None
                   device: str | torch.device | None = None, *, scheduler: S.Method | None = None
                   ) -> StableDiffusionPipeline:
     """A diffusers pipeline folder -> its pipeline, each component loaded strictly (see the module docstring).
-    scheduler: sample with this method instead of the folder's (where that is not built, as SD 1.5's PNDM, DDIM is
-    taken, with a warning)."""
+    scheduler: sample with this method instead of the folder's (where that is not built, DDIM is taken, with a
+    warning)."""
     from polymodal.weights.loader import load
 
     d = Path(directory)
@@ -492,16 +492,22 @@ def load_pipeline(directory: str | os.PathLike, dtype: torch.dtype | None = None
                                                                               device), length))
     sched_file = d / "scheduler" / "scheduler_config.json"
     raw = read_json(sched_file)
-    if scheduler is None and raw.get("_class_name") not in S.METHODS.values():
-        # SD 1.5 ships PNDM (PLMS), which schedulers.py does not build: DDIM samples the same schedule
-        # deterministically; images differ from diffusers' PNDM runs
-        logger.warning("%s: %s is not built; sampling its noise schedule with DDIM (pipe(..., scheduler=...) "
-                       "picks another of %s)", sched_file, raw.get("_class_name"), sorted(S.METHODS))
-        scheduler = "ddim"
+    if scheduler is None and raw.get("_class_name") == "PNDMScheduler" and raw.get("skip_prk_steps"):
+        scheduler = "pndm"  # PLMS alone: what SD 1.5's PNDMScheduler file runs (from_diffusers wants it by name)
     try:
         method = S.from_diffusers(raw, scheduler)[0]
     except ValueError as e:
-        raise CheckpointError(sched_file, str(e)) from None
+        if scheduler is not None:
+            raise CheckpointError(sched_file, str(e)) from None
+        # a sampler schedulers.py does not build (Heun, UniPC, PNDM's Runge-Kutta warm-up, ...): DDIM samples the
+        # same noise schedule deterministically; images differ from diffusers' runs with the folder's sampler
+        logger.warning("%s: %s; sampling its noise schedule with DDIM (pipe(..., scheduler=...) picks another of "
+                       "%s)", sched_file, e, sorted(S.METHODS))
+        method = "ddim"
+        try:
+            S.from_diffusers(raw, method)
+        except ValueError as e2:
+            raise CheckpointError(sched_file, str(e2)) from None
     if index.get("safety_checker", [None])[0] is not None:
         logger.warning("%s: the safety checker is not built in polymodal; images are not filtered", d)
     try:
