@@ -31,6 +31,15 @@ TOL = dict(rtol=1e-4, atol=1e-4)  # see the module docstring
 SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: a second OpenMP thread adds only barrier waits, which cost seconds per run when the
+    machine's other core is busy. Both libraries run under the same setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 def _jitter(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Random weights everywhere, GroupNorm/LayerNorm affines included (their init is the identity)."""
     g = torch.Generator().manual_seed(seed)

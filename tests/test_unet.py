@@ -40,6 +40,15 @@ REFINER = {**SDXL, "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "
            "projection_class_embeddings_input_dim": 12 + 5 * 8}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: a second OpenMP thread adds only barrier waits, which cost seconds per run when the
+    machine's other core is busy. Both libraries run under the same setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 def saved(tmp_path, config: dict, seed: int = 0, name: str = "unet"):
     """A tiny diffusers U-Net with every weight perturbed (norm affines start as the identity, some convs as 0)."""
     torch.manual_seed(seed)
