@@ -38,6 +38,7 @@ FAMILIES: dict[str, str] = {
     "autoencoder_kl": "polymodal.models.autoencoder_kl",
     "unet_2d_condition": "polymodal.models.unet_2d_condition",
     "clip_text": "polymodal.models.clip_text",
+    "sd3_transformer": "polymodal.models.sd3_transformer",
 }
 
 # transformers' config.json `model_type` (and polymodal's own) -> family
@@ -82,6 +83,7 @@ MODEL_TYPES: dict[str, str] = {
 DIFFUSERS_CLASSES: dict[str, str] = {
     "AutoencoderKL": "autoencoder_kl",
     "UNet2DConditionModel": "unet_2d_condition",
+    "SD3Transformer2DModel": "sd3_transformer",
 }
 
 # timm's config.json `architecture` prefix -> family

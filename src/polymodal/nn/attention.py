@@ -261,6 +261,28 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, T, H * Dh))
 
 
+def joint_attention(streams: list[tuple[Attention, Tensor]]) -> list[Tensor | None]:
+    """One softmax over several token streams, each with its own projections: the joint attention of the MM-DiT
+    (Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis", fig. 2a), where
+    image and text tokens keep separate weights but attend to each other as one sequence.
+
+    streams: (self-attention layer, x (B, T_i, D_i)) pairs of equal heads and head width. Each x goes through its
+    layer's fused q/k/v (and q/k norms); the outputs, split back per stream, go through each layer's `proj`
+    -> [(B, T_i, D_i)], None for a layer whose `proj` is None (a stream whose output is not read)."""
+    first = streams[0][0]
+    H, Dh = first.num_heads, first.head_dim
+    qs, ks, vs, lengths = [], [], [], []
+    for attn, x in streams:
+        if attn.is_cross or (attn.num_heads, attn.num_kv_heads, attn.head_dim) != (H, H, Dh):
+            raise ValueError("joint attention takes self-attention layers of equal heads and head width")
+        q, k, v = attn.project_qkv(x, split=False)  # (B, H, T_i, Dh) each
+        qs.append(q), ks.append(k), vs.append(v), lengths.append(x.shape[1])
+    out = F.scaled_dot_product_attention(torch.cat(qs, 2), torch.cat(ks, 2), torch.cat(vs, 2))  # (B, H, T, Dh)
+    B = out.shape[0]
+    parts = out.transpose(1, 2).reshape(B, sum(lengths), H * Dh).split(lengths, dim=1)
+    return [None if attn.proj is None else attn.proj(p) for (attn, _), p in zip(streams, parts)]
+
+
 _GQA: dict[str, bool] = {}
 
 
