@@ -134,8 +134,13 @@ def test_from_diffusers_reads_class_defaults():
     assert method == "euler" and schedule.timestep_spacing == "linspace" and schedule.beta_schedule == "linear"
     method, schedule = S.from_diffusers({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0})
     assert method == "flow_match_euler" and schedule.shift == 3.0
-    with pytest.raises(ValueError, match="PNDMScheduler.*is not built; pass method="):
-        S.from_diffusers({"_class_name": "PNDMScheduler", **SD15})
+    # SD 1.5's PNDMScheduler file (skip_prk_steps true) is PLMS alone, what method "pndm" builds
+    method, schedule = S.from_diffusers({"_class_name": "PNDMScheduler", **SD15})
+    assert method == "pndm" and schedule.beta_schedule == "scaled_linear" and schedule.steps_offset == 1
+    with pytest.raises(ValueError, match="PNDMScheduler.*Runge-Kutta warm-up.*is not built"):
+        S.from_diffusers({"_class_name": "PNDMScheduler", **SD15, "skip_prk_steps": False})
+    with pytest.raises(ValueError, match="PNDMScheduler.*Runge-Kutta warm-up.*is not built"):
+        S.from_diffusers({"_class_name": "PNDMScheduler"})  # diffusers' default: skip_prk_steps false
     with pytest.raises(ValueError, match="unknown sampler 'heun'"):
         S.from_diffusers(SD15, method="heun")
     with pytest.raises(ValueError, match="midpoint"):

@@ -91,13 +91,13 @@ def from_diffusers(config: dict, method: Method | None = None) -> tuple[Method, 
     """A diffusers scheduler_config.json -> (method, schedule). `method` picks another sampler on the same schedule
     (diffusers' `OtherScheduler.from_config(pipe.scheduler.config)`); fields the file leaves out take that sampler's
     diffusers defaults. PNDMScheduler as a whole (its Runge-Kutta warm-up) is not built: its PLMS steps alone, what
-    SD 1.5's file asks for with skip_prk_steps, are method="pndm", asked for by name."""
+    SD 1.5's file asks for with skip_prk_steps, are method="pndm", which such a file gets without asking."""
     name = config.get("_class_name")
     if method is None:
-        if name == "PNDMScheduler":
-            raise ValueError(f"scheduler 'PNDMScheduler' (with its Runge-Kutta warm-up) is not built; pass "
-                             f"method='pndm' for its PLMS steps alone (skip_prk_steps true, Stable Diffusion's "
-                             f"setting), or another of {sorted(METHODS)}")
+        if name == "PNDMScheduler" and not config.get("skip_prk_steps", False):
+            raise ValueError(f"scheduler 'PNDMScheduler' with its Runge-Kutta warm-up (skip_prk_steps false) is not "
+                             f"built; set skip_prk_steps true for its PLMS steps alone (method='pndm', Stable "
+                             f"Diffusion's setting), or pass method= another of {sorted(METHODS)}")
         if name not in _CLASS_DEFAULTS:
             raise ValueError(f"scheduler {name!r} is not built; pass method= one of {sorted(METHODS)} to sample "
                              f"its noise schedule with another sampler")
