@@ -59,7 +59,8 @@ class SD3Transformer2DConfig:
     pooled_projection_dim: int = 2048  # CLIP-L's 768 + CLIP-G's 1280 pooled features
     out_channels: int | None = 16
     pos_embed_max_size: int | None = 96  # side of the position grid the patches' positions are cropped from
-    dual_attention_layers: tuple[int, ...] = field(default=(), metadata={"min": 0})  # blocks with the second, image-only attention (SD3.5 medium)
+    # blocks with the second, image-only attention (SD3.5 medium)
+    dual_attention_layers: tuple[int, ...] = field(default=(), metadata={"min": 0})
     qk_norm: str | None = None  # "rms_norm" (SD3.5)
 
     @property
@@ -189,8 +190,9 @@ class SD3Transformer2DModel(nn.Module):
         self.context_embedder = nn.Linear(c.joint_attention_dim, c.caption_projection_dim)
         eps = EPS if c.qk_norm == "rms_norm" else None
         self.transformer_blocks = nn.ModuleList([
-            JointTransformerBlock(D, c.num_attention_heads, c.attention_head_dim, context_pre_only=i == c.num_layers - 1,
-                                  dual=i in c.dual_attention_layers, qk_norm_eps=eps)
+            JointTransformerBlock(D, c.num_attention_heads, c.attention_head_dim,
+                                  context_pre_only=i == c.num_layers - 1, dual=i in c.dual_attention_layers,
+                                  qk_norm_eps=eps)
             for i in range(c.num_layers)])
         self.norm_out = AdaLN(D, 2)
         self.proj_out = nn.Linear(D, c.patch_size**2 * c.channels_out)

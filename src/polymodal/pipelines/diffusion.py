@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -131,6 +132,7 @@ class StableDiffusionPipeline:
         image=None,
         mask_image=None,
         strength: float | None = None,
+        callback: Callable[[int, int], None] | None = None,
     ):
         """Images for `prompt` (a list of PIL images, or (B, H, W, 3) floats in [0, 1] for "np"; "pt": (B, 3, H, W);
         "latent": the final latents). guidance_scale: None takes diffusers' default (7.5 SD, 5.0 SDXL); <= 1 runs
@@ -143,7 +145,10 @@ class StableDiffusionPipeline:
         starts that far into the noise), `image` and `mask_image` (white = repaint) inpainting
         (StableDiffusionInpaintPipeline; the size is height/width as for text-to-image, `strength` 1.0 by default),
         with an inpainting U-Net (9 input channels: latents, mask, masked image latents) or a plain one (the
-        unmasked part is put back, re-noised, after every step)."""
+        unmasked part is put back, re-noised, after every step).
+
+        callback(done, total) is called after each denoising step (done = 1 .. total, the steps this run takes): a
+        progress bar's hook; an exception it raises stops the run there (a server's cancellation)."""
         prompts, negatives = _texts(prompt, "prompt"), None
         if negative_prompt is not None:
             negatives = _texts(negative_prompt, "negative_prompt")
@@ -168,6 +173,8 @@ class StableDiffusionPipeline:
             raise ValueError(f"unknown scheduler {method!r}; known: {sorted(S.METHODS)}")
         if seed is not None and generator is not None:
             raise ValueError("give seed or generator, not both")
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be callable, got {type(callback).__name__}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         batch = len(prompts) * num_images_per_prompt
@@ -187,7 +194,7 @@ class StableDiffusionPipeline:
             context, added = self.encode_prompt(prompts, negatives, guided)
             context, added = _repeat(context, added, num_images_per_prompt, guided)
             added.update(self.added_conditioning(H, W, context, batch * (2 if guided else 1)))
-            device, dtype = self.unet.conv_in.weight.device, self.unet.dtype
+            device, dtype = self._placement()
             context = context.to(device, dtype)
             start, clean, noise, mask, extra = 0, None, None, None, None
             if edit is None:
@@ -216,7 +223,7 @@ class StableDiffusionPipeline:
                 inp = plan.scale_model_input(torch.cat([x, x]) if guided else x, i)
                 if extra is not None:
                     inp = torch.cat([inp, extra], dim=1)  # (B or 2B, 9, h, w)
-                eps = self.unet(inp, plan.timesteps[i], context, **added)  # (B or 2B, 4, h, w)
+                eps = self.predict(inp, plan.timesteps[i], context, added)  # (B or 2B, 4, h, w)
                 if guided:
                     uncond, cond = eps.chunk(2)
                     eps = S.classifier_free_guidance(uncond, cond, guidance_scale, guidance_rescale)
@@ -225,6 +232,8 @@ class StableDiffusionPipeline:
                     # a plain U-Net inpaints by putting the known part back, noised to the next step's level
                     known = S.add_noise(plan, i + 1, clean, noise) if i + 1 < len(plan) else clean
                     x = (1 - mask) * known + mask * x
+                if callback is not None:
+                    callback(i - start + 1, len(plan) - start)
             if output_type == "latent":
                 return x
             image = self.vae.decode(self._unscale(x))
@@ -288,16 +297,34 @@ class StableDiffusionPipeline:
         """The U-Net's keywords besides the text (none for SD 1.x/2.x)."""
         return {}
 
+    # the denoiser's seams: a pipeline over another denoiser (SD3's MM-DiT) overrides these four
+    def predict(self, x: Tensor, t: Tensor, context: Tensor, added: dict[str, Tensor]) -> Tensor:
+        """The denoiser's output for latents x (B, c, h, w) at timestep t, given the text and added keywords."""
+        return self.unet(x, t, context, **added)
+
+    def _placement(self) -> tuple[torch.device, torch.dtype]:
+        return self.unet.conv_in.weight.device, self.unet.dtype
+
+    @property
+    def sample_size(self):
+        """The denoiser's latent side at training (diffusers' default size is it times the VAE factor)."""
+        return self.unet.config.sample_size
+
+    @property
+    def size_multiple(self) -> tuple[int, str]:
+        """What height and width must be multiples of, and why."""
+        return self.vae.config.downscale, "the VAE's downscale factor"
+
     def _size(self, height, width) -> tuple[int, int]:
-        side = self.unet.config.sample_size
+        side = self.sample_size
         default = (side, side) if isinstance(side, int) else tuple(side or (64, 64))
         f = self.vae.config.downscale
+        m, why = self.size_multiple
         out = []
         for name, value, fallback in (("height", height, default[0]), ("width", width, default[-1])):
             value = fallback * f if value is None else value
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % f:
-                raise ValueError(f"{name} must be a positive multiple of {f} (the VAE's downscale factor), got "
-                                 f"{value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % m:
+                raise ValueError(f"{name} must be a positive multiple of {m} ({why}), got {value!r}")
             out.append(value)
         return out[0], out[1]
 
@@ -459,6 +486,18 @@ PIPELINES = {"StableDiffusionPipeline": StableDiffusionPipeline,
              "StableDiffusionXLPipeline": StableDiffusionXLPipeline}
 
 
+def clip_tower(d: Path, suffix: str, dtype, device) -> TextTower:
+    """A folder's `tokenizer{suffix}/` and `text_encoder{suffix}/`, the encoder loaded strictly."""
+    from polymodal.weights.loader import load
+
+    tok_dir = d / f"tokenizer{suffix}"
+    config = read_json(tok_dir / "tokenizer_config.json") if (tok_dir / "tokenizer_config.json").exists() else {}
+    length = config.get("model_max_length", 77)
+    if isinstance(length, bool) or not isinstance(length, int) or not 2 <= length <= 77:
+        length = 77  # transformers writes a huge sentinel when the file leaves it open; CLIP holds 77
+    return TextTower(CLIPTokenizer.from_pretrained(tok_dir), load(d / f"text_encoder{suffix}", dtype, device), length)
+
+
 def load_pipeline(directory: str | os.PathLike, dtype: torch.dtype | None = None,
                   device: str | torch.device | None = None, *, scheduler: S.Method | None = None
                   ) -> StableDiffusionPipeline:
@@ -470,9 +509,13 @@ def load_pipeline(directory: str | os.PathLike, dtype: torch.dtype | None = None
     d = Path(directory)
     index = read_json(d / "model_index.json")
     name = index.get("_class_name")
+    if name == "StableDiffusion3Pipeline":  # an MM-DiT and three text encoders: see polymodal.pipelines.sd3
+        from polymodal.pipelines.sd3 import load_sd3_pipeline
+
+        return load_sd3_pipeline(d, index, dtype, device, scheduler=scheduler)
     if name not in PIPELINES:
         raise CheckpointError(d / "model_index.json", f"diffusers pipeline {name!r} is not built; built: "
-                                                      f"{sorted(PIPELINES)}")
+                                                      f"{sorted([*PIPELINES, 'StableDiffusion3Pipeline'])}")
     xl = name == "StableDiffusionXLPipeline"
     for part in ("unet", "vae", "scheduler", "tokenizer_2" if xl else "tokenizer",
                  "text_encoder_2" if xl else "text_encoder"):
@@ -483,13 +526,7 @@ def load_pipeline(directory: str | os.PathLike, dtype: torch.dtype | None = None
     for suffix in ("", "_2") if xl else ("",):
         if not (isinstance(index.get(f"text_encoder{suffix}"), list) and index[f"text_encoder{suffix}"][0]):
             continue  # an SDXL folder may hold only the second encoder (the refiner's layout)
-        tok_dir = d / f"tokenizer{suffix}"
-        config = read_json(tok_dir / "tokenizer_config.json") if (tok_dir / "tokenizer_config.json").exists() else {}
-        length = config.get("model_max_length", 77)
-        if isinstance(length, bool) or not isinstance(length, int) or not 2 <= length <= 77:
-            length = 77  # transformers writes a huge sentinel when the file leaves it open; CLIP holds 77
-        towers.append(TextTower(CLIPTokenizer.from_pretrained(tok_dir), load(d / f"text_encoder{suffix}", dtype,
-                                                                              device), length))
+        towers.append(clip_tower(d, suffix, dtype, device))
     sched_file = d / "scheduler" / "scheduler_config.json"
     raw = read_json(sched_file)
     if scheduler is None and raw.get("_class_name") == "PNDMScheduler" and raw.get("skip_prk_steps"):
