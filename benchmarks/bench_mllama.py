@@ -125,7 +125,7 @@ def build(size: str, workdir: Path, dtype: torch.dtype, device: torch.device):
                     p.uniform_(0.3, 1.0)
     ref.generation_config.eos_token_id = None
     path = workdir / f"mllama-{size}"
-    ref.save_pretrained(path)
+    ref.save_pretrained(path, max_shard_size="2GB")  # each shard is serialized in memory before it is written
     shared = text_weights(ref)
     sums = {}
     for key, module in shared.items():
