@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -218,6 +219,24 @@ def test_prompt_embeddings_match_diffusers_encode_prompt(sd3):
     assert context.shape == (4, 77 + 16, 80) and added["pooled_projections"].shape == (4, 64)
     torch.testing.assert_close(context, torch.cat([theirs[1], theirs[0]]), **TOL)
     torch.testing.assert_close(added["pooled_projections"], torch.cat([theirs[3], theirs[2]]), **TOL)
+
+
+def test_long_prompts_are_cut_as_diffusers_cuts_them(sd3, caplog):
+    """Past 77 CLIP tokens and past max_sequence_length T5 tokens, each tokenizer keeps its end-of-text token last;
+    the cut parts are named in a warning."""
+    ref, d = sd3
+    pipe = pm.load(d)
+    pipe.max_sequence_length = 12
+    prompt = ["a photo of a red cube at dusk " * 12]
+    with torch.no_grad():
+        theirs = ref.encode_prompt(prompt, None, None, do_classifier_free_guidance=False, max_sequence_length=12)
+    with caplog.at_level(logging.WARNING, logger="polymodal.pipelines.diffusion"), torch.no_grad():
+        context, added = pipe.encode_prompt(prompt, None, guided=False)
+    torch.testing.assert_close(context, theirs[0], **TOL)
+    torch.testing.assert_close(added["pooled_projections"], theirs[2], **TOL)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("77 tokens" in m for m in messages) and any("`max_sequence_length` is set to 12" in m
+                                                           for m in messages)
 
 
 def test_sd3_pipeline_matches_diffusers(sd3):
