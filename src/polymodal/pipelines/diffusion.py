@@ -12,8 +12,10 @@ polymodal's components, with the denoising loop written out once (STYLE.md, poin
 `text_encoder[_2]/` as polymodal families, `tokenizer[_2]/` with the shared `CLIPTokenizer`) and the sampler from
 `scheduler/scheduler_config.json` (`schedulers.from_diffusers`); `pipe(prompt, ...)` returns what diffusers'
 `StableDiffusionPipeline` / `StableDiffusionXLPipeline(...).images` holds for the same components, prompt and
-latents (tests/test_sd_pipeline.py). Not built: the safety checker (a folder's `safety_checker` is not loaded and
-images are not filtered), SDXL's invisible watermark, img2img, inpainting and the refiner's pipeline.
+latents (tests/test_sd_pipeline.py). SD3 (`polymodal.pipelines.sd3`) runs this call and loop over its MM-DiT
+through the denoiser seams (`predict`, `_placement`, `sample_size`, `size_multiple`). Not built: the safety
+checker (a folder's `safety_checker` is not loaded and images are not filtered), SDXL's invisible watermark, img2img,
+inpainting and the refiner's pipeline.
 """
 
 from __future__ import annotations
