@@ -459,6 +459,75 @@ def cmd_train(args) -> None:
           f"(the last step's; smoothed {loss(s.get('smoothed_loss'))}, as on the progress bar); results in {args.out}")
 
 
+def _image_size(text: str | None) -> tuple[int | None, int | None]:
+    """--size WIDTHxHEIGHT -> (height, width); None: the model's default."""
+    if text is None:
+        return None, None
+    w, sep, h = text.lower().partition("x")
+    if not (sep and w.isdigit() and h.isdigit() and len(w) <= 5 and len(h) <= 5):
+        raise UsageError(f"--size {text}: expected WIDTHxHEIGHT in pixels, e.g. 512x512")
+    return int(h), int(w)
+
+
+def _image_outputs(out: str, n: int) -> list[str]:
+    """Where the images go: -o itself for one image, NAME-1.EXT ... NAME-N.EXT for several; the folder must exist and
+    the extension be one PIL writes, checked before the model loads."""
+    from PIL import Image
+
+    root, ext = os.path.splitext(out)
+    Image.init()
+    if ext.lower() not in Image.registered_extensions():
+        raise UsageError(f"-o {out}: give a file name ending in an image format, e.g. out.png")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise UsageError(f"-o {out}: the folder {folder} does not exist")
+    return [out] if n == 1 else [f"{root}-{i}{ext}" for i in range(1, n + 1)]
+
+
+def cmd_generate_image(args) -> None:
+    import math
+
+    from polymodal.pipelines.text_to_image import random_seed, resolve_scheduler
+
+    if args.model is None:
+        raise UsageError("--model is needed: polymodal's default text-to-image model is not trained yet; pass "
+                         "--model a diffusers pipeline folder (one with model_index.json)")
+    model = os.path.expanduser(args.model)
+    if os.path.isdir(model) and not os.path.exists(os.path.join(model, "model_index.json")):
+        raise UsageError(f"--model {args.model}: not a diffusers pipeline folder (it has no model_index.json)")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise UsageError(f"--guidance must be a finite number, got {args.guidance}")
+    if args.n < 1:
+        raise UsageError(f"-n must be at least 1, got {args.n}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be from 0 to 2**63 - 1, got {args.seed}")
+    try:
+        scheduler = resolve_scheduler(args.scheduler)
+    except ValueError as e:
+        raise UsageError(f"--scheduler: {e}") from None
+    height, width = _image_size(args.size)
+    outputs = _image_outputs(args.output, args.n)
+    import polymodal as pm
+
+    pipe = pm.pipeline("text-to-image", model=args.model)
+    try:
+        pipe.use_scheduler(scheduler)
+    except ValueError as e:
+        raise UsageError(f"--scheduler {args.scheduler}: {e}") from None
+    try:
+        pipe.resolve_size(height, width)
+    except ValueError as e:
+        raise UsageError(f"--size {args.size}: {e}") from None
+    seed = random_seed() if args.seed is None else args.seed  # reported, so that a run can be repeated
+    images = pipe(args.prompt, args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=seed,
+                  height=height, width=width, num_images_per_prompt=args.n, progress=not (args.quiet or args.json))
+    for image, path in zip(images, outputs):
+        image.save(path)
+    _emit(args, {"images": outputs, "seed": seed}, lambda r: "\n".join(r["images"]) + f"\n(seed {r['seed']})")
+
+
 def cmd_serve(args) -> None:
     from polymodal.serve.app import MAX_BODY_BYTES, api_key_from_env, bind_socket, serve
     from polymodal.serve.registry import load_served, parse_spec
@@ -586,6 +655,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--draw", default=None, metavar="OUT.png", help="draw the boxes and points of the answer on "
                     "the first --image and save it there (with --json: the regions in its pixels too)")
     add_sampling(sp)
+
+    sp = add("generate-image", cmd_generate_image, "make images from a text prompt with a Stable Diffusion pipeline "
+             "folder (SD 1.x/2.x, SDXL, SD3)")
+    sp.add_argument("prompt", help="what the image shows")
+    sp.add_argument("-o", "--output", required=True, metavar="OUT.png",
+                    help="where the image goes (several: OUT-1.png, OUT-2.png, ...)")
+    sp.add_argument("--model", default=None, help="a diffusers pipeline folder (model_index.json) or its hub id")
+    sp.add_argument("--steps", type=int, default=None, help="denoising steps (default 50)")
+    sp.add_argument("--seed", type=int, default=None, help="seed of the initial noise (default: a random one, "
+                    "printed)")
+    sp.add_argument("--scheduler", default=None, help="the sampler: euler, euler_ancestral (euler-a), dpmsolver++ "
+                    "(dpm++), ddim, ddpm, pndm (plms), flow_match_euler (default: the folder's)")
+    sp.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the "
+                    "pipeline's, 7.5 for SD 1.x; <= 1: none)")
+    sp.add_argument("--negative", default=None, help="a negative prompt: what the image should not show")
+    sp.add_argument("--size", default=None, metavar="WxH", help="width x height in pixels, multiples of the VAE "
+                    "factor (default: the model's training size)")
+    sp.add_argument("-n", type=int, default=1, help="how many images")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
 
     add("models", cmd_models, "list the models that run here offline, then every family's presets and hub ids")
 

@@ -16,6 +16,7 @@ from polymodal.pipelines.image_text import (
 )
 from polymodal.pipelines.image_text_to_text import ImageTextToTextPipeline
 from polymodal.pipelines.text import DEFAULT_CHAT_MODEL, TextGenerationPipeline, no_images_error
+from polymodal.pipelines.text_to_image import ImageToImagePipeline, TextToImagePipeline
 from polymodal.pipelines.vision import (
     ImageClassificationPipeline,
     ImageTextRetrievalPipeline,
@@ -33,6 +34,8 @@ TASKS = {
     "visual-question-answering": VisualQuestionAnsweringPipeline,
     "image-text-matching": ImageTextMatchingPipeline,
     "image-text-to-text": ImageTextToTextPipeline,
+    "text-to-image": TextToImagePipeline,  # a diffusers pipeline folder (Stable Diffusion 1.x/2.x, SDXL, SD3)
+    "image-to-image": ImageToImagePipeline,  # SD 1.x/2.x img2img
 }
 DEFAULT_MODELS = {"text-generation"}  # tasks with an embedded default model
 
@@ -93,6 +96,8 @@ __all__ = [
     "ImageTextMatchingPipeline",
     "ImageTextToTextPipeline",
     "ImageToTextPipeline",
+    "ImageToImagePipeline",
+    "TextToImagePipeline",
     "VisualQuestionAnsweringPipeline",
     "capfilt",
     "ImageClassificationPipeline",

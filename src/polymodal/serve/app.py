@@ -11,7 +11,8 @@ plus GET /health. Every refusal is a 4xx with OpenAI's error body (polymodal/ser
 What runs where: the event loop only parses, routes and streams. Media decoding (media.resolve_messages), chat
 templates, a VLM's processor, embeddings and provider calls run in worker threads; local decoders run in their
 ChatEngine's own thread, which batches concurrent requests (continuous batching); a VLM's images are extra inputs
-of its request's prefill there.
+of its request's prefill there. A text-to-image model runs its requests one at a time in its ImageWorker's thread
+(polymodal/serve/images.py), from a bounded queue.
 """
 
 from __future__ import annotations
@@ -120,13 +121,15 @@ def create_app(served: ServedModels, *, api_key: str | None = None, cors_origins
 
     @app.post("/v1/images/generations", openapi_extra=_body_schema(ImageGenerationRequest))
     async def image_generations(request: Request):
+        from polymodal.serve import images
+        from polymodal.serve.engine import QueueFull
+
         req = await _parse(request, ImageGenerationRequest)
-        if req.model is not None:
-            m = served.get(req.model)
-            raise APIError(400, f"The model {m.id!r} does not generate images (it is a {m.kind} model); no model "
-                           "served here generates images yet.", param="model", code="model_not_supported")
-        raise APIError(400, "No served model generates images: polymodal has no text-to-image family to serve yet.",
-                       param="model", code="model_not_supported")
+        m = images.image_model(served, req.model)
+        try:
+            return await images.generate(m, req, request)
+        except QueueFull as e:
+            raise _busy(m, e.retry_after) from None
 
     @app.post("/v1/grounding", openapi_extra=_body_schema(GroundingRequest))
     async def grounding(request: Request):

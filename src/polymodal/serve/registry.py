@@ -7,7 +7,9 @@ A SPEC is `SOURCE` or `NAME=SOURCE`; SOURCE a checkpoint directory, a .gguf file
 (`openai:...`, `anthropic:...`, `gemini:...`). Decoder language models are served through a ChatEngine each
 (continuous batching, polymodal/serve/engine.py); a vision-language model (LLaVA) too, with its family's processor
 turning each request's messages and images into the prompt and the prefill's extra inputs; CLIP checkpoints serve
-embeddings through the image-text pipeline; closed models through their provider (polymodal/providers)."""
+embeddings through the image-text pipeline; diffusers pipeline folders (model_index.json) generate images through
+the text-to-image pipeline, one run at a time (polymodal/serve/images.py); closed models through their provider
+(polymodal/providers)."""
 
 from __future__ import annotations
 
@@ -28,11 +30,11 @@ DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 
 @dataclass
 class ServedModel:
-    """One served model. Exactly one of `engine` (local decoder), `provider` (closed model) or `embedder`
-    (CLIP pipeline) is set."""
+    """One served model. Exactly one of `engine` (local decoder), `provider` (closed model), `embedder`
+    (CLIP pipeline) or `images` (text-to-image pipeline) is set."""
 
     id: str
-    kind: Literal["chat", "embedding"]
+    kind: Literal["chat", "embedding", "image"]
     modalities: frozenset[str]
     source: str
     engine: Any = None  # polymodal.serve.engine.ChatEngine
@@ -43,6 +45,7 @@ class ServedModel:
     provider: Any = None  # a polymodal.providers ChatProvider
     provider_slots: threading.BoundedSemaphore | None = None  # concurrent calls allowed to a provider
     embedder: Any = None  # polymodal.pipelines.vision.ImageTextPipeline
+    images: Any = None  # polymodal.serve.images.ImageWorker over a TextToImagePipeline (kind "image")
     owned_by: str = "polymodal"
     created: int = field(default_factory=lambda: int(time.time()))
     # a local chat model's recommended sampling, as request fields (`request_defaults`): what a request that omits
@@ -58,6 +61,14 @@ class ServedModel:
                 "kind": self.kind, "modalities": sorted(self.modalities)}
         if getattr(self.processor, "box_frame", None) is not None:
             card["grounding"] = True  # POST /v1/grounding reads the boxes and points of its answers
+        if self.images is not None:  # takes text, makes images: the web UI's image view serves it
+            from polymodal.pipelines.text_to_image import DEFAULT_STEPS
+
+            pipe = self.images.pipe
+            height, width = pipe.default_size
+            card["output_modalities"] = ["image"]
+            card["image_defaults"] = {"size": f"{width}x{height}", "steps": DEFAULT_STEPS,
+                                      "size_multiple": size_multiple(pipe.model)}
         if self.engine is not None:
             context = self.engine.max_len
             card["context_length"] = context
@@ -112,6 +123,8 @@ class ServedModels:
                 for m in self.models.values():
                     if m.engine is not None:
                         m.engine.start()
+                    if m.images is not None:
+                        m.images.start()
                 self._started = True
 
     def close(self) -> None:
@@ -119,6 +132,8 @@ class ServedModels:
             for m in self.models.values():
                 if m.engine is not None:
                     m.engine.close()
+                if m.images is not None:
+                    m.images.close()
             self._started = False
 
 
@@ -201,7 +216,15 @@ def serve_model(model_id: str, obj, *, source: str = "", tokenizer=None, process
     from torch import nn
 
     from polymodal.generation import CausalLM
+    from polymodal.pipelines.diffusion import StableDiffusionPipeline
+    from polymodal.pipelines.text_to_image import TextToImagePipeline
 
+    if isinstance(obj, (StableDiffusionPipeline, TextToImagePipeline)):  # a diffusers pipeline folder
+        from polymodal.serve.images import ImageWorker
+
+        pipe = obj if isinstance(obj, TextToImagePipeline) else TextToImagePipeline(obj)
+        return ServedModel(model_id, "image", frozenset({"text"}), source,
+                           images=ImageWorker(pipe, max_queue=max_queue, name=model_id))
     if not isinstance(obj, nn.Module) and callable(getattr(obj, "chat", None)):  # a closed-model provider
         return ServedModel(model_id, "chat", frozenset(getattr(obj, "modalities", {"text"})), source or obj.name,
                            provider=obj, provider_slots=threading.BoundedSemaphore(provider_concurrency),
@@ -231,7 +254,15 @@ def serve_model(model_id: str, obj, *, source: str = "", tokenizer=None, process
         return ServedModel(model_id, "chat", modalities, source, engine=engine, tokenizer=tokenizer,
                            processor=processor, defaults=request_defaults(obj, model_id))
     raise ValueError(f"a {type(obj).__name__} can be neither chatted with nor embedded: the server serves decoder "
-                     "language models, CLIP models and closed models (openai:/anthropic:/gemini:)")
+                     "language models, CLIP models, diffusers pipeline folders (text-to-image) and closed models "
+                     "(openai:/anthropic:/gemini:)")
+
+
+def size_multiple(pipe) -> int:
+    """What a diffusion pipeline's height and width must be multiples of (the VAE factor; times the patch size for
+    SD3's MM-DiT)."""
+    multiple = getattr(pipe, "size_multiple", None)
+    return int(multiple[0]) if multiple else int(pipe.vae.config.downscale)
 
 
 def request_defaults(model, model_id: str = "") -> dict[str, Any]:

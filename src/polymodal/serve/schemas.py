@@ -117,8 +117,15 @@ class ImageGenerationRequest(_Body):
     prompt: StrictStr
     model: StrictStr | None = None
     n: StrictInt | None = Field(None, ge=1, le=10)
-    size: StrictStr | None = None
-    response_format: Literal["url", "b64_json"] | None = None
+    size: StrictStr | None = None  # "WIDTHxHEIGHT" or "auto"
+    response_format: Literal["url", "b64_json"] | None = None  # url: refused by name (no files are kept)
+    output_format: Literal["png"] | None = None
+    stream: StrictBool = False  # server-sent events: the steps' progress, then the images
+    # extensions for local diffusion models (diffusers' names; steps as the CLI's --steps)
+    negative_prompt: StrictStr | None = None
+    steps: StrictInt | None = Field(None, ge=1, le=1000)
+    guidance_scale: StrictFloat | StrictInt | None = Field(None, ge=0, le=100, allow_inf_nan=False)
+    seed: StrictInt | None = Field(None, ge=0, le=_MAX_SEED)
 
 
 # ------------------------------------------------------------------------------------------------ grounding
