@@ -173,3 +173,53 @@ def greedy_vlm_answer(model, processor, messages: list[dict], max_new_tokens: in
     if any(t in eos for t in tokens):
         tokens = tokens[: next(i for i, t in enumerate(tokens) if t in eos)]
     return processor.tokenizer.decode(tokens), ids.shape[1]
+
+
+def save_tiny_sd(directory: Path):
+    """A tiny random StableDiffusionPipeline (VAE factor 2, 16 px images by default; Euler) on the real CLIP
+    vocabulary (open_clip's BPE file), built and saved by diffusers into `directory` -> diffusers' pipeline."""
+    import gzip
+    import json
+
+    import diffusers
+    import open_clip
+    import torch
+    import transformers
+
+    from polymodal.processing.tokenizer import NUM_MERGES, bytes_to_unicode
+
+    def jitter(module, seed: int):  # random weights everywhere, norm affines included (their init is the identity)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        return module.eval()
+
+    tok_dir = Path(f"{directory}-bpe")  # beside the folder: the tokenizer's source files, before diffusers saves it
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    lines = gzip.open(open_clip.tokenizer.default_bpe()).read().decode("utf-8").split("\n")[1 : NUM_MERGES + 1]
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in lines]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    (tok_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
+    torch.manual_seed(0)
+    text = jitter(transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77)), 2)
+    vae = jitter(diffusers.AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16), 1)
+    unet = jitter(diffusers.UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=8, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=2), 3)
+    ref = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=transformers.CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77),
+        unet=unet, scheduler=diffusers.EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+            timestep_spacing="leading"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.save_pretrained(directory)
+    return ref

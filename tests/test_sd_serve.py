@@ -17,7 +17,6 @@ CLI are compared exactly (lossless PNG, the same code on the same thread setting
 from __future__ import annotations
 
 import base64
-import gzip
 import io
 import json
 import threading
@@ -34,15 +33,13 @@ transformers = pytest.importorskip("transformers")
 open_clip = pytest.importorskip("open_clip")
 openai = pytest.importorskip("openai")
 
-from serve_helpers import running  # noqa: E402
+from serve_helpers import running, save_tiny_sd  # noqa: E402
 
 import polymodal as pm  # noqa: E402
 from polymodal import cli  # noqa: E402
-from polymodal.processing.tokenizer import NUM_MERGES, bytes_to_unicode  # noqa: E402
 from polymodal.serve import ServedModels, create_app  # noqa: E402
 from polymodal.serve.registry import load_model  # noqa: E402
 
-SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 FAST = dict(num_inference_steps=3, guidance_scale=6.0)
 
 
@@ -55,44 +52,11 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _jitter(module, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return module.eval()
-
-
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
-    """A tiny random StableDiffusionPipeline (VAE factor 2, 16 px images) on the real CLIP vocabulary, saved by
-    diffusers."""
-    tok_dir = tmp_path_factory.mktemp("bpe")
-    lines = gzip.open(open_clip.tokenizer.default_bpe()).read().decode("utf-8").split("\n")[1 : NUM_MERGES + 1]
-    symbols = list(bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in lines]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    (tok_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
-    torch.manual_seed(0)
-    text = _jitter(transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77)), 2)
-    vae = _jitter(diffusers.AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16), 1)
-    unet = _jitter(diffusers.UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=8, cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=2), 3)
-    ref = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=transformers.CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77),
-        unet=unet, scheduler=diffusers.EulerDiscreteScheduler(**SCHEDULE, timestep_spacing="leading"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    ref.set_progress_bar_config(disable=True)
+    """A tiny random StableDiffusionPipeline (VAE factor 2, 16 px images) saved by diffusers (serve_helpers)."""
     d = tmp_path_factory.mktemp("sd15")
-    ref.save_pretrained(d)
-    return ref, d
+    return save_tiny_sd(d), d
 
 
 @pytest.fixture(scope="module")

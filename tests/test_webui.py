@@ -7,7 +7,8 @@ renders in the sandboxed Artifacts iframe, whose scripts cannot reach the page o
 inserted as text, never HTML; the server's 400s are shown; Stop closes the stream; a server with an API key gets it
 from the page; the temperature and max-tokens controls start from a local model's generation defaults and go out
 with each request; a local vision-language model (a tiny LLaVA) takes an attached and a pasted image, shows them and
-streams the answer `generate` gives. Screenshots go to tmp_path (and docs/img/webui.png with
+streams the answer `generate` gives; a served tiny Stable Diffusion folder generates from the image view (progress
+streamed, the image the pipeline makes for that seed). Screenshots go to tmp_path (and docs/img/webui.png with
 POLYMODAL_UPDATE_SCREENSHOTS=1)."""
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import greedy_vlm_answer, running, save_tiny_chat_llama, save_tiny_llava
+from serve_helpers import greedy_vlm_answer, running, save_tiny_chat_llama, save_tiny_llava, save_tiny_sd
 
 from polymodal.serve import ServedModels, create_app
 from polymodal.serve.registry import ServedModel, load_model, serve_model
@@ -588,3 +589,68 @@ def test_several_images_in_one_turn_and_qwen_vl_boxes(grounded_server, page, tmp
     assert answer.locator("svg.regions text").text_content() == "the left shape"
     assert answer.locator("svg.regions").get_attribute("viewBox") == "0 0 120 60"
     _screenshot(page, tmp_path, "two-images.png")
+
+
+@pytest.fixture(scope="module")
+def sd_server(fakes, tmp_path_factory):
+    """A tiny random Stable Diffusion folder saved by diffusers, beside a closed text-only (fake) chat model."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("open_clip")
+    directory = tmp_path_factory.mktemp("tiny-sd")
+    save_tiny_sd(directory)
+    served = ServedModels([load_model("sd", directory), serve_model("text", fakes["text"])])
+    try:
+        with running(create_app(served)) as url:
+            yield url, served
+    finally:
+        served.close()
+
+
+def test_image_generation_view_with_a_served_diffusion_model(sd_server, page, tmp_path, monkeypatch):
+    """The image view lists the model whose card says it makes images and starts from its defaults; the prompt,
+    steps, seed and size go out, each step's progress streams in, and the image shown is the pipeline's own for
+    that seed, pixel for pixel; a size the model cannot make shows the server's 400."""
+    import torch
+
+    url, served = sd_server
+    pipe = served.get("sd").images.pipe
+    real = pipe.model.predict
+
+    def slow(*args, **kwargs):  # slow steps, so that the page shows them
+        time.sleep(0.15)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.model, "predict", slow)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: a second thread only waits at barriers on a busy machine
+    try:
+        _open(page, url)
+        assert page.input_value("#model") == "text" and page.is_disabled("#model option[value=sd]")
+        page.click("#imagegen summary")
+        assert page.is_visible("#image-model") and page.input_value("#image-model") == "sd"
+        assert page.input_value("#image-steps") == "50" and page.input_value("#image-size") == "16x16"
+        page.fill("#image-prompt", "a red bicycle")
+        page.fill("#image-steps", "6")
+        page.fill("#image-seed", "9")
+        page.fill("#image-size", "16x24")
+        page.click("#image-generate")
+        sync_api.expect(page.locator("#image-progress-text")).to_contain_text("of 6")  # streamed step progress
+        shown = page.locator("#imagegen-out[data-status=done] img.generated")
+        shown.wait_for()
+        assert page.is_hidden("#imagegen-progress") and page.is_enabled("#image-generate")
+        got = Image.open(io.BytesIO(base64.b64decode(shown.get_attribute("src").split(",", 1)[1])))
+        expected = pipe("a red bicycle", seed=9, num_inference_steps=6, height=24, width=16)[0]
+        np.testing.assert_array_equal(np.asarray(got.convert("RGB")), np.asarray(expected))
+        # the browser decoded it: the image element has the generated image's own size
+        assert page.evaluate("[...document.querySelectorAll('#imagegen-out img')].map(i => [i.naturalWidth, "
+                             "i.naturalHeight])") == [[16, 24]]
+        assert page.inner_text("#imagegen-out figcaption") == "16x24, seed 9"
+        _screenshot(page, tmp_path, "imagegen.png")
+
+        page.fill("#image-size", "17x16")
+        page.click("#image-generate")
+        error = page.locator("#imagegen-out[data-status=error] .error")
+        error.wait_for()
+        assert "multiple of 2" in error.inner_text()
+    finally:
+        torch.set_num_threads(threads)

@@ -97,8 +97,24 @@ async function loadModels() {
   const chat = state.models.filter((m) => m.kind === "chat");
   if (chat.some((m) => m.id === previous)) select.value = previous;
   else if (chat.length) select.value = chat[0].id;
-  setStatus(chat.length ? "" : "No chat model is served here.");
+  // the image view lists the models whose card says they make images (`output_modalities`)
+  const painters = state.models.filter((m) => (m.output_modalities || []).includes("image"));
+  const imageSelect = $("image-model");
+  imageSelect.replaceChildren(...painters.map((m) => el("option", {value: m.id, text: m.id})));
+  imageSelect.hidden = !painters.length;
+  if (painters.length && !chat.length) $("imagegen").open = true;
+  setStatus(chat.length ? "" : painters.length ? "No chat model is served here; generate images below."
+    : "No chat model is served here.");
   updateModel();
+  updateImageModel();
+}
+
+function updateImageModel() {
+  // Steps and size start from the image model's `image_defaults`; the seed stays empty (a random one).
+  const model = state.models.find((m) => m.id === $("image-model").value) || {};
+  const defaults = model.image_defaults || {};
+  $("image-steps").value = defaults.steps ?? "";
+  $("image-size").value = defaults.size ?? "";
 }
 
 function currentModel() {
@@ -267,6 +283,33 @@ function renderAnswer(view, text, final) {
 }
 
 // ------------------------------------------------------------------------------------------------ chat
+async function readEvents(response, onData) {
+  // A server-sent event stream: onData(the parsed JSON) for each `data:` line until the end or [DONE]; onData
+  // returning true stops reading (the connection is closed).
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, {stream: true}).replace(/\r/g, "");
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      for (const line of event.split("\n")) {
+        if (!line.startsWith("data:")) continue;
+        const data = line.slice(5).trim();
+        if (data === "[DONE]") continue;
+        if (onData(JSON.parse(data))) {
+          reader.cancel();
+          return;
+        }
+      }
+    }
+  }
+}
+
 async function streamChat(model, messages, view) {
   // POST /v1/chat/completions with stream: true, read as server-sent events; Stop aborts the fetch, which closes
   // the connection, and the server cancels the generation.
@@ -285,34 +328,23 @@ async function streamChat(model, messages, view) {
       showError(view, message);
       return {status: "error", text};
     }
-    const reader = response.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "";
-    for (;;) {
-      const {value, done} = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, {stream: true}).replace(/\r/g, "");
-      let cut;
-      while ((cut = buffer.indexOf("\n\n")) >= 0) {
-        const event = buffer.slice(0, cut);
-        buffer = buffer.slice(cut + 2);
-        for (const line of event.split("\n")) {
-          if (!line.startsWith("data:")) continue;
-          const data = line.slice(5).trim();
-          if (data === "[DONE]") continue;
-          const chunk = JSON.parse(data);
-          if (chunk.error) {  // an error after the stream began comes inside it, as OpenAI does
-            renderAnswer(view, text, true);
-            showError(view, chunk.error.message || "The server failed while answering.");
-            return {status: "error", text};
-          }
-          const piece = chunk.choices && chunk.choices[0] && chunk.choices[0].delta.content;
-          if (piece) {
-            text += piece;
-            renderAnswer(view, text, false);
-          }
-        }
+    let failed = null;
+    await readEvents(response, (chunk) => {
+      if (chunk.error) {  // an error after the stream began comes inside it, as OpenAI does
+        failed = chunk.error.message || "The server failed while answering.";
+        return true;
       }
+      const piece = chunk.choices && chunk.choices[0] && chunk.choices[0].delta.content;
+      if (piece) {
+        text += piece;
+        renderAnswer(view, text, false);
+      }
+      return false;
+    });
+    if (failed !== null) {
+      renderAnswer(view, text, true);
+      showError(view, failed);
+      return {status: "error", text};
     }
     renderAnswer(view, text, true);
     view.dataset.status = "done";
@@ -440,27 +472,71 @@ function showArtifact(index) {
 }
 
 // ------------------------------------------------------------------------------------------------ images
+function imageRequest(prompt) {
+  // POST /v1/images/generations with stream: true (the server sends each step's progress, then the images); the
+  // model, steps, seed and size only when chosen, so the server's defaults apply otherwise.
+  const body = {prompt, n: 1, response_format: "b64_json", stream: true};
+  if (!$("image-model").hidden && $("image-model").value) body.model = $("image-model").value;
+  const steps = $("image-steps").value.trim();
+  const seed = $("image-seed").value.trim();
+  const size = $("image-size").value.trim();
+  if (steps !== "") body.steps = Number(steps);
+  if (seed !== "") body.seed = Number(seed);
+  if (size !== "") body.size = size;
+  return body;
+}
+
+function showImageProgress(step, total) {
+  $("imagegen-progress").hidden = step === null;
+  if (step === null) return;
+  $("image-progress").max = total || 1;
+  $("image-progress").value = step;
+  $("image-progress-text").textContent = total ? `Step ${step} of ${total}` : "Waiting for the model…";
+}
+
 async function generateImage(event) {
   event.preventDefault();
   const prompt = $("image-prompt").value.trim();
   const out = $("imagegen-out");
-  if (!prompt) return;
-  out.replaceChildren(el("p", {class: "muted", text: "Generating…"}));
-  let response;
+  if (!prompt || $("image-generate").disabled) return;
+  out.replaceChildren();
+  out.dataset.status = "generating";
+  $("image-generate").disabled = true;
+  showImageProgress(0, 0);
+  const fail = (message) => {
+    out.replaceChildren(el("p", {class: "error", text: message}));
+    out.dataset.status = "error";
+  };
   try {
-    response = await fetch("/v1/images/generations", {
-      method: "POST", headers: headers(), body: JSON.stringify({prompt, n: 1, response_format: "b64_json"})});
+    const response = await fetch("/v1/images/generations", {
+      method: "POST", headers: headers(), body: JSON.stringify(imageRequest(prompt))});
+    if (!response.ok) {
+      const message = await errorMessage(response);
+      if (response.status === 401) askForKey(message, null);
+      return fail(message);
+    }
+    const images = [];
+    let failed = null;
+    await readEvents(response, (ev) => {
+      if (ev.error) {
+        failed = ev.error.message || "The server failed while generating.";
+        return true;
+      }
+      if (ev.type === "image_generation.progress") showImageProgress(ev.step, ev.total);
+      else if (ev.type === "image_generation.completed" && typeof ev.b64_json === "string") images.push(ev);
+      return false;
+    });
+    if (failed !== null) return fail(failed);
+    out.replaceChildren(...images.map((d) => el("figure", {},
+      el("img", {class: "generated", alt: prompt, src: `data:image/png;base64,${d.b64_json}`}),
+      el("figcaption", {class: "muted", text: `${d.size}, seed ${d.seed}`}))));
+    out.dataset.status = "done";
   } catch (e) {
-    return out.replaceChildren(el("p", {class: "error", text: `The connection failed: ${e.message}`}));
+    fail(`The connection failed: ${e.message}`);
+  } finally {
+    showImageProgress(null);
+    $("image-generate").disabled = false;
   }
-  if (!response.ok) {
-    const message = await errorMessage(response);
-    if (response.status === 401) askForKey(message, null);
-    return out.replaceChildren(el("p", {class: "error", text: message}));
-  }
-  const images = ((await response.json()).data || []).filter((d) => typeof d.b64_json === "string");
-  out.replaceChildren(...images.map((d) => el("img", {class: "generated", alt: prompt,
-                                                      src: `data:image/png;base64,${d.b64_json}`})));
 }
 
 // ------------------------------------------------------------------------------------------------ wiring
@@ -504,5 +580,6 @@ $("key-form").addEventListener("submit", (e) => {
   if (retry) retry();
 });
 $("imagegen-form").addEventListener("submit", generateImage);
+$("image-model").addEventListener("change", updateImageModel);
 
 loadModels();
