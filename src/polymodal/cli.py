@@ -695,7 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("serve", cmd_serve, "serve models over an OpenAI-compatible HTTP API (docs/serving.md)")
     sp.add_argument("--model", action="append", default=[], metavar="SPEC",
                     help="SOURCE or NAME=SOURCE: a checkpoint directory (a language model, a vision-language model "
-                    "such as LLaVA, which then takes image_url parts, or CLIP), .gguf file, hub id, or openai:/"
+                    "such as LLaVA, which then takes image_url parts, CLIP, or a diffusers pipeline folder, which "
+                    "serves /v1/images/generations), .gguf file, hub id, or openai:/"
                     "anthropic:/gemini: model (repeatable; default: the embedded SmolLM2-135M-Instruct)")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8000)
