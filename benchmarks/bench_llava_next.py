@@ -15,8 +15,9 @@ layers, for a GPU); "tiny" is the tests' shape (32-px crops of 8-px patches, fiv
 Images are processor-shaped: each image of (height, width) is 1 + rows x cols random 336-px crops, laid out
 (images, most crops, 3, S, S) with zero crops after an image's last, and its <image> expanded to the count the
 model packs (the whole image's 576 features, then the crops' grid unpadded to the image's aspect, a newline per
-row: a 480x640 photo is 2340 tokens). Batch 1 is one image of the first --images size; batch 4 is four rows, each
-an image of a different size (different crop grids and cuts), and text prompts of different lengths, left padded.
+row: a 336x336 image is 1176 tokens, a 480x640 photo 2340). Batch 1 is one image of the first --images size;
+batch 4 is four rows, each an image of a different size (different crop grids and cuts), and text prompts of
+different lengths, left padded.
 Before anything is timed the prompt's last logits are compared (max |difference| relative to the largest
 reference value) and the greedy tokens must be identical (end-of-sequence disabled, so both generate --new tokens).
 
@@ -59,9 +60,10 @@ SIZES = {
     "7b-2l": ({**VIT_L_336, "num_hidden_layers": 2}, {**VICUNA_7B, "num_hidden_layers": 2}, CANVASES_336),
     "7b": ({**VIT_L_336, "num_hidden_layers": 24}, {**VICUNA_7B, "num_hidden_layers": 32}, CANVASES_336),
 }
-# (height, width) of the rows' images, per tower size: a 2 x 2 grid cut above and below, a 1 x 2 square, a 3 x 1
-# grid cut beside, a 1 x 2 grid cut beside (the tiny ones: the tests' sizes, the same kinds of grids and cuts)
-IMAGES = {32: "50x70,20x20,200x60,30x80", 336: "480x640,336x336,1000x120,200x300"}
+# (height, width) of the rows' images, per tower size. 336: a square on a 1 x 2 canvas (cut beside), a 3 x 1 grid
+# cut beside, a 1 x 3 grid cut above and below, a 1 x 2 grid cut beside: 1176, 1224, 1160, 1464 tokens (a 480x640
+# photo's 2 x 2 grid is 2340: twice the prefill, `--images 480x640`). 32: the tests' sizes, the same kinds of cuts
+IMAGES = {32: "50x70,20x20,200x60,30x80", 336: "336x336,1000x120,120x1000,200x300"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -92,7 +92,8 @@ def official_tensors(visual: dict, text: dict, seed: int = 0) -> dict[str, torch
     h = "transformer.h.0"
     out.update({**norm(f"{h}.ln_1", D, bias=False), f"{h}.attn.c_attn.weight": r(3 * D, D),
                 f"{h}.attn.c_attn.bias": r(3 * D), f"{h}.attn.c_proj.weight": r(D, D),
-                **norm(f"{h}.ln_2", D, bias=False), f"{h}.mlp.w1.weight": r(inter, D), f"{h}.mlp.w2.weight": r(inter, D),
+                **norm(f"{h}.ln_2", D, bias=False), f"{h}.mlp.w1.weight": r(inter, D),
+                f"{h}.mlp.w2.weight": r(inter, D),
                 f"{h}.mlp.c_proj.weight": r(D, inter), **norm("transformer.ln_f", D, bias=False),
                 "lm_head.weight": r(VOCAB, D)})
     return out
@@ -210,11 +211,12 @@ def bench(size: str, ours, ref: Reference, parts: list[str], images: list[int], 
         if "adapter" in parts:
             x = torch.randn(n, L, v.width, generator=g)  # (N, L, W): what ln_pre and the blocks hand the adapter
             for label, nw in (("mha", True), ("mha-nw", False)):
-                compare(f"{size} adapter {label} n{n}", lambda: ref.resampler(x, need_weights=nw),
-                        lambda: ours.visual.attn_pool(x), rounds)
+                compare(f"{size} adapter {label} n{n}", lambda x=x, nw=nw: ref.resampler(x, need_weights=nw),
+                        lambda x=x: ours.visual.attn_pool(x), rounds)
         if "tower" in parts:
             px = torch.randn(n, 3, v.image_size, v.image_size, generator=g)
-            compare(f"{size} tower {v.layers}l n{n}", lambda: ref.tower(px), lambda: ours.visual(px), rounds)
+            compare(f"{size} tower {v.layers}l n{n}", lambda px=px: ref.tower(px),
+                    lambda px=px: ours.visual(px), rounds)
 
 
 def main() -> None:
