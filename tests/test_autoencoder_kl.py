@@ -315,3 +315,39 @@ def test_gaussian_noise_is_diffusers_randn_tensor():
     b = randn_tensor((2, 4, 3, 3), generator=torch.Generator().manual_seed(9), device=torch.device("cpu"),
                      dtype=torch.float32)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cin, cout, k, stride, side, bias", [
+    (1280, 1280, 3, 1, 4, True),   # a U-Net's lowest stage: the product (4M+ weights, few pixels)
+    (1024, 512, 3, 2, 8, True),    # stride 2 (Downsample2D)
+    (128, 64, 1, 1, 9, False),     # pointwise, no bias (a shortcut conv)
+    (64, 64, 3, 1, 8, True),       # too small a weight: torch's convolution
+])
+def test_conv2d_product_path_equals_torch_convolution(cin, cout, k, stride, side, bias):
+    torch.manual_seed(0)
+    ours = D.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=bias)
+    ref = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=bias)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, cin, side, side)
+    with torch.no_grad():
+        taken = ours._as_product(x)
+        assert taken == ((cin, k) != (64, 3))  # the shapes above that the product path is for
+        torch.testing.assert_close(ours(x), ref(x), **TOL)
+    x.requires_grad_(True)  # training keeps torch's convolution (no unfolded copy saved for backward)
+    assert not ours._as_product(x)
+    ours(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_resnet_block_at_unet_width_matches_diffusers():
+    """SD 1.5's 1280-channel ResNet block on its 256-px lowest stage (4x4, CFG batch 2): the product path."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    ref = ResnetBlock2D(in_channels=2560, out_channels=1280, temb_channels=64, eps=1e-5).eval()
+    ours = D.ResnetBlock2D(2560, 1280, temb_channels=64, eps=1e-5).eval()
+    _copy(ref, ours)
+    x, temb = torch.randn(2, 2560, 4, 4), torch.randn(2, 64)
+    with torch.inference_mode():
+        assert ours.conv1._as_product(x)
+        torch.testing.assert_close(ours(x, temb), ref(x, temb), **TOL)

@@ -35,7 +35,14 @@ from torch import Tensor, nn
 
 from polymodal.config import from_dict, to_dict
 from polymodal.nn.attention import Attention
-from polymodal.nn.diffusion import Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_embedding
+from polymodal.nn.diffusion import (
+    Conv2d,
+    Downsample2D,
+    ResnetBlock2D,
+    TimestepEmbedding,
+    Upsample2D,
+    timestep_embedding,
+)
 from polymodal.nn.mlp import activation
 from polymodal.registry import Family, Layout
 from polymodal.weights.keymap import Fuse, KeyMap, Rename
@@ -174,10 +181,10 @@ class SpatialTransformer(nn.Module):
         inner = heads * head_dim
         self.linear = linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)  # diffusers fixes this epsilon
-        self.proj_in = nn.Linear(channels, inner) if linear else nn.Conv2d(channels, inner, 1)
+        self.proj_in = nn.Linear(channels, inner) if linear else Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(TransformerBlock(inner, heads, head_dim, context_dim)
                                                 for _ in range(depth))
-        self.proj_out = nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1)
+        self.proj_out = nn.Linear(inner, channels) if linear else Conv2d(inner, channels, 1)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         B, C, H, W = x.shape

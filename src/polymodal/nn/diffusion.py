@@ -8,6 +8,9 @@ Their users are the VAE (`polymodal.models.autoencoder_kl`), the U-Nets of SD 1.
 `conv_shortcut`, `linear_1`, ...), so the families' key maps only rename what the structure changes. Checked
 against diffusers 0.42's `ResnetBlock2D`, `Downsample2D`, `Upsample2D`, `get_timestep_embedding`,
 `TimestepEmbedding` and its attention block (tests/test_autoencoder_kl.py).
+
+Their convolutions are `Conv2d`: torch's, except on CPUs in fp32 where oneDNN's convolution is slow for the shapes
+of a U-Net's low-resolution stages (see its docstring); those take one matrix product of the weight as it is stored.
 """
 
 from __future__ import annotations
@@ -30,6 +33,59 @@ def gaussian_noise(shape: tuple[int, ...], *, generator: torch.Generator | None 
     device = torch.device(device or "cpu")
     where = generator.device if generator is not None and generator.device.type == "cpu" else device
     return torch.randn(tuple(shape), generator=generator, device=where, dtype=dtype).to(device)
+
+
+# Where `Conv2d` takes the matrix product (CPU, fp32, measured on the 2-core AVX2 machine of benchmarks/, 2 threads,
+# oneDNN's NCHW convolution / the product, batch 2 unless said): a 3x3 conv of 1280 -> 1280 channels on 4x4, 8x8 and
+# 16x16 maps 19.8 / 5.4 ms, 29.0 / 13.9, 63.3 / 49.3 (oneDNN reorders the 59 MB weight on every call, which the few
+# output pixels do not repay), 1920 -> 1280 on 16x16 100 / 91, stride 2 from 8x8 21.4 / 5.9; but 1280 -> 1280 on
+# 32x32 186 / 220, 640 -> 640 on 16x16 13.2 / 13.9 (a 15 MB weight reorders cheaply) and 320 -> 320 on 64x64 43 / 89.
+# So a k x k conv (k > 1) takes the product when its weight has at least GEMM_MIN_WEIGHT values and its output at
+# most out_channels / 2 pixels (all images together); then the unfolded input is at most half the weight's size.
+# A 1x1 conv is a product over the channels with no unfolding and took it faster at every map size measured whose
+# weight has GEMM_MIN_POINTWISE values or more: 512 -> 256 on 128x128 (batch 1) 31.0 / 16.6 ms, 256 -> 128 on
+# 256x256 50.6 / 24.4, 1280 -> 640 on 32x32 17.4 / 10.5, 320 -> 320 on 32x32 1.5 / 1.3, 64x64 6.1 / 5.8.
+GEMM_MIN_WEIGHT = 1 << 22
+GEMM_MIN_POINTWISE = 1 << 12
+
+
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` (the same parameters, names and checkpoints) that computes, where it is faster (CPU, fp32, no
+    gradient needed, zero padding, no groups or dilation; the shapes named above), out[b] = bias + W (Cout, Cin k k)
+    @ unfold(x[b]) (Cin k k, Ho Wo) with MKL's GEMM reading the weight as stored; elsewhere torch's convolution. The
+    result is the same convolution summed in another order (differences of ~1e-6 relative)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._as_product(x):
+            return super().forward(x)
+        B, C, H, W = x.shape
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+        if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+            cols = x.reshape(B, C, H * W)  # (B, Cin, H*W): a pointwise conv needs no unfolding
+        else:
+            cols = F.unfold(x, (kh, kw), padding=(ph, pw), stride=(sh, sw))  # (B, Cin*kh*kw, Ho*Wo)
+        w = self.weight.view(self.out_channels, -1)  # (Cout, Cin*kh*kw)
+        out = x.new_empty(B, self.out_channels, Ho * Wo)
+        for b in range(B):  # one product per image writes in place: no (B, Cout, K) copy of the weight
+            if self.bias is None:
+                torch.mm(w, cols[b], out=out[b])
+            else:
+                torch.addmm(self.bias[:, None], w, cols[b], out=out[b])
+        return out.view(B, self.out_channels, Ho, Wo)
+
+    def _as_product(self, x: Tensor) -> bool:
+        w = self.weight
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or x.ndim != 4
+                or self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros"
+                or isinstance(self.padding, str) or w.device.type != "cpu"
+                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            return False
+        if self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0):
+            return w.numel() >= GEMM_MIN_POINTWISE
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        pixels = x.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
+        return w.numel() >= GEMM_MIN_WEIGHT and 2 * pixels <= self.out_channels
 
 
 class ResnetBlock2D(nn.Module):
@@ -65,16 +121,16 @@ class ResnetBlock2D(nn.Module):
         self.time_embedding_norm = time_embedding_norm
         self.output_scale_factor = output_scale_factor
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = None
         if temb_channels is not None:
             scale_shift = time_embedding_norm == "scale_shift"
             self.time_emb_proj = nn.Linear(temb_channels, out_channels * (2 if scale_shift else 1))
         self.norm2 = nn.GroupNorm(groups_out or groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.act = activation(act)
-        self.conv_shortcut = (nn.Conv2d(in_channels, out_channels, 1, bias=conv_shortcut_bias)
+        self.conv_shortcut = (Conv2d(in_channels, out_channels, 1, bias=conv_shortcut_bias)
                               if in_channels != out_channels else None)
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
@@ -108,7 +164,7 @@ class Downsample2D(nn.Module):
         if not use_conv and out_channels != channels:
             raise ValueError("average-pool downsampling keeps the channel count")
         self.padding = padding
-        self.conv = (nn.Conv2d(channels, out_channels, 3, stride=2, padding=padding) if use_conv
+        self.conv = (Conv2d(channels, out_channels, 3, stride=2, padding=padding) if use_conv
                      else nn.AvgPool2d(2, stride=2))
         self.use_conv = use_conv
 
@@ -124,7 +180,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int, out_channels: int | None = None, *, use_conv: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1) if use_conv else None
+        self.conv = Conv2d(channels, out_channels or channels, 3, padding=1) if use_conv else None
 
     def forward(self, x: Tensor, output_size: tuple[int, int] | None = None) -> Tensor:
         if output_size is None:
