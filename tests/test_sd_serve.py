@@ -39,6 +39,7 @@ import polymodal as pm  # noqa: E402
 from polymodal import cli  # noqa: E402
 from polymodal.serve import ServedModels, create_app  # noqa: E402
 from polymodal.serve.registry import load_model  # noqa: E402
+from polymodal.pipelines.diffusion import StableDiffusionPipeline  # noqa: E402
 
 FAST = dict(num_inference_steps=3, guidance_scale=6.0)
 
@@ -179,8 +180,32 @@ def test_generate_image_command(sd, pipe, tmp_path, capsys):
     assert code == 0 and capsys.readouterr().err == ""
 
 
+def test_generate_image_without_model_uses_the_cached_default(sd, tmp_path, monkeypatch, capsys):
+    """No --model: polymodal's tiny ldm-shapes model from its first-use cache, at the steps and guidance its
+    evaluation used (20, 5.0) unless given."""
+    import polymodal.train.ldm as ldm
+
+    calls = []
+    monkeypatch.setattr(ldm, "cached_default", lambda say=None: calls.append(say) or sd[1])
+    seen = {}
+    real = StableDiffusionPipeline.__call__
+
+    def spy(self, prompt, negative_prompt=None, num_inference_steps=50, guidance_scale=None, *a, **k):
+        seen.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        return real(self, prompt, negative_prompt, 1, guidance_scale, *a, **k)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", spy)
+    out = tmp_path / "d.png"
+    assert cli.main(["generate-image", "a red circle", "-o", str(out), "--seed", "1", "--quiet"]) == 0
+    assert len(calls) == 1 and out.is_file()
+    assert seen["num_inference_steps"] == 20 and seen["guidance_scale"] == 5.0
+    assert cli.main(["generate-image", "a red circle", "-o", str(out), "--steps", "2", "--guidance", "3",
+                     "--quiet"]) == 0
+    assert seen["num_inference_steps"] == 2 and seen["guidance_scale"] == 3.0
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("args, flag", [
-    ([], "--model is needed"),
     (["--size", "17x16"], "--size 17x16"), (["--size", "big"], "--size big"),
     (["--steps", "0"], "--steps"), (["--guidance", "strong"], "--guidance"), (["--guidance", "nan"], "--guidance"),
     (["-n", "0"], "-n must be"), (["--scheduler", "heun"], "--scheduler"),
@@ -193,7 +218,7 @@ def test_generate_image_bad_input_exits_2_with_one_line(sd, tmp_path, monkeypatc
         raise AssertionError("denoising started")
 
     monkeypatch.setattr("polymodal.pipelines.diffusion.StableDiffusionPipeline.predict", never)
-    model = [] if flag == "--model is needed" else ["--model", str(sd[1])]
+    model = ["--model", str(sd[1])]
     out = [] if any(a == "-o" for a in args) else ["-o", "x.png"]
     code = cli.main(["generate-image", "a cat", *out, *model, *args])
     err = capsys.readouterr().err

@@ -448,8 +448,10 @@ def cmd_train(args) -> None:
         raise SystemExit(128 + e.signum) from None  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
     if not main_process:
         return
-    if "table" in summary:  # an ablation: one run per variant
-        _emit(args, summary, lambda s: f"{s['table']}\n(ablation of {args.recipe}: {args.out}/ablation.md)")
+    if "table" in summary:  # an ablation (one run per variant) or a recipe of stages that ends in one table
+        where = summary.get("table_file", "ablation.md")
+        kind = "ablation of" if where == "ablation.md" else "results of"
+        _emit(args, summary, lambda s: f"{s['table']}\n({kind} {args.recipe}: {args.out}/{where})")
         return
 
     def loss(value) -> str:
@@ -489,11 +491,8 @@ def cmd_generate_image(args) -> None:
 
     from polymodal.pipelines.text_to_image import random_seed, resolve_scheduler
 
-    if args.model is None:
-        raise UsageError("--model is needed: polymodal's default text-to-image model is not trained yet; pass "
-                         "--model a diffusers pipeline folder (one with model_index.json)")
-    model = os.path.expanduser(args.model)
-    if os.path.isdir(model) and not os.path.exists(os.path.join(model, "model_index.json")):
+    model = None if args.model is None else os.path.expanduser(args.model)
+    if model is not None and os.path.isdir(model) and not os.path.exists(os.path.join(model, "model_index.json")):
         raise UsageError(f"--model {args.model}: not a diffusers pipeline folder (it has no model_index.json)")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
@@ -511,7 +510,15 @@ def cmd_generate_image(args) -> None:
     outputs = _image_outputs(args.output, args.n)
     import polymodal as pm
 
-    pipe = pm.pipeline("text-to-image", model=args.model)
+    steps, guidance = args.steps, args.guidance
+    if model is None:  # the project's own tiny model (ldm-shapes), trained and cached on first use
+        from polymodal.train.ldm import LdmShapesConfig, cached_default
+
+        defaults = LdmShapesConfig()  # the steps and guidance its evaluation measured
+        steps = defaults.eval_steps if steps is None else steps
+        guidance = defaults.guidance if guidance is None else guidance
+        model = str(cached_default(lambda m: None if args.quiet else print(m, file=sys.stderr)))
+    pipe = pm.pipeline("text-to-image", model=model)
     try:
         pipe.use_scheduler(scheduler)
     except ValueError as e:
@@ -521,7 +528,7 @@ def cmd_generate_image(args) -> None:
     except ValueError as e:
         raise UsageError(f"--size {args.size}: {e}") from None
     seed = random_seed() if args.seed is None else args.seed  # reported, so that a run can be repeated
-    images = pipe(args.prompt, args.negative, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=seed,
+    images = pipe(args.prompt, args.negative, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
                   height=height, width=width, num_images_per_prompt=args.n, progress=not (args.quiet or args.json))
     for image, path in zip(images, outputs):
         image.save(path)
@@ -661,14 +668,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("prompt", help="what the image shows")
     sp.add_argument("-o", "--output", required=True, metavar="OUT.png",
                     help="where the image goes (several: OUT-1.png, OUT-2.png, ...)")
-    sp.add_argument("--model", default=None, help="a diffusers pipeline folder (model_index.json) or its hub id")
-    sp.add_argument("--steps", type=int, default=None, help="denoising steps (default 50)")
+    sp.add_argument("--model", default=None, help="a diffusers pipeline folder (model_index.json) or its hub id "
+                    "(default: polymodal's tiny ShapesWorld model, `train ldm-shapes`, trained and cached on first "
+                    "use; it draws 32-px shapes for prompts like 'a red circle')")
+    sp.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; 20 for the default model)")
     sp.add_argument("--seed", type=int, default=None, help="seed of the initial noise (default: a random one, "
                     "printed)")
     sp.add_argument("--scheduler", default=None, help="the sampler: euler, euler_ancestral (euler-a), dpmsolver++ "
                     "(dpm++), ddim, ddpm, pndm (plms), flow_match_euler (default: the folder's)")
     sp.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the "
-                    "pipeline's, 7.5 for SD 1.x; <= 1: none)")
+                    "pipeline's, 7.5 for SD 1.x, 5 for the default model; <= 1: none)")
     sp.add_argument("--negative", default=None, help="a negative prompt: what the image should not show")
     sp.add_argument("--size", default=None, metavar="WxH", help="width x height in pixels, multiples of the VAE "
                     "factor (default: the model's training size)")

@@ -37,6 +37,11 @@ All recipes live in the one explicit `RECIPES` dict below; `polymodal train NAME
   (captions), stage 2 at 112 px with everything trained (captions, VQA, grounding to `<box>`, referring), stage 3
   chat SFT with the tower frozen; grounding accuracy at IoU >= 0.5, referring and VQA on seen and never-seen
   combinations after each stage; exports Qwen-VL's official layout.
+* `ldm-shapes`: latent diffusion in small (train/ldm.py): a VAE (32-px images -> 8x8x4 latents), then a U-Net that
+  cross-attends to the frozen clip-shapes text tower, trained with LDM's noise-prediction objective
+  (`objective=eps`) or SD3's rectified flow (`objective=flow`); exported as a Stable Diffusion pipeline folder and
+  judged by the clip-shapes CLIP: color and shape accuracy of generated images on seen and never-seen prompts,
+  against unconditional samples (the floor), and a CLIP-feature Frechet distance to real images.
 * `lenet-fashion-mnist`: the paper's LeNet-5 (Table I connections, RBF output) on Fashion-MNIST with the paper's
   MAP loss, reported as accuracy on the 10,000 test images.
 * `vit-fashion-mnist`: a small ViT on Fashion-MNIST (by default the ViT paper's hybrid: a ResNet stem, then the
@@ -60,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polymodal.train import blip2, llava, mllama, qwen2_vl, qwen_vl
+from polymodal.train import blip2, ldm, llava, mllama, qwen2_vl, qwen_vl
 from polymodal.train.config import ConfigError, TrainConfig, apply_overrides
 from polymodal.train.data import ShuffledBatches
 from polymodal.train.distributed import World, close_world, init_world
@@ -749,6 +754,10 @@ RECIPES: dict[str, Recipe] = {
                              "Qwen-VL's three stages on ShapesWorld scenes (56 px with the LLM frozen; 112 px "
                              "multi-task with grounding; chat SFT with the tower frozen); grounding at IoU 0.5",
                              plan=qwen_vl.plan),
+    "ldm-shapes": Recipe(ldm.LdmShapesConfig, ldm.build_ldm_shapes,
+                         "a tiny latent diffusion model: a VAE, then a text-conditioned U-Net (objective=eps or "
+                         "flow) on ShapesWorld captions; CLIP-judged color/shape accuracy, CLIP-feature FD",
+                         plan=ldm.plan),
     "lenet-fashion-mnist": Recipe(LeNetFashionConfig, build_lenet_fashion,
                                   "the paper's LeNet-5 on Fashion-MNIST (MAP loss); test accuracy"),
     "vit-fashion-mnist": Recipe(ViTFashionConfig, build_vit_fashion,
