@@ -39,6 +39,7 @@ FAMILIES: dict[str, str] = {
     "unet_2d_condition": "polymodal.models.unet_2d_condition",
     "clip_text": "polymodal.models.clip_text",
     "sd3_transformer": "polymodal.models.sd3_transformer",
+    "whisper": "polymodal.models.whisper",
 }
 
 # transformers' config.json `model_type` (and polymodal's own) -> family
@@ -77,6 +78,8 @@ MODEL_TYPES: dict[str, str] = {
     "qwen": "qwen_vl",  # Qwen (v1) with `visual` in its config: Qwen-VL
     "polymodal-qwen_vl": "qwen_vl",
     "clip_text_model": "clip_text",  # CLIPTextModel / CLIPTextModelWithProjection (diffusion text encoders)
+    "whisper": "whisper",
+    "polymodal-whisper": "whisper",
 }
 
 # diffusers' component config.json `_class_name` -> family (read through the family's "diffusers" layout)

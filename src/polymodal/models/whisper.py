@@ -1,0 +1,463 @@
+"""Whisper (Radford et al. 2022, "Robust Speech Recognition via Large-Scale Weak Supervision"), speech recognition.
+
+    encoder:  x = log-mel features (B, n_mels, 2 * S)              30 s of audio: 3000 frames, S = 1500
+              h = GELU(conv2(GELU(conv1(x))))                     kernel 3; conv2 has stride 2 -> (B, D, S)
+              h = h^T + sinusoids (S, D)                          stored in the checkpoints as a table
+              L x:  h = h + SelfAttn(LN(h));  h = h + MLP(LN(h))  pre-norm, GELU
+              e = LN(h)
+    decoder:  g = embed(tokens) + learned positions (448, D)
+              L x:  g = g + SelfAttn(LN(g), causal)
+                    g = g + CrossAttn(LN(g), e)
+                    g = g + MLP(LN(g))
+              logits = LN(g) @ embed^T                            the head is the token embedding, tied
+
+The decoder starts from forced tokens that say what to do: <|startoftranscript|>, the language (multilingual
+checkpoints), the task (<|transcribe|> or <|translate|>) and <|notimestamps|> (`Whisper.prompt_ids`). Decoding
+suppresses the `suppress_tokens` of the generation config at every step and `begin_suppress_tokens` (a blank and
+the end of text) at the first one, as transformers' logits processors and the paper's decoder do; that happens
+inside the model's own prefill and step, so generation is the shared loop (`polymodal.generation`).
+
+Whisper's key projections have no bias while queries and values have one. The shared `Attention` keeps q/k/v in
+one fused product, so its fused projection here is `ZeroKeyBiasLinear`: the fused weight, and the q and v biases
+with the key's block read as zeros (a key bias would add the same q.b to every logit of a query, which the
+softmax removes: nothing is lost).
+
+Checked against transformers' `WhisperForConditionalGeneration` (encoder output, logits, greedy `generate` with
+the forced tokens, batches; tests/test_whisper.py) and, on the real tiny.en and base weights that packages ship
+as CTranslate2 files (`polymodal.weights.ctranslate2`), token for token on real speech.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polymodal.config import MAX_LAYERS, from_dict
+from polymodal.generation import DecoderState, generate
+from polymodal.nn import MLP, Attention, KVCache, LayerNorm, activation
+from polymodal.registry import Family, Layout, native_layout
+from polymodal.weights.keymap import Drop, Fuse, KeyMap, Rename
+from polymodal.weights.record import record
+
+
+@dataclass(frozen=True)
+class WhisperConfig:
+    vocab_size: int = 51865
+    num_mel_bins: int = 80
+    d_model: int = 384
+    encoder_layers: int = 4
+    encoder_attention_heads: int = 6
+    encoder_ffn_dim: int = 1536
+    decoder_layers: int = 4
+    decoder_attention_heads: int = 6
+    decoder_ffn_dim: int = 1536
+    activation_function: str = "gelu"
+    max_source_positions: int = 1500  # encoder positions: 30 s of audio at 50 per second (after conv2's stride)
+    max_target_positions: int = 448  # decoder positions
+    pad_token_id: int = 50257
+    bos_token_id: int = 50257
+    eos_token_id: int = 50257  # <|endoftext|>
+    decoder_start_token_id: int = 50258  # <|startoftranscript|>
+
+    def __post_init__(self):
+        for name in ("encoder_layers", "decoder_layers"):
+            if getattr(self, name) > MAX_LAYERS:
+                raise ValueError(f"{name}={getattr(self, name)} is more than any real model has ({MAX_LAYERS})")
+        for name in ("encoder_attention_heads", "decoder_attention_heads"):
+            if self.d_model % getattr(self, name):
+                raise ValueError(f"d_model={self.d_model} is not a multiple of {name}={getattr(self, name)}")
+
+    @property
+    def num_frames(self) -> int:
+        """Mel frames the encoder reads: conv2's stride halves them into `max_source_positions`."""
+        return 2 * self.max_source_positions
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Tensor:
+    """(length, channels) Whisper's encoder positions: [sin(t * w_i) ..., cos(t * w_i) ...] with timescales
+    log-spaced from 1 to max_timescale over channels / 2 - 1 steps (the paper's code; not the base^(-2i/d) of
+    "Attention Is All You Need")."""
+    if channels % 2 or channels < 4:
+        raise ValueError(f"sinusoidal positions need an even width of at least 4, got {channels}")
+    step = math.log(max_timescale) / (channels // 2 - 1)
+    inv = torch.exp(-step * torch.arange(channels // 2, dtype=torch.float64))
+    t = torch.arange(length, dtype=torch.float64)[:, None] * inv[None]  # (length, channels / 2)
+    return torch.cat([t.sin(), t.cos()], dim=1).float()
+
+
+class ZeroKeyBiasLinear(nn.Module):
+    """A fused projection whose key block has no bias: x (..., in) -> (..., sum(sizes)).
+
+    weight (sum(sizes), in) is the fused q/k/v (or k/v) weight; `nonkey_bias` holds the biases of every block but the
+    key's, in order, and `bias` reads as the whole fused bias with zeros for the key (what `Attention` reads)."""
+
+    def __init__(self, in_features: int, sizes: tuple[int, ...], key: int):
+        super().__init__()
+        self.sizes, self.key = tuple(sizes), key
+        self.in_features, self.out_features = in_features, sum(sizes)
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features))
+        self.nonkey_bias = nn.Parameter(torch.zeros(self.out_features - sizes[key]))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's initialization
+
+    @property
+    def bias(self) -> Tensor:
+        start = sum(self.sizes[: self.key])
+        b = self.nonkey_bias
+        return torch.cat([b[:start], b.new_zeros(self.sizes[self.key]), b[start:]])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class WhisperLayer(nn.Module):
+    """Pre-norm self-attention [+ cross-attention] + GELU MLP, residual around each; names as transformers'."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, act: str, *, decoder: bool):
+        super().__init__()
+        self.self_attn_layer_norm = LayerNorm(dim)
+        self.self_attn = Attention(dim, heads, bias=True, causal=decoder)
+        self.self_attn.qkv = ZeroKeyBiasLinear(dim, (dim, dim, dim), key=1)
+        if decoder:
+            self.encoder_attn_layer_norm = LayerNorm(dim)
+            self.encoder_attn = Attention(dim, heads, context_dim=dim, bias=True)
+            self.encoder_attn.kv = ZeroKeyBiasLinear(dim, (dim, dim), key=0)
+        self.final_layer_norm = LayerNorm(dim)
+        self.mlp = MLP(dim, ffn, act)
+
+    def forward(self, x: Tensor, *, cache: KVCache | None = None,
+                context: tuple[Tensor, Tensor] | Tensor | None = None) -> Tensor:
+        """x (B, T, D); context: the encoder output (B, S, D) or this layer's cross keys and values."""
+        x = x + self.self_attn(self.self_attn_layer_norm(x), cache=cache)
+        if context is not None:
+            x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), context)
+        return x + self.mlp(self.final_layer_norm(x))
+
+
+class WhisperEncoder(nn.Module):
+    """Log-mel features (B, n_mels, 2S) -> (B, S, D)."""
+
+    def __init__(self, c: WhisperConfig):
+        super().__init__()
+        D = c.d_model
+        self.num_frames = c.num_frames
+        self.conv1 = nn.Conv1d(c.num_mel_bins, D, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(D, D, kernel_size=3, stride=2, padding=1)
+        self.act = activation(c.activation_function)
+        self.embed_positions = nn.Embedding(c.max_source_positions, D)
+        with torch.no_grad():
+            if not self.embed_positions.weight.is_meta:
+                self.embed_positions.weight.copy_(sinusoids(c.max_source_positions, D))
+        self.layers = nn.ModuleList(WhisperLayer(D, c.encoder_attention_heads, c.encoder_ffn_dim,
+                                                 c.activation_function, decoder=False)
+                                    for _ in range(c.encoder_layers))
+        self.layer_norm = LayerNorm(D)
+
+    def forward(self, input_features: Tensor) -> Tensor:
+        if input_features.dim() != 3 or input_features.shape[1:] != (self.conv1.in_channels, self.num_frames):
+            raise ValueError(f"input_features must be (batch, n_mels={self.conv1.in_channels}, frames="
+                             f"{self.num_frames}) (30 s of audio, padded), got {tuple(input_features.shape)}")
+        h = self.act(self.conv2(self.act(self.conv1(input_features))))  # (B, D, S)
+        h = h.transpose(1, 2) + self.embed_positions.weight  # (B, S, D)
+        for layer in self.layers:
+            h = layer(h)
+        return self.layer_norm(h)
+
+
+class WhisperDecoder(nn.Module):
+    """Tokens (B, T) following `past` cached ones -> final hidden states (B, T, D), normed."""
+
+    def __init__(self, c: WhisperConfig):
+        super().__init__()
+        D = c.d_model
+        self.embed_tokens = nn.Embedding(c.vocab_size, D)
+        self.embed_positions = nn.Embedding(c.max_target_positions, D)
+        self.layers = nn.ModuleList(WhisperLayer(D, c.decoder_attention_heads, c.decoder_ffn_dim,
+                                                 c.activation_function, decoder=True)
+                                    for _ in range(c.decoder_layers))
+        self.layer_norm = LayerNorm(D)
+
+    def forward(self, input_ids: Tensor, context: Tensor | list[tuple[Tensor, Tensor]],
+                cache: list[KVCache] | None = None) -> Tensor:
+        """context: the encoder output (B, S, D) or per layer its cross keys and values (B, H, S, Dh) each."""
+        past = cache[0].length if cache else 0
+        T = input_ids.shape[1]
+        limit = self.embed_positions.num_embeddings
+        if past + T > limit:
+            raise ValueError(f"Whisper's decoder holds {limit} positions; {past + T} were asked for (a shorter "
+                             f"max_new_tokens or prompt)")
+        positions = torch.arange(past, past + T, device=input_ids.device)
+        h = self.embed_tokens(input_ids) + self.embed_positions(positions)  # (B, T, D)
+        for i, layer in enumerate(self.layers):
+            ctx = context[i] if isinstance(context, list) else context
+            h = layer(h, cache=cache[i] if cache else None, context=ctx)
+        return self.layer_norm(h)
+
+
+class Whisper(nn.Module):
+    """input_features (B, n_mels, 2S), decoder_input_ids (B, T) -> logits (B, T, V)."""
+
+    def __init__(self, config: WhisperConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = WhisperEncoder(config)
+        self.decoder = WhisperDecoder(config)
+
+    def encode(self, input_features: Tensor) -> Tensor:
+        """(B, n_mels, 2S) -> (B, S, D): transformers' `model.encoder(...).last_hidden_state`."""
+        return self.encoder(input_features.to(self.encoder.conv1.weight.dtype))
+
+    def head(self, h: Tensor) -> Tensor:
+        return F.linear(h, self.decoder.embed_tokens.weight)  # tied to the token embedding (proj_out)
+
+    def decode(self, decoder_input_ids: Tensor, context: Tensor | list[tuple[Tensor, Tensor]],
+               cache: list[KVCache] | None = None) -> Tensor:
+        """decoder_input_ids (B, T) -> logits (B, T, V)."""
+        return self.head(self.decoder(decoder_input_ids, context, cache))
+
+    def forward(self, input_features: Tensor, decoder_input_ids: Tensor) -> Tensor:
+        if decoder_input_ids.dim() != 2 or decoder_input_ids.shape[0] != input_features.shape[0]:
+            raise ValueError(f"decoder_input_ids must be (batch={input_features.shape[0]}, length), got "
+                             f"{tuple(decoder_input_ids.shape)}")
+        return self.decode(decoder_input_ids, self.encode(input_features))
+
+    # ------------------------------------------------------------------------------ generation
+
+    def generation_settings(self) -> dict:
+        """The generation config (`pm.record(model).generation_config`: generation_config.json beside the weights,
+        or what the CTranslate2 reader derived): `lang_to_id`, `task_to_id`, `no_timestamps_token_id`,
+        `suppress_tokens`, `begin_suppress_tokens`; {} when there is none."""
+        return record(self).generation_config or {}
+
+    @property
+    def is_multilingual(self) -> bool:
+        """Multilingual checkpoints have language and task tokens; English-only ones (".en") have neither."""
+        return bool(self.generation_settings().get("lang_to_id"))
+
+    def prompt_ids(self, input_features: Tensor | None = None, language: str | list[str] | None = None,
+                   task: str | None = None, timestamps: bool = False) -> list[list[int]]:
+        """The forced decoder prompt of each row, as transformers' Whisper builds it: <|startoftranscript|>, then for
+        a multilingual checkpoint the language (given, or detected from `input_features`, `detect_language`) and
+        the task (<|transcribe|> by default, or <|translate|>), then <|notimestamps|> unless timestamps are asked
+        for."""
+        gen, c = self.generation_settings(), self.config
+        B = 1 if input_features is None else input_features.shape[0]
+        rows = [[c.decoder_start_token_id] for _ in range(B)]
+        if self.is_multilingual:
+            if language is None:
+                if input_features is None:
+                    raise ValueError("a multilingual Whisper needs a language, or the audio to detect it from")
+                langs = self.detect_language(input_features).tolist()
+            else:
+                names = [language] * B if isinstance(language, str) else list(language)
+                if len(names) != B:
+                    raise ValueError(f"{len(names)} languages for {B} rows")
+                langs = [language_id(gen["lang_to_id"], name) for name in names]
+            tasks = gen.get("task_to_id") or {}
+            if task is not None and task not in tasks:
+                raise ValueError(f"task must be 'transcribe' or 'translate', got {task!r}")
+            # transformers' rule: a task given, else <|transcribe|> after a given language; after a detected one, the
+            # task the generation config forces (real checkpoints: transcribe), or none
+            forced = [i for _, i in gen.get("forced_decoder_ids") or () if i in tasks.values()]
+            task_ids = ([tasks[task]] if task is not None else [tasks["transcribe"]] if language is not None
+                        and "transcribe" in tasks else forced[:1])
+            for row, lang in zip(rows, langs):
+                row += [lang, *task_ids]
+        elif language not in (None, "en", "english") or task not in (None, "transcribe"):
+            raise ValueError("this English-only Whisper checkpoint only transcribes English (it has no language or "
+                             "translate tokens)")
+        no_ts = gen.get("no_timestamps_token_id")
+        if no_ts is not None and not timestamps:
+            for row in rows:
+                row.append(no_ts)
+        return rows
+
+    @torch.inference_mode()
+    def detect_language(self, input_features: Tensor) -> Tensor:
+        """(B, n_mels, 2S) -> (B,) the most likely language token of each row after <|startoftranscript|>."""
+        lang_ids = list((self.generation_settings().get("lang_to_id") or {}).values())
+        if not lang_ids:
+            raise ValueError("this Whisper checkpoint has no language tokens (an English-only model)")
+        start = torch.full((input_features.shape[0], 1), self.config.decoder_start_token_id,
+                           device=input_features.device)
+        logits = self(input_features, start)[:, -1]  # (B, V)
+        ids = torch.tensor(lang_ids, device=logits.device)
+        return ids[logits[:, ids].argmax(-1)]
+
+    def suppressed(self) -> tuple[Tensor | None, Tensor | None]:
+        """(suppress_tokens, begin_suppress_tokens) of the generation config as id tensors, None where absent."""
+        gen = record(self).generation_config or {}
+        V = self.config.vocab_size
+        out = []
+        for key in ("suppress_tokens", "begin_suppress_tokens"):
+            ids = [i for i in gen.get(key) or () if isinstance(i, int) and 0 <= i < V]
+            out.append(torch.tensor(ids, device=self.decoder.embed_tokens.weight.device) if ids else None)
+        return out[0], out[1]
+
+    def _suppress(self, logits: Tensor, first: bool) -> Tensor:
+        every, begin = self.suppressed()
+        for ids in (every, begin if first else None):
+            if ids is not None:
+                logits = logits.index_fill(-1, ids, float("-inf"))
+        return logits
+
+    def generation_prefill(self, input_ids: Tensor, attention_mask: Tensor, max_len: int, *,
+                           input_features: Tensor) -> tuple[DecoderState, Tensor]:
+        """Encode the features once, cache each layer's cross keys and values, run the decoder prompt `input_ids`
+        (B, T) -> (state, the first new token's logits (B, V)). The output continues the prompt."""
+        if input_features.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"{input_features.shape[0]} feature rows for {input_ids.shape[0]} decoder prompts")
+        if not bool(attention_mask.all()):
+            raise ValueError("Whisper's decoder prompts of one batch have one length (no padding)")
+        encoded = self.encode(input_features)  # (B, S, D)
+        cross = [layer.encoder_attn.project_kv(encoded) for layer in self.decoder.layers]
+        c, p = self.config, self.decoder.embed_tokens.weight
+        H = c.decoder_attention_heads
+        cache = [KVCache(input_ids.shape[0], H, max_len, c.d_model // H, dtype=p.dtype, device=p.device)
+                 for _ in range(c.decoder_layers)]
+        state, _ = DecoderState.start(cache, attention_mask, max_len, cross=cross)
+        logits = self.decode(input_ids, cross, state.cache)[:, -1]
+        return state, self._suppress(logits, first=True)
+
+    def generation_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
+        state.advance()
+        return self._suppress(self.decode(tokens[:, None], state.cross, state.cache)[:, -1], first=False)
+
+    def generate(self, input_features: Tensor, max_new_tokens: int | None = None, do_sample: bool = False, *,
+                 decoder_input_ids: Tensor | None = None, language: str | list[str] | None = None,
+                 task: str | None = None, **options) -> Tensor:
+        """input_features (B, n_mels, 2S) -> (B, N) the new tokens after the forced prompt, ending at <|endoftext|>
+        (finished rows padded with it): what transformers' Whisper `generate` returns. The prompt is
+        `decoder_input_ids` (B, T), or `prompt_ids(input_features, language, task)`. max_new_tokens defaults to
+        the decoder's room (448 positions less the prompt). See `polymodal.generation.generate` for the options
+        (beams, sampling, streaming)."""
+        if decoder_input_ids is None:
+            decoder_input_ids = torch.tensor(self.prompt_ids(input_features, language, task),
+                                             device=input_features.device)
+        T = decoder_input_ids.shape[1]
+        room = self.config.max_target_positions - T
+        if max_new_tokens is None:
+            max_new_tokens = room
+        if not 0 <= max_new_tokens <= room:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: Whisper's decoder holds "
+                             f"{self.config.max_target_positions} positions, {T} of them the prompt")
+        options.setdefault("eos_token_id", self.config.eos_token_id)
+        options.setdefault("pad_token_id", self.config.pad_token_id)
+        out = generate(self, decoder_input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                       input_features=input_features, **options)
+        return out[:, T:]
+
+
+def language_id(lang_to_id: dict[str, int], name: str) -> int:
+    """A language token's id from a code ("en"), a token ("<|en|>") or an English name ("english")."""
+    key = name.lower()
+    token = key if key.startswith("<|") else f"<|{LANGUAGE_CODES.get(key, key)}|>"
+    if token not in lang_to_id:
+        raise ValueError(f"unknown language {name!r} for this Whisper checkpoint; it knows "
+                         f"{', '.join(t.strip('<|>') for t in list(lang_to_id)[:12])}, ...")
+    return lang_to_id[token]
+
+
+LANGUAGE_CODES = {"english": "en", "german": "de", "french": "fr", "spanish": "es", "italian": "it",
+                  "portuguese": "pt", "dutch": "nl", "russian": "ru", "chinese": "zh", "japanese": "ja",
+                  "korean": "ko", "arabic": "ar", "hindi": "hi", "turkish": "tr", "polish": "pl"}
+
+
+def load_tokenizer(model: Whisper):
+    """The checkpoint's tokenizer (`tokenizers.Tokenizer`): the one the model carries, else tokenizer.json beside
+    its weights."""
+    rec = record(model)
+    if rec.tokenizer is not None:
+        return rec.tokenizer
+    if rec.source is None or not (rec.source / "tokenizer.json").exists():
+        raise ValueError("this Whisper model has no tokenizer.json beside its weights; pass tokenizer=...")
+    from polymodal.weights.checkpoint import read_tokenizer_file
+
+    rec.tokenizer = read_tokenizer_file(rec.source / "tokenizer.json")
+    return rec.tokenizer
+
+
+# ------------------------------------------------------------------------------------------ presets
+# Architectures (the paper's table 1); English-only checkpoints have one token fewer (no <|translate|> ... shift)
+# and large-v3 has 128 mel bins and one language more.
+
+_EN = dict(vocab_size=51864, pad_token_id=50256, bos_token_id=50256, eos_token_id=50256, decoder_start_token_id=50257)
+_SIZES = {
+    "tiny": dict(d_model=384, encoder_layers=4, decoder_layers=4, encoder_attention_heads=6,
+                 decoder_attention_heads=6, encoder_ffn_dim=1536, decoder_ffn_dim=1536),
+    "base": dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
+                 decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048),
+    "small": dict(d_model=768, encoder_layers=12, decoder_layers=12, encoder_attention_heads=12,
+                  decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072),
+    "medium": dict(d_model=1024, encoder_layers=24, decoder_layers=24, encoder_attention_heads=16,
+                   decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096),
+    "large": dict(d_model=1280, encoder_layers=32, decoder_layers=32, encoder_attention_heads=20,
+                  decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120),
+}
+PRESETS: dict[str, WhisperConfig] = {
+    "whisper-tiny-test": WhisperConfig(vocab_size=96, num_mel_bins=16, d_model=32, encoder_layers=2, decoder_layers=2,
+                                       encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                       decoder_ffn_dim=64, max_source_positions=30, max_target_positions=40,
+                                       pad_token_id=90, bos_token_id=90, eos_token_id=90, decoder_start_token_id=91),
+    **{f"openai/whisper-{size}": WhisperConfig(**arch) for size, arch in _SIZES.items() if size != "large"},
+    **{f"openai/whisper-{size}.en": WhisperConfig(**arch, **_EN) for size, arch in _SIZES.items() if size != "large"},
+    "openai/whisper-large-v2": WhisperConfig(**_SIZES["large"]),
+    "openai/whisper-large-v3": WhisperConfig(**_SIZES["large"], num_mel_bins=128, vocab_size=51866),
+    "openai/whisper-large-v3-turbo": WhisperConfig(**{**_SIZES["large"], "decoder_layers": 4}, num_mel_bins=128,
+                                                   vocab_size=51866),
+}
+HUB_IDS = {name: name for name in PRESETS if name.startswith("openai/")}
+
+# ------------------------------------------------------------------------------------------ checkpoints
+# transformers (`WhisperForConditionalGeneration`): `model.{encoder,decoder}.*` with q/k/v/out projections apart
+# (`k_proj` without bias), the layer's `fc1`/`fc2` (our `mlp.`), `proj_out` tied to `decoder.embed_tokens` (files
+# may hold it or not). `WhisperModel` files have the same names without `model.`.
+
+
+def hf_key_map(c: WhisperConfig) -> KeyMap:
+    rules = []
+    for stack, attns in (("encoder", ("self_attn",)), ("decoder", ("self_attn", "encoder_attn"))):
+        src, dst = f"model.{stack}.layers.{{i}}", f"{stack}.layers.{{i}}"
+        for a in attns:
+            kind = "self" if a == "self_attn" else "cross"
+            fused, names = ("qkv", ("q", "k", "v")) if kind == "self" else ("kv", ("k", "v"))
+            if kind == "cross":
+                rules += [Rename(f"{src}.{a}.q_proj.{p}", f"{dst}.{a}.q.{p}") for p in ("weight", "bias")]
+            rules += [
+                Fuse(tuple(f"{src}.{a}.{n}_proj.weight" for n in names), f"{dst}.{a}.{fused}.weight"),
+                Fuse(tuple(f"{src}.{a}.{n}_proj.bias" for n in names if n != "k"), f"{dst}.{a}.{fused}.nonkey_bias")
+                if kind == "self" else Rename(f"{src}.{a}.v_proj.bias", f"{dst}.{a}.{fused}.nonkey_bias"),
+                *[Rename(f"{src}.{a}.out_proj.{p}", f"{dst}.{a}.proj.{p}") for p in ("weight", "bias")],
+            ]
+        rules += [Rename(f"{src}.{fc}.{p}", f"{dst}.mlp.{fc}.{p}") for fc in ("fc1", "fc2") for p in ("weight", "bias")]
+        rules.append(Rename(f"model.{stack}.{{rest*}}", f"{stack}.{{rest*}}"))
+    rules.append(Drop("proj_out.weight"))  # the tied head: decoder.embed_tokens again
+    return KeyMap(rules)
+
+
+def read_hf_config(raw: dict, shapes: dict | None = None) -> WhisperConfig:
+    return from_dict(WhisperConfig, raw)
+
+
+def write_hf_config(c: WhisperConfig) -> dict:
+    from polymodal.config import to_dict
+
+    return {"model_type": "whisper", "architectures": ["WhisperForConditionalGeneration"], **to_dict(c),
+            "scale_embedding": False, "tie_word_embeddings": True, "is_encoder_decoder": True}
+
+
+FAMILY = Family(
+    name="whisper",
+    model=Whisper,
+    layouts={
+        "transformers": Layout("transformers", read_hf_config, write_hf_config, hf_key_map),
+        "polymodal": native_layout("whisper", WhisperConfig),
+    },
+    presets=PRESETS,
+    hub_ids=HUB_IDS,
+    description="Whisper encoder-decoder speech recognition (tiny to large-v3; English-only and multilingual)",
+    tasks=("automatic-speech-recognition",),
+)
