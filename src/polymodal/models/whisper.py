@@ -367,17 +367,13 @@ LANGUAGE_CODES = {"english": "en", "german": "de", "french": "fr", "spanish": "e
 
 
 def load_tokenizer(model: Whisper):
-    """The checkpoint's tokenizer (`tokenizers.Tokenizer`): the one the model carries, else tokenizer.json beside
-    its weights."""
-    rec = record(model)
-    if rec.tokenizer is not None:
-        return rec.tokenizer
-    if rec.source is None or not (rec.source / "tokenizer.json").exists():
-        raise ValueError("this Whisper model has no tokenizer.json beside its weights; pass tokenizer=...")
+    """The checkpoint's tokenizer (a `tokenizers.Tokenizer`) from tokenizer.json beside its weights."""
+    source = record(model).source
+    if source is None or not (source / "tokenizer.json").exists():
+        raise ValueError("this Whisper model has no tokenizer.json beside its weights; pass a tokenizer")
     from polymodal.weights.checkpoint import read_tokenizer_file
 
-    rec.tokenizer = read_tokenizer_file(rec.source / "tokenizer.json")
-    return rec.tokenizer
+    return read_tokenizer_file(source / "tokenizer.json")[0]
 
 
 # ------------------------------------------------------------------------------------------ presets
