@@ -332,8 +332,8 @@ class Whisper(nn.Module):
     def generate(self, input_features: Tensor, max_new_tokens: int | None = None, do_sample: bool = False, *,
                  decoder_input_ids: Tensor | None = None, language: str | list[str] | None = None,
                  task: str | None = None, **options) -> Tensor:
-        """input_features (B, n_mels, 2S) -> (B, N) the new tokens after the forced prompt, ending at <|endoftext|>
-        (finished rows padded with it): what transformers' Whisper `generate` returns. The prompt is
+        """input_features (B, n_mels, 2S) -> (B, N) the new tokens after the forced prompt, without the final
+        <|endoftext|>, shorter rows padded: what transformers' Whisper `generate` returns. The prompt is
         `decoder_input_ids` (B, T), or `prompt_ids(input_features, language, task)`. max_new_tokens defaults to
         the decoder's room (448 positions less the prompt). See `polymodal.generation.generate` for the options
         (beams, sampling, streaming)."""
@@ -350,8 +350,16 @@ class Whisper(nn.Module):
         options.setdefault("eos_token_id", self.config.eos_token_id)
         options.setdefault("pad_token_id", self.config.pad_token_id)
         out = generate(self, decoder_input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                       input_features=input_features, **options)
-        return out[:, T:]
+                       input_features=input_features, **options)[:, T:]
+        return _strip_end(out, options["eos_token_id"], options["pad_token_id"])
+
+
+def _strip_end(tokens: Tensor, eos: int | list[int], pad: int) -> Tensor:
+    """transformers' Whisper output: each row without its <|endoftext|>, padded to the longest row that remains."""
+    ends = torch.isin(tokens, torch.tensor(eos if isinstance(eos, list) else [eos], device=tokens.device))
+    length = torch.where(ends.any(1), ends.int().argmax(1), tokens.shape[1])  # (B,) tokens before the first end
+    keep = torch.arange(tokens.shape[1], device=tokens.device)[None] < length[:, None]
+    return tokens.masked_fill(~keep, pad)[:, : int(length.max()) if tokens.numel() else 0]
 
 
 def language_id(lang_to_id: dict[str, int], name: str) -> int:
