@@ -109,11 +109,8 @@ def write_dir(path: Path, variables: dict, **kw) -> Path:
 
     path.mkdir(parents=True, exist_ok=True)
     (path / "model.bin").write_bytes(model_bin(variables, **kw))
-    vocab = {f"w{i}": i for i in range(VOCAB)}
-    vocab.update({"<|endoftext|>": EOT, "<|startoftranscript|>": SOT, "<|notimestamps|>": NO_TS})
-    for name, i in list(vocab.items()):
-        if name.startswith("w") and int(name[1:]) in (EOT, SOT, NO_TS):
-            del vocab[name]
+    specials = {"<|endoftext|>": EOT, "<|startoftranscript|>": SOT, "<|notimestamps|>": NO_TS}
+    vocab = {f"w{i}": i for i in range(VOCAB) if i not in specials.values()} | specials
     Tokenizer(WordLevel(vocab, unk_token="w0")).save(str(path / "tokenizer.json"))
     (path / "config.json").write_text(json.dumps({"suppress_ids": [5, 6], "suppress_ids_begin": [7, EOT],
                                                   "lang_ids": []}))
