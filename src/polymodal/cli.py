@@ -535,6 +535,23 @@ def cmd_generate_image(args) -> None:
     _emit(args, {"images": outputs, "seed": seed}, lambda r: "\n".join(r["images"]) + f"\n(seed {r['seed']})")
 
 
+def cmd_transcribe(args) -> None:
+    """Speech to text with Whisper: every audio file decoded first (a bad one fails before any model loads)."""
+    import polymodal as pm
+    from polymodal.processing.audio import read_audio
+
+    audio = [read_audio(path) for path in args.audio]
+    if args.timestamps:
+        raise UsageError("--timestamps: timestamps are not built yet in polymodal's Whisper")
+    pipe = pm.pipeline("automatic-speech-recognition", model=args.model)
+    result = pipe(audio if len(audio) > 1 else audio[0], language=args.language, task=args.task,
+                  max_new_tokens=args.max_new_tokens)
+    if len(audio) > 1:
+        _emit(args, result, lambda r: "\n".join(f"{p}: {t['text'].strip()}" for p, t in zip(args.audio, r)))
+    else:
+        _emit(args, result, lambda r: r["text"].strip())
+
+
 def cmd_serve(args) -> None:
     from polymodal.serve.app import MAX_BODY_BYTES, api_key_from_env, bind_socket, serve
     from polymodal.serve.registry import load_served, parse_spec
@@ -700,6 +717,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="run directory: checkpoints/, metrics.jsonl, results.json")
     sp.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+
+    sp = add("transcribe", cmd_transcribe, "speech to text with Whisper (WAV, or what PyAV decodes; long audio in "
+             "30-s windows)")
+    sp.add_argument("audio", nargs="+", help="audio file(s)")
+    sp.add_argument("--model", default=None, help="a Whisper directory (transformers' layout or CTranslate2's "
+                    "model.bin) or hub id (default: the packaged tiny.en)")
+    sp.add_argument("--language", default=None, help='spoken language of a multilingual model, e.g. "en" '
+                    "(default: detected)")
+    sp.add_argument("--task", default=None, choices=("transcribe", "translate"),
+                    help="translate: into English (multilingual models)")
+    sp.add_argument("--max-new-tokens", type=int, default=None, help="per 30-s window (default: as many as fit)")
+    sp.add_argument("--timestamps", action="store_true", help="segment timestamps (not built yet)")
 
     sp = add("serve", cmd_serve, "serve models over an OpenAI-compatible HTTP API (docs/serving.md)")
     sp.add_argument("--model", action="append", default=[], metavar="SPEC",

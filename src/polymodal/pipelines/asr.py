@@ -32,10 +32,10 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
     model_kind = "a speech recognition model (Whisper)"
     takes_images = False
 
-    def __init__(self, model=None, *, language: str | None = None, task: str | None = None, batch_size: int = 4,
+    def __init__(self, model=None, *, language: str | None = None, translate: bool = False, batch_size: int = 4,
                  device=None, dtype=None, optimize: bool = True):
-        """language: "en", "de", ... for a multilingual checkpoint (None: detected per window); task: "transcribe"
-        (default) or "translate" (into English)."""
+        """language: "en", "de", ... for a multilingual checkpoint (None: detected per window); translate: into
+        English instead of transcribing (multilingual checkpoints). A call's `language` and `task` override them."""
         model = load_speech_model(model, dtype=dtype, device=device)
         super().__init__(model, device=device, dtype=dtype, optimize=optimize)
         from polymodal.models.whisper import load_tokenizer
@@ -44,7 +44,7 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         n_mels = self.model.config.num_mel_bins
         self.features = WhisperFeatures.from_pretrained(source, n_mels) if source else WhisperFeatures(n_mels)
         self.tokenizer = load_tokenizer(self.model)
-        self.language, self.asr_task = language, task
+        self.language, self.asr_task = language, "translate" if translate else None
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.batch_size = batch_size

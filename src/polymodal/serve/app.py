@@ -131,6 +131,14 @@ def create_app(served: ServedModels, *, api_key: str | None = None, cors_origins
         except QueueFull as e:
             raise _busy(m, e.retry_after) from None
 
+    @app.post("/v1/audio/transcriptions")
+    async def audio_transcriptions(request: Request):
+        """OpenAI's speech-to-text route: a multipart form (file, model, ...) -> {"text"} (serve/speech.py)."""
+        from polymodal.serve import speech
+
+        answer = await speech.transcription(served, await request.body(), request.headers.get("content-type", ""))
+        return Response(answer, media_type="text/plain") if isinstance(answer, str) else answer
+
     @app.post("/v1/grounding", openapi_extra=_body_schema(GroundingRequest))
     async def grounding(request: Request):
         """The boxes and points a served model wrote about an image (width, height), read in the model's frame

@@ -34,7 +34,7 @@ class ServedModel:
     (CLIP pipeline) or `images` (text-to-image pipeline) is set."""
 
     id: str
-    kind: Literal["chat", "embedding", "image"]
+    kind: Literal["chat", "embedding", "image", "speech"]
     modalities: frozenset[str]
     source: str
     engine: Any = None  # polymodal.serve.engine.ChatEngine
@@ -46,6 +46,7 @@ class ServedModel:
     provider_slots: threading.BoundedSemaphore | None = None  # concurrent calls allowed to a provider
     embedder: Any = None  # polymodal.pipelines.vision.ImageTextPipeline
     images: Any = None  # polymodal.serve.images.ImageWorker over a TextToImagePipeline (kind "image")
+    speech: Any = None  # polymodal.serve.speech.SpeechWorker over a speech recognition pipeline (kind "speech")
     owned_by: str = "polymodal"
     created: int = field(default_factory=lambda: int(time.time()))
     # a local chat model's recommended sampling, as request fields (`request_defaults`): what a request that omits
@@ -198,9 +199,12 @@ def load_model(model_id: str, source, *, max_batch: int = 8, max_queue: int = 32
     ("openai:gpt-4o", ...) through `polymodal.providers.load_provider` (its key from the environment), anything
     else through `pm.load`."""
     import polymodal as pm
+    from polymodal.weights.ctranslate2 import is_ctranslate2_dir, load_ctranslate2
 
     if is_provider_spec(source):
         obj = load_provider(source)
+    elif isinstance(source, (str, Path)) and is_ctranslate2_dir(source):  # a CTranslate2 (faster-whisper) folder
+        obj = load_ctranslate2(source)
     else:
         obj = pm.load(source) if isinstance(source, (str, Path)) else source
     return serve_model(model_id, obj, source=str(source), max_batch=max_batch, max_queue=max_queue,
@@ -225,6 +229,12 @@ def serve_model(model_id: str, obj, *, source: str = "", tokenizer=None, process
         pipe = obj if isinstance(obj, TextToImagePipeline) else TextToImagePipeline(obj)
         return ServedModel(model_id, "image", frozenset({"text"}), source,
                            images=ImageWorker(pipe, max_queue=max_queue, name=model_id))
+    if "automatic-speech-recognition" in getattr(_family_or_none(obj), "tasks", ()):  # Whisper
+        from polymodal.pipelines.asr import AutomaticSpeechRecognitionPipeline
+        from polymodal.serve.speech import SpeechWorker
+
+        worker = SpeechWorker(AutomaticSpeechRecognitionPipeline(obj), max_queue=max_queue)
+        return ServedModel(model_id, "speech", frozenset({"audio"}), source, speech=worker)
     if not isinstance(obj, nn.Module) and callable(getattr(obj, "chat", None)):  # a closed-model provider
         return ServedModel(model_id, "chat", frozenset(getattr(obj, "modalities", {"text"})), source or obj.name,
                            provider=obj, provider_slots=threading.BoundedSemaphore(provider_concurrency),
@@ -256,6 +266,15 @@ def serve_model(model_id: str, obj, *, source: str = "", tokenizer=None, process
     raise ValueError(f"a {type(obj).__name__} can be neither chatted with nor embedded: the server serves decoder "
                      "language models, CLIP models, diffusers pipeline folders (text-to-image) and closed models "
                      "(openai:/anthropic:/gemini:)")
+
+
+def _family_or_none(obj):
+    from polymodal import registry
+
+    try:
+        return registry.family_of(obj)
+    except (TypeError, ImportError):
+        return None
 
 
 def size_multiple(pipe) -> int:
