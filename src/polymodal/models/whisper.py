@@ -208,13 +208,17 @@ class Whisper(nn.Module):
         self.config = config
         self.encoder = WhisperEncoder(config)
         self.decoder = WhisperDecoder(config)
+        # the head is the token embedding (tied, as transformers' proj_out): a Linear of its own so that
+        # pm.optimize_for_inference packs it (a decode step's largest product: 51864 x D)
+        self.proj_out = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.proj_out.weight = self.decoder.embed_tokens.weight
 
     def encode(self, input_features: Tensor) -> Tensor:
         """(B, n_mels, 2S) -> (B, S, D): transformers' `model.encoder(...).last_hidden_state`."""
         return self.encoder(input_features.to(self.encoder.conv1.weight.dtype))
 
     def head(self, h: Tensor) -> Tensor:
-        return F.linear(h, self.decoder.embed_tokens.weight)  # tied to the token embedding (proj_out)
+        return self.proj_out(h)
 
     def decode(self, decoder_input_ids: Tensor, context: Tensor | list[tuple[Tensor, Tensor]],
                cache: list[KVCache] | None = None) -> Tensor:
@@ -304,7 +308,7 @@ class Whisper(nn.Module):
         every, begin = self.suppressed()
         for ids in (every, begin if first else None):
             if ids is not None:
-                logits = logits.index_fill(-1, ids, float("-inf"))
+                logits.index_fill_(-1, ids, float("-inf"))  # in place: the step's own fresh logits
         return logits
 
     def generation_prefill(self, input_ids: Tensor, attention_mask: Tensor, max_len: int, *,
@@ -316,7 +320,8 @@ class Whisper(nn.Module):
         if not bool(attention_mask.all()):
             raise ValueError("Whisper's decoder prompts of one batch have one length (no padding)")
         encoded = self.encode(input_features)  # (B, S, D)
-        cross = [layer.encoder_attn.project_kv(encoded) for layer in self.decoder.layers]
+        # contiguous once here: as project_kv's views, every step's attention would copy them (1500 x D per layer)
+        cross = [tuple(t.contiguous() for t in layer.encoder_attn.project_kv(encoded)) for layer in self.decoder.layers]
         c, p = self.config, self.decoder.embed_tokens.weight
         H = c.decoder_attention_heads
         cache = [KVCache(input_ids.shape[0], H, max_len, c.d_model // H, dtype=p.dtype, device=p.device)
@@ -485,7 +490,7 @@ def hf_key_map(c: WhisperConfig) -> KeyMap:
             ]
         rules += [Rename(f"{src}.{fc}.{p}", f"{dst}.mlp.{fc}.{p}") for fc in ("fc1", "fc2") for p in ("weight", "bias")]
         rules.append(Rename(f"model.{stack}.{{rest*}}", f"{stack}.{{rest*}}"))
-    rules.append(Drop("proj_out.weight"))  # the tied head: decoder.embed_tokens again
+    rules.append(Drop("proj_out.weight"))  # the tied head: decoder.embed_tokens again (files may hold it)
     return KeyMap(rules)
 
 
