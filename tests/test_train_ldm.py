@@ -42,7 +42,7 @@ def clip_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def eps_run(tmp_path_factory, clip_dir) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("ldm-eps") / "run"
-    return out, run("ldm-shapes", out, [*TINY, f"clip={clip_dir}"], quiet=True)
+    return out, run("ldm-shapes", out, [*TINY, f"clip={clip_dir}", "objective=eps"], quiet=True)
 
 
 def test_both_stages_run_and_report(eps_run):
@@ -75,8 +75,9 @@ def test_stage_2_leaves_the_vae_untouched_and_scales_its_latents(eps_run):
 
 
 def test_the_export_is_a_diffusers_pipeline_folder(eps_run):
-    """pm.load and diffusers' StableDiffusionPipeline read the exported folder into the same images (fp32, 1e-4 on
-    pixels in [0, 1], as tests/test_sd_pipeline.py)."""
+    """pm.load and diffusers' StableDiffusionPipeline read the exported eps folder into the same images (fp32, 1e-4
+    on pixels in [0, 1], as tests/test_sd_pipeline.py). (A flow folder names FlowMatchEulerDiscreteScheduler, which
+    diffusers' StableDiffusionPipeline cannot drive: its loop scales by `init_noise_sigma`.)"""
     diffusers = pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
     out, _ = eps_run
