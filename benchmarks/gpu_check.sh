@@ -10,7 +10,11 @@
 #    and decode against the bandwidth ceiling.
 # 5. bench_mllama on Llama-3.2-11B-Vision's shape in bf16: the vision encoder on 1- and 4-tile images, time to first
 #    token (vision encoder, cross keys/values, prefill) and decode.
-# It needs only what that machine's image holds (torch, transformers, safetensors, tokenizers, jinja2, pytest).
+# 6. bench_diffusion against diffusers in bf16 (issue 17): one U-Net classifier-free-guidance step of SD 1.5 at
+#    512 px and of SDXL base at 1024 px, one SD3-medium MM-DiT CFG step at 1024 px (text 154 x 4096), with peak memory.
+# Steps 1-5 need only what that machine's image holds (torch, transformers, safetensors, tokenizers, jinja2, pytest).
+# Step 6 also needs diffusers: where the image lacks it, a wheel in .gpu_deps/ (carried: `pip download --no-deps
+# diffusers==0.42.1 -d .gpu_deps`) is unpacked beside the run; without either, step 6 says so and is skipped.
 set -u -o pipefail
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/gpu_check}"
@@ -30,3 +34,20 @@ timeout 300 python3 benchmarks/bench_qwen2_vl.py --sizes 7b --device cuda --dtyp
 #    40 layers, 8 of them gated cross-attention): the vision encoder on 1 and 4 tiles, then first token and decode
 timeout 360 python3 benchmarks/bench_mllama.py --sizes 11b --device cuda --dtype bf16 --batches 1 --tiles 1,4 \
     --prompt 64 --new 64 --rounds 3 2>&1 | tee "$OUT/bench_mllama_11b.log"
+# 6. Stable Diffusion denoisers against diffusers in bf16 (issue 17: U-Net CFG step SD 1.5 at 512 px, SDXL at
+#    1024 px; SD3-medium MM-DiT CFG step at 1024 px), peak CUDA memory per side in a fresh process
+if ! python3 -c "import diffusers" 2>/dev/null; then
+    wheel=$(ls .gpu_deps/diffusers-*.whl 2>/dev/null | head -1)
+    if [ -n "$wheel" ]; then
+        python3 -m zipfile -e "$wheel" /tmp/gpu_deps && export PYTHONPATH="/tmp/gpu_deps:$PYTHONPATH"
+    fi
+fi
+if python3 -c "import diffusers" 2>/dev/null; then
+    timeout 240 python3 benchmarks/bench_diffusion.py --cases sd15 --px 512 --device cuda --dtype bfloat16 \
+        --rounds 10 --memory 2>&1 | tee "$OUT/bench_diffusion_sd15_512.log"
+    timeout 420 python3 benchmarks/bench_diffusion.py --cases sdxl,sd3-medium --px 1024 --device cuda \
+        --dtype bfloat16 --rounds 10 --memory 2>&1 | tee "$OUT/bench_diffusion_1024.log"
+else
+    echo "diffusers is not importable here (no .gpu_deps/diffusers-*.whl carried): bench_diffusion skipped" \
+        | tee "$OUT/bench_diffusion.log"
+fi

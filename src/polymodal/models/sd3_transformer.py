@@ -125,7 +125,8 @@ class AdaLN(nn.Module):
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """LN(x) (1 + scale) + shift, the LayerNorm without its own affine: x (B, T, D), shift and scale (B, D)."""
-    return F.layer_norm(x, x.shape[-1:], eps=EPS) * (1 + scale[:, None]) + shift[:, None]
+    # one fused multiply-add (addcmul) instead of a product and a sum: one pass over the (B, T, D) tensor less
+    return torch.addcmul(shift[:, None], F.layer_norm(x, x.shape[-1:], eps=EPS), 1 + scale[:, None])
 
 
 class JointTransformerBlock(nn.Module):
@@ -160,15 +161,15 @@ class JointTransformerBlock(nn.Module):
             c_shift, c_scale, c_gate, c_shift_ff, c_scale_ff, c_gate_ff = self.norm1_context(y)
             c_in = modulate(c, c_shift, c_scale)
         a_x, a_c = joint_attention([(self.attn.image, x_in), (self.attn.text, c_in)])  # (B, N, D), (B, S, D)
-        out = x + gate[:, None] * a_x
+        out = torch.addcmul(x, gate[:, None], a_x)  # x + gate a_x, one pass
         if self.dual:  # MMDiT-X: image-only attention on the block input, with its own modulation
             shift2, scale2, gate2 = m[6:]
-            out = out + gate2[:, None] * self.attn2(modulate(x, shift2, scale2))
-        out = out + gate_ff[:, None] * self.ff(modulate(out, shift_ff, scale_ff))
+            out = torch.addcmul(out, gate2[:, None], self.attn2(modulate(x, shift2, scale2)))
+        out = torch.addcmul(out, gate_ff[:, None], self.ff(modulate(out, shift_ff, scale_ff)))
         if self.context_pre_only:
             return out, None
-        c = c + c_gate[:, None] * a_c
-        c = c + c_gate_ff[:, None] * self.ff_context(modulate(c, c_shift_ff, c_scale_ff))
+        c = torch.addcmul(c, c_gate[:, None], a_c)
+        c = torch.addcmul(c, c_gate_ff[:, None], self.ff_context(modulate(c, c_shift_ff, c_scale_ff)))
         return out, c
 
 
