@@ -339,6 +339,31 @@ def test_conv2d_product_path_equals_torch_convolution(cin, cout, k, stride, side
     assert x.grad is not None
 
 
+@pytest.mark.parametrize("cin, cout, k, stride, side", [
+    (1280, 1280, 3, 1, 4),   # the product on a channels-last map: pixels as rows, one GEMM for the batch
+    (1024, 512, 3, 2, 7),    # stride 2 from an odd side
+    (128, 64, 1, 1, 9),      # pointwise: a linear over the channels of the NHWC rows
+    (64, 32, 3, 1, 8),       # oneDNN's NHWC convolution
+])
+def test_conv2d_channels_last_after_loading_equals_torch_convolution(cin, cout, k, stride, side):
+    torch.manual_seed(0)
+    ours = D.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
+    ref = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
+    ref.load_state_dict(ours.state_dict())
+    ours.materialize("cpu")  # what pm.load does on the CPU
+    assert torch.equal(ours.weight, ref.weight)  # the same values, another memory layout
+    assert ours.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, cin, side, side)  # an NCHW input is taken over into the weight's layout
+    with torch.no_grad():
+        got = ours(x)
+        torch.testing.assert_close(got, ref(x), **TOL)
+        if k > 1:  # and the output stays channels-last, for the next block
+            assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+    x.requires_grad_(True)  # and trains
+    ours(x).sum().backward()
+    assert x.grad is not None and ours.weight.grad is not None
+
+
 def test_resnet_block_at_unet_width_matches_diffusers():
     """SD 1.5's 1280-channel ResNet block on its 256-px lowest stage (4x4, CFG batch 2): the product path."""
     from diffusers.models.resnet import ResnetBlock2D

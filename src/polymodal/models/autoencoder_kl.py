@@ -26,7 +26,14 @@ import torch
 from torch import Tensor, nn
 
 from polymodal.config import from_dict, to_dict
-from polymodal.nn.diffusion import Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D, gaussian_noise
+from polymodal.nn.diffusion import (
+    Conv2d,
+    Downsample2D,
+    ResnetBlock2D,
+    SpatialSelfAttention,
+    Upsample2D,
+    gaussian_noise,
+)
 from polymodal.nn.mlp import activation
 from polymodal.registry import Family, Layout
 from polymodal.weights.keymap import Fuse, KeyMap, Rename
@@ -132,7 +139,7 @@ class Encoder(nn.Module):
     def __init__(self, c: AutoencoderKLConfig):
         super().__init__()
         ch, G = c.block_out_channels, c.norm_num_groups
-        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             # padding=0: the asymmetric (0, 1, 0, 1) pad the LDM VAE was trained with
             Stage(ch[max(i - 1, 0)], ch[i], c.layers_per_block, G, c.act_fn,
@@ -142,7 +149,7 @@ class Encoder(nn.Module):
         self.mid_block = MidBlock(ch[-1], G, c.act_fn, c.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(G, ch[-1], eps=_EPS)
         self.conv_act = activation("silu")  # diffusers' Encoder/Decoder fix SiLU here whatever act_fn says
-        self.conv_out = nn.Conv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv_in(x)
@@ -158,7 +165,7 @@ class Decoder(nn.Module):
     def __init__(self, c: AutoencoderKLConfig):
         super().__init__()
         ch, G = tuple(reversed(c.block_out_channels)), c.norm_num_groups
-        self.conv_in = nn.Conv2d(c.latent_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(c.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], G, c.act_fn, c.mid_block_add_attention)
         self.up_blocks = nn.ModuleList(
             Stage(ch[max(i - 1, 0)], ch[i], c.layers_per_block + 1, G, c.act_fn,
@@ -167,7 +174,7 @@ class Decoder(nn.Module):
         )
         self.conv_norm_out = nn.GroupNorm(G, ch[-1], eps=_EPS)
         self.conv_act = activation("silu")
-        self.conv_out = nn.Conv2d(ch[-1], c.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], c.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         x = self.mid_block(self.conv_in(z))
@@ -236,7 +243,8 @@ class AutoencoderKL(nn.Module):
 
     def _moments(self, x: Tensor) -> Tensor:
         h = self.encoder(x)
-        return h if self.quant_conv is None else self.quant_conv(h)
+        # loaded on a CPU, the feature maps are channels-last (see polymodal.nn.diffusion.Conv2d); results are not
+        return (h if self.quant_conv is None else self.quant_conv(h)).contiguous()
 
     # ------------------------------------------------------------------------------------------------ decoding
 
@@ -254,7 +262,7 @@ class AutoencoderKL(nn.Module):
         return out.to(z.dtype)
 
     def _decode(self, z: Tensor) -> Tensor:
-        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
+        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z)).contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstruction through the latent mean (diffusers' forward without sample_posterior)."""

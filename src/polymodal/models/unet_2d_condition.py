@@ -198,9 +198,9 @@ class SpatialTransformer(nn.Module):
             h = block(h, context)
         if self.linear:
             h = self.proj_out(h)
-        h = h.reshape(B, H, W, h.shape[-1]).permute(0, 3, 1, 2)  # (B, inner or C, H, W)
+        h = h.reshape(B, H, W, h.shape[-1]).permute(0, 3, 1, 2)  # (B, inner or C, H, W), a channels-last view
         if not self.linear:
-            h = self.proj_out(h.contiguous())
+            h = self.proj_out(h)
         return h + x
 
 
@@ -291,7 +291,7 @@ class UNet2DConditionModel(nn.Module):
         super().__init__()
         self.config = c = config
         ch = c.block_out_channels
-        self.conv_in = nn.Conv2d(c.in_channels, ch[0], c.conv_in_kernel, padding=c.conv_in_kernel // 2)
+        self.conv_in = Conv2d(c.in_channels, ch[0], c.conv_in_kernel, padding=c.conv_in_kernel // 2)
         self.time_embedding = TimestepEmbedding(ch[0], c.time_embed_dim, act=c.act_fn)
         self.add_embedding = None
         if c.addition_embed_type == "text_time":
@@ -304,7 +304,7 @@ class UNet2DConditionModel(nn.Module):
             UpBlock(rev[max(i - 1, 0)], rev[i], rev[min(i + 1, n - 1)], c, i, i == n - 1) for i in range(n))
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
         self.conv_act = activation(c.act_fn)
-        self.conv_out = nn.Conv2d(ch[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2)
+        self.conv_out = Conv2d(ch[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -348,7 +348,8 @@ class UNet2DConditionModel(nn.Module):
             here, skips = skips[-n:], skips[:-n]
             size = tuple(skips[-1].shape[2:]) if odd and block.upsamplers is not None else None
             x = block(x, here, emb, context, size)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        # loaded on a CPU, the feature maps were channels-last (see Conv2d); the prediction leaves in the usual layout
+        return self.conv_out(self.conv_act(self.conv_norm_out(x))).contiguous()
 
     def _check(self, sample, context, text_embeds, time_ids) -> None:
         c = self.config
