@@ -40,6 +40,7 @@ FAMILIES: dict[str, str] = {
     "clip_text": "polymodal.models.clip_text",
     "sd3_transformer": "polymodal.models.sd3_transformer",
     "whisper": "polymodal.models.whisper",
+    "silero_vad": "polymodal.models.silero_vad",
 }
 
 # transformers' config.json `model_type` (and polymodal's own) -> family
@@ -80,6 +81,7 @@ MODEL_TYPES: dict[str, str] = {
     "clip_text_model": "clip_text",  # CLIPTextModel / CLIPTextModelWithProjection (diffusion text encoders)
     "whisper": "whisper",
     "polymodal-whisper": "whisper",
+    "polymodal-silero_vad": "silero_vad",
 }
 
 # diffusers' component config.json `_class_name` -> family (read through the family's "diffusers" layout)

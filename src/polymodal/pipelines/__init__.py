@@ -18,6 +18,7 @@ from polymodal.pipelines.image_text import (
 from polymodal.pipelines.image_text_to_text import ImageTextToTextPipeline
 from polymodal.pipelines.text import DEFAULT_CHAT_MODEL, TextGenerationPipeline, no_images_error
 from polymodal.pipelines.text_to_image import ImageToImagePipeline, TextToImagePipeline
+from polymodal.pipelines.vad import SpeechDetector, VoiceActivityDetectionPipeline
 from polymodal.pipelines.vision import (
     ImageClassificationPipeline,
     ImageTextRetrievalPipeline,
@@ -38,8 +39,10 @@ TASKS = {
     "text-to-image": TextToImagePipeline,  # a diffusers pipeline folder (Stable Diffusion 1.x/2.x, SDXL, SD3)
     "image-to-image": ImageToImagePipeline,  # SD 1.x/2.x img2img
     "automatic-speech-recognition": AutomaticSpeechRecognitionPipeline,  # Whisper
+    "voice-activity-detection": VoiceActivityDetectionPipeline,  # Silero VAD
 }
-DEFAULT_MODELS = {"text-generation", "automatic-speech-recognition"}  # tasks with a default model (packaged)
+# tasks with a default model (packaged)
+DEFAULT_MODELS = {"text-generation", "automatic-speech-recognition", "voice-activity-detection"}
 
 
 HOSTED_TASKS = {"text-generation"}  # what a hosted chat model ("openai:gpt-4o", ...) serves
@@ -106,6 +109,8 @@ __all__ = [
     "ImageClassificationPipeline",
     "ImageTextRetrievalPipeline",
     "TextGenerationPipeline",
+    "SpeechDetector",
+    "VoiceActivityDetectionPipeline",
     "ZeroShotImageClassificationPipeline",
     "chat_pipeline",
     "pipeline",
