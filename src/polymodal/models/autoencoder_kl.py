@@ -35,6 +35,7 @@ from polymodal.nn.diffusion import (
     gaussian_noise,
 )
 from polymodal.nn.mlp import activation
+from polymodal.nn.onednn import use_onednn
 from polymodal.registry import Family, Layout
 from polymodal.weights.keymap import Fuse, KeyMap, Rename
 
@@ -198,6 +199,7 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1) if c.use_quant_conv else None
         self.post_quant_conv = (nn.Conv2d(c.latent_channels, c.latent_channels, 1) if c.use_post_quant_conv
                                 else None)
+        use_onednn(self)  # the mid-block attention's products on oneDNN (polymodal.nn.onednn)
 
     @property
     def keep_in_fp32(self) -> tuple[str, ...]:

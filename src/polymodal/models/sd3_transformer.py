@@ -37,6 +37,7 @@ from polymodal.config import from_dict, to_dict
 from polymodal.nn.attention import Attention, joint_attention
 from polymodal.nn.diffusion import TimestepEmbedding, timestep_embedding
 from polymodal.nn.mlp import MLP
+from polymodal.nn.onednn import use_onednn
 from polymodal.nn.patch import PatchEmbed
 from polymodal.registry import Family, Layout
 from polymodal.weights.keymap import Fuse, KeyMap, Rename
@@ -197,6 +198,7 @@ class SD3Transformer2DModel(nn.Module):
             for i in range(c.num_layers)])
         self.norm_out = AdaLN(D, 2)
         self.proj_out = nn.Linear(D, c.patch_size**2 * c.channels_out)
+        use_onednn(self)  # CPU inference products on oneDNN (polymodal.nn.onednn)
 
     @property
     def dtype(self) -> torch.dtype:

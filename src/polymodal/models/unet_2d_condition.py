@@ -44,6 +44,7 @@ from polymodal.nn.diffusion import (
     timestep_embedding,
 )
 from polymodal.nn.mlp import activation
+from polymodal.nn.onednn import use_onednn
 from polymodal.registry import Family, Layout
 from polymodal.weights.keymap import Fuse, KeyMap, Rename
 
@@ -305,6 +306,7 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
         self.conv_act = activation(c.act_fn)
         self.conv_out = Conv2d(ch[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2)
+        use_onednn(self)  # CPU inference products on oneDNN (polymodal.nn.onednn)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from polymodal.nn.attention import Attention
 from polymodal.nn.mlp import activation
+from polymodal.nn.onednn import linear
 
 
 def gaussian_noise(shape: tuple[int, ...], *, generator: torch.Generator | None = None,
@@ -104,7 +105,7 @@ class Conv2d(nn.Conv2d):
             rows = F.pad(rows, (0, 0, pw, pw, ph, ph)).unfold(1, kh, sh).unfold(2, kw, sw)  # (B, Ho, Wo, Cin, kh, kw)
             rows = rows.permute(0, 1, 2, 4, 5, 3)  # (B, Ho, Wo, kh, kw, Cin): the weight's channels-last order
         w = self.weight.permute(0, 2, 3, 1).reshape(Cout, -1)  # (Cout, kh*kw*Cin): a view of the stored weight
-        out = F.linear(rows.reshape(B * Ho * Wo, -1), w, self.bias)  # (B*Ho*Wo, Cout)
+        out = linear(rows.reshape(B * Ho * Wo, -1), w, self.bias)  # (B*Ho*Wo, Cout), on oneDNN
         return out.view(B, Ho, Wo, Cout).permute(0, 3, 1, 2)  # (B, Cout, Ho, Wo), channels-last
 
     def _as_product(self, x: Tensor) -> bool:
