@@ -68,6 +68,11 @@ def test_markdown_in_chat_answers_is_rendered_and_safe():
     assert got == ("<p>Tips:</p><ol><li><b>Plan</b> your <i>day</i></li><li>Use <code>focus</code> mode</li></ol>"
                    "<ul><li>a</li><li>b &lt;script&gt;x&lt;/script&gt;</li></ul>")
     assert markdown_html("2 * 3 * 4 and a*b") == "<p>2 * 3 * 4 and a*b</p>"  # arithmetic is not emphasis
+    # a loose list (items apart by blank lines, as SmolLM2 writes them) stays one list, numbered on; a paragraph
+    # after a blank line ends it
+    got = markdown_html("1. one\n\n2. two\n\n3. three\n\nDone.")
+    assert got == "<ol><li>one</li><li>two</li><li>three</li></ol><p>Done.</p>"
+    assert markdown_html("Then:\n3. c\n4. d") == "<p>Then:</p><ol start=3><li>c</li><li>d</li></ol>"
 
 
 def test_loss_chart_has_axes():

@@ -463,30 +463,33 @@ def markdown_html(text: str) -> str:
         line = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", line)
         return re.sub(r"(?<![*\w])\*(?!\s)(.+?)(?<!\s)\*(?![*\w])", r"<i>\1</i>", line)
 
-    out, items, kind = [], [], None
+    out, items, kind, start, gap = [], [], None, 1, False
 
     def close():
         nonlocal items, kind
         if items:
-            out.append(f"<{kind}>" + "".join(f"<li>{i}</li>" for i in items) + f"</{kind}>")
+            first = f" start={start}" if kind == "ol" and start != 1 else ""
+            out.append(f"<{kind}{first}>" + "".join(f"<li>{i}</li>" for i in items) + f"</{kind}>")
         items, kind = [], None
 
     for raw in text.splitlines():
         line = raw.strip()
-        numbered, bullet = re.match(r"\d+[.)]\s+(.*)", line), re.match(r"[-*+]\s+(.*)", line)
+        numbered, bullet = re.match(r"(\d+)[.)]\s+(.*)", line), re.match(r"[-*+]\s+(.*)", line)
         if numbered or bullet:
             want = "ol" if numbered else "ul"
             if kind != want:
                 close()
-                kind = want
-            items.append(inline((numbered or bullet).group(1)))
-        elif not line:
-            close()
-        elif items:  # a continuation of the last list item
+                kind, start = want, int(numbered.group(1)) if numbered else 1
+            items.append(inline(numbered.group(2) if numbered else bullet.group(1)))
+        elif not line:  # a blank line: a list goes on if an item follows (a "loose" list), else it ends
+            gap = bool(items)
+            continue
+        elif items and not gap:  # a continuation of the last list item
             items[-1] += " " + inline(line)
         else:
             close()
             out.append(f"<p>{inline(line)}</p>")
+        gap = False
     close()
     return "".join(out)
 
