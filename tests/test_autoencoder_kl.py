@@ -318,7 +318,7 @@ def test_gaussian_noise_is_diffusers_randn_tensor():
 
 
 @pytest.mark.parametrize("cin, cout, k, stride, side, bias", [
-    (1280, 1280, 3, 1, 4, True),   # a U-Net's lowest stage: the product (4M+ weights, few pixels)
+    (1280, 1280, 3, 1, 4, True),   # a U-Net's lowest stage: the product (2M+ weights, few pixels)
     (1024, 512, 3, 2, 8, True),    # stride 2 (Downsample2D)
     (128, 64, 1, 1, 9, False),     # pointwise, no bias (a shortcut conv)
     (64, 64, 3, 1, 8, True),       # too small a weight: torch's convolution

@@ -36,17 +36,19 @@ def gaussian_noise(shape: tuple[int, ...], *, generator: torch.Generator | None 
     return torch.randn(tuple(shape), generator=generator, device=where, dtype=dtype).to(device)
 
 
-# Where `Conv2d` takes the matrix product (CPU, fp32, measured on the 2-core AVX2 machine of benchmarks/, 2 threads,
-# oneDNN's NCHW convolution / the product, batch 2 unless said): a 3x3 conv of 1280 -> 1280 channels on 4x4, 8x8 and
-# 16x16 maps 19.8 / 5.4 ms, 29.0 / 13.9, 63.3 / 49.3 (oneDNN reorders the 59 MB weight on every call, which the few
-# output pixels do not repay), 1920 -> 1280 on 16x16 100 / 91, stride 2 from 8x8 21.4 / 5.9; but 1280 -> 1280 on
-# 32x32 186 / 220, 640 -> 640 on 16x16 13.2 / 13.9 (a 15 MB weight reorders cheaply) and 320 -> 320 on 64x64 43 / 89.
-# So a k x k conv (k > 1) takes the product when its weight has at least GEMM_MIN_WEIGHT values and its output at
-# most out_channels / 2 pixels (all images together); then the unfolded input is at most half the weight's size.
+# Where `Conv2d` takes the matrix product. First measured with NCHW maps and MKL's GEMM (2 threads, oneDNN's
+# convolution / the product, batch 2): 3x3, 1280 -> 1280 channels on 4x4, 8x8 and 16x16 maps 19.8 / 5.4 ms, 29.0 /
+# 13.9, 63.3 / 49.3 (oneDNN reorders the 59 MB weight on every call, which the few output pixels do not repay); but
+# 1280 -> 1280 on 32x32 186 / 220 and 320 -> 320 on 64x64 43 / 89. Measured again on channels-last maps and weights
+# with the product on oneDNN's matmul (polymodal.nn.onednn), 1 thread, process CPU time, 2026-12-04: 1280 -> 1280 on
+# 4x4 / 8x8 / 16x16 39.7 / 6.3, 49.2 / 17.2, 86.8 / 62.8; 2560 -> 1280 on 8x8 95.6 / 33.9; 640 -> 640 on 8x8 6.0 /
+# 4.5, 16x16 17.0 / 15.4, but 32x32 59.9 / 82.3; 512 -> 512 on 32x32 (batch 1) 18.9 / 20.6; 320 -> 320 on 16x16 3.8 /
+# 4.0. So a k x k conv (k > 1) takes the product when its weight has at least GEMM_MIN_WEIGHT values and its output
+# at most out_channels pixels (all images together).
 # A 1x1 conv is a product over the channels with no unfolding and took it faster at every map size measured whose
-# weight has GEMM_MIN_POINTWISE values or more: 512 -> 256 on 128x128 (batch 1) 31.0 / 16.6 ms, 256 -> 128 on
-# 256x256 50.6 / 24.4, 1280 -> 640 on 32x32 17.4 / 10.5, 320 -> 320 on 32x32 1.5 / 1.3, 64x64 6.1 / 5.8.
-GEMM_MIN_WEIGHT = 1 << 22
+# weight has GEMM_MIN_POINTWISE values or more (NCHW, MKL): 512 -> 256 on 128x128 (batch 1) 31.0 / 16.6 ms, 256 ->
+# 128 on 256x256 50.6 / 24.4, 1280 -> 640 on 32x32 17.4 / 10.5, 320 -> 320 on 32x32 1.5 / 1.3, 64x64 6.1 / 5.8.
+GEMM_MIN_WEIGHT = 1 << 21
 GEMM_MIN_POINTWISE = 1 << 12
 _NHWC = torch.channels_last
 
@@ -119,7 +121,7 @@ class Conv2d(nn.Conv2d):
             return w.numel() >= GEMM_MIN_POINTWISE
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         pixels = x.shape[0] * ((x.shape[2] + 2 * ph - kh) // sh + 1) * ((x.shape[3] + 2 * pw - kw) // sw + 1)
-        return w.numel() >= GEMM_MIN_WEIGHT and 2 * pixels <= self.out_channels
+        return w.numel() >= GEMM_MIN_WEIGHT and pixels <= self.out_channels
 
 
 def _in_layout_of(x: Tensor, weight: Tensor) -> Tensor:
