@@ -18,6 +18,7 @@ from polymodal.pipelines.image_text import (
 from polymodal.pipelines.image_text_to_text import ImageTextToTextPipeline
 from polymodal.pipelines.text import DEFAULT_CHAT_MODEL, TextGenerationPipeline, no_images_error
 from polymodal.pipelines.text_to_image import ImageToImagePipeline, TextToImagePipeline
+from polymodal.pipelines.tts import TextToSpeechPipeline
 from polymodal.pipelines.vad import SpeechDetector, VoiceActivityDetectionPipeline
 from polymodal.pipelines.vision import (
     ImageClassificationPipeline,
@@ -40,9 +41,10 @@ TASKS = {
     "image-to-image": ImageToImagePipeline,  # SD 1.x/2.x img2img
     "automatic-speech-recognition": AutomaticSpeechRecognitionPipeline,  # Whisper
     "voice-activity-detection": VoiceActivityDetectionPipeline,  # Silero VAD
+    "text-to-speech": TextToSpeechPipeline,  # a Piper voice (onnxruntime) or espeak-ng
 }
 # tasks with a default model (packaged)
-DEFAULT_MODELS = {"text-generation", "automatic-speech-recognition", "voice-activity-detection"}
+DEFAULT_MODELS = {"text-generation", "automatic-speech-recognition", "voice-activity-detection", "text-to-speech"}
 
 
 HOSTED_TASKS = {"text-generation"}  # what a hosted chat model ("openai:gpt-4o", ...) serves
@@ -110,6 +112,7 @@ __all__ = [
     "ImageTextRetrievalPipeline",
     "TextGenerationPipeline",
     "SpeechDetector",
+    "TextToSpeechPipeline",
     "VoiceActivityDetectionPipeline",
     "ZeroShotImageClassificationPipeline",
     "chat_pipeline",
