@@ -163,3 +163,43 @@ def test_bad_voice_and_options_are_refused():
         TextToSpeechPipeline(voice=object.__new__(type("V", (), {"synthesize": None})), speed=9)
     with pytest.raises(ValueError, match="not both"):
         TextToSpeechPipeline("espeak", voice="espeak")
+
+
+# ------------------------------------------------------------------------------------------ polymodal speak
+
+
+def _cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "polymodal.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@needs_espeak
+def test_cli_speak_writes_a_wav(tmp_path):
+    import json
+
+    out = tmp_path / "out.wav"
+    r = _cli("speak", "Hello from the command line.", "-o", str(out), "--voice", "espeak", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["path"] == str(out) and report["voice"] == "espeak:en-us" and report["sampling_rate"] == 22050
+    samples = read_audio(out)
+    assert abs(samples.size / 16000 - report["seconds"]) < 0.01 and report["seconds"] > 1.0
+    assert np.abs(samples).max() > 0.1
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("args, says", [
+    (("", "-o", "{out}"), "no text to speak"),
+    (("hi", "-o", "/no/such/dir/x.wav"), "existing directory"),
+    (("hi", "-o", "{out}", "--voice", "nobody"), "unknown voice 'nobody'"),
+    (("hi", "-o", "{out}", "--speed", "9"), "speed must be"),
+    (("hi",), "required: -o/--out"),
+])
+def test_cli_speak_bad_input_exits_2_with_one_line(tmp_path, args, says):
+    r = _cli("speak", *(a.replace("{out}", str(tmp_path / "x.wav")) for a in args))
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], r.stderr
+    assert not (tmp_path / "x.wav").exists()

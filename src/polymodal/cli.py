@@ -552,6 +552,29 @@ def cmd_transcribe(args) -> None:
         _emit(args, result, lambda r: r["text"].strip())
 
 
+def cmd_speak(args) -> None:
+    """Text to speech: the packaged Piper voice (or espeak-ng, or --voice), written as a 16-bit WAV file."""
+    from pathlib import Path
+
+    from polymodal.pipelines.tts import TextToSpeechPipeline, check_text
+
+    text = sys.stdin.read() if args.text == "-" else args.text
+    check_text(text)  # empty or huge: exit 2 before any voice loads
+    out = Path(args.out).expanduser()
+    if out.is_dir() or not out.parent.is_dir():
+        raise UsageError(f"-o {args.out}: give a file path in an existing directory")
+    pipe = TextToSpeechPipeline(voice=args.voice, speed=args.speed)
+    data = pipe.wav(text)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, out)
+    seconds = (len(data) - 44) / 2 / pipe.sampling_rate
+    result = {"path": str(out), "seconds": round(seconds, 3), "sampling_rate": pipe.sampling_rate,
+              "voice": pipe.voice.name}
+    _emit(args, result,
+          lambda r: f"{r['path']}: {r['seconds']:.2f} s of speech ({r['voice']}, {r['sampling_rate']} Hz)")
+
+
 def cmd_serve(args) -> None:
     from polymodal.serve.app import MAX_BODY_BYTES, api_key_from_env, bind_socket, serve
     from polymodal.serve.registry import load_served, parse_spec
@@ -729,6 +752,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="translate: into English (multilingual models)")
     sp.add_argument("--max-new-tokens", type=int, default=None, help="per 30-s window (default: as many as fit)")
     sp.add_argument("--timestamps", action="store_true", help="segment timestamps (not built yet)")
+
+    sp = add("speak", cmd_speak, "text to speech: a WAV file spoken by the packaged Piper voice (or espeak-ng)")
+    sp.add_argument("text", help='what to say ("-": read it from stdin)')
+    sp.add_argument("-o", "--out", required=True, help="the WAV file to write (16-bit mono at the voice's rate)")
+    sp.add_argument("--voice", default=None, help="joe (the packaged Piper voice), piper:<voice.onnx>, espeak or "
+                    "espeak:<voice> (default: joe when piper is installed, else espeak)")
+    sp.add_argument("--speed", type=float, default=1.0, help="0.25 to 4.0 (default 1.0)")
 
     sp = add("serve", cmd_serve, "serve models over an OpenAI-compatible HTTP API (docs/serving.md)")
     sp.add_argument("--model", action="append", default=[], metavar="SPEC",

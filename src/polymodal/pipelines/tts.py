@@ -42,11 +42,11 @@ class TextToSpeechPipeline:
         `synthesize(text, speed=...)` and `sampling_rate`); pause: seconds of silence between sentences."""
         if model is not None and voice is not None:
             raise ValueError("give the voice as model=... or voice=..., not both")
-        chosen = voice if voice is not None else model
-        self.voice = chosen if hasattr(chosen, "synthesize") else load_voice(chosen)
         if not 0 <= pause <= 5:
             raise ValueError(f"pause must be between 0 and 5 seconds, got {pause}")
         self.pause, self.speed = pause, _checked_speed(speed)
+        chosen = voice if voice is not None else model
+        self.voice = chosen if hasattr(chosen, "synthesize") else load_voice(chosen)
 
     @property
     def sampling_rate(self) -> int:
