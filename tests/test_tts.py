@@ -203,3 +203,120 @@ def test_cli_speak_bad_input_exits_2_with_one_line(tmp_path, args, says):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], r.stderr
     assert not (tmp_path / "x.wav").exists()
+
+
+# ------------------------------------------------------------------------------------------ POST /v1/audio/speech
+
+
+@pytest.fixture(scope="module")
+def tts_server(tmp_path_factory):
+    """espeak-ng (deterministic: the route's audio can be compared with the pipeline's sample for sample) and,
+    when installed, the Piper voice, beside a tiny chat model."""
+    if not HAS_ESPEAK:
+        pytest.skip("needs espeak-ng")
+    pytest.importorskip("openai")
+    from serve_helpers import running, save_tiny_chat_llama
+
+    from polymodal.serve.app import create_app
+    from polymodal.serve.registry import ServedModels, load_model
+
+    chat = save_tiny_chat_llama(tmp_path_factory.mktemp("chat"), ["Hello there, how are you?"] * 20)
+    models = [load_model("espeak", "espeak"), load_model("chat", str(chat))]
+    if HAS_PIPER:
+        models.append(load_model("joe", "joe"))
+    served = ServedModels(models)
+    try:
+        with running(create_app(served)) as url:
+            yield url, served
+    finally:
+        served.close()
+
+
+def test_openai_client_speaks(tts_server):
+    import openai
+
+    url, served = tts_server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    got = client.audio.speech.create(model="espeak", voice="alloy", input=FOX, response_format="wav")
+    want = served.get("espeak").voice.pipe.wav(FOX)
+    assert got.content == want  # the pipeline's own WAV, byte for byte
+    default = client.audio.speech.create(model="espeak", voice="espeak:en-us", input=FOX)  # no format: WAV
+    assert default.content == want and default.response.headers["content-type"] == "audio/wav"
+    pcm = client.audio.speech.create(model="espeak", voice="nova", input=FOX, response_format="pcm").content
+    samples = np.frombuffer(pcm, "<i2")
+    seconds = served.get("espeak").voice.pipe(FOX)["audio"].size / 22050
+    assert abs(samples.size / 24000 - seconds) < 0.01  # resampled to OpenAI's 24 kHz
+    assert np.sqrt(np.mean(samples.astype(np.float64) ** 2)) / 32768 > 0.02
+    with client.audio.speech.with_streaming_response.create(model="espeak", voice="alloy", input="Streamed.",
+                                                            response_format="wav") as response:
+        streamed = b"".join(response.iter_bytes())
+    assert streamed[:4] == b"RIFF" and read_audio(streamed).size > 8000
+
+
+@needs_piper
+def test_openai_client_speaks_with_the_piper_voice(tts_server):
+    import openai
+
+    url, _ = tts_server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    audio = client.audio.speech.create(model="joe", voice="en_US-joe-medium", input=FOX, speed=1.0).content
+    samples = read_audio(audio)
+    assert 1.5 < samples.size / 16000 < 6.0 and np.abs(samples).max() > 0.3
+
+
+def test_models_list_says_it_speaks(tts_server):
+    import httpx
+
+    url, _ = tts_server
+    cards = {m["id"]: m for m in httpx.get(f"{url}/v1/models").json()["data"]}
+    assert cards["espeak"]["kind"] == "tts" and cards["espeak"]["output_modalities"] == ["audio"]
+
+
+@pytest.mark.parametrize("body, param, says", [
+    ({"model": "espeak", "voice": "alloy", "input": ""}, "input", "no text to speak"),
+    ({"model": "espeak", "voice": "alloy", "input": "a" * 4097}, "input", "more than the 4096 allowed"),
+    ({"model": "espeak", "voice": "alloy", "input": 5}, "input", "must be the text"),
+    ({"model": "espeak", "voice": "bob", "input": "hi"}, "voice", "Unknown voice 'bob'"),
+    ({"model": "espeak", "voice": "alloy", "input": "hi", "response_format": "mp3"}, "response_format", "'wav'"),
+    ({"model": "espeak", "voice": "alloy", "input": "hi", "speed": 10}, "speed", "0.25 to 4.0"),
+    ({"model": "espeak", "voice": "alloy", "input": "hi", "pitch": 2}, "pitch", "Unknown field 'pitch'"),
+    ({"model": "chat", "voice": "alloy", "input": "hi"}, "model", "does not speak"),
+    ({"voice": "alloy", "input": "hi"}, "model", "needs a `model`"),
+])
+def test_bad_requests_get_openais_400(tts_server, body, param, says):
+    import httpx
+
+    url, _ = tts_server
+    r = httpx.post(f"{url}/v1/audio/speech", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and says in error["message"]
+
+
+def test_bad_bodies_and_the_client_error_then_the_server_keeps_serving(tts_server):
+    import httpx
+    import openai
+
+    url, _ = tts_server
+    for content in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+        r = httpx.post(f"{url}/v1/audio/speech", content=content, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/audio/speech", json={"model": "nope", "voice": "alloy", "input": "hi"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="no text to speak"):
+        client.audio.speech.create(model="espeak", voice="alloy", input="   ")
+    ok = client.audio.speech.create(model="espeak", voice="alloy", input="Still here.", response_format="wav")
+    assert read_audio(ok.content).size > 4000
+
+
+@needs_espeak
+def test_openais_model_names_choose_the_only_voice():
+    from polymodal.serve.errors import APIError
+    from polymodal.serve.registry import ServedModels, load_model
+    from polymodal.serve.tts import voice_model
+
+    served = ServedModels([load_model("voice", "espeak")])
+    assert voice_model(served, "tts-1").id == "voice" and voice_model(served, "gpt-4o-mini-tts").id == "voice"
+    with pytest.raises(APIError, match="does not exist"):
+        voice_model(served, "whisper-1")

@@ -139,6 +139,14 @@ def create_app(served: ServedModels, *, api_key: str | None = None, cors_origins
         answer = await speech.transcription(served, await request.body(), request.headers.get("content-type", ""))
         return Response(answer, media_type="text/plain") if isinstance(answer, str) else answer
 
+    @app.post("/v1/audio/speech")
+    async def audio_speech(request: Request):
+        """OpenAI's text-to-speech route: {model, input, voice, response_format, speed} -> the audio (serve/tts.py)."""
+        from polymodal.serve import tts
+
+        audio, media_type = await tts.speech(served, await request.body())
+        return Response(audio, media_type=media_type)
+
     @app.post("/v1/grounding", openapi_extra=_body_schema(GroundingRequest))
     async def grounding(request: Request):
         """The boxes and points a served model wrote about an image (width, height), read in the model's frame

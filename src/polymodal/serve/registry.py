@@ -34,7 +34,7 @@ class ServedModel:
     (CLIP pipeline) or `images` (text-to-image pipeline) is set."""
 
     id: str
-    kind: Literal["chat", "embedding", "image", "speech"]
+    kind: Literal["chat", "embedding", "image", "speech", "tts"]
     modalities: frozenset[str]
     source: str
     engine: Any = None  # polymodal.serve.engine.ChatEngine
@@ -47,6 +47,7 @@ class ServedModel:
     embedder: Any = None  # polymodal.pipelines.vision.ImageTextPipeline
     images: Any = None  # polymodal.serve.images.ImageWorker over a TextToImagePipeline (kind "image")
     speech: Any = None  # polymodal.serve.speech.SpeechWorker over a speech recognition pipeline (kind "speech")
+    voice: Any = None  # polymodal.serve.tts.VoiceWorker over a text-to-speech pipeline (kind "tts")
     owned_by: str = "polymodal"
     created: int = field(default_factory=lambda: int(time.time()))
     # a local chat model's recommended sampling, as request fields (`request_defaults`): what a request that omits
@@ -70,6 +71,8 @@ class ServedModel:
             card["output_modalities"] = ["image"]
             card["image_defaults"] = {"size": f"{width}x{height}", "steps": DEFAULT_STEPS,
                                       "size_multiple": size_multiple(pipe.model)}
+        if self.voice is not None:  # takes text, speaks it: POST /v1/audio/speech
+            card["output_modalities"] = ["audio"]
         if self.engine is not None:
             context = self.engine.max_len
             card["context_length"] = context
@@ -199,12 +202,17 @@ def load_model(model_id: str, source, *, max_batch: int = 8, max_queue: int = 32
     ("openai:gpt-4o", ...) through `polymodal.providers.load_provider` (its key from the environment), anything
     else through `pm.load`."""
     import polymodal as pm
+    from polymodal.serve.tts import is_voice_spec
     from polymodal.weights.ctranslate2 import is_ctranslate2_dir, load_ctranslate2
 
     if is_provider_spec(source):
         obj = load_provider(source)
     elif isinstance(source, (str, Path)) and is_ctranslate2_dir(source):  # a CTranslate2 (faster-whisper) folder
         obj = load_ctranslate2(source)
+    elif isinstance(source, str) and is_voice_spec(source):  # joe, espeak, piper:<voice.onnx>: a voice
+        from polymodal.pipelines.tts import TextToSpeechPipeline
+
+        obj = TextToSpeechPipeline(voice=source)
     else:
         obj = pm.load(source) if isinstance(source, (str, Path)) else source
     return serve_model(model_id, obj, source=str(source), max_batch=max_batch, max_queue=max_queue,
@@ -222,7 +230,13 @@ def serve_model(model_id: str, obj, *, source: str = "", tokenizer=None, process
     from polymodal.generation import CausalLM
     from polymodal.pipelines.diffusion import StableDiffusionPipeline
     from polymodal.pipelines.text_to_image import TextToImagePipeline
+    from polymodal.pipelines.tts import TextToSpeechPipeline
 
+    if isinstance(obj, TextToSpeechPipeline):  # a voice
+        from polymodal.serve.tts import VoiceWorker
+
+        return ServedModel(model_id, "tts", frozenset({"text"}), source or obj.voice.name,
+                           voice=VoiceWorker(obj, max_queue=max_queue))
     if isinstance(obj, (StableDiffusionPipeline, TextToImagePipeline)):  # a diffusers pipeline folder
         from polymodal.serve.images import ImageWorker
 
