@@ -115,7 +115,13 @@ class SileroVAD(nn.Module):
     def decode(self, feats: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """(B, T, C) features of T consecutive chunks per row and the (2, B, H) state -> ((B, T) speech
         probabilities, the state after them)."""
-        h, (h_n, c_n) = self.rnn(feats, (state[:1].contiguous(), state[1:].contiguous()))  # (B, T, H)
+        if feats.shape[1] == 1:  # one step (streaming): the cell alone, without nn.LSTM's per-call overhead (~6x)
+            r = self.rnn
+            h_n, c_n = torch.lstm_cell(feats[:, 0], (state[0], state[1]), r.weight_ih_l0, r.weight_hh_l0,
+                                       r.bias_ih_l0, r.bias_hh_l0)
+            h, h_n, c_n = h_n[:, None], h_n[None], c_n[None]
+        else:
+            h, (h_n, c_n) = self.rnn(feats, (state[:1].contiguous(), state[1:].contiguous()))  # (B, T, H)
         logits = self.head(F.relu(h).transpose(1, 2))  # (B, 1, T)
         return torch.sigmoid(logits[:, 0]), torch.cat([h_n, c_n])
 
