@@ -537,6 +537,24 @@ class GGUFTensors(Mapping):
             raise CheckpointError(self.path, f"tensor {tensor.name!r}: {e}") from None
         return _unpermute(out, heads) if heads else out
 
+    def int4_blocks(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A Q4_0 / Q4_1 tensor's own 4-bit quants, for `polymodal.nn.quant.Int4Linear` (None for other types):
+        (q uint8 (out, in) in [0, 15], scale, zero float32 (out, in // 32)) with w = scale * (q - 8) + zero, rows in
+        the order `self[name]` has them. Q4_0 is w = d * (q - 8): zero 0; Q4_1 is w = d * q + m: zero m + 8 d."""
+        tensor, shape, heads = self._entries[name]
+        if tensor.qtype not in (2, 3) or len(shape) != 2:
+            return None
+        rows, width = shape
+        start = 2 if tensor.qtype == 2 else 4
+        blocks = tensor.data.reshape(-1, _FORMATS[tensor.qtype][2])  # (rows * width / 32, block bytes)
+        q = torch.from_numpy(np.concatenate([blocks[:, start:] & 0x0F, blocks[:, start:] >> 4], axis=-1))
+        d = torch.from_numpy(_half(blocks, 0)).reshape(rows, width // 32)
+        zero = torch.zeros_like(d) if tensor.qtype == 2 else torch.from_numpy(_half(blocks, 2)).reshape(d.shape) + 8 * d
+        q = q.reshape(rows, width)
+        if heads:
+            q, d, zero = (_unpermute(t, heads) for t in (q, d, zero))
+        return q, d, zero
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from polymodal import registry
 from polymodal.config import LAYER_COUNTS, ConfigError, show, validate
+from polymodal.nn import quant
 from polymodal.weights.checkpoint import CheckpointError, open_checkpoint, read_json
 from polymodal.weights.keymap import KeyMap
 from polymodal.weights.record import record
@@ -105,10 +106,14 @@ def build(family: str, preset_or_config: Any, *, device: str | torch.device | No
         return fam.model(cfg)
 
 
-def load(source: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+def load(source: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+         quantize: str | None = None):
     """Load a checkpoint (local directory, file or hub id) into its family's model, in eval mode.
 
     dtype: floating-point weights are cast to it (None keeps the stored dtype); device defaults to CPU.
+    quantize: "int8" or "int4" turns the model's linear layers into weight-only quantized ones for fast CPU decoding
+    (`polymodal.nn.quant`, docs/quantization.md); a GGUF file's Q4_0 / Q4_1 tensors keep their own quants. None (the
+    default): the float weights, the exact path parity is checked on.
     Where it came from, its layout and generation config are in `pm.record(model)`. Hosted models
     ("openai:gpt-4o", ...) are no checkpoints: a ValueError says where they go instead."""
     if isinstance(source, str) and ":" in source:
@@ -118,18 +123,25 @@ def load(source: str | os.PathLike, dtype: torch.dtype | None = None, device: st
             raise ValueError(f"{source!r} is a hosted model, and pm.load loads checkpoints only: chat with it "
                              f"through pm.pipeline('text-generation', model={source!r}) (or polymodal.providers."
                              f"load_provider({source!r})), or serve it with `polymodal serve --model {source}`")
+    if quant.check_mode(quantize) and torch.device(device or "cpu").type != "cpu":
+        raise ValueError(f"quantize={quantize!r} is a CPU path (its kernels are PyTorch's CPU ones); on "
+                         f"{device} load the float weights, e.g. dtype=torch.bfloat16")
     path = resolve(source)
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, dtype, device)
+        return _load_gguf(path, dtype, device, quantize)
     if not path.is_dir():
         raise CheckpointError(path, "expected a checkpoint directory (config.json + weights)")
     if (path / "model_index.json").exists():  # a diffusers pipeline folder: its components, composed
+        if quantize:
+            raise ValueError("quantize= applies to language models; a diffusion pipeline folder loads in float")
         from polymodal.pipelines.diffusion import load_pipeline
 
         return load_pipeline(path, dtype, device)
     fam, layout, raw = detect(path)
     ckpt = open_checkpoint(path, layout.weights_stem)
     model = _build_and_fill(fam, layout, raw, ckpt, dtype, device, path, path / layout.config_file)
+    if quantize:
+        quant.quantize_model(model, quantize)
     rec = record(model)
     rec.source = path  # pipelines find the processor and tokenizer files beside the weights
     generation_config = path / "generation_config.json"
@@ -286,7 +298,7 @@ def _meta_cat(tensors, dim: int = 0) -> torch.Tensor | None:
     return torch.empty(shape, dtype=first.dtype, device="meta")
 
 
-def _load_gguf(path: Path, dtype, device) -> nn.Module:
+def _load_gguf(path: Path, dtype, device, quantize: str | None = None) -> nn.Module:
     """A llama.cpp GGUF file: config, dequantized weights (transformers' names) and tokenizer come from the file
     (`polymodal.weights.gguf`); the model is then built like a transformers checkpoint of its family. Weights
     come out in fp32 unless `dtype` says otherwise; saving writes the transformers layout."""
@@ -295,8 +307,10 @@ def _load_gguf(path: Path, dtype, device) -> nn.Module:
     content = read_gguf(path)
     model_type = content.config.get("model_type")
     fam = registry.family(registry.MODEL_TYPES[model_type])
-    model = _build_and_fill(fam, fam.layouts["transformers"], content.config, content.tensors, dtype, device, path,
-                            path)
+    layout = fam.layouts["transformers"]
+    model = _build_and_fill(fam, layout, content.config, content.tensors, dtype, device, path, path)
+    if quantize:
+        quant.quantize_model(model, quantize, blocks=_int4_blocks(content.tensors, layout.key_map(model.config)))
     rec = record(model)
     rec.source = None  # no tokenizer files beside it: the tokenizer travels with the model
     rec.gguf = path
@@ -305,6 +319,30 @@ def _load_gguf(path: Path, dtype, device) -> nn.Module:
 
         rec.tokenizer = TextTokenizer.from_tokenizer(content.tokenizer, content.tokenizer_config)
     return model
+
+
+def _int4_blocks(tensors, key_map: KeyMap):
+    """Model weight name -> the GGUF file's own int4 quants (q, scale, zero) for it, or None: a weight made of Q4_0 /
+    Q4_1 tensors by a rename or by stacking their rows (a fused q/k/v). The key map's own step decides which rows go
+    where: it is run on probes holding each source row's index, and only a plain stacking of rows is accepted."""
+    steps, _ = key_map.plan_load(list(tensors))
+    by_name = {step.dst[0]: step for step in steps if len(step.dst) == 1}
+
+    def blocks(name: str):
+        step = by_name.get(name)
+        parts = [tensors.int4_blocks(k) for k in step.src] if step else [None]
+        if any(p is None for p in parts):
+            return None
+        rows = [p[0].shape[0] for p in parts]
+        starts = [sum(rows[:i]) for i in range(len(rows))]
+        probes = [torch.arange(s, s + n, dtype=torch.float32)[:, None].expand(n, p[0].shape[1])
+                  for s, n, p in zip(starts, rows, parts)]
+        (out,) = step.fn(probes)
+        if out.dim() != 2 or not torch.equal(out, torch.arange(sum(rows), dtype=torch.float32)[:, None].expand_as(out)):
+            return None
+        return tuple(torch.cat([p[i] for p in parts]) for i in range(3))
+
+    return blocks
 
 
 def load_weights(
