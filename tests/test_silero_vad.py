@@ -267,7 +267,7 @@ def test_speech_timestamps_equal_the_package_on_random_probabilities(package):
 @needs_clips
 def test_pipeline_segments_equal_get_speech_timestamps(package, jit_path):
     silero_vad, jit = package
-    pipe = VoiceActivityDetectionPipeline(str(jit_path))
+    pipe = VoiceActivityDetectionPipeline(jit_path)  # a Path to the package file
     for name, x in _audios().items():
         want = silero_vad.get_speech_timestamps(x, jit)
         got = pipe(x.numpy())

@@ -178,7 +178,7 @@ class VoiceActivityDetectionPipeline(Pipeline):
         `SegmentRules` for every call."""
         from polymodal.models.silero_vad import load_silero_vad
 
-        if model is None or (isinstance(model, str) and model.endswith((".safetensors", ".jit"))):
+        if model is None or str(model).endswith((".safetensors", ".jit")):  # the package's files
             model = load_silero_vad(model, device=device, dtype=dtype)
         super().__init__(model, device=device, dtype=dtype, optimize=False)
         self.rules = SegmentRules(**rules)
@@ -243,7 +243,7 @@ class SpeechDetector:
 
     def reset(self):
         self.state = self.model.initial_state(1)
-        self.context = torch.zeros(self.context_size)
+        self.context = self.state.new_zeros(self.context_size)  # on the model's device, in its dtype
         self.pending = np.zeros(0, np.float32)  # samples waiting for a whole chunk
         self.samples_seen = 0  # samples of the chunks run so far
         self.in_speech, self.silence_from, self.probability = False, 0, 0.0
@@ -270,8 +270,8 @@ class SpeechDetector:
 
     @torch.inference_mode()
     def _chunk(self, chunk: torch.Tensor) -> SpeechEvent | None:
-        x = torch.cat([self.context, chunk])
-        prob, self.state = self.model(x[None].to(self.state.dtype), self.state)
+        x = torch.cat([self.context, chunk.to(self.context)])
+        prob, self.state = self.model(x[None], self.state)
         self.context = x[-self.context_size :]
         self.samples_seen += self.window
         p = self.probability = float(prob[0])
