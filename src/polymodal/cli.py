@@ -575,6 +575,47 @@ def cmd_speak(args) -> None:
           lambda r: f"{r['path']}: {r['seconds']:.2f} s of speech ({r['voice']}, {r['sampling_rate']} Hz)")
 
 
+def cmd_talk(args) -> None:
+    """Spoken dialogue, one turn: the question in --in answered aloud into --out (polymodal/speech/dialogue.py)."""
+    from pathlib import Path
+
+    from polymodal.processing.audio import read_audio
+    from polymodal.speech.dialogue import Cascade, find_turn, live_audio_problem
+
+    if args.input is None:
+        raise UsageError(f"talk: {live_audio_problem()}; answer a recording with --in question.wav --out answer.wav")
+    out = Path(args.out).expanduser() if args.out else None
+    if out is None or out.is_dir() or not out.parent.is_dir():
+        raise UsageError("--out: give the answer's WAV file path, in an existing directory")
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    speech, heard_for = find_turn(read_audio(args.input))  # bad audio or silence: exit 2 before the models load
+    import polymodal as pm
+
+    cascade = Cascade(chat=pm.pipeline("text-generation", model=args.model),
+                      tts=pm.pipeline("text-to-speech", model=args.voice), max_new_tokens=args.max_new_tokens)
+    reply = cascade.reply(speech, heard_for=heard_for)
+    audio = [c["audio"] for c in reply]
+    if not audio:
+        raise UsageError(f"--in {args.input}: no answer to speak (Whisper heard {reply.transcript!r}, the chat "
+                         f"model said {reply.text!r})")
+    import numpy as np
+
+    from polymodal.speech import wav_bytes
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(wav_bytes(np.concatenate(audio), cascade.sampling_rate))
+    os.replace(tmp, out)
+    result = {"transcript": reply.transcript, "reply": reply.spoken, "out": str(out),
+              "seconds": round(sum(map(len, audio)) / cascade.sampling_rate, 3), "sampling_rate": cascade.sampling_rate,
+              "voice": cascade.tts.voice.name, "latency": {k: v and round(v, 3) for k, v in reply.latency.items()}}
+    names = {"vad": "VAD", "asr": "ASR", "first_token": "first token", "first_sentence": "first sentence",
+             "first_audio": "first audio"}
+    _emit(args, result, lambda r: f"you said: {r['transcript']}\nanswer:   {r['reply']}\n{r['out']}: "
+          f"{r['seconds']:.2f} s of speech ({r['voice']}, {r['sampling_rate']} Hz)\nafter the end of your speech: " +
+          ", ".join(f"{names[k]} {v:.2f} s" for k, v in r["latency"].items() if v is not None))
+
+
 def cmd_serve(args) -> None:
     from polymodal.serve.app import MAX_BODY_BYTES, api_key_from_env, bind_socket, serve
     from polymodal.serve.registry import load_served, parse_spec
@@ -759,6 +800,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--voice", default=None, help="joe (the packaged Piper voice), piper:<voice.onnx>, espeak or "
                     "espeak:<voice> (default: joe when piper is installed, else espeak)")
     sp.add_argument("--speed", type=float, default=1.0, help="0.25 to 4.0 (default 1.0)")
+
+    sp = add("talk", cmd_talk, "spoken dialogue: a spoken question answered aloud (Whisper, a chat model, a voice)")
+    sp.add_argument("--in", dest="input", default=None, metavar="QUESTION.wav", help="the spoken question (live "
+                    "microphone mode needs sound devices)")
+    sp.add_argument("--out", default=None, metavar="ANSWER.wav", help="where the spoken answer goes (16-bit WAV)")
+    sp.add_argument("--model", default=None, help="the chat model (default: the embedded SmolLM2-135M-Instruct)")
+    sp.add_argument("--voice", default=None, help="joe (the packaged Piper voice), piper:<voice.onnx>, espeak or "
+                    "espeak:<voice> (default: joe when piper is installed, else espeak)")
+    sp.add_argument("--max-new-tokens", type=int, default=96, help="the longest answer, in tokens")
 
     sp = add("serve", cmd_serve, "serve models over an OpenAI-compatible HTTP API (docs/serving.md)")
     sp.add_argument("--model", action="append", default=[], metavar="SPEC",

@@ -1,0 +1,545 @@
+"""Spoken dialogue: the cascade speech in -> Whisper -> a chat model -> a voice -> speech out, streaming at each
+joint, and turn-taking over a live or simulated input stream with Silero VAD (end of turn, barge-in).
+
+    the user's turn (16-kHz samples)
+      -> ASR (Whisper, `pm.pipeline("automatic-speech-recognition")`)                    -> the transcript
+      -> the chat model's `stream(history + transcript)` in a thread of its own          -> text pieces
+      -> SentenceBuffer                                                                   -> whole sentences (a queue)
+      -> the voice (`pm.pipeline("text-to-speech")`), one sentence at a time, as soon as it is complete
+      -> each sentence's audio (int16 at the voice's rate), while the chat model keeps generating the next ones
+
+`Cascade.reply(samples)` is one turn: a `Reply`, an iterator of each spoken sentence's audio. `reply.cancel()`
+stops the generation at its next token and the voice before its next sentence. `reply.latency` holds, in seconds
+after the end of the user's speech, when each stage was done: "vad" (the end of turn was decided), "asr",
+"first_token", "first_sentence", "first_audio". The cascade keeps the conversation (`history`, chat messages):
+each turn adds the user's transcript and the sentences of the answer that were spoken.
+
+`Dialogue` does the turn-taking over an input stream: `dialogue.feed(samples)` takes 16-kHz input (a microphone's,
+or a simulated one) and returns the output audio for the same stretch of time, 32 ms (one VAD window) of output per
+512 input samples:
+
+    listening --(VAD: speech, then `min_silence_ms` of silence)--> end of turn: Cascade.reply in a thread
+    speaking  --(the answer's audio, played window by window)------> listening again when it has all been played
+    speaking  --(VAD: speech from the user)--> barge-in: the output is silent from the next window on, the reply is
+                                              cancelled (generation and voice), and the user's new turn begins
+
+Each window's output is decided before that window's input is heard, as on a full-duplex sound card, so a barge-in
+detected in window k silences window k+1. `realtime=False` (simulated time) treats the cascade's compute as
+instantaneous: output waits for the answer's audio, so a run is deterministic however slow the machine is.
+`realtime=True` never waits: output is silence until the audio is ready (what a live loop needs). There is no echo
+cancellation: the input is assumed not to carry the output (headphones, or a test that mixes only the user's
+speech into the input).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from polymodal.speech.sentences import SentenceBuffer
+
+SAMPLING_RATE = 16000  # what Whisper and Silero VAD hear
+STAGES = ("vad", "asr", "first_token", "first_sentence", "first_audio")
+DEFAULT_SYSTEM = ("You are a helpful voice assistant. Your answers are spoken aloud, so answer in one to three "
+                  "short sentences of plain words, with no lists and no markdown.")
+_DONE = object()  # the end of a queue's items
+
+
+def _has_words(text: str) -> bool:
+    return any(ch.isalnum() for ch in text)
+
+
+class Reply:
+    """One turn's answer while it is produced. Iterating it runs the cascade and yields each spoken sentence as
+    {"text": sentence, "audio": int16 samples, "sampling_rate": Hz} (the voice's pause before every sentence after
+    the first). `transcript`: what the user said; `text`: what the chat model generated so far; `sentences`: those
+    handed to the voice; `latency`: STAGES -> seconds after the end of the user's speech (None: not reached)."""
+
+    def __init__(self, cascade: Cascade, samples: np.ndarray, *, heard_for: float = 0.0):
+        self.cascade, self.samples = cascade, samples
+        self._origin = time.perf_counter() - heard_for  # when the user's speech ended, on this process's clock
+        self.latency: dict[str, float | None] = dict.fromkeys(STAGES)
+        self.latency["vad"] = heard_for
+        self.transcript, self.text, self.sentences = "", "", []
+        self.pieces = 0  # text pieces received from the chat model
+        self.finish_reason: str | None = None  # the chat model's: "stop", "length"; None: cancelled or not done
+        self.played: int | None = None  # how many sentences were heard, when cancelled (None: every one handed out)
+        self._cancel = threading.Event()
+        self._sentences: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def spoken(self) -> str:
+        """The answer as the user heard it: the sentences played (all handed out, unless cancelled)."""
+        return " ".join(self.sentences if self.played is None else self.sentences[: self.played])
+
+    def cancel(self, played: int | None = None) -> None:
+        """Stop: the chat model at its next token, the voice before its next sentence. played: how many of the
+        handed-out sentences the user heard (the history keeps those)."""
+        if played is not None and self.played is None:
+            self.played = played
+        self._cancel.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the chat model's thread to end -> whether it has."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def _mark(self, stage: str) -> None:
+        if self.latency[stage] is None:
+            self.latency[stage] = time.perf_counter() - self._origin
+
+    # ------------------------------------------------------------------ the cascade
+    def __iter__(self) -> Iterator[dict]:
+        return self._run()
+
+    def _run(self) -> Iterator[dict]:
+        tts, completed = self.cascade.tts, False
+        try:
+            self.transcript = self.cascade.transcribe(self.samples)
+            self._mark("asr")
+            if self.cancelled or not _has_words(self.transcript):
+                completed = True
+                return
+            messages = [*self.cascade.history, {"role": "user", "content": self.transcript}]
+            self._thread = threading.Thread(target=self._generate, args=(messages,), daemon=True,
+                                            name="polymodal-dialogue-llm")
+            self._thread.start()
+            gap = np.zeros(round(getattr(tts, "pause", 0.0) * tts.sampling_rate), np.int16)
+            while not self.cancelled:
+                item = self._sentences.get()
+                if item is _DONE:
+                    completed = True
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if not _has_words(item):  # "..." or an emoji alone: nothing to say
+                    continue
+                audio = np.concatenate([p["audio"] for p in tts.stream(item)] or [np.zeros(0, np.int16)])
+                if self.cancelled:  # a barge-in while it was being synthesized: not spoken
+                    break
+                self._mark("first_audio")
+                self.sentences.append(item)
+                yield {"text": item, "audio": np.concatenate([gap, audio]) if len(self.sentences) > 1 else audio,
+                       "sampling_rate": tts.sampling_rate}
+        except BaseException as e:
+            self.error = e
+            raise
+        finally:
+            if not completed:  # the consumer stopped early or it failed: the generation stops too
+                self._cancel.set()
+            self.wait()
+            self.cascade.remember(self)
+
+    def _generate(self, messages: list[dict]) -> None:
+        """The chat model's thread: text pieces -> sentences on the queue, as soon as each is complete."""
+        buffer, stream = SentenceBuffer(), None
+        try:
+            stream = self.cascade.chat.stream(messages, **self.cascade.generation)
+            while True:
+                try:
+                    piece = next(stream)
+                except StopIteration as done:
+                    self.finish_reason = getattr(done.value, "finish_reason", None)
+                    for sentence in buffer.flush():
+                        self._mark("first_sentence")
+                        self._sentences.put(sentence)
+                    break
+                self._mark("first_token")
+                self.text += piece
+                self.pieces += 1
+                if self.cancelled:
+                    break
+                for sentence in buffer.feed(piece):
+                    self._mark("first_sentence")
+                    self._sentences.put(sentence)
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._sentences.put(e)
+        finally:
+            if stream is not None:
+                stream.close()  # the pipeline's worker stops at its next token
+            self._sentences.put(_DONE)
+
+
+class Cascade:
+    """Speech recognition, a chat model and a voice, with the conversation so far.
+
+        cascade = Cascade()                           # packaged Whisper tiny.en, SmolLM2, the Piper voice (or espeak)
+        reply = cascade.reply(samples_16k)
+        for chunk in reply:                           # each sentence's audio as soon as it is spoken
+            play(chunk["audio"], chunk["sampling_rate"])
+        reply.transcript, reply.spoken, reply.latency
+
+    asr / chat / tts: pipelines (None: the packaged defaults) or objects with their interface: `asr(samples) ->
+    {"text"}`, `chat.stream(messages, **generation)` yielding text pieces, `tts.stream(text)` yielding
+    {"audio"} and `tts.sampling_rate`. generation: the chat model's options (max_new_tokens, temperature, ...)."""
+
+    def __init__(self, asr=None, chat=None, tts=None, *, system: str | None = DEFAULT_SYSTEM,
+                 max_new_tokens: int = 96, **generation):
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}")
+        import polymodal as pm
+
+        self.asr = pm.pipeline("automatic-speech-recognition") if asr is None else asr
+        self.chat = pm.pipeline("text-generation") if chat is None else chat
+        self.tts = pm.pipeline("text-to-speech") if tts is None else tts
+        self.system = system
+        self.generation = {"max_new_tokens": max_new_tokens, **generation}
+        self.history: list[dict] = []
+        self._lock = threading.Lock()
+        self.reset()
+
+    @property
+    def sampling_rate(self) -> int:
+        """The rate of the audio the replies speak (the voice's)."""
+        return int(self.tts.sampling_rate)
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        with self._lock:
+            self.history = [{"role": "system", "content": self.system}] if self.system else []
+
+    def transcribe(self, samples: np.ndarray) -> str:
+        return self.asr(samples)["text"].strip()
+
+    def reply(self, samples, *, heard_for: float = 0.0) -> Reply:
+        """The answer to one user turn (16-kHz float samples), to iterate. heard_for: seconds between the end of
+        the user's speech and now (the VAD's wait for silence), counted in the latencies."""
+        x = np.asarray(samples, dtype=np.float32)
+        if x.ndim != 1 or x.size == 0:
+            raise ValueError(f"a turn is one channel of 16-kHz samples (a non-empty 1-D array), got shape {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("the turn's audio holds NaN or infinite samples")
+        return Reply(self, x, heard_for=heard_for)
+
+    def answer(self, samples, *, min_silence_ms: float = 500, detector=None) -> dict:
+        """A recorded turn (16-kHz samples) answered whole: `find_turn`, then `reply` -> {"transcript", "text",
+        "finish_reason", "audio" (int16), "sampling_rate", "latency"}."""
+        speech, heard_for = find_turn(samples, min_silence_ms=min_silence_ms, detector=detector)
+        reply = self.reply(speech, heard_for=heard_for)
+        chunks = [c["audio"] for c in reply]
+        return {"transcript": reply.transcript, "text": reply.spoken, "finish_reason": reply.finish_reason,
+                "audio": np.concatenate(chunks) if chunks else np.zeros(0, np.int16),
+                "sampling_rate": self.sampling_rate, "latency": dict(reply.latency)}
+
+    def remember(self, reply: Reply) -> None:
+        """A finished (or cancelled) turn into the history: the user's words, then what of the answer was heard."""
+        if not _has_words(reply.transcript):
+            return
+        with self._lock:
+            self.history.append({"role": "user", "content": reply.transcript})
+            if reply.spoken:
+                self.history.append({"role": "assistant", "content": reply.spoken})
+
+
+def live_audio_problem() -> str:
+    """Why a live conversation (microphone in, speaker out) cannot run here."""
+    import importlib.util
+    import os
+
+    if not os.path.exists("/dev/snd") or not os.listdir("/dev/snd"):
+        return "live conversation needs a microphone and a speaker, and this machine has no sound devices (/dev/snd)"
+    if importlib.util.find_spec("sounddevice") is None:
+        return "live conversation needs the sounddevice package (pip install sounddevice)"
+    return "live microphone mode is not built yet (Dialogue.feed takes a microphone's blocks: docs/dialogue.md)"
+
+
+def find_turn(samples, *, min_silence_ms: float = 500, preroll_s: float = 0.3, detector=None
+              ) -> tuple[np.ndarray, float]:
+    """A recording of one turn -> (its speech: from the VAD's first start of speech, less `preroll_s`, to its last
+    end; the seconds a live VAD would take to decide that the turn is over). The recording is taken as followed by
+    silence, as a microphone hears after a question; the decision time is that silence's `min_silence_ms` (and
+    Silero's window) as heard in real time, plus the model's compute for the deciding window. ValueError when no
+    speech is heard."""
+    from polymodal.pipelines.vad import SpeechDetector
+
+    x = np.asarray(samples, dtype=np.float32)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"a turn is one channel of 16-kHz samples (a non-empty 1-D array), got shape {x.shape}")
+    vad = detector if detector is not None else SpeechDetector(min_silence_duration_ms=min_silence_ms)
+    vad.reset()
+    tail = np.zeros(round((vad.min_silence + 2 * vad.window + vad.pad) / vad.window) * vad.window, np.float32)
+    stream = np.concatenate([x, tail])
+    start = end = None
+    heard_for = 0.0
+    for i in range(0, len(stream) - vad.window + 1, vad.window):
+        t = time.perf_counter()
+        for e in vad.feed(stream[i : i + vad.window]):
+            if e.kind == "start":
+                start = e.sample if start is None else start
+            else:
+                end = e.sample
+                heard_for = (vad.samples_seen - e.sample) / vad.rate + time.perf_counter() - t
+    if start is None:
+        raise ValueError("no speech heard in the audio (the voice activity detector found none)")
+    end = len(x) if end is None else end
+    first = max(0, start - round(preroll_s * vad.rate))
+    return x[first : min(len(x), end + vad.window)], heard_for
+
+
+# ------------------------------------------------------------------------------------------ turn-taking
+
+
+@dataclass
+class DialogueEvent:
+    kind: str  # "speech" (the user started), "turn_end", "audio_start", "barge_in", "audio_end", "error"
+    time: float  # seconds into the input stream
+    detail: str = ""
+
+
+@dataclass
+class Turn:
+    """One user turn and its answer; times in seconds into the input stream."""
+
+    start: float  # the user's speech began (the VAD's start, padded)
+    end: float  # it ended (the VAD's end, padded)
+    decided: float  # the end of turn was decided (after min_silence_ms of silence)
+    reply: Reply = field(repr=False)
+    audio_start: float | None = None  # the answer's first output window
+    audio_end: float | None = None  # its output stopped (played out, or cut by a barge-in)
+    interrupted: bool = False
+
+    @property
+    def transcript(self) -> str:
+        return self.reply.transcript
+
+    @property
+    def text(self) -> str:
+        return self.reply.text
+
+    @property
+    def spoken(self) -> str:
+        return self.reply.spoken
+
+    @property
+    def latency(self) -> dict[str, float | None]:
+        return dict(self.reply.latency)
+
+
+class _Playback:
+    """A reply's audio, produced by a thread of its own (at most one sentence ahead of what is played) and taken
+    out window by window."""
+
+    def __init__(self, reply: Reply):
+        self.reply = reply
+        self.queue: queue.Queue = queue.Queue(maxsize=1)  # the voice runs one sentence ahead at most
+        self.current, self.pos = np.zeros(0, np.int16), 0
+        self.started = 0  # sentences whose first sample has been played
+        self.done = False  # every sentence has been played
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._produce, daemon=True, name="polymodal-dialogue-voice")
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.reply.cancelled:
+            try:
+                self.queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        stream = iter(self.reply)
+        try:
+            for chunk in stream:
+                if not self._put(chunk["audio"]):
+                    break
+        except BaseException as e:  # noqa: BLE001 - reported by the dialogue as an event
+            self.error = e
+        finally:
+            stream.close()
+            while True:  # the end mark must get through, even into a full queue nobody reads any more
+                try:
+                    self.queue.put(_DONE, timeout=0.05)
+                    break
+                except queue.Full:
+                    if self.reply.cancelled:
+                        break
+
+    def take(self, n: int, *, wait: bool) -> tuple[np.ndarray, int]:
+        """Up to n samples of the answer (silence after them) -> (n samples, how many were the answer's).
+        wait: block until the answer has them or is over (simulated time); else take what is ready."""
+        out, have = np.zeros(n, np.int16), 0
+        while have < n and not self.done:
+            if self.pos >= len(self.current):
+                try:
+                    item = self.queue.get(timeout=None) if wait else self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _DONE:
+                    self.done = True
+                    break
+                self.current, self.pos = item, 0
+                self.started += 1
+                continue
+            k = min(n - have, len(self.current) - self.pos)
+            out[have : have + k] = self.current[self.pos : self.pos + k]
+            have, self.pos = have + k, self.pos + k
+        return out, have
+
+    def stop(self, played: int) -> None:
+        self.reply.cancel(played=played)  # the producer, waiting to hand over a sentence, sees it within 50 ms
+
+
+class Dialogue:
+    """Turn-taking over a 16-kHz input stream: `feed(samples) -> output samples` (int16 at `sampling_rate`, the
+    voice's rate) for the same stretch of time, one 32-ms VAD window at a time (a partial window waits for the next
+    feed). `events` and `turns` record what happened, in seconds of the input stream.
+
+    min_silence_ms: the silence that ends a turn; preroll_s: input kept from before the VAD's start of speech (its
+    first word is not cut); max_turn_s: a turn this long ends by itself (bounds the memory kept)."""
+
+    def __init__(self, cascade: Cascade, *, detector=None, realtime: bool = False, min_silence_ms: float = 500,
+                 threshold: float = 0.5, preroll_s: float = 0.3, max_turn_s: float = 60.0):
+        from polymodal.pipelines.vad import SpeechDetector
+
+        if not 0 <= preroll_s <= 5 or not 1 <= max_turn_s <= 600:
+            raise ValueError(f"preroll_s must be within [0, 5] and max_turn_s within [1, 600] seconds, got "
+                             f"{preroll_s} and {max_turn_s}")
+        self.cascade, self.realtime = cascade, realtime
+        self.detector = detector if detector is not None else SpeechDetector(
+            threshold=threshold, min_silence_duration_ms=min_silence_ms)
+        if self.detector.rate != SAMPLING_RATE:
+            raise ValueError(f"the dialogue hears 16-kHz audio; this VAD runs at {self.detector.rate} Hz")
+        self.window = self.detector.window
+        self.sampling_rate = cascade.sampling_rate
+        self.preroll, self.max_turn = round(preroll_s * SAMPLING_RATE), round(max_turn_s * SAMPLING_RATE)
+        self.events: list[DialogueEvent] = []
+        self.turns: list[Turn] = []
+        self.heard = 0  # input samples processed: the dialogue's clock
+        self._pending = np.zeros(0, np.float32)  # input short of a whole window
+        self._kept, self._kept_from = np.zeros(0, np.float32), 0  # recent input, from sample _kept_from on
+        self._vad_from = 0  # the detector's sample 0 in the input stream (it is reset after a forced end of turn)
+        self._turn_start: int | None = None  # the open user turn's first sample
+        self._out_owed = 0.0  # output samples due, with the fraction carried from window to window
+        self._playback: _Playback | None = None  # the answer being produced or played
+        self._last: _Playback | None = None  # the latest answer, played out or not (its thread may still run)
+
+    # ------------------------------------------------------------------ input
+    def feed(self, samples) -> np.ndarray:
+        x = np.asarray(samples)
+        if x.ndim != 1:
+            raise ValueError(f"feed takes one channel of 16-kHz samples (a 1-D array), got shape {x.shape}")
+        if x.dtype == np.int16:
+            x = x.astype(np.float32) / 32768.0
+        x = x.astype(np.float32, copy=False)
+        if not np.isfinite(x).all():
+            raise ValueError("the audio holds NaN or infinite samples")
+        self._pending = np.concatenate([self._pending, x])
+        out = []
+        while self._pending.size >= self.window:
+            window, self._pending = self._pending[: self.window], self._pending[self.window :]
+            out.append(self._step(window))
+        return np.concatenate(out) if out else np.zeros(0, np.int16)
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Cancel the answer being spoken, if any, and wait for its threads."""
+        if self._playback is not None:
+            self._playback.stop(self._playback.started)
+        if self._last is not None:
+            self._last.thread.join(timeout)
+
+    @property
+    def speaking(self) -> bool:
+        """Whether an answer is being produced or played."""
+        return self._playback is not None
+
+    def _t(self, sample: int) -> float:
+        return sample / SAMPLING_RATE
+
+    def _event(self, kind: str, sample: int, detail: str = "") -> None:
+        self.events.append(DialogueEvent(kind, self._t(sample), detail))
+
+    def _step(self, window: np.ndarray) -> np.ndarray:
+        out = self._play(self._out_samples(len(window)))  # decided before this window is heard
+        self._keep(window)
+        events = self.detector.feed(window)
+        self.heard += len(window)
+        for e in events:
+            sample = self._vad_from + e.sample
+            if e.kind == "start":
+                self._on_speech(sample)
+            elif self._turn_start is not None:
+                self._on_turn_end(sample)
+        if self._turn_start is not None and self.heard - self._turn_start >= self.max_turn:
+            self._on_turn_end(self.heard)  # a turn this long ends here; the VAD starts afresh
+            self.detector.reset()
+            self._vad_from = self.heard
+        self._trim()
+        return out
+
+    def _out_samples(self, n_in: int) -> int:
+        self._out_owed += n_in * self.sampling_rate / SAMPLING_RATE
+        n = int(self._out_owed)
+        self._out_owed -= n
+        return n
+
+    def _keep(self, window: np.ndarray) -> None:
+        self._kept = np.concatenate([self._kept, window])
+
+    def _trim(self) -> None:
+        """Keep the open turn's input (and its preroll), else only the last preroll."""
+        first = self._turn_start if self._turn_start is not None else self.heard
+        first = max(self._kept_from, first - self.preroll)
+        if first > self._kept_from:
+            self._kept = self._kept[first - self._kept_from :]
+            self._kept_from = first
+
+    # ------------------------------------------------------------------ output
+    def _play(self, n: int) -> np.ndarray:
+        p = self._playback
+        if p is None:
+            return np.zeros(n, np.int16)
+        out, have = p.take(n, wait=not self.realtime)
+        turn = self.turns[-1]
+        if have and turn.audio_start is None:
+            turn.audio_start = self._t(self.heard)
+            self._event("audio_start", self.heard)
+        if p.done:
+            self._finish(turn, self.heard + round(have * SAMPLING_RATE / self.sampling_rate))
+        return out
+
+    def _finish(self, turn: Turn, sample: int) -> None:
+        p, self._playback = self._playback, None
+        if p.error is not None:
+            self._event("error", sample, f"{type(p.error).__name__}: {p.error}")
+        if turn.audio_start is not None:
+            turn.audio_end = self._t(sample)
+            self._event("audio_end", sample)
+
+    # ------------------------------------------------------------------ turns
+    def _on_speech(self, sample: int) -> None:
+        if self._playback is not None:  # barge-in: silent from the next window, the reply cancelled
+            p, turn = self._playback, self.turns[-1]
+            p.stop(played=p.started)
+            turn.interrupted = True
+            self._event("barge_in", self.heard)
+            self._finish(turn, self.heard)
+        self._turn_start = sample
+        self._event("speech", sample)
+
+    def _on_turn_end(self, sample: int) -> None:
+        start, self._turn_start = self._turn_start, None
+        first = max(self._kept_from, start - self.preroll)
+        last = min(self.heard, sample + self.window)  # a little of the silence after it
+        audio = self._kept[first - self._kept_from : last - self._kept_from]
+        self._event("turn_end", self.heard)
+        reply = self.cascade.reply(audio, heard_for=self._t(self.heard - sample))
+        self.turns.append(Turn(self._t(start), self._t(sample), self._t(self.heard), reply))
+        if self._last is not None:
+            self._last.thread.join()  # the previous answer (cancelled or played) into the history first
+        self._playback = self._last = _Playback(reply)
