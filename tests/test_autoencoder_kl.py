@@ -364,6 +364,28 @@ def test_conv2d_channels_last_after_loading_equals_torch_convolution(cin, cout, 
     assert x.grad is not None and ours.weight.grad is not None
 
 
+def test_conv2d_channels_last_weight_rewrites_its_own_memory_only(tmp_path):
+    """materialize writes the NHWC order into a weight's own storage (a memory-mapped checkpoint's copy-on-write
+    pages: no second copy resident), never into memory another tensor shares, and never into the file."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3)
+    save_file({"w": w}, tmp_path / "w.safetensors")
+    conv = D.Conv2d(4, 8, 3, padding=1)
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        conv.weight = torch.nn.Parameter(f.get_tensor("w"))
+    ptr = conv.weight.data_ptr()
+    conv.materialize("cpu")
+    assert conv.weight.data_ptr() == ptr and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(conv.weight, w) and torch.equal(load_file(tmp_path / "w.safetensors")["w"], w)
+    shared = torch.randn(2, 8, 4, 3, 3)  # a weight that is a view into a larger tensor
+    conv.weight = torch.nn.Parameter(shared[1])
+    before = shared.clone()
+    conv.materialize("cpu")
+    assert torch.equal(shared, before) and torch.equal(conv.weight, before[1])
+
+
 def test_resnet_block_at_unet_width_matches_diffusers():
     """SD 1.5's 1280-channel ResNet block on its 256-px lowest stage (4x4, CFG batch 2): the product path."""
     from diffusers.models.resnet import ResnetBlock2D

@@ -72,8 +72,22 @@ class Conv2d(nn.Conv2d):
     def materialize(self, device) -> None:
         """Called by the loader once the weights are in place: on the CPU, a k x k weight (k > 1) channels-last."""
         w = self.weight
-        if w.device.type == "cpu" and self.kernel_size != (1, 1) and not w.is_contiguous(memory_format=_NHWC):
-            self.weight = nn.Parameter(w.detach().contiguous(memory_format=_NHWC), requires_grad=w.requires_grad)
+        if w.device.type != "cpu" or self.kernel_size == (1, 1) or w.is_contiguous(memory_format=_NHWC):
+            return
+        src = w.detach()
+        if not (w.is_contiguous() and w.untyped_storage().nbytes() == w.numel() * w.element_size()):
+            self.weight = nn.Parameter(src.contiguous(memory_format=_NHWC), requires_grad=w.requires_grad)
+            return
+        # Rewritten in the weight's own memory, which no other tensor shares: a weight memory-mapped from a safetensors
+        # file is a private copy-on-write mapping, whose pages the write turns into the process's own (the file is
+        # untouched); a new tensor would leave the file's pages resident beside it (SD 1.5's U-Net: 1.9 GB more).
+        # Each output channel's (Cin, k, k) block stays where it is, only permuted to (k, k, Cin): a few channels at
+        # a time through a small temporary
+        nhwc = src.as_strided(w.shape, (w[0].numel(), 1, self.kernel_size[1] * w.shape[1], w.shape[1]))
+        step = max(1, (1 << 18) // w[0].numel())
+        for o in range(0, w.shape[0], step):
+            nhwc[o : o + step].copy_(src[o : o + step].contiguous(memory_format=_NHWC))
+        self.weight = nn.Parameter(nhwc, requires_grad=w.requires_grad)
 
     def forward(self, x: Tensor) -> Tensor:
         x = _in_layout_of(x, self.weight)
