@@ -135,6 +135,7 @@ def test_round_trip_through_whisper(voice):
 @pytest.mark.parametrize("text, says", [
     ("", "no text to speak"), ("   \n", "no text to speak"), ("?!...", "no text to speak"),
     ("a" * (MAX_CHARS + 1), "more than the 100000 allowed"), (b"bytes", "takes a string"),
+    ("hello \ud800 there", "not valid Unicode at position 6"),
 ])
 def test_bad_text_is_refused_before_synthesis(text, says):
     class Counting:
@@ -276,6 +277,7 @@ def test_models_list_says_it_speaks(tts_server):
     ({"model": "espeak", "voice": "alloy", "input": ""}, "input", "no text to speak"),
     ({"model": "espeak", "voice": "alloy", "input": "a" * 4097}, "input", "more than the 4096 allowed"),
     ({"model": "espeak", "voice": "alloy", "input": 5}, "input", "must be the text"),
+    ({"model": "espeak", "voice": "alloy", "input": "hi \ud800"}, "input", "not valid Unicode"),
     ({"model": "espeak", "voice": "bob", "input": "hi"}, "voice", "Unknown voice 'bob'"),
     ({"model": "espeak", "voice": "alloy", "input": "hi", "response_format": "mp3"}, "response_format", "'wav'"),
     ({"model": "espeak", "voice": "alloy", "input": "hi", "speed": 10}, "speed", "0.25 to 4.0"),
@@ -287,7 +289,10 @@ def test_bad_requests_get_openais_400(tts_server, body, param, says):
     import httpx
 
     url, _ = tts_server
-    r = httpx.post(f"{url}/v1/audio/speech", json=body, timeout=60)
+    import json
+
+    r = httpx.post(f"{url}/v1/audio/speech", content=json.dumps(body), timeout=60,  # (a lone surrogate, \u-escaped)
+                   headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param and says in error["message"]
@@ -320,3 +325,35 @@ def test_openais_model_names_choose_the_only_voice():
     assert voice_model(served, "tts-1").id == "voice" and voice_model(served, "gpt-4o-mini-tts").id == "voice"
     with pytest.raises(APIError, match="does not exist"):
         voice_model(served, "whisper-1")
+
+
+@needs_espeak
+def test_generated_malformed_speech_requests_get_4xx_and_the_key_is_asked():
+    import json
+    import random
+
+    from fastapi.testclient import TestClient
+
+    from polymodal.serve.app import create_app
+    from polymodal.serve.registry import ServedModels, load_model
+
+    served = ServedModels([load_model("espeak", "espeak")])
+    client = TestClient(create_app(served, api_key="secret"))
+    assert client.post("/v1/audio/speech", json={"model": "espeak", "voice": "alloy", "input": "hi"}).status_code == 401
+    key = {"Authorization": "Bearer secret"}
+    rng = random.Random(0)
+    values = [None, True, 0, -1, 1e308, float("nan"), "", " ", "\ud800", "x" * 5000, [], {}, [1], {"id": 3}, "alloy",
+              "espeak", "wav", "mp3", 0.1, 4.5, "é" * 10]
+    fields = ["model", "input", "voice", "response_format", "speed", "instructions", "stream_format", "extra"]
+    for _ in range(150):
+        body = {f: rng.choice(values) for f in rng.sample(fields, rng.randint(0, len(fields)))}
+        data = json.dumps(body, allow_nan=True).encode("utf-8", "surrogatepass")
+        r = client.post("/v1/audio/speech", content=data, headers={**key, "content-type": "application/json"})
+        if r.status_code == 200:  # a valid request after all: real audio
+            assert r.content[:4] == b"RIFF" or r.headers["content-type"] == "audio/pcm"
+            continue
+        assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
+        assert set(r.json()["error"]) >= {"message", "type"}
+    ok = client.post("/v1/audio/speech", json={"model": "espeak", "voice": "alloy", "input": "Still fine."},
+                     headers=key)
+    assert ok.status_code == 200 and read_audio(ok.content).size > 4000

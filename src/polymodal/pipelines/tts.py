@@ -31,6 +31,10 @@ def check_text(text) -> str:
         raise ValueError(f"the text is {len(text)} characters, more than the {MAX_CHARS} allowed; speak it in parts")
     if not any(ch.isalnum() for ch in text):
         raise ValueError("there is no text to speak (it is empty, blank or only punctuation)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (JSON can carry one): no voice can read it
+        raise ValueError(f"the text holds a character that is not valid Unicode at position {e.start}") from None
     return text
 
 

@@ -111,7 +111,12 @@ def _text(req: dict) -> str:
     if not any(ch.isalnum() for ch in text):
         raise APIError(400, "`input` holds no text to speak (it is empty, blank or only punctuation).",
                        param="input")
-    return text
+    from polymodal.pipelines.tts import check_text
+
+    try:
+        return check_text(text)
+    except ValueError as e:
+        raise APIError(400, f"`input`: {e}.", param="input") from None
 
 
 def _options(req: dict, m) -> tuple[str, float]:
