@@ -357,3 +357,46 @@ def test_generated_malformed_speech_requests_get_4xx_and_the_key_is_asked():
     ok = client.post("/v1/audio/speech", json={"model": "espeak", "voice": "alloy", "input": "Still fine."},
                      headers=key)
     assert ok.status_code == 200 and read_audio(ok.content).size > 4000
+
+
+def test_pcm_is_streamed_sentence_by_sentence(tts_server):
+    import openai
+
+    from polymodal.serve.tts import pcm_bytes
+
+    url, served = tts_server
+    text = "First sentence here. And a second one! Is there a third?"
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    with client.audio.speech.with_streaming_response.create(model="espeak", voice="alloy", input=text,
+                                                            response_format="pcm") as response:
+        assert response.headers.get("transfer-encoding") == "chunked"
+        got = b"".join(response.iter_bytes())
+    pipe = served.get("espeak").voice.pipe
+    parts = [p["audio"] for p in pipe.stream(text)]  # espeak-ng: the same samples every run
+    gap = np.zeros(round(pipe.pause * pipe.sampling_rate), np.int16)
+    want = b"".join(pcm_bytes({"audio": np.concatenate([gap, a]) if i else a, "sampling_rate": pipe.sampling_rate})
+                    for i, a in enumerate(parts))
+    assert got == want and len(parts) == 3
+    # each sentence resampled alone: the same length as the whole answer resampled at once, within a few samples
+    whole = pcm_bytes(pipe(text))
+    assert abs(len(got) - len(whole)) <= 2 * 2 * len(parts)
+    assert served.get("espeak").voice._waiting == 0  # the stream left the queue
+
+
+@needs_espeak
+@pytest.mark.parametrize("fmt", ["wav", "pcm"])
+def test_a_full_queue_is_a_429_with_retry_after(fmt):
+    from fastapi.testclient import TestClient
+
+    from polymodal.serve.app import create_app
+    from polymodal.serve.registry import ServedModels, load_model
+
+    served = ServedModels([load_model("espeak", "espeak", max_queue=0)])
+    client = TestClient(create_app(served))
+    body = {"model": "espeak", "voice": "alloy", "input": "One at a time.", "response_format": fmt}
+    served.get("espeak").voice._waiting = 1  # one request speaking, none may wait
+    r = client.post("/v1/audio/speech", json=body)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"]["type"] == "rate_limit_error"
+    served.get("espeak").voice._waiting = 0
+    assert client.post("/v1/audio/speech", json=body).status_code == 200

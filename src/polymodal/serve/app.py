@@ -145,7 +145,9 @@ def create_app(served: ServedModels, *, api_key: str | None = None, cors_origins
         from polymodal.serve import tts
 
         audio, media_type = await tts.speech(served, await request.body())
-        return Response(audio, media_type=media_type)
+        if isinstance(audio, bytes):
+            return Response(audio, media_type=media_type)
+        return StreamingResponse(audio, media_type=media_type)  # pcm: sentence by sentence
 
     @app.post("/v1/grounding", openapi_extra=_body_schema(GroundingRequest))
     async def grounding(request: Request):

@@ -5,7 +5,8 @@ The answer is the audio itself, what the official client's `audio.speech.create`
 * "wav" (the default here: OpenAI's default, mp3, needs an encoder polymodal does not ship): 16-bit mono WAV at the
   voice's rate;
 * "pcm": raw 16-bit little-endian mono samples at 24 kHz, the rate OpenAI's pcm format promises (the voice's
-  22,050 Hz resampled by polymodal.processing.audio.resample);
+  22,050 Hz resampled by polymodal.processing.audio.resample), streamed: each sentence is sent as soon as it is
+  spoken, so a client can start playing after the first;
 * mp3, opus, aac, flac: 400 naming the supported formats.
 
 `voice`: OpenAI's voice names (alloy, echo, ...) all speak with the served voice; the served voice's own name too.
@@ -20,6 +21,7 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import numpy as np
 
@@ -43,33 +45,71 @@ def is_voice_spec(source) -> bool:
 
 
 class VoiceWorker:
-    """Runs a text-to-speech pipeline's requests one at a time in worker threads; at most `max_queue` wait."""
+    """Runs a text-to-speech pipeline's requests one at a time (the voice in a worker thread); at most `max_queue`
+    wait. `speak` returns the whole answer; `sentences` streams it, each sentence's audio as soon as it is spoken
+    (the request keeps its turn until its last sentence, or until its client leaves)."""
 
     def __init__(self, pipe, *, max_queue: int = 32):
         self.pipe, self.max_queue = pipe, max_queue
-        self._lock = threading.Lock()
+        self._turn = asyncio.Lock()  # a request that is cancelled while it waits leaves the queue cleanly
         self._count = threading.Lock()
         self._waiting = 0
         self._last_seconds = 1.0
 
-    async def speak(self, text: str, *, speed: float) -> dict:
-        with self._count:
-            if self._waiting >= self.max_queue + 1:
-                raise QueueFull("too many speech requests waiting", self._last_seconds * self._waiting)
-            self._waiting += 1
-        try:
-            return await asyncio.to_thread(self._run, text, speed)
-        finally:
-            with self._count:
-                self._waiting -= 1
+    def _check(self) -> None:
+        if self._waiting >= self.max_queue + 1:
+            raise QueueFull("too many speech requests waiting", self._last_seconds * self._waiting)
 
-    def _run(self, text: str, speed: float) -> dict:
-        with self._lock:
-            start = time.monotonic()
+    def _enter(self) -> None:
+        with self._count:
+            self._check()
+            self._waiting += 1
+
+    def _leave(self) -> None:
+        with self._count:
+            self._waiting -= 1
+
+    async def speak(self, text: str, *, speed: float) -> dict:
+        """The whole text spoken: the pipeline's {"audio", "sampling_rate"}."""
+        self._enter()
+        try:
+            async with self._turn:
+                start = time.monotonic()
+                try:
+                    return await asyncio.to_thread(self.pipe, text, speed=speed)
+                finally:
+                    self._last_seconds = max(time.monotonic() - start, 0.1)
+        finally:
+            self._leave()
+
+    def sentences(self, text: str, *, speed: float) -> AsyncIterator[dict]:
+        """Each sentence's {"audio", "sampling_rate"}, the pipeline's pause before every one after the first. The
+        queue and the text are checked now (QueueFull, ValueError), before the caller starts answering; the request
+        joins the queue when the stream is first read (so a stream never read holds no place)."""
+        with self._count:
+            self._check()
+        parts = self.pipe.stream(text, speed=speed)
+
+        async def run():
+            with self._count:
+                self._waiting += 1
             try:
-                return self.pipe(text, speed=speed)
+                async with self._turn:
+                    start = time.monotonic()
+                    try:
+                        first = True
+                        while (part := await asyncio.to_thread(next, parts, None)) is not None:
+                            if not first:
+                                pause = np.zeros(round(self.pipe.pause * part["sampling_rate"]), np.int16)
+                                part = {**part, "audio": np.concatenate([pause, part["audio"]])}
+                            first = False
+                            yield part
+                    finally:
+                        self._last_seconds = max(time.monotonic() - start, 0.1)
             finally:
-                self._last_seconds = max(time.monotonic() - start, 0.1)
+                self._leave()
+
+        return run()
 
 
 def voice_model(served, model_id):
@@ -145,18 +185,28 @@ def _options(req: dict, m) -> tuple[str, float]:
 
 def encode(out: dict, fmt: str) -> bytes:
     """The pipeline's {"audio": int16, "sampling_rate"} in a response format."""
-    from polymodal.speech.voices import to_pcm16, wav_bytes
+    from polymodal.speech.voices import wav_bytes
 
-    if fmt == "wav":
-        return wav_bytes(out["audio"], out["sampling_rate"])
+    return wav_bytes(out["audio"], out["sampling_rate"]) if fmt == "wav" else pcm_bytes(out)
+
+
+def pcm_bytes(out: dict) -> bytes:
+    """int16 audio -> OpenAI's pcm: 16-bit little-endian at 24 kHz."""
     from polymodal.processing.audio import resample
+    from polymodal.speech.voices import to_pcm16
 
     samples = resample(out["audio"].astype(np.float32) / 32768.0, out["sampling_rate"], PCM_RATE)
     return to_pcm16(samples).astype("<i2").tobytes()
 
 
-async def speech(served, body: bytes) -> tuple[bytes, str]:
-    """The route's work -> (the audio bytes, their media type)."""
+async def _pcm_stream(parts: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    async for part in parts:  # a voice that fails mid-answer ends the stream early: the status is already sent
+        yield pcm_bytes(part)
+
+
+async def speech(served, body: bytes) -> tuple[bytes | AsyncIterator[bytes], str]:
+    """The route's work -> (the audio: bytes for wav, for pcm an async stream of each sentence's bytes as soon as it
+    is spoken; their media type)."""
     from polymodal.speech.voices import VoiceError
 
     req = _request(body)
@@ -164,6 +214,8 @@ async def speech(served, body: bytes) -> tuple[bytes, str]:
     text = _text(req)
     fmt, speed = _options(req, m)
     try:
+        if fmt == "pcm":
+            return _pcm_stream(m.voice.sentences(text, speed=speed)), FORMATS[fmt]
         out = await m.voice.speak(text, speed=speed)
     except QueueFull as e:
         raise APIError(429, f"The model {m.id!r} has too many speech requests waiting; retry in a moment.",
