@@ -594,6 +594,8 @@ def cmd_talk(args) -> None:
 
     cascade = Cascade(chat=pm.pipeline("text-generation", model=args.model),
                       tts=pm.pipeline("text-to-speech", model=args.voice), max_new_tokens=args.max_new_tokens)
+    if not args.cold:
+        cascade.warm_up()  # as a live assistant is, before the user speaks
     reply = cascade.reply(speech, heard_for=heard_for)
     audio = [c["audio"] for c in reply]
     if not audio:
@@ -809,6 +811,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--voice", default=None, help="joe (the packaged Piper voice), piper:<voice.onnx>, espeak or "
                     "espeak:<voice> (default: joe when piper is installed, else espeak)")
     sp.add_argument("--max-new-tokens", type=int, default=96, help="the longest answer, in tokens")
+    sp.add_argument("--cold", action="store_true", help="no warm-up run of the models before the question is "
+                    "answered (the latencies then include the first calls' costs)")
 
     sp = add("serve", cmd_serve, "serve models over an OpenAI-compatible HTTP API (docs/serving.md)")
     sp.add_argument("--model", action="append", default=[], metavar="SPEC",

@@ -212,6 +212,18 @@ class Cascade:
         with self._lock:
             self.history = [{"role": "system", "content": self.system}] if self.system else []
 
+    def warm_up(self) -> None:
+        """Run each stage once on a small input (half a second of silence heard, one token generated, one word
+        spoken), so that the first turn does not pay the first calls' costs (kernel choice and allocations: the
+        first chat answer of a process starts ~1 s later than the next ones here). A live assistant does this before
+        it listens."""
+        self.asr(np.zeros(SAMPLING_RATE // 2, np.float32))
+        stream = self.chat.stream([{"role": "user", "content": "Hello!"}], max_new_tokens=1)
+        for _ in stream:
+            pass
+        for _ in self.tts.stream("Hello."):
+            pass
+
     def transcribe(self, samples: np.ndarray) -> str:
         return self.asr(samples)["text"].strip()
 
@@ -335,7 +347,8 @@ class _Playback:
 
     def __init__(self, reply: Reply):
         self.reply = reply
-        self.queue: queue.Queue = queue.Queue(maxsize=1)  # the voice runs one sentence ahead at most
+        self.queue: queue.Queue = queue.Queue()  # one sentence at most: the voice runs one sentence ahead
+        self.taken = threading.Event()
         self.current, self.pos = np.zeros(0, np.int16), 0
         self.started = 0  # sentences whose first sample has been played
         self.done = False  # every sentence has been played
@@ -344,13 +357,14 @@ class _Playback:
         self.thread.start()
 
     def _put(self, item) -> bool:
-        while not self.reply.cancelled:
-            try:
-                self.queue.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
+        """Hand a sentence's audio over, then wait until it is taken: the next sentence is synthesized while this
+        one plays, not earlier (a barge-in wastes at most that one). -> False when the reply was cancelled."""
+        self.taken.clear()
+        self.queue.put(item)  # (the queue is empty: each item is taken before the next is made)
+        while not self.taken.wait(0.05):
+            if self.reply.cancelled:
+                return False
+        return True
 
     def _produce(self) -> None:
         stream = iter(self.reply)
@@ -362,13 +376,7 @@ class _Playback:
             self.error = e
         finally:
             stream.close()
-            while True:  # the end mark must get through, even into a full queue nobody reads any more
-                try:
-                    self.queue.put(_DONE, timeout=0.05)
-                    break
-                except queue.Full:
-                    if self.reply.cancelled:
-                        break
+            self.queue.put(_DONE)
 
     def take(self, n: int, *, wait: bool) -> tuple[np.ndarray, int]:
         """Up to n samples of the answer (silence after them) -> (n samples, how many were the answer's).
@@ -383,6 +391,7 @@ class _Playback:
                 if item is _DONE:
                     self.done = True
                     break
+                self.taken.set()
                 self.current, self.pos = item, 0
                 self.started += 1
                 continue
