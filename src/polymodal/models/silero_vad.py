@@ -43,6 +43,7 @@ class SileroVADConfig:
     context_size: int = 64  # samples of the previous chunk seen again at the start of each chunk
     filter_length: int = 256  # STFT points
     hop_length: int = 128
+    stft_padding: int = 64  # reflected on the right of each chunk before the STFT (as the reference's ReflectionPad1d)
     encoder_channels: tuple[int, ...] = (128, 64, 64, 128)
     encoder_strides: tuple[int, ...] = (1, 2, 2, 1)
     kernel_size: int = 3
@@ -52,7 +53,7 @@ class SileroVADConfig:
         if len(self.encoder_channels) != len(self.encoder_strides) or not self.encoder_channels:
             raise ValueError(f"SileroVADConfig: {len(self.encoder_channels)} encoder channel counts for "
                              f"{len(self.encoder_strides)} strides")
-        if self.context_size >= self.window_size or self.filter_length > self.window_size + 2 * self.context_size:
+        if self.context_size >= self.window_size or self.filter_length > self.chunk_size + self.stft_padding:
             raise ValueError("SileroVADConfig: the context must be shorter than a window, and the STFT no longer "
                              "than a padded chunk")
 
@@ -92,7 +93,7 @@ class SileroVAD(nn.Module):
     def __init__(self, config: SileroVADConfig):
         super().__init__()
         c = self.config = config
-        self.stft = STFTMagnitude(c.filter_length, c.hop_length, c.context_size)
+        self.stft = STFTMagnitude(c.filter_length, c.hop_length, c.stft_padding)
         widths = (c.n_freqs, *c.encoder_channels)
         self.encoder = nn.ModuleList(
             nn.Conv1d(widths[i], widths[i + 1], c.kernel_size, stride=s, padding=c.kernel_size // 2)
