@@ -32,6 +32,7 @@ GROUP = 32  # int4 elements sharing one scale and zero: llama.cpp's Q4_0 / Q4_1 
 # Output layers at least this wide (a vocabulary head: SmolLM2's 49152, Llama 3's 128256) stay int8 in the int4
 # mode: the logits are where 4-bit error shows most, and llama.cpp's Q4 files keep token_embd/output at Q8_0 too.
 HEAD_MIN_OUT_FEATURES = 16384
+OUT_MULTIPLE = 16  # the int4 kernel's packing takes output rows in whole tiles of 16
 
 
 def check_mode(quantize: str | None) -> str | None:
@@ -135,9 +136,10 @@ class Int4Linear(_QuantLinear):
 
     def __init__(self, q: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None = None):
         n, k = q.shape
-        if k % GROUP or scale.shape != (n, k // GROUP) or zero.shape != scale.shape:
-            raise ValueError(f"int4 weight {list(q.shape)} needs scales and zeros of shape {[n, k // GROUP]} "
-                             f"(groups of {GROUP}); got {list(scale.shape)} and {list(zero.shape)}")
+        if n % OUT_MULTIPLE or k % GROUP or scale.shape != (n, k // GROUP) or zero.shape != scale.shape:
+            raise ValueError(f"int4 weight {list(q.shape)} needs output rows in tiles of {OUT_MULTIPLE} and scales "
+                             f"and zeros of shape {[n, k // GROUP]} (groups of {GROUP}); got {list(scale.shape)} "
+                             f"and {list(zero.shape)}")
         super().__init__(k, n, bias)
         self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2))
         # the kernel's (k // 32, n, 2) table of (scale, zero) pairs
@@ -169,7 +171,8 @@ def quantize_model(model: nn.Module, mode: str, *, blocks: BlockSource | None = 
     mode: "int8" or "int4" (`MODES`). blocks: for a model read from a GGUF file, the weight name
     (`layers.0.mlp.up_proj.weight`) -> the file's int4 quants (q, scale, zero) where its blocks are Q4_0 / Q4_1,
     None otherwise; those layers keep the file's quants in either mode (they are 4-bit already). In the int4 mode
-    layers whose inputs are not whole groups of 32, and vocabulary-sized heads, are int8."""
+    layers whose inputs are not whole groups of 32 or whose outputs are not whole tiles of 16, and vocabulary-sized
+    heads, are int8."""
     check_mode(mode)
     names = {id(m): n for n, m in model.named_modules()}
     for parent in list(model.modules()):
@@ -182,9 +185,10 @@ def quantize_model(model: nn.Module, mode: str, *, blocks: BlockSource | None = 
 
 
 def _quantized(linear: nn.Linear, mode: str, exact: tuple[Tensor, Tensor, Tensor] | None) -> _QuantLinear:
-    if exact is not None:
+    fits = linear.in_features % GROUP == 0 and linear.out_features % OUT_MULTIPLE == 0
+    if exact is not None and fits:
         return Int4Linear(*exact, linear.bias)  # the file's own quants
-    if mode == "int4" and linear.in_features % GROUP == 0 and linear.out_features < HEAD_MIN_OUT_FEATURES:
+    if mode == "int4" and fits and linear.out_features < HEAD_MIN_OUT_FEATURES:
         return Int4Linear.from_float(linear)
     return Int8Linear.from_float(linear)
 
