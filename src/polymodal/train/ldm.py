@@ -633,7 +633,7 @@ def cached_default(say=None) -> Path:
     if (model / "model_index.json").is_file():
         return model
     say(f"polymodal's default text-to-image model is not trained yet: training it now on first use with "
-        f"`polymodal train ldm-shapes` (about 10 minutes on 2 CPU cores), cached in {run_dir}")
+        f"`polymodal train ldm-shapes` (about 11 minutes on 2 otherwise idle CPU cores), cached in {run_dir}")
     scratch = run_dir.with_name(run_dir.name + f".partial-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
     t0 = time.perf_counter()
