@@ -233,12 +233,26 @@ def _print_stream(stream):
     return consume(stream, write)
 
 
+def _chat_model(args):
+    """--model as the pipelines take it: the source itself, or with --quantize the model loaded quantized (the
+    embedded SmolLM2 file when no --model is given)."""
+    if not getattr(args, "quantize", None):
+        return args.model
+    import polymodal as pm
+    from polymodal.pipelines.text import default_chat_model
+
+    source = args.model if args.model is not None else default_chat_model()
+    if source is None:
+        raise UsageError("--quantize: the embedded SmolLM2 package is not installed; pass --model")
+    return pm.load(source, quantize=args.quantize)
+
+
 def _text_pipeline(args):
     import polymodal as pm
 
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
-    return pm.pipeline("text-generation", model=args.model)
+    return pm.pipeline("text-generation", model=_chat_model(args))
 
 
 def cmd_generate(args) -> None:
@@ -269,7 +283,7 @@ def cmd_chat(args) -> None:
     if media and args.model is None:
         raise UsageError(f"--{media[0][0]}: the default chat model (SmolLM2-135M-Instruct) takes no images or "
                          "videos; pass --model a vision-language model such as a LLaVA or Qwen2-VL checkpoint")
-    pipe = chat_pipeline(args.model, images=bool(media))  # a text-only model with --image: ValueError, exit 2
+    pipe = chat_pipeline(_chat_model(args), images=bool(media))  # a text-only model with --image: ValueError, exit 2
     if args.video:
         _video_settings(pipe, args.fps)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
@@ -727,6 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--compile", action="store_true",
                         help="decode with the torch.compile'd fixed-shape step: faster per token for one "
                              "sequence, after about a minute of compiling per length bucket (LLaMA/Qwen2 models)")
+        sp.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                        help="weight-only quantized linear layers for fast CPU decoding (docs/quantization.md); "
+                             "a GGUF file's Q4_0/Q4_1 tensors keep their own 4-bit quants")
 
     sp = add("generate", cmd_generate, "continue a text with a language model (streams the continuation)")
     sp.add_argument("text", help="the text to continue")
