@@ -151,6 +151,14 @@ def test_reply_speaks_the_first_sentence_while_the_rest_is_generated():
     assert reply.spoken == " ".join(reply.text.split())  # the sentences, white space as the voice got it
 
 
+def test_a_long_first_sentence_is_spoken_from_its_first_clause():
+    cascade = fake_cascade("The sky looks blue on a clear day, because air scatters blue light most. Yes, 1,000 times.")
+    texts = [c["text"] for c in cascade.reply(np.zeros(RATE, np.float32))]
+    assert texts == ["The sky looks blue on a clear day,", "because air scatters blue light most.", "Yes, 1,000 times."]
+    assert cascade.history[-1]["content"] == (
+        "The sky looks blue on a clear day, because air scatters blue light most. Yes, 1,000 times.")
+
+
 def test_the_conversation_carries_over_turns():
     cascade = fake_cascade("Paris.", asr=("Capital of France?", "And of Italy?"))
     for _ in range(2):
@@ -232,7 +240,8 @@ def test_dialogue_answers_after_the_end_of_turn():
     played = audio_times(out)
     assert abs(played[0] - turn.audio_start) < 1e-3
     assert abs(turn.audio_end - turn.audio_start - 8 * 0.1) < 2 * WINDOW / RATE  # 8 words, 0.1 s each
-    assert turn.transcript == "What is the capital of France?" and turn.spoken == "Paris is the capital. It is in France."
+    assert turn.transcript == "What is the capital of France?"
+    assert turn.spoken == "Paris is the capital. It is in France."
     # the turn's audio went to the recognizer: the speech, its preroll and a window of what followed
     (heard,) = dialogue.cascade.asr.heard
     assert abs(heard / RATE - (turn.end - turn.start + 0.3 + WINDOW / RATE)) < 0.05

@@ -603,9 +603,14 @@ def cmd_talk(args) -> None:
         raise UsageError("--out: give the answer's WAV file path, in an existing directory")
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
+    if args.threads < 1:
+        raise UsageError("--threads must be at least 1")
     speech, heard_for = find_turn(read_audio(args.input))  # bad audio or silence: exit 2 before the models load
+    import torch
+
     import polymodal as pm
 
+    torch.set_num_threads(args.threads)
     cascade = Cascade(chat=pm.pipeline("text-generation", model=args.model),
                       tts=pm.pipeline("text-to-speech", model=args.voice), max_new_tokens=args.max_new_tokens)
     if not args.cold:
@@ -828,6 +833,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--voice", default=None, help="joe (the packaged Piper voice), piper:<voice.onnx>, espeak or "
                     "espeak:<voice> (default: joe when piper is installed, else espeak)")
     sp.add_argument("--max-new-tokens", type=int, default=96, help="the longest answer, in tokens")
+    sp.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on the shared 2-core machine "
+                    "the cascade answered sooner with 1 than with 2, docs/dialogue.md)")
     sp.add_argument("--cold", action="store_true", help="no warm-up run of the models before the question is "
                     "answered (the latencies then include the first calls' costs)")
 
