@@ -162,3 +162,10 @@ def test_long_silence_and_noise_transcribe_without_error(speech_dir):
     noise = (np.random.default_rng(0).standard_normal(65 * 16000) * 1e-3).astype(np.float32)
     assert len(asr.windows(noise)) == 3
     assert isinstance(asr(io.BytesIO(wav(noise)))["text"], str)
+
+
+def test_chatting_with_the_speech_model_names_its_route(server):
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    with pytest.raises(openai.BadRequestError, match="/v1/audio/transcriptions"):
+        client.chat.completions.create(model="whisper", messages=[{"role": "user", "content": "hi"}])

@@ -251,8 +251,10 @@ def _add_ui_routes(app: FastAPI) -> None:
 async def _chat(app: FastAPI, request: Request, req: ChatCompletionRequest):
     m = app.state.served.get(req.model)
     if m.kind != "chat":
-        raise APIError(400, f"The model {m.id!r} is an {m.kind} model: it does not chat (use /v1/embeddings).",
-                       param="model")
+        route = {"embedding": "/v1/embeddings", "image": "/v1/images/generations",
+                 "speech": "/v1/audio/transcriptions", "tts": "/v1/audio/speech"}.get(m.kind)
+        raise APIError(400, f"The model {m.id!r} does not chat: it is a {m.kind} model"
+                       + (f" (use {route})." if route else "."), param="model")
     if req.n not in (None, 1):
         raise APIError(400, f"n={req.n} is not supported: this server returns exactly one choice (n=1).", param="n")
     if req.tools:
