@@ -16,7 +16,9 @@ does). Stages, in seconds after the end of the user's speech (the VAD's end of s
 Per question: `find_turn` on the recording (the VAD over it, with the silence after it), then `Cascade.reply`.
 --live feeds each recording, then silence, into a `Dialogue(realtime=True)` one 32-ms window at a time at the pace
 of real time and reports when its first output window carried audio (`audio_start - end`): what a person at a
-microphone would wait, with the VAD, the models and the feed sharing the CPU.
+microphone would wait, with the VAD, the models and the feed sharing the CPU (wall clock, from when the end of
+speech was due at the microphone to when the first window with audio was ready; a feed that falls behind real time
+counts). The Dialogue transcribes ahead in the pause (`speculate`); --no-speculate turns that off.
 
 The machine's load average is printed: on a shared machine the numbers move with it.
 """
@@ -53,10 +55,11 @@ def one_turn(cascade: Cascade, samples: np.ndarray, min_silence_ms: float) -> di
     return {**reply.latency, "transcript": reply.transcript, "answer": reply.spoken}
 
 
-def live_turn(cascade: Cascade, samples: np.ndarray, min_silence_ms: float) -> tuple[float | None, float]:
+def live_turn(cascade: Cascade, samples: np.ndarray, min_silence_ms: float, speculate: bool
+              ) -> tuple[float | None, float]:
     """-> (seconds from the end of speech to the first audio out, the feed's worst lag behind real time)."""
     cascade.reset()
-    dialogue = Dialogue(cascade, realtime=True, min_silence_ms=min_silence_ms)
+    dialogue = Dialogue(cascade, realtime=True, min_silence_ms=min_silence_ms, speculate=speculate)
     stream = np.concatenate([np.zeros(RATE // 4, np.float32), samples, np.zeros(10 * RATE, np.float32)])
     start, lag = time.perf_counter(), 0.0
     for i in range(0, len(stream) - WINDOW + 1, WINDOW):
@@ -66,11 +69,11 @@ def live_turn(cascade: Cascade, samples: np.ndarray, min_silence_ms: float) -> t
             time.sleep(due - now)
         lag = max(lag, time.perf_counter() - due)
         dialogue.feed(stream[i : i + WINDOW])
-        if dialogue.turns and dialogue.turns[0].audio_start is not None:
-            break
+        if dialogue.turns and dialogue.turns[0].audio_start is not None:  # this window's output carries audio
+            dialogue.close()
+            return time.perf_counter() - (start + dialogue.turns[0].end), lag  # wall clock: lags count
     dialogue.close()
-    turn = dialogue.turns[0] if dialogue.turns else None
-    return (turn.audio_start - turn.end if turn and turn.audio_start is not None else None), lag
+    return None, lag
 
 
 def summary(rows: list[dict]) -> str:
@@ -88,6 +91,8 @@ def main() -> None:
     ap.add_argument("--min-silence-ms", type=float, default=500)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--live", action="store_true", help="also measure through Dialogue(realtime=True)")
+    ap.add_argument("--no-speculate", action="store_true", help="--live: no transcription ahead, in the pause")
+    ap.add_argument("--live-only", action="store_true", help="only the --live measurement")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (polymodal talk's default: 1)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,17 +106,18 @@ def main() -> None:
     print(f"loaded and warmed up in {time.perf_counter() - t:.1f} s; voice {cascade.tts.voice.name}")
     recordings = {q: spoken(cascade, q) for q in questions}
     rows = []
-    for r in range(rounds):
+    for r in range(0 if args.live_only else rounds):
         for samples in recordings.values():
             row = one_turn(cascade, samples, args.min_silence_ms)
             rows.append(row)
             print(f"[{r}] {row['transcript']!r} -> {row['answer']!r}: " +
                   ", ".join(f"{s} {row[s]:.2f}" for s in STAGES if row[s] is not None))
-    print(summary(rows))
-    if args.live:
+    if rows:
+        print(summary(rows))
+    if args.live or args.live_only:
         waits = []
         for q, samples in recordings.items():
-            wait, lag = live_turn(cascade, samples, args.min_silence_ms)
+            wait, lag = live_turn(cascade, samples, args.min_silence_ms, not args.no_speculate)
             waits.append(wait)
             print(f"live {q!r}: first audio {wait if wait is None else round(wait, 2)} s after the end of speech "
                   f"(the feed lagged real time by {lag * 1000:.0f} ms at the most)")

@@ -226,7 +226,7 @@ def audio_times(outputs: list) -> np.ndarray:
 def test_dialogue_answers_after_the_end_of_turn():
     _needs_vad()
     question = say("What is the capital of France?")
-    dialogue, out = Dialogue(fake_cascade(), min_silence_ms=500), []
+    dialogue, out = Dialogue(fake_cascade(), min_silence_ms=500, speculate=False), []
     feed(dialogue, np.concatenate([silence(0.5), question]), out)
     feed_until(dialogue, out, lambda: dialogue.turns and not dialogue.speaking)
     (turn,) = dialogue.turns
@@ -258,7 +258,7 @@ def test_barge_in_stops_the_answer_within_the_stated_bound():
     _needs_vad()
     cascade = fake_cascade("This answer goes on and on. " * 8, asr=("Tell me a story.",
                                                                                    "Stop, please."), delay=0.005)
-    dialogue, out = Dialogue(cascade), []
+    dialogue, out = Dialogue(cascade, speculate=False), []
     feed(dialogue, np.concatenate([silence(0.3), say("Tell me a story.")]), out)
     feed_until(dialogue, out, lambda: any(e.kind == "audio_start" for e in dialogue.events))
     inject_at = event_time(dialogue, "audio_start") + 1.0
@@ -282,6 +282,26 @@ def test_barge_in_stops_the_answer_within_the_stated_bound():
     assert [m["role"] for m in cascade.history] == ["system", "user", "assistant", "user", "assistant"]
     # what the user heard (of the second sentence, part) stays in the conversation; 0.6 s per sentence here
     assert first.reply.played == 2 and cascade.history[2]["content"] == " ".join(first.reply.sentences[:2])
+
+
+@needs_espeak
+def test_the_transcript_is_made_while_the_vad_waits_for_the_end_of_turn():
+    """speculate: Whisper starts on the turn 100 ms into the pause (a thread), while the VAD waits out its 500 ms;
+    the reply starts from that transcript. A pause inside the turn shorter than that, then more speech: the
+    transcript made in it is dropped and the reply hears the whole turn."""
+    _needs_vad()
+    first, second = say("Hello there."), say("What is the capital of France?")
+    asr = FakeASR("Hello there.", "Hello there. What is the capital of France?")
+    cascade = Cascade(asr, FakeChat("Paris."), FakeVoice(), system=None)
+    dialogue, out = Dialogue(cascade, min_silence_ms=500), []
+    feed(dialogue, np.concatenate([silence(0.3), first, silence(0.1), second]), out)  # (+ espeak's 0.2 s tail)
+    feed_until(dialogue, out, lambda: dialogue.turns and not dialogue.speaking)
+    (turn,) = dialogue.turns
+    assert len(asr.heard) == 2  # one made in the inner pause (dropped), one in the final pause (used)
+    assert turn.transcript == "Hello there. What is the capital of France?"
+    whole = turn.end - turn.start + 0.3 + WINDOW / RATE  # what the turn's end would give the recognizer
+    assert abs(asr.heard[1] / RATE - whole) < 0.1  # up to a few windows into the final pause
+    assert asr.heard[0] / RATE < 0.3 + len(first) / RATE + 0.1  # the dropped one: up to the inner pause only
 
 
 def test_dialogue_refuses_bad_input():

@@ -66,8 +66,9 @@ class Reply:
     the first). `transcript`: what the user said; `text`: what the chat model generated so far; `sentences`: those
     handed to the voice; `latency`: STAGES -> seconds after the end of the user's speech (None: not reached)."""
 
-    def __init__(self, cascade: Cascade, samples: np.ndarray, *, heard_for: float = 0.0):
-        self.cascade, self.samples = cascade, samples
+    def __init__(self, cascade: Cascade, samples: np.ndarray, *, heard_for: float = 0.0,
+                 transcription: Transcription | None = None):
+        self.cascade, self.samples, self._ahead = cascade, samples, transcription
         self._origin = time.perf_counter() - heard_for  # when the user's speech ended, on this process's clock
         self.latency: dict[str, float | None] = dict.fromkeys(STAGES)
         self.latency["vad"] = heard_for
@@ -115,7 +116,8 @@ class Reply:
     def _run(self) -> Iterator[dict]:
         tts, completed = self.cascade.tts, False
         try:
-            self.transcript = self.cascade.transcribe(self.samples)
+            ahead = self._ahead
+            self.transcript = ahead.result() if ahead is not None else self.cascade.transcribe(self.samples)
             self._mark("asr")
             if self.cancelled or not _has_words(self.transcript):
                 completed = True
@@ -183,6 +185,34 @@ class Reply:
             self._sentences.put(_DONE)
 
 
+class Transcription:
+    """A transcription made ahead, in a thread: the dialogue starts one when the user's speech pauses, so that when
+    the pause turns out to be the end of the turn the transcript is (nearly) there already."""
+
+    def __init__(self, cascade: Cascade, samples: np.ndarray):
+        self._text: str | None = None
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(cascade, samples), daemon=True,
+                                       name="polymodal-dialogue-asr")
+        self.thread.start()
+
+    def _run(self, cascade: Cascade, samples: np.ndarray) -> None:
+        try:
+            self._text = cascade.transcribe(samples)
+        except BaseException as e:  # noqa: BLE001 - raised by result()
+            self._error = e
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    def result(self) -> str:
+        self.thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._text
+
+
 def _first_clause(buffer: SentenceBuffer) -> list[str]:
     """The first clause of the text the buffer holds, taken out of it, when it is complete (else none)."""
     m = _FIRST_CLAUSE.match(buffer.text)
@@ -245,15 +275,20 @@ class Cascade:
     def transcribe(self, samples: np.ndarray) -> str:
         return self.asr(samples)["text"].strip()
 
-    def reply(self, samples, *, heard_for: float = 0.0) -> Reply:
+    def reply(self, samples, *, heard_for: float = 0.0, transcription: Transcription | None = None) -> Reply:
         """The answer to one user turn (16-kHz float samples), to iterate. heard_for: seconds between the end of
-        the user's speech and now (the VAD's wait for silence), counted in the latencies."""
+        the user's speech and now (the VAD's wait for silence), counted in the latencies; transcription: the turn's
+        transcript made ahead (`transcribe_ahead`), used instead of transcribing `samples`."""
         x = np.asarray(samples, dtype=np.float32)
         if x.ndim != 1 or x.size == 0:
             raise ValueError(f"a turn is one channel of 16-kHz samples (a non-empty 1-D array), got shape {x.shape}")
         if not np.isfinite(x).all():
             raise ValueError("the turn's audio holds NaN or infinite samples")
-        return Reply(self, x, heard_for=heard_for)
+        return Reply(self, x, heard_for=heard_for, transcription=transcription)
+
+    def transcribe_ahead(self, samples: np.ndarray) -> Transcription:
+        """Start transcribing `samples` in a thread."""
+        return Transcription(self, np.asarray(samples, dtype=np.float32))
 
     def answer(self, samples, *, min_silence_ms: float = 500, detector=None) -> dict:
         """A recorded turn (16-kHz samples) answered whole: `find_turn`, then `reply` -> {"transcript", "text",
@@ -428,10 +463,14 @@ class Dialogue:
     feed). `events` and `turns` record what happened, in seconds of the input stream.
 
     min_silence_ms: the silence that ends a turn; preroll_s: input kept from before the VAD's start of speech (its
-    first word is not cut); max_turn_s: a turn this long ends by itself (bounds the memory kept)."""
+    first word is not cut); max_turn_s: a turn this long ends by itself (bounds the memory kept). speculate: when
+    the user's speech has paused for `speculate_after_ms`, start transcribing what was said (in a thread) while the
+    VAD waits to see whether the pause ends the turn; if it does, the reply starts from that transcript (the speech
+    is the same, less a few windows of silence), else it is dropped."""
 
     def __init__(self, cascade: Cascade, *, detector=None, realtime: bool = False, min_silence_ms: float = 500,
-                 threshold: float = 0.5, preroll_s: float = 0.3, max_turn_s: float = 60.0):
+                 threshold: float = 0.5, preroll_s: float = 0.3, max_turn_s: float = 60.0, speculate: bool = True,
+                 speculate_after_ms: float = 100):
         from polymodal.pipelines.vad import SpeechDetector
 
         if not 0 <= preroll_s <= 5 or not 1 <= max_turn_s <= 600:
@@ -455,6 +494,9 @@ class Dialogue:
         self._out_owed = 0.0  # output samples due, with the fraction carried from window to window
         self._playback: _Playback | None = None  # the answer being produced or played
         self._last: _Playback | None = None  # the latest answer, played out or not (its thread may still run)
+        self.speculate, self._speculate_after = speculate, round(speculate_after_ms * SAMPLING_RATE / 1000)
+        self._ahead: Transcription | None = None  # the open turn's transcription made in its current pause
+        self._ahead_running: Transcription | None = None  # the latest one started (it may be stale, still running)
 
     # ------------------------------------------------------------------ input
     def feed(self, samples) -> np.ndarray:
@@ -502,12 +544,29 @@ class Dialogue:
                 self._on_speech(sample)
             elif self._turn_start is not None:
                 self._on_turn_end(sample)
+        if self.speculate and self._turn_start is not None:
+            self._transcribe_in_pause()
         if self._turn_start is not None and self.heard - self._turn_start >= self.max_turn:
             self._on_turn_end(self.heard)  # a turn this long ends here; the VAD starts afresh
             self.detector.reset()
             self._vad_from = self.heard
         self._trim()
         return out
+
+    def _transcribe_in_pause(self) -> None:
+        d = self.detector
+        if not (d.in_speech and d.silence_from):  # speaking: a transcript made in an earlier pause is stale
+            self._ahead = None
+            return
+        paused = d.samples_seen - d.silence_from + self.window  # (silence_from: the end of its first silent window)
+        busy = self._ahead_running is not None and self._ahead_running.running
+        if self._ahead is None and paused >= self._speculate_after and not busy:
+            self._ahead = self._ahead_running = self.cascade.transcribe_ahead(self._turn_audio(self.heard))
+
+    def _turn_audio(self, last: int) -> np.ndarray:
+        """The open turn's input, from its preroll to sample `last`."""
+        first = max(self._kept_from, self._turn_start - self.preroll)
+        return self._kept[first - self._kept_from : min(self.heard, last) - self._kept_from]
 
     def _out_samples(self, n_in: int) -> int:
         self._out_owed += n_in * self.sampling_rate / SAMPLING_RATE
@@ -556,16 +615,14 @@ class Dialogue:
             turn.interrupted = True
             self._event("barge_in", self.heard)
             self._finish(turn, self.heard)
-        self._turn_start = sample
+        self._turn_start, self._ahead = sample, None
         self._event("speech", sample)
 
     def _on_turn_end(self, sample: int) -> None:
-        start, self._turn_start = self._turn_start, None
-        first = max(self._kept_from, start - self.preroll)
-        last = min(self.heard, sample + self.window)  # a little of the silence after it
-        audio = self._kept[first - self._kept_from : last - self._kept_from]
+        audio = self._turn_audio(sample + self.window)  # with a little of the silence after it
+        start, self._turn_start, ahead, self._ahead = self._turn_start, None, self._ahead, None
         self._event("turn_end", self.heard)
-        reply = self.cascade.reply(audio, heard_for=self._t(self.heard - sample))
+        reply = self.cascade.reply(audio, heard_for=self._t(self.heard - sample), transcription=ahead)
         self.turns.append(Turn(self._t(start), self._t(sample), self._t(self.heard), reply))
         if self._last is not None:
             self._last.thread.join()  # the previous answer (cancelled or played) into the history first
