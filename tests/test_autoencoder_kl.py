@@ -288,6 +288,14 @@ def test_down_and_upsampling():
     _copy(ref, ours)
     torch.testing.assert_close(ours(x), ref(x), **TOL)
     torch.testing.assert_close(ours(x, output_size=(15, 17)), ref(x, output_size=(15, 17)), **TOL)
+    with torch.no_grad():  # inference: the conv of the upsampled map computed as 4 phases of 2x2 convs of x
+        assert ours._by_phases(x)
+        torch.testing.assert_close(ours(x), ref(x), **TOL)
+        ours.conv.materialize("cpu")  # and on channels-last maps, as loaded on a CPU
+        got = ours(x)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, ref(x), **TOL)
+        torch.testing.assert_close(ours(x, output_size=(15, 17)), ref(x, output_size=(15, 17)), **TOL)
 
 
 def test_timestep_embedding_variants():

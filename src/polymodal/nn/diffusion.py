@@ -245,11 +245,46 @@ class Upsample2D(nn.Module):
         self.conv = Conv2d(channels, out_channels or channels, 3, padding=1) if use_conv else None
 
     def forward(self, x: Tensor, output_size: tuple[int, int] | None = None) -> Tensor:
+        if output_size is None and self.conv is not None and self._by_phases(x):
+            return self._phases(x)
         if output_size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:
             x = F.interpolate(x, size=tuple(output_size), mode="nearest")
         return x if self.conv is None else self.conv(x)
+
+    def _by_phases(self, x: Tensor) -> bool:
+        c = self.conv
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and x.ndim == 4 and c.kernel_size == (3, 3)
+                and c.stride == (1, 1) and c.padding == (1, 1) and c.groups == 1 and c.dilation == (1, 1)
+                and c.padding_mode == "zeros" and not (torch.is_grad_enabled() and (x.requires_grad
+                                                                                    or c.weight.requires_grad)))
+
+    def _phases(self, x: Tensor) -> Tensor:
+        """conv3x3(nearest x2 (x)) without the upsampled map: output pixel (2i + a, 2j + b) sees input rows i-1, i
+        (a = 0) or i, i+1 (a = 1), its 3x3 taps summed onto them ([w0, w1 + w2] or [w0 + w1, w2], likewise along
+        columns). So each of the 4 phases is a 2x2 conv of the input, 4/9 of the multiply-adds, written into its
+        pixels of the output (the same sums in another order, ~1e-6 relative)."""
+        w = self.conv.weight  # (Cout, Cin, 3, 3)
+        x = _in_layout_of(x, w)  # channels-last where the conv's weight is (see Conv2d)
+        B, _, H, W = x.shape
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        out = torch.empty(B, w.shape[0], 2 * H, 2 * W, dtype=x.dtype, device=x.device, memory_format=layout)
+        for a in (0, 1):
+            rows = _fold_taps(w, a, dim=2)  # (Cout, Cin, 2, 3)
+            for b in (0, 1):
+                kernel = _fold_taps(rows, b, dim=3).contiguous(memory_format=layout)  # (Cout, Cin, 2, 2)
+                # phase a reads input rows i-1, i (a = 0: one zero row above) or i, i+1 (a = 1: one below)
+                xp = F.pad(x, (1 - b, b, 1 - a, a)).contiguous(memory_format=layout)  # (B, Cin, H + 1, W + 1)
+                out[:, :, a::2, b::2] = F.conv2d(xp, kernel, self.conv.bias)  # (B, Cout, H, W)
+        return out
+
+
+def _fold_taps(w: Tensor, phase: int, dim: int) -> Tensor:
+    """A 3-tap kernel along `dim` seen from the input of a nearest x2 upsampling: [w0, w1 + w2] for the even
+    output rows or columns (phase 0), [w0 + w1, w2] for the odd ones."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w0, w1 + w2] if phase == 0 else [w0 + w1, w2], dim)
 
 
 def timestep_embedding(
