@@ -84,6 +84,20 @@ def test_greedy_generate_matches_transformers(saved, ours, language, task):
                              NO_TS]
 
 
+def test_timestamps_follow_transformers_grammar(saved, ours):
+    """With timestamps (97, 98 and 99 after <|notimestamps|> = 96 here) the rules of transformers'
+    WhisperTimeStampLogitsProcessor decide the tokens: the first is a timestamp, pairs never go back."""
+    ref, _ = saved
+    for seed in range(4):
+        x = features(2, seed=10 + seed) * 3
+        with torch.no_grad():
+            want = ref.generate(x, language="en", return_timestamps=True, max_new_tokens=10)
+        got = ours.generate(x, language="en", return_timestamps=True, max_new_tokens=10)
+        assert got.tolist() == want.tolist()
+        assert (got[:, 0] > NO_TS).all()
+    assert NO_TS not in ours.prompt_ids(features(1), "en", timestamps=True)[0]
+
+
 def test_detect_language_matches_transformers(saved, ours):
     ref, _ = saved
     x = features(4, seed=3)

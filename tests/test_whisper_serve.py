@@ -135,6 +135,9 @@ def test_transcribe_command_prints_the_pipelines_output(capsys):
     assert main(["transcribe", str(CLIPS[1]), str(CLIPS[4])]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"{CLIPS[1]}: ")
+    assert main(["transcribe", "--timestamps", str(CLIPS[1])]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("[0.00 -> ") and "young man" in line, line
 
 
 def test_transcribe_bad_input_exits_2_with_one_line(tmp_path, speech_dir, capsys):
@@ -142,7 +145,8 @@ def test_transcribe_bad_input_exits_2_with_one_line(tmp_path, speech_dir, capsys
     bad.write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunkjunk")
     for argv, says in [([str(bad)], "corrupt WAV"), ([str(tmp_path / "none.wav")], "no such audio file"),
                        (["--model", str(tmp_path / "nowhere"), str(bad)], "no such file"),
-                       (["--timestamps", "--model", str(speech_dir), str(_ok_wav(tmp_path))], "not built yet")]:
+                       (["--model", str(speech_dir), "--max-new-tokens", "1000", str(_ok_wav(tmp_path))],
+                        "max_new_tokens=1000")]:
         assert main(["transcribe", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and says in err, err

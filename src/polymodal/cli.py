@@ -555,15 +555,21 @@ def cmd_transcribe(args) -> None:
     from polymodal.processing.audio import read_audio
 
     audio = [read_audio(path) for path in args.audio]
-    if args.timestamps:
-        raise UsageError("--timestamps: timestamps are not built yet in polymodal's Whisper")
     pipe = pm.pipeline("automatic-speech-recognition", model=args.model)
     result = pipe(audio if len(audio) > 1 else audio[0], language=args.language, task=args.task,
-                  max_new_tokens=args.max_new_tokens)
+                  max_new_tokens=args.max_new_tokens, return_timestamps=args.timestamps)
+
+    def human(r: dict) -> str:
+        if not args.timestamps:
+            return r["text"].strip()
+        return "\n".join(f"[{c['timestamp'][0]:.2f} -> "
+                         f"{'...' if c['timestamp'][1] is None else format(c['timestamp'][1], '.2f')}] "
+                         f"{c['text'].strip()}" for c in r["chunks"])
+
     if len(audio) > 1:
-        _emit(args, result, lambda r: "\n".join(f"{p}: {t['text'].strip()}" for p, t in zip(args.audio, r)))
+        _emit(args, result, lambda r: "\n".join(f"{p}: {human(t)}" for p, t in zip(args.audio, r)))
     else:
-        _emit(args, result, lambda r: r["text"].strip())
+        _emit(args, result, human)
 
 
 def cmd_speak(args) -> None:
@@ -816,7 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--task", default=None, choices=("transcribe", "translate"),
                     help="translate: into English (multilingual models)")
     sp.add_argument("--max-new-tokens", type=int, default=None, help="per 30-s window (default: as many as fit)")
-    sp.add_argument("--timestamps", action="store_true", help="segment timestamps (not built yet)")
+    sp.add_argument("--timestamps", action="store_true", help="segments with their times (--json: \"chunks\")")
 
     sp = add("speak", cmd_speak, "text to speech: a WAV file spoken by the packaged Piper voice (or espeak-ng)")
     sp.add_argument("text", help='what to say ("-": read it from stdin)')

@@ -200,6 +200,19 @@ class WhisperDecoder(nn.Module):
         return self.layer_norm(h)
 
 
+@dataclass
+class WhisperState(DecoderState):
+    """The shared decoder state, plus what the timestamp rules read: the tokens generated so far (B, N)."""
+
+    generated: Tensor | None = None
+    timestamps: bool = False
+
+    def reorder(self, index: Tensor) -> None:
+        super().reorder(index)
+        if self.generated is not None:
+            self.generated = self.generated.index_select(0, index)
+
+
 class Whisper(nn.Module):
     """input_features (B, n_mels, 2S), decoder_input_ids (B, T) -> logits (B, T, V)."""
 
@@ -311,39 +324,79 @@ class Whisper(nn.Module):
                 logits.index_fill_(-1, ids, float("-inf"))  # in place: the step's own fresh logits
         return logits
 
+    def _timestamp_rules(self, logits: Tensor, generated: Tensor) -> Tensor:
+        """Whisper's timestamp grammar on next-token logits (B, V), in place, as transformers'
+        `WhisperTimeStampLogitsProcessor` (after the paper's decoder): timestamps come in pairs that never go back,
+        the first token is a timestamp (at most `max_initial_timestamp_index` steps of 0.02 s in), and where the
+        timestamps together are more likely than any text token, a timestamp it is."""
+        gen = self.generation_settings()
+        begin = gen["no_timestamps_token_id"] + 1  # <|0.00|>, then one token per 0.02 s
+        eos = self.config.eos_token_id
+        logits[:, begin - 1] = float("-inf")
+        for k, seq in enumerate(generated.tolist()):
+            last = len(seq) >= 1 and seq[-1] >= begin
+            penultimate = len(seq) < 2 or seq[-2] >= begin
+            if last and penultimate:  # a pair just closed: text (or the end) next
+                logits[k, begin:] = float("-inf")
+            elif last:  # a pair is open: its closing timestamp (or the end) next
+                logits[k, :eos] = float("-inf")
+            stamps = [t for t in seq if t >= begin]
+            floor = begin if not stamps else stamps[-1] if last and not penultimate else stamps[-1] + 1
+            logits[k, begin:floor] = float("-inf")
+        if generated.shape[1] == 0:
+            logits[:, :begin] = float("-inf")
+            initial = gen.get("max_initial_timestamp_index")
+            if isinstance(initial, int):
+                logits[:, begin + initial + 1 :] = float("-inf")
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        stamp_mass = logprobs[:, begin:].logsumexp(dim=-1)
+        text_best = logprobs[:, :begin].max(dim=-1).values
+        logits[:, :begin].masked_fill_((stamp_mass > text_best)[:, None], float("-inf"))
+        return logits
+
+    def _next_logits(self, logits: Tensor, state: WhisperState) -> Tensor:
+        logits = self._suppress(logits, first=state.generated.shape[1] == 0)
+        return self._timestamp_rules(logits, state.generated) if state.timestamps else logits
+
     def generation_prefill(self, input_ids: Tensor, attention_mask: Tensor, max_len: int, *,
-                           input_features: Tensor) -> tuple[DecoderState, Tensor]:
+                           input_features: Tensor, timestamps: bool = False) -> tuple[WhisperState, Tensor]:
         """Encode the features once, cache each layer's cross keys and values, run the decoder prompt `input_ids`
-        (B, T) -> (state, the first new token's logits (B, V)). The output continues the prompt."""
+        (B, T) -> (state, the first new token's logits (B, V)). The output continues the prompt. timestamps: the
+        prompt has no <|notimestamps|>, and the timestamp rules apply."""
         if input_features.shape[0] != input_ids.shape[0]:
             raise ValueError(f"{input_features.shape[0]} feature rows for {input_ids.shape[0]} decoder prompts")
         if not bool(attention_mask.all()):
             raise ValueError("Whisper's decoder prompts of one batch have one length (no padding)")
+        if timestamps and self.generation_settings().get("no_timestamps_token_id") is None:
+            raise ValueError("this Whisper checkpoint's generation config has no <|notimestamps|> id, so its "
+                             "timestamp tokens are unknown")
         encoded = self.encode(input_features)  # (B, S, D)
         # contiguous once here: as project_kv's views, every step's attention would copy them (1500 x D per layer)
         cross = [tuple(t.contiguous() for t in layer.encoder_attn.project_kv(encoded)) for layer in self.decoder.layers]
         c, p = self.config, self.decoder.embed_tokens.weight
-        H = c.decoder_attention_heads
-        cache = [KVCache(input_ids.shape[0], H, max_len, c.d_model // H, dtype=p.dtype, device=p.device)
+        H, B = c.decoder_attention_heads, input_ids.shape[0]
+        cache = [KVCache(B, H, max_len, c.d_model // H, dtype=p.dtype, device=p.device)
                  for _ in range(c.decoder_layers)]
-        state, _ = DecoderState.start(cache, attention_mask, max_len, cross=cross)
-        logits = self.decode(input_ids, cross, state.cache)[:, -1]
-        return state, self._suppress(logits, first=True)
+        state, _ = WhisperState.start(cache, attention_mask, max_len, cross=cross, timestamps=timestamps,
+                                      generated=input_ids.new_zeros(B, 0))
+        return state, self._next_logits(self.decode(input_ids, cross, state.cache)[:, -1], state)
 
-    def generation_step(self, tokens: Tensor, state: DecoderState) -> Tensor:
+    def generation_step(self, tokens: Tensor, state: WhisperState) -> Tensor:
         state.advance()
-        return self._suppress(self.decode(tokens[:, None], state.cross, state.cache)[:, -1], first=False)
+        state.generated = torch.cat([state.generated, tokens[:, None]], dim=1)
+        return self._next_logits(self.decode(tokens[:, None], state.cross, state.cache)[:, -1], state)
 
     def generate(self, input_features: Tensor, max_new_tokens: int | None = None, do_sample: bool = False, *,
                  decoder_input_ids: Tensor | None = None, language: str | list[str] | None = None,
-                 task: str | None = None, **options) -> Tensor:
+                 task: str | None = None, return_timestamps: bool = False, **options) -> Tensor:
         """input_features (B, n_mels, 2S) -> (B, N) the new tokens after the forced prompt, without the final
         <|endoftext|>, shorter rows padded: what transformers' Whisper `generate` returns. The prompt is
         `decoder_input_ids` (B, T), or `prompt_ids(input_features, language, task)`. max_new_tokens defaults to
         the decoder's room (448 positions less the prompt). See `polymodal.generation.generate` for the options
-        (beams, sampling, streaming)."""
+        (beams, sampling, streaming). return_timestamps: no <|notimestamps|> in the prompt, and the output holds
+        timestamp tokens (<|0.00|> on, one per 0.02 s) around its segments, as transformers' `return_timestamps`."""
         if decoder_input_ids is None:
-            decoder_input_ids = torch.tensor(self.prompt_ids(input_features, language, task),
+            decoder_input_ids = torch.tensor(self.prompt_ids(input_features, language, task, return_timestamps),
                                              device=input_features.device)
         T = decoder_input_ids.shape[1]
         room = self.config.max_target_positions - T
@@ -355,7 +408,7 @@ class Whisper(nn.Module):
         options.setdefault("eos_token_id", self.config.eos_token_id)
         options.setdefault("pad_token_id", self.config.pad_token_id)
         out = generate(self, decoder_input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                       input_features=input_features, **options)[:, T:]
+                       input_features=input_features, timestamps=return_timestamps, **options)[:, T:]
         return _strip_end(out, options["eos_token_id"], options["pad_token_id"])
 
 

