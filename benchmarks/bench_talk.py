@@ -70,8 +70,11 @@ def live_turn(cascade: Cascade, samples: np.ndarray, min_silence_ms: float, spec
         lag = max(lag, time.perf_counter() - due)
         dialogue.feed(stream[i : i + WINDOW])
         if dialogue.turns and dialogue.turns[0].audio_start is not None:  # this window's output carries audio
+            waited = time.perf_counter() - (start + dialogue.turns[0].end)  # wall clock: lags count
             dialogue.close()
-            return time.perf_counter() - (start + dialogue.turns[0].end), lag  # wall clock: lags count
+            stages = dialogue.turns[0].latency
+            print("      stages: " + ", ".join(f"{s} {stages[s]:.2f}" for s in STAGES if stages[s] is not None))
+            return waited, lag
     dialogue.close()
     return None, lag
 

@@ -369,7 +369,9 @@ def test_real_cascade_question_answer_then_barge_in(real_pipelines):
     second, third = dialogue.turns[1:]
     assert second.interrupted
     last_of_second = max(t for t in audio_times(out) if second.audio_start <= t < third.audio_start - 0.01)
-    assert 0 < last_of_second - (inject_at + onset(interruption)) <= 0.25
+    stop_delay = last_of_second - (inject_at + onset(interruption))
+    print(f"barge-in (real models): output stopped {stop_delay * 1000:.0f} ms after the injected speech began")
+    assert 0 < stop_delay <= 0.25
     assert second.reply.wait(5.0)
     assert normalize_english(third.transcript) == normalize_english("Tell me a joke instead."), third.transcript
     assert [m["role"] for m in cascade.history][-2:] == ["user", "assistant"]

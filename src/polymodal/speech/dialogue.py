@@ -247,7 +247,7 @@ class Cascade:
         self.system = system
         self.generation = {"max_new_tokens": max_new_tokens, **generation}
         self.history: list[dict] = []
-        self._lock = threading.Lock()
+        self._lock, self._asr_lock = threading.Lock(), threading.Lock()
         self.reset()
 
     @property
@@ -273,7 +273,8 @@ class Cascade:
             pass
 
     def transcribe(self, samples: np.ndarray) -> str:
-        return self.asr(samples)["text"].strip()
+        with self._asr_lock:  # one at a time: a transcription made ahead may still run when the turn ends
+            return self.asr(samples)["text"].strip()
 
     def reply(self, samples, *, heard_for: float = 0.0, transcription: Transcription | None = None) -> Reply:
         """The answer to one user turn (16-kHz float samples), to iterate. heard_for: seconds between the end of
