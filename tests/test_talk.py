@@ -304,6 +304,42 @@ def test_the_transcript_is_made_while_the_vad_waits_for_the_end_of_turn():
     assert asr.heard[0] / RATE < 0.3 + len(first) / RATE + 0.1  # the dropped one: up to the inner pause only
 
 
+class BrokenVoice(FakeVoice):
+    def stream(self, text):
+        raise RuntimeError("the voice broke")
+        yield
+
+
+@needs_espeak
+def test_a_failing_voice_is_an_event_and_the_dialogue_listens_again():
+    _needs_vad()
+    cascade = Cascade(FakeASR("Hello?", "Hello again?"), FakeChat("Hi."), BrokenVoice(), system=None)
+    dialogue, out = Dialogue(cascade, speculate=False), []
+    for n in (1, 2):
+        feed(dialogue, np.concatenate([silence(0.3), say("Hello?")]), out)
+        feed_until(dialogue, out, lambda n=n: len(dialogue.turns) == n and not dialogue.speaking)
+    assert [e.kind for e in dialogue.events] == ["speech", "turn_end", "error", "speech", "turn_end", "error"]
+    assert "the voice broke" in dialogue.events[2].detail and not np.concatenate(out).any()
+    assert len(dialogue.turns) == 2 and dialogue.turns[1].transcript == "Hello again?"
+
+
+@needs_espeak
+def test_realtime_barge_in_while_the_answer_is_still_being_made():
+    """realtime=True never waits for the cascade: silence goes out while the (slow) chat model thinks, and speech
+    then cancels the reply before it has made a sound."""
+    _needs_vad()
+    cascade = fake_cascade("Let me think about that for a while.", delay=0.2)
+    dialogue, out = Dialogue(cascade, realtime=True, speculate=False), []
+    feed(dialogue, np.concatenate([silence(0.3), say("What is the capital of France?"), silence(0.6)]), out)
+    assert [e.kind for e in dialogue.events] == ["speech", "turn_end"] and dialogue.speaking
+    feed(dialogue, say("Never mind."), out)
+    first = dialogue.turns[0]
+    assert first.interrupted and first.audio_start is None and first.reply.cancelled
+    assert "barge_in" in [e.kind for e in dialogue.events] and not np.concatenate(out).any()
+    dialogue.close()
+    assert first.reply.wait(5.0) and cascade.tts.said == []
+
+
 def test_dialogue_refuses_bad_input():
     _needs_vad()
     dialogue = Dialogue(fake_cascade())
