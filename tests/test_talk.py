@@ -448,6 +448,7 @@ def test_cli_talk_answers_a_spoken_question(tmp_path):
     (("--in", "{dir}/silence.wav"), "--out"),
     (("--in", "{dir}/silence.wav", "--out", "/no/such/dir/a.wav"), "existing directory"),
     (("--in", "{dir}/silence.wav", "--out", "{dir}/a.wav", "--max-new-tokens", "0"), "at least 1"),
+    (("--in", "{dir}/silence.wav", "--out", "{dir}/a.wav", "--threads", "0"), "--threads must be at least 1"),
 ])
 def test_cli_talk_bad_input_exits_2_with_one_line(tmp_path, args, says):
     from polymodal.speech import wav_bytes

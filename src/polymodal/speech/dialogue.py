@@ -291,16 +291,6 @@ class Cascade:
         """Start transcribing `samples` in a thread."""
         return Transcription(self, np.asarray(samples, dtype=np.float32))
 
-    def answer(self, samples, *, min_silence_ms: float = 500, detector=None) -> dict:
-        """A recorded turn (16-kHz samples) answered whole: `find_turn`, then `reply` -> {"transcript", "text",
-        "finish_reason", "audio" (int16), "sampling_rate", "latency"}."""
-        speech, heard_for = find_turn(samples, min_silence_ms=min_silence_ms, detector=detector)
-        reply = self.reply(speech, heard_for=heard_for)
-        chunks = [c["audio"] for c in reply]
-        return {"transcript": reply.transcript, "text": reply.spoken, "finish_reason": reply.finish_reason,
-                "audio": np.concatenate(chunks) if chunks else np.zeros(0, np.int16),
-                "sampling_rate": self.sampling_rate, "latency": dict(reply.latency)}
-
     def remember(self, reply: Reply) -> None:
         """A finished (or cancelled) turn into the history: the user's words, then what of the answer was heard."""
         if not _has_words(reply.transcript):
