@@ -21,6 +21,8 @@ inflate). The memory bandwidth is measured in the same run (a 256 MB read, `torc
 given as a fraction of its ceiling: bandwidth / bytes the side reads per token (its weights).
 
 --ppl adds perplexity on benchmarks/data/public_domain_en.txt (one window, the same token ids for every side).
+--make-q8-0 PATH writes the Q8_0 file of the issue from the packaged Q4_1 one with the `gguf` package (its Q4
+tensors dequantized and requantized, the rest and the metadata copied) and exits; run again with --gguf PATH.
 """
 
 from __future__ import annotations
@@ -148,6 +150,32 @@ def build(sides: list[str], gguf: Path, workdir: Path, threads: int, context: in
     return out, pm.record(fp32).tokenizer
 
 
+def make_q8_0(src: Path, dst: Path) -> None:
+    """src's Q4_0 / Q4_1 tensors as Q8_0 (gguf-py's reference quantizer), other tensors and metadata as they are."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    from gguf import GGUFValueType as V
+
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+            continue
+        writer.add_key_value(name, field.contents(), field.types[0], field.types[-1] if field.types[0] == V.ARRAY
+                             else None)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    for t in reader.tensors:
+        if t.tensor_type in (Q.Q4_0, Q.Q4_1):
+            values = gguf.quants.dequantize(t.data, t.tensor_type)
+            writer.add_tensor(t.name, gguf.quants.quantize(values, Q.Q8_0), raw_dtype=Q.Q8_0)
+        else:
+            writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def main() -> None:
     from polymodal.pipelines.text import default_chat_model
 
@@ -159,7 +187,12 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new", type=int, default=33)
     p.add_argument("--ppl", action="store_true", help="perplexity on benchmarks/data/public_domain_en.txt")
+    p.add_argument("--make-q8-0", type=Path, default=None, metavar="PATH")
     args = p.parse_args()
+    if args.make_q8_0:
+        make_q8_0(args.gguf or Path(default_chat_model()), args.make_q8_0)
+        print(f"wrote {args.make_q8_0}")
+        return
     sides = args.sides.split(",")
     if unknown := set(sides) - set(SIDES):
         sys.exit(f"unknown sides {sorted(unknown)}; known: {', '.join(SIDES)}")
