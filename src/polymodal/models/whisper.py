@@ -15,7 +15,9 @@ The decoder starts from forced tokens that say what to do: <|startoftranscript|>
 checkpoints), the task (<|transcribe|> or <|translate|>) and <|notimestamps|> (`Whisper.prompt_ids`). Decoding
 suppresses the `suppress_tokens` of the generation config at every step and `begin_suppress_tokens` (a blank and
 the end of text) at the first one, as transformers' logits processors and the paper's decoder do; that happens
-inside the model's own prefill and step, so generation is the shared loop (`polymodal.generation`).
+inside the model's own prefill and step, so generation is the shared loop (`polymodal.generation`). With
+timestamps, the step also applies their grammar (pairs that never go back), reading the tokens generated so far
+that `WhisperState` adds to the shared `DecoderState`.
 
 Whisper's key projections have no bias while queries and values have one. The shared `Attention` keeps q/k/v in
 one fused product, so its fused projection here is `ZeroKeyBiasLinear`: the fused weight, and the q and v biases

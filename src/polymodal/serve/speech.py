@@ -118,7 +118,7 @@ async def transcription(served, body: bytes, content_type: str):
     response_format = _text(fields, "response_format", "json")
     if response_format not in ("json", "text"):
         raise APIError(400, f"response_format {response_format!r} is not supported: 'json' or 'text' (segments and "
-                       "timestamps are not built yet).", param="response_format")
+                       "timestamps per segment are not served yet).", param="response_format")
     temperature = _text(fields, "temperature", "0")
     try:
         greedy = float(temperature) == 0
