@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from timing import first_and_per_token  # benchmarks/timing.py, beside this script
 
 import polymodal as pm
-from polymodal.nn.quant import _QuantLinear
+from polymodal.nn.quant import QuantLinear
 
 TEXT = Path(__file__).parent / "data" / "public_domain_en.txt"
 SIDES = ("fp32", "bf16", "int8", "int4", "int4-float", "transformers", "llama.cpp")
@@ -62,7 +62,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes a decode step reads: every linear layer's weights (and scales), the embedding row aside."""
     total = 0
     for m in model.modules():
-        if isinstance(m, _QuantLinear):
+        if isinstance(m, QuantLinear):
             total += sum(b.numel() * b.element_size() for n, b in m.named_buffers() if not n.startswith("_"))
         elif isinstance(m, torch.nn.Linear):
             total += m.weight.numel() * m.weight.element_size()

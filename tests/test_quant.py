@@ -118,6 +118,12 @@ def test_tiny_llama_quantized_logits_are_close(tiny, mode):
     assert out.shape == (1, 16)
 
 
+def test_a_quantized_model_is_not_saved(tiny, tmp_path):
+    with pytest.raises(ValueError, match="cannot be saved"):
+        pm.save(pm.load(tiny, quantize="int8"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------ the real GGUF file
 
 

@@ -80,7 +80,7 @@ def dequantize_int4(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------ layers
 
 
-class _QuantLinear(nn.Module):
+class QuantLinear(nn.Module):
     """What both layers share: the shape, an optional fp32 bias, the float fallback."""
 
     # Attention splits a fused q/k/v weight into three products on CPUs unless its layer's own product is the fast
@@ -110,7 +110,7 @@ class _QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class Int8Linear(_QuantLinear):
+class Int8Linear(QuantLinear):
     """int8 weights, one scale per output row; the product is `torch._weight_int8pack_mm` (bf16 activations)."""
 
     def __init__(self, q: Tensor, s: Tensor, bias: Tensor | None = None):
@@ -130,7 +130,7 @@ class Int8Linear(_QuantLinear):
         return torch._weight_int8pack_mm(x, self.qweight, self._scales_bf16)
 
 
-class Int4Linear(_QuantLinear):
+class Int4Linear(QuantLinear):
     """4-bit weights in groups of 32 with a scale and a zero each; the product is `torch._weight_int4pack_mm_for_cpu`
     on the weight packed once by `torch._convert_weight_to_int4pack_for_cpu` (bf16 activations, scales and zeros)."""
 
@@ -184,7 +184,7 @@ def quantize_model(model: nn.Module, mode: str, *, blocks: BlockSource | None = 
     return model
 
 
-def _quantized(linear: nn.Linear, mode: str, exact: tuple[Tensor, Tensor, Tensor] | None) -> _QuantLinear:
+def _quantized(linear: nn.Linear, mode: str, exact: tuple[Tensor, Tensor, Tensor] | None) -> QuantLinear:
     fits = linear.in_features % GROUP == 0 and linear.out_features % OUT_MULTIPLE == 0
     if exact is not None and fits:
         return Int4Linear(*exact, linear.bias)  # the file's own quants
@@ -197,7 +197,7 @@ def quantization(model: nn.Module) -> dict[str, int]:
     """How many layers of each kind a model has: {"Int4Linear": 180, "Int8Linear": 1, "Linear": 0}."""
     out = {"Int4Linear": 0, "Int8Linear": 0, "Linear": 0}
     for m in model.modules():
-        kind = type(m).__name__ if isinstance(m, _QuantLinear) else "Linear" if isinstance(m, nn.Linear) else None
+        kind = type(m).__name__ if isinstance(m, QuantLinear) else "Linear" if isinstance(m, nn.Linear) else None
         if kind:
             out[kind] += 1
     return out

@@ -454,6 +454,9 @@ def save(model: nn.Module, directory: str | os.PathLike, *, max_shard_bytes: int
     temporary names and renamed into place."""
     from safetensors.torch import save_file
 
+    if any(isinstance(m, quant.QuantLinear) for m in model.modules()):
+        raise ValueError("a model loaded with quantize= cannot be saved: its layers hold packed int8/int4 weights that "
+                         "no checkpoint layout names; save the model loaded without quantize=")
     fam = registry.family_of(model)
     chosen = record(model).layout
     if chosen is not None and chosen not in fam.layouts:
