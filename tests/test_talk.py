@@ -449,14 +449,22 @@ def test_cli_talk_answers_a_spoken_question(tmp_path):
     (("--in", "{dir}/silence.wav", "--out", "/no/such/dir/a.wav"), "existing directory"),
     (("--in", "{dir}/silence.wav", "--out", "{dir}/a.wav", "--max-new-tokens", "0"), "at least 1"),
     (("--in", "{dir}/silence.wav", "--out", "{dir}/a.wav", "--threads", "0"), "--threads must be at least 1"),
+    (("--in", "{dir}/long.wav", "--out", "{dir}/a.wav"), "more than the 120 s allowed"),
+    (("--in", "{dir}/q.wav", "--out", "{dir}/a.wav", "--voice", "nobody"), "unknown voice 'nobody'"),
 ])
 def test_cli_talk_bad_input_exits_2_with_one_line(tmp_path, args, says):
-    from polymodal.speech import wav_bytes
+    from polymodal.speech import to_pcm16, wav_bytes
 
     (tmp_path / "not-audio.wav").write_text("this is no audio file\n")
     (tmp_path / "silence.wav").write_bytes(wav_bytes(np.zeros(2 * RATE, np.int16), RATE))
-    if "no speech heard" in says:
+    if "120 s" in says:
+        (tmp_path / "long.wav").write_bytes(wav_bytes(np.zeros(121 * 8000, np.int16), 8000))  # 121 s at 8 kHz
+    if "no speech heard" in says or "voice" in says:
         _needs_vad()
+    if "voice" in says:
+        if not HAS_ESPEAK:
+            pytest.skip("needs espeak-ng to make the question")
+        (tmp_path / "q.wav").write_bytes(wav_bytes(to_pcm16(say("Hello there.")), RATE))
     r = _cli("talk", *(a.replace("{dir}", str(tmp_path)) for a in args))
     assert r.returncode == 2 and r.stdout == ""
     lines = r.stderr.strip().splitlines()

@@ -600,7 +600,7 @@ def cmd_talk(args) -> None:
     from pathlib import Path
 
     from polymodal.processing.audio import read_audio
-    from polymodal.speech.dialogue import Cascade, find_turn, live_audio_problem
+    from polymodal.speech.dialogue import MAX_TURN_SECONDS, Cascade, find_turn, live_audio_problem
 
     if args.input is None:
         raise UsageError(f"talk: {live_audio_problem()}; answer a recording with --in question.wav --out answer.wav")
@@ -611,14 +611,16 @@ def cmd_talk(args) -> None:
         raise UsageError("--max-new-tokens must be at least 1")
     if args.threads < 1:
         raise UsageError("--threads must be at least 1")
-    speech, heard_for = find_turn(read_audio(args.input))  # bad audio or silence: exit 2 before the models load
+    # bad audio, a recording longer than one question or silence: exit 2 before the models load
+    speech, heard_for = find_turn(read_audio(args.input, max_seconds=MAX_TURN_SECONDS))
     import torch
 
     import polymodal as pm
 
     torch.set_num_threads(args.threads)
-    cascade = Cascade(chat=pm.pipeline("text-generation", model=args.model),
-                      tts=pm.pipeline("text-to-speech", model=args.voice), max_new_tokens=args.max_new_tokens)
+    tts = pm.pipeline("text-to-speech", model=args.voice)  # an unknown voice: exit 2 before the big models load
+    cascade = Cascade(chat=pm.pipeline("text-generation", model=args.model), tts=tts,
+                      max_new_tokens=args.max_new_tokens)
     if not args.cold:
         cascade.warm_up()  # as a live assistant is, before the user speaks
     reply = cascade.reply(speech, heard_for=heard_for)

@@ -45,6 +45,8 @@ import numpy as np
 from polymodal.speech.sentences import SentenceBuffer
 
 SAMPLING_RATE = 16000  # what Whisper and Silero VAD hear
+MAX_TURN_SECONDS = 120.0  # the longest recording `polymodal talk` takes as one question (its transcript must fit the
+# chat model's context, and a reply should not wait on minutes of transcription)
 STAGES = ("vad", "asr", "first_token", "first_sentence", "first_audio")
 DEFAULT_SYSTEM = ("You are a helpful voice assistant. Your answers are spoken aloud, so answer in one to three "
                   "short sentences of plain words, with no lists and no markdown.")
