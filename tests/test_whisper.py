@@ -98,6 +98,21 @@ def test_timestamps_follow_transformers_grammar(saved, ours):
     assert NO_TS not in ours.prompt_ids(features(1), "en", timestamps=True)[0]
 
 
+def test_audio_frames_reads_only_the_first_frames(ours):
+    """audio_frames (whisper.cpp's audio_ctx): the whole window equals the default; fewer frames give half as many
+    encoder states, which the decoder cross-attends; odd or out-of-range counts are refused."""
+    x = features(2, seed=7)
+    assert ours.generate(x, language="en", audio_frames=FRAMES, max_new_tokens=6).tolist() == ours.generate(
+        x, language="en", max_new_tokens=6).tolist()
+    with torch.no_grad():
+        part = ours.encode(x, 20)
+    assert part.shape == (2, 10, TINY["d_model"])
+    assert ours.generate(x, language="en", audio_frames=20, max_new_tokens=4).shape[0] == 2
+    for bad in (0, 7, FRAMES + 2):
+        with pytest.raises(ValueError, match="frames must be even"):
+            ours.encode(x, bad)
+
+
 def test_detect_language_matches_transformers(saved, ours):
     ref, _ = saved
     x = features(4, seed=3)

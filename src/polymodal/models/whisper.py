@@ -161,12 +161,19 @@ class WhisperEncoder(nn.Module):
                                     for _ in range(c.encoder_layers))
         self.layer_norm = LayerNorm(D)
 
-    def forward(self, input_features: Tensor) -> Tensor:
+    def forward(self, input_features: Tensor, frames: int | None = None) -> Tensor:
+        """frames: read only the first `frames` mel frames (even; the encoder then gives frames / 2 states), the
+        audio_ctx of whisper.cpp: faster for short audio, but no longer the model transformers runs (see
+        `Whisper.generate`'s `audio_frames`). None: the whole 30-s window, as the model was trained."""
         if input_features.dim() != 3 or input_features.shape[1:] != (self.conv1.in_channels, self.num_frames):
             raise ValueError(f"input_features must be (batch, n_mels={self.conv1.in_channels}, frames="
                              f"{self.num_frames}) (30 s of audio, padded), got {tuple(input_features.shape)}")
+        if frames is not None:
+            if not (2 <= frames <= self.num_frames and frames % 2 == 0):
+                raise ValueError(f"frames must be even, from 2 to {self.num_frames}; got {frames}")
+            input_features = input_features[..., :frames]
         h = self.act(self.conv2(self.act(self.conv1(input_features))))  # (B, D, S)
-        h = h.transpose(1, 2) + self.embed_positions.weight  # (B, S, D)
+        h = h.transpose(1, 2) + self.embed_positions.weight[: h.shape[2]]  # (B, S, D)
         for layer in self.layers:
             h = layer(h)
         return self.layer_norm(h)
@@ -228,9 +235,10 @@ class Whisper(nn.Module):
         self.proj_out = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.proj_out.weight = self.decoder.embed_tokens.weight
 
-    def encode(self, input_features: Tensor) -> Tensor:
-        """(B, n_mels, 2S) -> (B, S, D): transformers' `model.encoder(...).last_hidden_state`."""
-        return self.encoder(input_features.to(self.encoder.conv1.weight.dtype))
+    def encode(self, input_features: Tensor, frames: int | None = None) -> Tensor:
+        """(B, n_mels, 2S) -> (B, S, D): transformers' `model.encoder(...).last_hidden_state` (frames: only the first
+        ones, see WhisperEncoder.forward)."""
+        return self.encoder(input_features.to(self.encoder.conv1.weight.dtype), frames)
 
     def head(self, h: Tensor) -> Tensor:
         return self.proj_out(h)
@@ -361,7 +369,8 @@ class Whisper(nn.Module):
         return self._timestamp_rules(logits, state.generated) if state.timestamps else logits
 
     def generation_prefill(self, input_ids: Tensor, attention_mask: Tensor, max_len: int, *,
-                           input_features: Tensor, timestamps: bool = False) -> tuple[WhisperState, Tensor]:
+                           input_features: Tensor, timestamps: bool = False, audio_frames: int | None = None
+                           ) -> tuple[WhisperState, Tensor]:
         """Encode the features once, cache each layer's cross keys and values, run the decoder prompt `input_ids`
         (B, T) -> (state, the first new token's logits (B, V)). The output continues the prompt. timestamps: the
         prompt has no <|notimestamps|>, and the timestamp rules apply."""
@@ -372,7 +381,7 @@ class Whisper(nn.Module):
         if timestamps and self.generation_settings().get("no_timestamps_token_id") is None:
             raise ValueError("this Whisper checkpoint's generation config has no <|notimestamps|> id, so its "
                              "timestamp tokens are unknown")
-        encoded = self.encode(input_features)  # (B, S, D)
+        encoded = self.encode(input_features, audio_frames)  # (B, S, D)
         # contiguous once here: as project_kv's views, every step's attention would copy them (1500 x D per layer)
         cross = [tuple(t.contiguous() for t in layer.encoder_attn.project_kv(encoded)) for layer in self.decoder.layers]
         c, p = self.config, self.decoder.embed_tokens.weight
@@ -390,13 +399,17 @@ class Whisper(nn.Module):
 
     def generate(self, input_features: Tensor, max_new_tokens: int | None = None, do_sample: bool = False, *,
                  decoder_input_ids: Tensor | None = None, language: str | list[str] | None = None,
-                 task: str | None = None, return_timestamps: bool = False, **options) -> Tensor:
+                 task: str | None = None, return_timestamps: bool = False, audio_frames: int | None = None,
+                 **options) -> Tensor:
         """input_features (B, n_mels, 2S) -> (B, N) the new tokens after the forced prompt, without the final
         <|endoftext|>, shorter rows padded: what transformers' Whisper `generate` returns. The prompt is
         `decoder_input_ids` (B, T), or `prompt_ids(input_features, language, task)`. max_new_tokens defaults to
         the decoder's room (448 positions less the prompt). See `polymodal.generation.generate` for the options
         (beams, sampling, streaming). return_timestamps: no <|notimestamps|> in the prompt, and the output holds
-        timestamp tokens (<|0.00|> on, one per 0.02 s) around its segments, as transformers' `return_timestamps`."""
+        timestamp tokens (<|0.00|> on, one per 0.02 s) around its segments, as transformers' `return_timestamps`.
+        audio_frames: encode only the first mel frames (even; 100 per second), whisper.cpp's audio_ctx, for audio
+        much shorter than 30 s: the encoder's work shrinks with it, but the model was trained on whole windows, so
+        the tokens may differ from transformers' (docs/whisper.md measures it); None (default): the whole window."""
         if decoder_input_ids is None:
             decoder_input_ids = torch.tensor(self.prompt_ids(input_features, language, task, return_timestamps),
                                              device=input_features.device)
@@ -410,7 +423,8 @@ class Whisper(nn.Module):
         options.setdefault("eos_token_id", self.config.eos_token_id)
         options.setdefault("pad_token_id", self.config.pad_token_id)
         out = generate(self, decoder_input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                       input_features=input_features, timestamps=return_timestamps, **options)[:, T:]
+                       input_features=input_features, timestamps=return_timestamps, audio_frames=audio_frames,
+                       **options)[:, T:]
         return _strip_end(out, options["eos_token_id"], options["pad_token_id"])
 
 
