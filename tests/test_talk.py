@@ -20,7 +20,7 @@ import pytest
 
 from polymodal.pipelines.asr import normalize_english
 from polymodal.processing.audio import read_audio, resample
-from polymodal.speech.dialogue import STAGES, Cascade, Dialogue, find_turn
+from polymodal.speech.dialogue import STAGES, Cascade, Dialogue, find_turn, replay
 from polymodal.speech.voices import espeak_program
 
 HAS_ESPEAK = espeak_program() is not None
@@ -340,6 +340,22 @@ def test_realtime_barge_in_while_the_answer_is_still_being_made():
     assert first.reply.wait(5.0) and cascade.tts.said == []
 
 
+@needs_espeak
+def test_replay_plays_a_recording_in_real_time_and_measures_on_the_wall_clock():
+    _needs_vad()
+    question = say("What is the capital of France?")
+    t = time.perf_counter()
+    played = replay(fake_cascade(), question)
+    wall = time.perf_counter() - t
+    turn = played["turn"]
+    assert turn.transcript == "What is the capital of France?" and not turn.interrupted
+    assert abs(len(played["audio"]) / OUT_RATE - 0.8) < 2 * WINDOW / RATE and played["audio"].all()  # 8 words
+    # real time: the question, the VAD's 0.5 s of silence, the answer; the fakes answer at once
+    assert wall >= 0.25 + len(question) / RATE - 0.3 + 0.5 + 0.8 - 0.1
+    assert 0.5 <= played["waited"] < 0.5 + 0.3 and played["lag"] < 0.5
+    assert replay(fake_cascade(), silence(1.0))["turn"] is None
+
+
 def test_dialogue_refuses_bad_input():
     _needs_vad()
     dialogue = Dialogue(fake_cascade())
@@ -430,14 +446,16 @@ def test_cli_talk_answers_a_spoken_question(tmp_path):
     question = tmp_path / "q.wav"
     question.write_bytes(wav_bytes(to_pcm16(say("What is the capital of France?")), RATE))
     answer = tmp_path / "a.wav"
-    r = _cli("talk", "--in", str(question), "--out", str(answer), "--max-new-tokens", "40", "--json")
-    assert r.returncode == 0, r.stderr
-    report = json.loads(r.stdout)
-    assert report["transcript"] == "What is the capital of France?" and "Paris" in report["reply"]
-    assert set(report["latency"]) == set(STAGES) and all(v is not None for v in report["latency"].values())
-    samples = read_audio(answer)
-    assert abs(samples.size / RATE - report["seconds"]) < 0.01 and np.abs(samples).max() > 0.1
-    assert not list(tmp_path.glob(".*.tmp"))
+    for live in ((), ("--live",)):
+        r = _cli("talk", "--in", str(question), "--out", str(answer), "--max-new-tokens", "40", "--json", *live)
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["transcript"] == "What is the capital of France?" and "Paris" in report["reply"]
+        stages = {*STAGES, "first_audio_out"} if live else set(STAGES)
+        assert set(report["latency"]) == stages and all(v is not None for v in report["latency"].values())
+        samples = read_audio(answer)
+        assert abs(samples.size / RATE - report["seconds"]) < 0.01 and np.abs(samples).max() > 0.1
+        assert not list(tmp_path.glob(".*.tmp"))
 
 
 @pytest.mark.parametrize("args, says", [

@@ -600,7 +600,7 @@ def cmd_talk(args) -> None:
     from pathlib import Path
 
     from polymodal.processing.audio import read_audio
-    from polymodal.speech.dialogue import MAX_TURN_SECONDS, Cascade, find_turn, live_audio_problem
+    from polymodal.speech.dialogue import MAX_TURN_SECONDS, Cascade, find_turn, live_audio_problem, replay
 
     if args.input is None:
         raise UsageError(f"talk: {live_audio_problem()}; answer a recording with --in question.wav --out answer.wav")
@@ -612,7 +612,8 @@ def cmd_talk(args) -> None:
     if args.threads < 1:
         raise UsageError("--threads must be at least 1")
     # bad audio, a recording longer than one question or silence: exit 2 before the models load
-    speech, heard_for = find_turn(read_audio(args.input, max_seconds=MAX_TURN_SECONDS))
+    samples = read_audio(args.input, max_seconds=MAX_TURN_SECONDS)
+    speech, heard_for = find_turn(samples)
     import torch
 
     import polymodal as pm
@@ -623,8 +624,14 @@ def cmd_talk(args) -> None:
                       max_new_tokens=args.max_new_tokens)
     if not args.cold:
         cascade.warm_up()  # as a live assistant is, before the user speaks
-    reply = cascade.reply(speech, heard_for=heard_for)
-    audio = [c["audio"] for c in reply]
+    if args.live:  # the recording played into the turn-taking loop in real time, the answer played out
+        played = replay(cascade, samples)
+        if played["turn"] is None:
+            raise UsageError(f"--in {args.input}: the live turn-taking heard no turn in it")
+        reply, audio = played["turn"].reply, [played["audio"]] if played["audio"].size else []
+    else:
+        reply = cascade.reply(speech, heard_for=heard_for)
+        audio = [c["audio"] for c in reply]
     if not audio:
         raise UsageError(f"--in {args.input}: no answer to speak (Whisper heard {reply.transcript!r}, the chat "
                          f"model said {reply.text!r})")
@@ -638,8 +645,10 @@ def cmd_talk(args) -> None:
     result = {"transcript": reply.transcript, "reply": reply.spoken, "out": str(out),
               "seconds": round(sum(map(len, audio)) / cascade.sampling_rate, 3), "sampling_rate": cascade.sampling_rate,
               "voice": cascade.tts.voice.name, "latency": {k: v and round(v, 3) for k, v in reply.latency.items()}}
+    if args.live:
+        result["latency"]["first_audio_out"] = played["waited"] and round(played["waited"], 3)
     names = {"vad": "VAD", "asr": "ASR", "first_token": "first token", "first_sentence": "first sentence",
-             "first_audio": "first audio"}
+             "first_audio": "first audio", "first_audio_out": "first audio out (wall clock)"}
     _emit(args, result, lambda r: f"you said: {r['transcript']}\nanswer:   {r['reply']}\n{r['out']}: "
           f"{r['seconds']:.2f} s of speech ({r['voice']}, {r['sampling_rate']} Hz)\nafter the end of your speech: " +
           ", ".join(f"{names[k]} {v:.2f} s" for k, v in r["latency"].items() if v is not None))
@@ -843,6 +852,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-new-tokens", type=int, default=96, help="the longest answer, in tokens")
     sp.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on the shared 2-core machine "
                     "the cascade answered sooner with 1 than with 2, docs/dialogue.md)")
+    sp.add_argument("--live", action="store_true", help="play the recording into the turn-taking loop at the pace "
+                    "of real time, as a microphone would (Whisper starts in the pause), and the answer out as a "
+                    "speaker would: the latencies are a live conversation's (takes as long as both last)")
     sp.add_argument("--cold", action="store_true", help="no warm-up run of the models before the question is "
                     "answered (the latencies then include the first calls' costs)")
 

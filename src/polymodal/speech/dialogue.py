@@ -620,3 +620,48 @@ class Dialogue:
         if self._last is not None:
             self._last.thread.join()  # the previous answer (cancelled or played) into the history first
         self._playback = self._last = _Playback(reply)
+
+
+def replay(cascade: Cascade, samples, *, min_silence_ms: float = 500, speculate: bool = True,
+           max_answer_s: float = 120.0) -> dict:
+    """A recording of one turn played into `Dialogue(realtime=True)` at the pace of real time, as a microphone
+    would deliver it (then silence), until its answer has been played -> {"turn": the Turn, "audio": the output from
+    the answer's first window to its last (int16 at the voice's rate; empty when there was none), "waited": wall
+    seconds from when the end of speech reached the "microphone" to when the first window with audio was ready
+    (None: no answer), "lag": the most the feed fell behind real time}. Takes as long as the question and the
+    answer last."""
+    x = np.asarray(samples, dtype=np.float32)
+    dialogue = Dialogue(cascade, realtime=True, min_silence_ms=min_silence_ms, speculate=speculate)
+    window = dialogue.window
+    lead = np.zeros(SAMPLING_RATE // 4, np.float32)  # a quarter second of room before the speech
+    stream = np.concatenate([lead, x, np.zeros(window, np.float32)])
+    out: list[np.ndarray] = []
+    start, lag, waited, i = time.perf_counter(), 0.0, None, 0
+    limit = len(stream) + round((max_answer_s + 30) * SAMPLING_RATE)  # 30 s for the cascade to begin
+    try:
+        while i < limit:
+            due = start + i / SAMPLING_RATE
+            now = time.perf_counter()
+            if now < due:
+                time.sleep(due - now)
+            lag = max(lag, time.perf_counter() - due)
+            piece = stream[i : i + window] if i < len(stream) else np.zeros(window, np.float32)
+            out.append(dialogue.feed(piece))
+            i += window
+            turn = dialogue.turns[0] if dialogue.turns else None
+            if turn is not None and waited is None and turn.audio_start is not None:
+                waited = time.perf_counter() - (start + turn.end)
+            if turn is not None and not dialogue.speaking:
+                break
+            if turn is None and not dialogue.detector.in_speech and i >= len(stream) + 2 * dialogue.preroll:
+                break  # the recording is over and no turn began in it
+    finally:
+        dialogue.close()
+    turn = dialogue.turns[0] if dialogue.turns else None
+    audio = np.zeros(0, np.int16)
+    if turn is not None and turn.audio_start is not None:
+        played = np.concatenate(out)
+        rate = dialogue.sampling_rate
+        audio = played[round(turn.audio_start * rate) : round((turn.audio_end or len(played) / rate) * rate)]
+    return {"turn": turn, "audio": audio, "waited": waited, "lag": lag}
+
