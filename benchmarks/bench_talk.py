@@ -34,11 +34,11 @@ import numpy as np
 import torch
 
 from polymodal.processing.audio import resample
-from polymodal.speech.dialogue import STAGES, Cascade, Dialogue, find_turn
+from polymodal.speech.dialogue import STAGES, Cascade, find_turn, replay
 
 QUESTIONS = ["What is the capital of France?", "How many legs does a spider have?", "What color is the sky?",
              "Who wrote Romeo and Juliet?", "What is the largest planet?"]
-RATE, WINDOW = 16000, 512
+RATE = 16000
 
 
 def spoken(cascade: Cascade, text: str) -> np.ndarray:
@@ -59,24 +59,11 @@ def live_turn(cascade: Cascade, samples: np.ndarray, min_silence_ms: float, spec
               ) -> tuple[float | None, float]:
     """-> (seconds from the end of speech to the first audio out, the feed's worst lag behind real time)."""
     cascade.reset()
-    dialogue = Dialogue(cascade, realtime=True, min_silence_ms=min_silence_ms, speculate=speculate)
-    stream = np.concatenate([np.zeros(RATE // 4, np.float32), samples, np.zeros(10 * RATE, np.float32)])
-    start, lag = time.perf_counter(), 0.0
-    for i in range(0, len(stream) - WINDOW + 1, WINDOW):
-        due = start + i / RATE
-        now = time.perf_counter()
-        if now < due:
-            time.sleep(due - now)
-        lag = max(lag, time.perf_counter() - due)
-        dialogue.feed(stream[i : i + WINDOW])
-        if dialogue.turns and dialogue.turns[0].audio_start is not None:  # this window's output carries audio
-            waited = time.perf_counter() - (start + dialogue.turns[0].end)  # wall clock: lags count
-            dialogue.close()
-            stages = dialogue.turns[0].latency
-            print("      stages: " + ", ".join(f"{s} {stages[s]:.2f}" for s in STAGES if stages[s] is not None))
-            return waited, lag
-    dialogue.close()
-    return None, lag
+    played = replay(cascade, samples, min_silence_ms=min_silence_ms, speculate=speculate, until_first_audio=True)
+    if played["turn"] is not None:
+        stages = played["turn"].latency
+        print("      stages: " + ", ".join(f"{s} {stages[s]:.2f}" for s in STAGES if stages[s] is not None))
+    return played["waited"], played["lag"]
 
 
 def summary(rows: list[dict]) -> str:

@@ -623,13 +623,13 @@ class Dialogue:
 
 
 def replay(cascade: Cascade, samples, *, min_silence_ms: float = 500, speculate: bool = True,
-           max_answer_s: float = 120.0) -> dict:
+           max_answer_s: float = 120.0, until_first_audio: bool = False) -> dict:
     """A recording of one turn played into `Dialogue(realtime=True)` at the pace of real time, as a microphone
     would deliver it (then silence), until its answer has been played -> {"turn": the Turn, "audio": the output from
     the answer's first window to its last (int16 at the voice's rate; empty when there was none), "waited": wall
     seconds from when the end of speech reached the "microphone" to when the first window with audio was ready
     (None: no answer), "lag": the most the feed fell behind real time}. Takes as long as the question and the
-    answer last."""
+    answer last; until_first_audio: stop (and cancel the answer) at its first window of audio."""
     x = np.asarray(samples, dtype=np.float32)
     dialogue = Dialogue(cascade, realtime=True, min_silence_ms=min_silence_ms, speculate=speculate)
     window = dialogue.window
@@ -651,6 +651,8 @@ def replay(cascade: Cascade, samples, *, min_silence_ms: float = 500, speculate:
             turn = dialogue.turns[0] if dialogue.turns else None
             if turn is not None and waited is None and turn.audio_start is not None:
                 waited = time.perf_counter() - (start + turn.end)
+                if until_first_audio:
+                    break
             if turn is not None and not dialogue.speaking:
                 break
             if turn is None and not dialogue.detector.in_speech and i >= len(stream) + 2 * dialogue.preroll:
