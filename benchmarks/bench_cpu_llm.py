@@ -9,6 +9,7 @@ Sides, all from the same file and run with the same threads in one process:
   bf16       pm.load(gguf, dtype=torch.bfloat16)
   int8       the fp32 weights saved and loaded with quantize="int8": int8 per output row
   int4       pm.load(gguf, quantize="int4"): the file's own Q4_0/Q4_1 quants (its Q8_0 head as int8)
+  int4-compile  int4 decoding with generate(compile_step=True) (the step compiled by inductor; compiled in warm-up)
   int4-float the fp32 weights re-quantized with quantize="int4" (min/max groups of 32), for the quality table
   transformers  LlamaForCausalLM on the same fp32 weights (pm.save of the dequantized file)
   llama.cpp  llama-cpp-python (a benchmark-only extra, built from source) reading the GGUF file itself
@@ -43,7 +44,7 @@ import polymodal as pm
 from polymodal.nn.quant import QuantLinear
 
 TEXT = Path(__file__).parent / "data" / "public_domain_en.txt"
-SIDES = ("fp32", "bf16", "int8", "int4", "int4-float", "transformers", "llama.cpp")
+SIDES = ("fp32", "bf16", "int8", "int4", "int4-compile", "int4-float", "transformers", "llama.cpp")
 
 
 def bandwidth(rounds: int = 7) -> float:
@@ -70,11 +71,12 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 class Ours:
-    def __init__(self, model):
-        self.model, self.bytes = model, weight_bytes(model)
+    def __init__(self, model, compile_step: bool = False):
+        self.model, self.bytes, self.compile_step = model, weight_bytes(model), compile_step
 
     def generate(self, ids: torch.Tensor, new: int):
-        return self.model.generate(ids, max_new_tokens=new, eos_token_id=[])  # never stops early
+        return self.model.generate(ids, max_new_tokens=new, eos_token_id=[],  # never stops early
+                                   compile_step=self.compile_step)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -139,6 +141,8 @@ def build(sides: list[str], gguf: Path, workdir: Path, threads: int, context: in
             out[side] = Ours(pm.load(float_dir, quantize="int8"))
         elif side == "int4":
             out[side] = Ours(pm.load(gguf, quantize="int4"))
+        elif side == "int4-compile":
+            out[side] = Ours(pm.load(gguf, quantize="int4"), compile_step=True)
         elif side == "int4-float":
             out[side] = Ours(pm.load(float_dir, quantize="int4"))
         elif side == "transformers":
