@@ -92,23 +92,34 @@ def test_bad_quantize_values_are_refused_before_loading(tmp_path):
 # ------------------------------------------------------------------------------------------ tiny checkpoints
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny_checkpoint(kind: str, path):
+    import transformers as tf
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=0)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    common = dict(vocab_size=100, hidden_size=64, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0)
+    if kind == "opt":
+        model = tf.OPTForCausalLM(tf.OPTConfig(**common, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                               word_embed_proj_dim=64))
+    else:
+        cls, cfg = (tf.LlamaForCausalLM, tf.LlamaConfig) if kind == "llama" else (tf.Qwen2ForCausalLM, tf.Qwen2Config)
+        model = cls(cfg(**common, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2))
+    model.save_pretrained(path)
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _tiny_checkpoint("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "opt"])  # Qwen2: biased q/k/v; OPT: biases everywhere
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_tiny_llama_quantized_logits_are_close(tiny, mode):
+def test_tiny_decoders_quantized_logits_are_close(tmp_path, kind, mode):
+    path = _tiny_checkpoint(kind, tmp_path)
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
-    full, small = pm.load(tiny), pm.load(tiny, quantize=mode)
+    full, small = pm.load(path), pm.load(path, quantize=mode)
     assert quantization(small)["Linear"] == 0
     with torch.no_grad():
         want, got = full(ids), small(ids)
