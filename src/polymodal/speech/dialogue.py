@@ -26,7 +26,8 @@ or a simulated one) and returns the output audio for the same stretch of time, 3
 Each window's output is decided before that window's input is heard, as on a full-duplex sound card, so a barge-in
 detected in window k silences window k+1. `realtime=False` (simulated time) treats the cascade's compute as
 instantaneous: output waits for the answer's audio, so a run is deterministic however slow the machine is.
-`realtime=True` never waits: output is silence until the audio is ready (what a live loop needs). There is no echo
+`realtime=True` never waits: output is silence until the audio is ready (what a live loop needs; on a shared machine
+with one torch thread: with two, a VAD window took up to 100 ms of its 32 while the models ran). There is no echo
 cancellation: the input is assumed not to carry the output (headphones, or a test that mixes only the user's
 speech into the input).
 """
