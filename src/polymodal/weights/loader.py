@@ -108,7 +108,8 @@ def build(family: str, preset_or_config: Any, *, device: str | torch.device | No
 
 def load(source: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
          quantize: str | None = None):
-    """Load a checkpoint (local directory, file or hub id) into its family's model, in eval mode.
+    """Load a checkpoint (local directory, file or hub id) into its family's model, in eval mode. A CTranslate2
+    Whisper folder (model.bin, tokenizer.json, config.json, as faster-whisper's) loads too (weights/ctranslate2.py).
 
     dtype: floating-point weights are cast to it (None keeps the stored dtype); device defaults to CPU.
     quantize: "int8" or "int4" turns the model's linear layers into weight-only quantized ones for fast CPU decoding
@@ -131,6 +132,13 @@ def load(source: str | os.PathLike, dtype: torch.dtype | None = None, device: st
         return _load_gguf(path, dtype, device, quantize)
     if not path.is_dir():
         raise CheckpointError(path, "expected a checkpoint directory (config.json + weights)")
+    from polymodal.weights.ctranslate2 import is_ctranslate2_dir, load_ctranslate2
+
+    if is_ctranslate2_dir(path):  # a CTranslate2 (faster-whisper) Whisper folder: model.bin + tokenizer.json
+        model = load_ctranslate2(path, dtype, device)
+        if quantize:
+            quant.quantize_model(model, quantize)
+        return model
     if (path / "model_index.json").exists():  # a diffusers pipeline folder: its components, composed
         if quantize:
             raise ValueError("quantize= applies to language models; a diffusion pipeline folder loads in float")
