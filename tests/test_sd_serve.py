@@ -37,9 +37,9 @@ from serve_helpers import running, save_tiny_sd  # noqa: E402
 
 import polymodal as pm  # noqa: E402
 from polymodal import cli  # noqa: E402
+from polymodal.pipelines.diffusion import StableDiffusionPipeline  # noqa: E402
 from polymodal.serve import ServedModels, create_app  # noqa: E402
 from polymodal.serve.registry import load_model  # noqa: E402
-from polymodal.pipelines.diffusion import StableDiffusionPipeline  # noqa: E402
 
 FAST = dict(num_inference_steps=3, guidance_scale=6.0)
 

@@ -25,7 +25,6 @@ import functools
 import html
 import io
 import json
-import os
 import re
 import sys
 import time
@@ -165,23 +164,14 @@ def _train_tiny_clip(out: Path, steps: int, say) -> tuple[Path, dict]:
     import shutil
 
     from polymodal import __version__
-    from polymodal.train.recipes import run
 
     overrides = [] if steps == TRAIN_STEPS else [  # a short run (the tests): a smaller set and evaluation
         f"max_steps={steps}", f"save_every={steps}", f"log_every={max(1, steps // 20)}",
         f"warmup_steps={max(1, steps // 10)}", "train_images=2000", "eval_images=120"]
     command = "polymodal train clip-shapes --out DIR" + "".join(f" --set {o}" for o in overrides)
     run_dir = cache_dir() / "demo" / f"clip-shapes-{steps}-v{__version__}"
-    cached = (run_dir / "model" / "model.safetensors").is_file() and (run_dir / "results.json").is_file()
-    if cached:
-        say(f"     using the checkpoint trained earlier ({run_dir}); delete it to train again")
-    else:
-        say(f"     first run: training it now with `{command}` (cached in {run_dir} afterwards)")
-        scratch = run_dir.with_name(run_dir.name + f".partial-{os.getpid()}")
-        shutil.rmtree(scratch, ignore_errors=True)
-        run("clip-shapes", scratch, overrides, quiet=True)  # the demo reports the run; notes go to train.log
-        shutil.rmtree(run_dir, ignore_errors=True)
-        scratch.rename(run_dir)  # atomic: a killed first run leaves no half-trained cache behind
+    cached = _cached_recipe("clip-shapes", run_dir, overrides, command, ("model/model.safetensors", "results.json"),
+                            "checkpoint", say)
     results = json.loads((run_dir / "results.json").read_text())
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
@@ -195,6 +185,18 @@ def _train_tiny_clip(out: Path, steps: int, say) -> tuple[Path, dict]:
              "first_loss": sum(losses[:k]) / k, "last_loss": sum(losses[-k:]) / k, "losses": losses,
              "checkpoint": str(model_dir), "recipe_eval": results.get("eval", {})}
     return model_dir, stats
+
+
+def _cached_recipe(name: str, run_dir: Path, overrides: list[str], command: str, done: tuple[str, ...], what: str,
+                   say) -> bool:
+    """The recipe's run from the demo's cache, trained there first when missing (`cached_run`); says which."""
+    from polymodal.train.recipes import cached_run
+
+    if all((run_dir / d).exists() for d in done):
+        say(f"     using the {what} trained earlier ({run_dir}); delete it to train again")
+        return True
+    say(f"     first run: training it now with `{command}` (cached in {run_dir} afterwards)")
+    return cached_run(name, run_dir, overrides, done=done)
 
 
 def _training_section(t: dict) -> tuple[str, str]:
@@ -367,13 +369,11 @@ DRAW_PROMPTS = ("a red circle", "a green square", "a blue star", "a yellow trian
 def _draw(clip_dir: Path, clip_steps: int, say) -> tuple[dict, tuple[str, str]]:
     """generate-image's default model when it is cached, else the demo's shorter ldm-shapes run (trained on first
     use and cached, as the CLIP); images for DRAW_PROMPTS and the recipe's CLIP-judged evaluation."""
-    import shutil
 
     import polymodal as pm
     from polymodal import __version__
     from polymodal.data.shapes import HELD_OUT
     from polymodal.train.ldm import summary_table
-    from polymodal.train.recipes import run
 
     full = cache_dir() / "demo" / f"ldm-shapes-v{__version__}"
     overrides = list(DRAW_OVERRIDES)
@@ -386,16 +386,8 @@ def _draw(clip_dir: Path, clip_steps: int, say) -> tuple[dict, tuple[str, str]]:
         say(f"     using generate-image's default model ({run_dir})")
     else:
         run_dir = cache_dir() / "demo" / f"ldm-shapes-demo-{clip_steps}-v{__version__}"
-        cached = (run_dir / "results.json").is_file() and (run_dir / "model" / "model_index.json").is_file()
-        if cached:
-            say(f"     using the model trained earlier ({run_dir}); delete it to train again")
-        else:
-            say(f"     first run: training it now with `{command}` (cached in {run_dir} afterwards)")
-            scratch = run_dir.with_name(run_dir.name + f".partial-{os.getpid()}")
-            shutil.rmtree(scratch, ignore_errors=True)
-            run("ldm-shapes", scratch, overrides, quiet=True)
-            shutil.rmtree(run_dir, ignore_errors=True)
-            scratch.rename(run_dir)  # atomic; OUT/model is a relative link and moves with it
+        cached = _cached_recipe("ldm-shapes", run_dir, overrides, command, ("model/model_index.json", "results.json"),
+                                "model", say)
     results = json.loads((run_dir / "results.json").read_text())
     e, stages = results["eval"], results["stages"]
     seconds = sum(stages[k]["wall_seconds"] for k in ("vae", "denoiser") if k in stages)

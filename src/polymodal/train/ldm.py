@@ -14,9 +14,10 @@ High-Resolution Image Synthesis", sec. 2-3, for the flow objective).
              classifier-free guidance (Ho & Salimans 2022) has an unconditional model to guide from.
              objective=eps: LDM's, the DDPM forward process on SD's scaled-linear betas, x_t = sqrt(a_t) x0 +
                sqrt(1 - a_t) e, t uniform in 0..999, MSE on the noise e; sampled with DPM-Solver++ (2M)
-             objective=flow (the default: it learned faster here): SD3's rectified flow, x_t = (1 - t) x0 + t e with t = sigmoid(N(0, 1)) (SD3's logit-normal
-               sampling), MSE on the velocity e - x0, the U-Net called at 1000 t; sampled with the flow-matching
-               Euler sampler (FlowMatchEulerDiscreteScheduler, shift 1)
+             objective=flow (the default: it learned faster here): SD3's rectified flow, x_t = (1 - t) x0 + t e
+               with t = sigmoid(N(0, 1)) (SD3's logit-normal sampling), MSE on the velocity e - x0, the U-Net
+               called at 1000 t; sampled with the flow-matching Euler sampler (FlowMatchEulerDiscreteScheduler,
+               shift 1)
     export   a diffusers StableDiffusionPipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
              scheduler/) that `pm.load`, `pm.pipeline("text-to-image")` and `polymodal generate-image` read
     report   `evaluate`: k images per prompt "a {color} {shape}" for all 30 combinations (24 seen, 6 never seen in
@@ -94,7 +95,8 @@ class LdmShapesConfig(TrainConfig):
         super().__post_init__()
         if not self.stages or any(s not in STAGES for s in self.stages) or list(self.stages) != [
                 s for s in STAGES if s in self.stages]:
-            raise ConfigError(f"stages must be vae,denoiser or vae or denoiser; got {','.join(self.stages) or 'nothing'}")
+            got = ",".join(self.stages) or "nothing"
+            raise ConfigError(f"stages must be vae,denoiser or vae or denoiser; got {got}")
         if self.vae and "vae" in self.stages and self.stage != "denoiser":
             raise ConfigError("vae= gives stage 2 a trained VAE: use it with stages=denoiser")
         if (self.stages == ("denoiser",) or self.stage == "denoiser") and not self.vae:
@@ -109,7 +111,8 @@ class LdmShapesConfig(TrainConfig):
         if not 0 <= self.caption_dropout < 1:
             raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not (math.isfinite(self.guidance) and self.guidance >= 0):
-            raise ConfigError(f"guidance must be a number >= 0 (<= 1: no classifier-free guidance), got {self.guidance}")
+            raise ConfigError(f"guidance must be a number >= 0 (<= 1: no classifier-free guidance), got "
+                              f"{self.guidance}")
         if self.image_size % (2 * DOWNSCALE) or not 16 <= self.image_size <= 128:
             raise ConfigError(f"image_size must be a multiple of {2 * DOWNSCALE} from 16 to 128, got {self.image_size}")
         batch = self.vae_batch_size if self.stage == "vae" else self.batch_size
@@ -625,23 +628,19 @@ def cached_default(say=None) -> Path:
     happens (default: stderr)."""
     from polymodal import __version__
     from polymodal.demo import cache_dir
-    from polymodal.train.recipes import run
+    from polymodal.train.recipes import cached_run
 
     say = say or (lambda m: print(m, file=sys.stderr))
     run_dir = cache_dir() / "demo" / f"ldm-shapes-v{__version__}"
-    model = run_dir / "model"
-    if (model / "model_index.json").is_file():
-        return model
+    done = ("model/model_index.json",)
+    if (run_dir / done[0]).is_file():
+        return run_dir / "model"
     say(f"polymodal's default text-to-image model is not trained yet: training it now on first use with "
         f"`polymodal train ldm-shapes` (about 11 minutes on 2 otherwise idle CPU cores), cached in {run_dir}")
-    scratch = run_dir.with_name(run_dir.name + f".partial-{os.getpid()}")
-    shutil.rmtree(scratch, ignore_errors=True)
     t0 = time.perf_counter()
-    run("ldm-shapes", scratch, [], quiet=True)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    scratch.rename(run_dir)  # atomic; OUT/model is a relative link, so it moves with the run
+    cached_run("ldm-shapes", run_dir, done=done)
     say(f"trained in {time.perf_counter() - t0:.0f} s")
-    return model
+    return run_dir / "model"
 
 
 __all__ = ["LdmShapesConfig", "ShapesJudge", "build_ldm_shapes", "cached_default", "evaluate", "frechet_distance",

@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -328,15 +326,10 @@ def clip_checkpoint(c: LlavaShapesConfig) -> Path:
         return Path(c.clip)
     from polymodal import __version__
     from polymodal.demo import TRAIN_STEPS, cache_dir
-    from polymodal.train.recipes import run
+    from polymodal.train.recipes import cached_run
 
     run_dir = cache_dir() / "demo" / f"clip-shapes-{TRAIN_STEPS}-v{__version__}"
-    if not (run_dir / "model" / "model.safetensors").is_file():
-        scratch = run_dir.with_name(run_dir.name + f".partial-{os.getpid()}")
-        shutil.rmtree(scratch, ignore_errors=True)
-        run("clip-shapes", scratch, [], quiet=True)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        scratch.rename(run_dir)  # atomic, as the demo's: no half-trained cache
+    cached_run("clip-shapes", run_dir, done=("model/model.safetensors",))
     return run_dir / "model"
 
 

@@ -771,6 +771,23 @@ def recipe_config(name: str, overrides: list[str] = ()) -> TrainConfig:
     return apply_overrides(RECIPES[name].config(), list(overrides))
 
 
+def cached_run(name: str, run_dir: str | Path, overrides: list[str] = (), *, done: tuple[str, ...]) -> bool:
+    """Recipe `name` trained once into `run_dir` (quietly: notes go to its train.log) unless every path of `done`
+    (relative to it) is already there; True when it was. It trains into a scratch folder renamed into place at the
+    end, so a killed run leaves no half-trained cache behind (what the demo and the default models keep)."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    if all((run_dir / d).exists() for d in done):
+        return True
+    scratch = run_dir.with_name(f"{run_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    run(name, scratch, list(overrides), quiet=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    scratch.rename(run_dir)  # atomic; links inside the run (ldm-shapes' OUT/model) are relative and move with it
+    return False
+
+
 def run(name: str, out: str | Path, overrides: list[str] = (), resume: bool = False, quiet: bool = False) -> dict:
     """Train recipe `name` into `out` (a single process, or each process of a torchrun launch). `out` is
     checked before anything is built: a fresh run into a directory with checkpoints is refused at once, and a
