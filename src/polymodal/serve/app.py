@@ -69,14 +69,17 @@ _TYPE_LABELS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 # ------------------------------------------------------------------------------------------------ the app
 def create_app(served: ServedModels, *, api_key: str | None = None, cors_origins=(), media_policy=None,
-               max_body_bytes: int = MAX_BODY_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+               realtime=None) -> FastAPI:
     """The FastAPI app serving `served`.
 
     api_key: when set, every route but /health and the web UI's page and files needs `Authorization: Bearer
     <api_key>` (/openapi.json included; the /docs and /redoc pages are off, as a browser cannot send the key).
     cors_origins: origins allowed to call from a browser (no CORS headers at all when empty). media_policy: a
     polymodal.serve.media.MediaPolicy (default: local data URLs only, no remote fetches). max_body_bytes: larger
-    request bodies get 413 unread. default_max_tokens: the answer length of a request that sets none."""
+    request bodies get 413 unread. default_max_tokens: the answer length of a request that sets none. realtime:
+    () -> a polymodal.speech.dialogue.Cascade for each connection to WS /v1/realtime (serve/realtime.py; None: that
+    route answers that it is not enabled)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -165,6 +168,9 @@ def create_app(served: ServedModels, *, api_key: str | None = None, cors_origins
         regions = parse_regions(req.text, frame_of(width, height))
         return {"object": "list", "data": [r.to_image((width, height)).as_dict() for r in regions]}
 
+    from polymodal.serve.realtime import add_realtime_route
+
+    add_realtime_route(app, realtime, api_key=api_key)
     _add_ui_routes(app)
     return app
 

@@ -1,0 +1,173 @@
+"""WS /v1/realtime (polymodal/serve/realtime.py): a spoken question (espeak-ng audio, the real Silero VAD) through
+Dialogue's turn-taking with the fast fake models of tests/test_talk.py -> speech events, the transcript, the
+answer's sentences and audio deltas; garbage messages -> error events on an open connection; a client that leaves
+mid-turn -> its answer cancelled, and the server keeps serving."""
+
+from __future__ import annotations
+
+import base64
+import json
+import queue
+import threading
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+from test_talk import OUT_RATE, RATE, _needs_vad, fake_cascade, needs_espeak, say
+
+from polymodal.serve.app import create_app
+from polymodal.serve.realtime import MAX_APPEND_BYTES
+from polymodal.serve.registry import ServedModels
+
+ANSWER = "Paris is the capital. It is in France."  # fake_cascade's; FakeVoice: 0.1 s of tone per word
+
+
+def pcm(samples: np.ndarray) -> bytes:
+    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def append(samples: np.ndarray) -> str:
+    return json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm(samples)).decode()})
+
+
+def app_with(cascades: list, **kw):
+    def factory():
+        cascades.append(fake_cascade(**kw))
+        return cascades[-1]
+
+    return create_app(ServedModels([]), realtime=factory)
+
+
+class Reader:
+    """Reads the server's events in a thread (the server sends them when it has them, not once per message)."""
+
+    def __init__(self, ws):
+        self.ws, self.events = ws, queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            while True:
+                self.events.put(self.ws.receive_json())
+        except Exception as e:  # noqa: BLE001 - the connection closed
+            self.events.put(e)
+
+    def until(self, kind: str, feed, timeout: float = 30.0) -> list[dict]:
+        """Events until one of `kind`, calling feed() (sending silence) while none is there."""
+        got, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                event = self.events.get(timeout=0.02)
+            except queue.Empty:
+                feed()
+                continue
+            assert not isinstance(event, Exception), f"the connection closed: {event!r}"
+            got.append(event)
+            if event["type"] == kind:
+                return got
+        raise AssertionError(f"no {kind} event in {timeout} s; got {[e['type'] for e in got]}")
+
+
+def speak_question(ws) -> None:
+    question = np.concatenate([np.zeros(RATE // 2, np.float32), say("What is the capital of France?")])
+    for i in range(0, len(question), RATE // 10):  # 0.1-s base64 events, as a microphone's blocks
+        ws.send_text(append(question[i : i + RATE // 10]))
+
+
+def send_silence(ws):
+    return lambda: ws.send_bytes(bytes(2 * 512))  # one VAD window of binary PCM
+
+
+@needs_espeak
+def test_a_spoken_question_gets_its_transcript_and_the_answer_audio():
+    _needs_vad()
+    cascades = []
+    with TestClient(app_with(cascades)) as client, client.websocket_connect("/v1/realtime") as ws:
+        hello = ws.receive_json()
+        assert hello["type"] == "session.created"
+        assert hello["session"]["input_sample_rate"] == RATE and hello["session"]["output_sample_rate"] == OUT_RATE
+        reader = Reader(ws)
+        speak_question(ws)
+        events = reader.until("response.done", send_silence(ws))
+    kinds = [e["type"] for e in events]
+    assert kinds[:2] == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped"]
+    assert "error" not in kinds
+    (transcript,) = [e for e in events if e["type"] == "conversation.item.input_audio_transcription.completed"]
+    assert transcript["transcript"] == "What is the capital of France?"
+    assert kinds.index("conversation.item.input_audio_transcription.completed") < kinds.index("response.audio.delta")
+    sentences = [e["delta"] for e in events if e["type"] == "response.audio_transcript.delta"]
+    assert sentences == ["Paris is the capital.", "It is in France."]
+    audio = np.concatenate([np.frombuffer(base64.b64decode(e["delta"]), "<i2") for e in events
+                            if e["type"] == "response.audio.delta"])
+    # the answer's 8 words of 0.1-s tone (value 1000), sent whole; the windows around it at most a window of silence
+    assert np.count_nonzero(audio == 1000) == 8 * round(0.1 * OUT_RATE)
+    assert len(audio) - 8 * round(0.1 * OUT_RATE) < 2 * 512 * OUT_RATE / RATE
+    assert events[-1]["response"] == {"status": "completed", "output_transcript": ANSWER}
+    assert cascades[0].history[-2:] == [{"role": "user", "content": "What is the capital of France?"},
+                                        {"role": "assistant", "content": ANSWER}]
+
+
+@pytest.mark.parametrize("message, code", [
+    ("not json", "invalid_json"),
+    ('["a list"]', "invalid_event"),
+    ('{"type": "session.update"}', "unsupported_event"),
+    ('{"type": "input_audio_buffer.append"}', "invalid_event"),
+    ('{"type": "input_audio_buffer.append", "audio": "***"}', "invalid_audio"),
+    (json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"abc").decode()}), "invalid_audio"),
+    (b"\x00\x01\x02", "invalid_audio"),
+    (bytes(MAX_APPEND_BYTES + 2), "message_too_large"),
+    ("x" * (2 * MAX_APPEND_BYTES + 1), "message_too_large"),
+])
+def test_garbage_messages_get_an_error_event_and_the_connection_stays_open(message, code):
+    _needs_vad()
+    with TestClient(app_with([])) as client, client.websocket_connect("/v1/realtime") as ws:
+        assert ws.receive_json()["type"] == "session.created"
+        (ws.send_bytes if isinstance(message, bytes) else ws.send_text)(message)
+        event = ws.receive_json()
+        assert event["type"] == "error" and event["error"]["code"] == code, event
+        assert event["error"]["message"]
+        ws.send_bytes(bytes(2 * 16000))  # a second of silence: heard, nothing to say
+        ws.send_text("still here?")  # answered: the connection is open and in order
+        assert ws.receive_json()["error"]["code"] == "invalid_json"
+
+
+@needs_espeak
+def test_a_client_leaving_mid_turn_cancels_its_answer_and_the_server_keeps_serving():
+    _needs_vad()
+    cascades = []
+    # an answer that never ends by itself: a word every 20 ms, repeated
+    app = app_with(cascades, answer="and so on. " * 3, delay=0.02, repeat=True)
+    with TestClient(app) as client:
+        with client.websocket_connect("/v1/realtime") as ws:
+            ws.receive_json()
+            reader = Reader(ws)
+            speak_question(ws)
+            reader.until("response.audio.delta", send_silence(ws))
+        chat = cascades[0].chat
+        assert chat.closed.wait(10), "the answer's generation was not stopped when the client left"
+        produced = chat.produced
+        time.sleep(0.2)
+        assert chat.produced == produced  # nothing generated after the stop
+        # a second connection: a conversation of its own, answered
+        with client.websocket_connect("/v1/realtime") as ws:
+            assert ws.receive_json()["type"] == "session.created"
+            ws.send_text("{")
+            assert ws.receive_json()["error"]["code"] == "invalid_json"
+        assert len(cascades) == 2 and cascades[1].history == [{"role": "system", "content": "Be brief."}]
+
+
+def test_realtime_not_enabled_and_the_api_key():
+    with TestClient(create_app(ServedModels([]))) as client, client.websocket_connect("/v1/realtime") as ws:
+        assert ws.receive_json()["error"]["code"] == "realtime_disabled"
+        with pytest.raises(WebSocketDisconnect):
+            ws.receive_json()
+    app = create_app(ServedModels([]), api_key="sesame", realtime=fake_cascade)
+    with TestClient(app) as client:
+        with pytest.raises(WebSocketDisconnect) as closed, client.websocket_connect("/v1/realtime"):
+            pass
+        assert closed.value.code == 1008
+        with client.websocket_connect("/v1/realtime", headers={"Authorization": "Bearer sesame"}) as ws:
+            assert ws.receive_json()["type"] == "session.created"
