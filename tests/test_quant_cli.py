@@ -36,3 +36,19 @@ def test_a_bad_mode_exits_2_with_one_line():
     out = run("chat", "--quantize", "int3", "hi")
     assert out.returncode == 2 and out.stdout == ""
     assert len(out.stderr.strip().splitlines()) == 1 and "int3" in out.stderr
+
+
+def test_serve_quantized_default_model_keeps_its_generation_defaults():
+    """`polymodal serve --quantize int8` serves the embedded SmolLM2 with quantized linear layers and the same
+    generation defaults (greedy with repetition penalty 1.1) as the float one; a bad mode is refused before loading."""
+    from polymodal.nn.quant import Int8Linear
+    from polymodal.pipelines.text import DEFAULT_CHAT_GENERATION
+    from polymodal.serve.registry import load_served
+    from polymodal.weights.record import record
+
+    served = load_served(None, quantize="int8")
+    model = next(iter(served.models.values())).engine.model
+    assert any(isinstance(m, Int8Linear) for m in model.modules())
+    assert DEFAULT_CHAT_GENERATION.items() <= (record(model).generation_config or {}).items()
+    with pytest.raises(ValueError, match="int3"):
+        load_served(None, quantize="int3")

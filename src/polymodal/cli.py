@@ -239,12 +239,13 @@ def _chat_model(args):
     if not getattr(args, "quantize", None):
         return args.model
     import polymodal as pm
-    from polymodal.pipelines.text import default_chat_model
+    from polymodal.pipelines.text import default_chat_model, load_default_chat_model
 
-    source = args.model if args.model is not None else default_chat_model()
-    if source is None:
+    if args.model is not None:
+        return pm.load(args.model, quantize=args.quantize)
+    if default_chat_model() is None:
         raise UsageError("--quantize: the embedded SmolLM2 package is not installed; pass --model")
-    return pm.load(source, quantize=args.quantize)
+    return load_default_chat_model(quantize=args.quantize)  # with its generation defaults, as without --quantize
 
 
 def _text_pipeline(args):
@@ -683,7 +684,8 @@ def cmd_serve(args) -> None:
         raise UsageError("--max-body-mib must be at least 1")
     sock = bind_socket(args.host, args.port)  # a port in use: OSError, exit 2, before the models load
     try:
-        served = load_served(args.model, max_batch=args.max_batch, max_queue=args.max_queue)  # ValueError: exit 2
+        served = load_served(args.model, max_batch=args.max_batch, max_queue=args.max_queue,  # ValueError: exit 2
+                             quantize=args.quantize)
         served.limit(disable=tuple(args.disable), max_visual_tokens=args.max_visual_tokens)
     except BaseException:
         sock.close()
@@ -870,6 +872,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "$POLYMODAL_API_KEY; none: an open server)")
     sp.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                     help="allow browser calls from this origin (repeatable)")
+    sp.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                    help="load the local language models with weight-only quantized linear layers for fast CPU "
+                    "decoding (docs/quantization.md)")
     sp.add_argument("--max-batch", type=int, default=8, help="requests decoded together per model")
     sp.add_argument("--max-queue", type=int, default=32, help="requests waiting per model before 429")
     sp.add_argument("--max-body-mib", type=int, default=None, help="largest request body in MiB (default 32)")

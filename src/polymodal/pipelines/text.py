@@ -53,11 +53,12 @@ def default_chat_model() -> Path:
 DEFAULT_CHAT_GENERATION = {"do_sample": False, "repetition_penalty": 1.1}
 
 
-def load_default_chat_model(dtype=None, device=None):
-    """The embedded default chat model, loaded, with its generation defaults (DEFAULT_CHAT_GENERATION)."""
+def load_default_chat_model(dtype=None, device=None, quantize: str | None = None):
+    """The embedded default chat model, loaded (`quantize`: as `pm.load`'s), with its generation defaults
+    (DEFAULT_CHAT_GENERATION)."""
     from polymodal.weights.loader import load
 
-    model = load(default_chat_model(), dtype=dtype, device=device)
+    model = load(default_chat_model(), dtype=dtype, device=device, quantize=quantize)
     rec = record(model)
     rec.generation_config = {**(rec.generation_config or {}), **DEFAULT_CHAT_GENERATION}
     return model

@@ -170,9 +170,13 @@ def default_id(source: str) -> str:
 
 
 def load_served(specs: list[str] | None, *, max_batch: int = 8, max_queue: int = 32,
-                provider_concurrency: int = 8) -> ServedModels:
+                provider_concurrency: int = 8, quantize: str | None = None) -> ServedModels:
     """Load every spec (the embedded default chat model when there are none). Anything that cannot be loaded
-    raises ValueError naming the spec and the reason."""
+    raises ValueError naming the spec and the reason. quantize: `pm.load`'s, for the local language models (a
+    hosted model, a voice or a CTranslate2 folder loads as it is; other folders refuse it by name)."""
+    from polymodal.nn import quant
+
+    quant.check_mode(quantize)  # a bad mode: ValueError before anything loads
     if not specs:
         from polymodal.pipelines.text import default_chat_model, load_default_chat_model
 
@@ -180,14 +184,14 @@ def load_served(specs: list[str] | None, *, max_batch: int = 8, max_queue: int =
             path = default_chat_model()
         except FileNotFoundError as e:
             raise ValueError(str(e)) from None
-        return ServedModels([serve_model(DEFAULT_MODEL_ID, load_default_chat_model(), source=str(path),
+        return ServedModels([serve_model(DEFAULT_MODEL_ID, load_default_chat_model(quantize=quantize), source=str(path),
                                          max_batch=max_batch, max_queue=max_queue)])
     models = []
     for spec in specs:
         name, source = parse_spec(spec)
         try:
             models.append(load_model(name or default_id(source), source, max_batch=max_batch, max_queue=max_queue,
-                                     provider_concurrency=provider_concurrency))
+                                     provider_concurrency=provider_concurrency, quantize=quantize))
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # one line naming what could not be served
@@ -197,7 +201,7 @@ def load_served(specs: list[str] | None, *, max_batch: int = 8, max_queue: int =
 
 
 def load_model(model_id: str, source, *, max_batch: int = 8, max_queue: int = 32,
-               provider_concurrency: int = 8) -> ServedModel:
+               provider_concurrency: int = 8, quantize: str | None = None) -> ServedModel:
     """Load one source (or wrap an already loaded model / provider object) as a ServedModel: a hosted model
     ("openai:gpt-4o", ...) through `polymodal.providers.load_provider` (its key from the environment), anything
     else through `pm.load`."""
@@ -214,7 +218,7 @@ def load_model(model_id: str, source, *, max_batch: int = 8, max_queue: int = 32
 
         obj = TextToSpeechPipeline(voice=source)
     else:
-        obj = pm.load(source) if isinstance(source, (str, Path)) else source
+        obj = pm.load(source, quantize=quantize) if isinstance(source, (str, Path)) else source
     return serve_model(model_id, obj, source=str(source), max_batch=max_batch, max_queue=max_queue,
                        provider_concurrency=provider_concurrency)
 
