@@ -110,6 +110,36 @@ def test_a_spoken_question_gets_its_transcript_and_the_answer_audio():
                                         {"role": "assistant", "content": ANSWER}]
 
 
+@needs_espeak
+def test_speech_during_the_answer_barges_in():
+    """As Dialogue's barge-in (tests/test_talk.py): the user speaks while the answer plays -> that answer's
+    response.done is "cancelled" with what was heard of it, and the new speech is the next turn, answered."""
+    _needs_vad()
+    cascades = []
+    app = app_with(cascades, answer="This answer goes on and on. " * 8, asr=("Tell me a story.", "Stop, please."),
+                   delay=0.005)
+    with TestClient(app) as client, client.websocket_connect("/v1/realtime") as ws:
+        ws.receive_json()
+        reader = Reader(ws)
+        speak_question(ws)
+        reader.until("response.audio.delta", send_silence(ws))
+        interruption = say("Stop, please.")
+        for i in range(0, len(interruption), RATE // 10):
+            ws.send_bytes(pcm(interruption[i : i + RATE // 10]))
+        first = reader.until("response.done", send_silence(ws))
+        second = reader.until("response.done", send_silence(ws))
+    assert first[-1]["response"]["status"] == "cancelled"
+    heard = first[-1]["response"]["output_transcript"]
+    assert heard.startswith("This answer goes on and on.") and len(heard) < len("This answer goes on and on. " * 8)
+    kinds = [e["type"] for e in second]
+    assert "input_audio_buffer.speech_stopped" in kinds and "response.audio.delta" in kinds
+    (transcript,) = [e["transcript"] for e in second
+                     if e["type"] == "conversation.item.input_audio_transcription.completed"]
+    assert transcript == "Stop, please."
+    assert second[-1]["response"]["status"] == "completed"
+    assert [m["role"] for m in cascades[0].history] == ["system", "user", "assistant", "user", "assistant"]
+
+
 @pytest.mark.parametrize("message, code", [
     ("not json", "invalid_json"),
     ('["a list"]', "invalid_event"),
