@@ -201,3 +201,30 @@ def test_realtime_not_enabled_and_the_api_key():
         assert closed.value.code == 1008
         with client.websocket_connect("/v1/realtime", headers={"Authorization": "Bearer sesame"}) as ws:
             assert ws.receive_json()["type"] == "session.created"
+
+
+@needs_espeak
+def test_over_a_real_socket():
+    """The same conversation through uvicorn and the websockets client: a spoken question answered, as a client
+    outside the process would see it."""
+    _needs_vad()
+    pytest.importorskip("websockets", reason="uvicorn's websocket support needs the websockets package")
+    from serve_helpers import running
+    from websockets.sync.client import connect
+
+    with running(app_with([])) as url, connect(url.replace("http", "ws") + "/v1/realtime") as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+        question = np.concatenate([np.zeros(RATE // 2, np.float32), say("What is the capital of France?")])
+        ws.send(pcm(question))  # one binary message
+        events, deadline = [], time.monotonic() + 30
+        while not events or events[-1]["type"] != "response.done":
+            assert time.monotonic() < deadline, [e["type"] for e in events]
+            try:
+                events.append(json.loads(ws.recv(timeout=0.02)))
+            except TimeoutError:
+                ws.send(bytes(2 * 512))
+    transcripts = [e["transcript"] for e in events
+                   if e["type"] == "conversation.item.input_audio_transcription.completed"]
+    assert transcripts == ["What is the capital of France?"]
+    assert any(e["type"] == "response.audio.delta" for e in events)
+    assert events[-1]["response"] == {"status": "completed", "output_transcript": ANSWER}
