@@ -6,6 +6,7 @@ mid-turn -> its answer cancelled, and the server keeps serving."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import queue
 import threading
@@ -18,7 +19,7 @@ from starlette.websockets import WebSocketDisconnect
 from test_talk import OUT_RATE, RATE, _needs_vad, fake_cascade, needs_espeak, say
 
 from polymodal.serve.app import create_app
-from polymodal.serve.realtime import MAX_APPEND_BYTES
+from polymodal.serve.realtime import MAX_APPEND_BYTES, MAX_SESSIONS
 from polymodal.serve.registry import ServedModels
 
 ANSWER = "Paris is the capital. It is in France."  # fake_cascade's; FakeVoice: 0.1 s of tone per word
@@ -228,3 +229,26 @@ def test_over_a_real_socket():
     assert transcripts == ["What is the capital of France?"]
     assert any(e["type"] == "response.audio.delta" for e in events)
     assert events[-1]["response"] == {"status": "completed", "output_transcript": ANSWER}
+
+
+def test_one_conversation_more_than_the_limit_is_told_the_server_is_busy():
+    _needs_vad()
+    cascades = []
+    with TestClient(app_with(cascades)) as client, contextlib.ExitStack() as stack:
+        held = [stack.enter_context(client.websocket_connect("/v1/realtime")) for _ in range(MAX_SESSIONS)]
+        for ws in held:
+            assert ws.receive_json()["type"] == "session.created"
+        with client.websocket_connect("/v1/realtime") as extra:
+            assert extra.receive_json()["error"]["code"] == "too_many_sessions"
+            with pytest.raises(WebSocketDisconnect) as closed:
+                extra.receive_json()
+            assert closed.value.code == 1013
+        held[0].close()
+        deadline = time.monotonic() + 10
+        while True:  # the freed place is taken by the next one (once the server has seen the close)
+            with client.websocket_connect("/v1/realtime") as again:
+                if again.receive_json()["type"] == "session.created":
+                    break
+            assert time.monotonic() < deadline, "the closed conversation's place was never freed"
+            time.sleep(0.05)
+    assert len(cascades) == MAX_SESSIONS + 1

@@ -39,6 +39,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from polymodal.speech.dialogue import SAMPLING_RATE, Dialogue
 
 PATH = "/v1/realtime"
+MAX_SESSIONS = 4  # conversations at once, by default
 MAX_APPEND_BYTES = 1 << 20  # the most PCM one message may carry (~33 s at 16 kHz); longer ones are refused unread
 
 
@@ -157,11 +158,14 @@ def error_event(type_: str, code: str, message: str) -> dict:
     return {"type": "error", "error": {"type": type_, "code": code, "message": message}}
 
 
-def add_realtime_route(app, cascade_factory: Callable | None, *, api_key: str | None = None) -> None:
+def add_realtime_route(app, cascade_factory: Callable | None, *, api_key: str | None = None,
+                       max_sessions: int = MAX_SESSIONS) -> None:
     """WS /v1/realtime on `app`. cascade_factory: () -> a Cascade for each connection (None: the route answers
     that realtime is not enabled). api_key: the server's key, checked on the websocket's Authorization header
-    (the HTTP middleware does not see websockets)."""
+    (the HTTP middleware does not see websockets). max_sessions: conversations at once; one more is told the server
+    is busy and closed (each holds a VAD, a conversation and, while it answers, the cascade's threads)."""
     key = f"Bearer {api_key}".encode() if api_key else None
+    open_sessions = 0  # (changed on the event loop only)
 
     @app.websocket(PATH)
     async def realtime(ws: WebSocket):
@@ -174,13 +178,24 @@ def add_realtime_route(app, cascade_factory: Callable | None, *, api_key: str | 
                                            "realtime conversation is not enabled on this server"))
             await ws.close(code=1008)
             return
-        try:
-            dialogue = Dialogue(await asyncio.to_thread(cascade_factory), realtime=True)
-        except Exception as e:  # noqa: BLE001 - the models could not be made: told, then closed
-            await ws.send_json(error_event("server_error", "realtime_unavailable", f"{type(e).__name__}: {e}"))
-            await ws.close(code=1011)
+        nonlocal open_sessions
+        if open_sessions >= max_sessions:
+            await ws.send_json(error_event("rate_limit_error", "too_many_sessions",
+                                           f"this server holds at most {max_sessions} realtime conversations at "
+                                           "once; try again when one has ended"))
+            await ws.close(code=1013)  # try again later
             return
-        await _converse(ws, Session(dialogue))
+        open_sessions += 1
+        try:
+            try:
+                dialogue = Dialogue(await asyncio.to_thread(cascade_factory), realtime=True)
+            except Exception as e:  # noqa: BLE001 - the models could not be made: told, then closed
+                await ws.send_json(error_event("server_error", "realtime_unavailable", f"{type(e).__name__}: {e}"))
+                await ws.close(code=1011)
+                return
+            await _converse(ws, Session(dialogue))
+        finally:
+            open_sessions -= 1
 
 
 async def _converse(ws: WebSocket, session: Session) -> None:
