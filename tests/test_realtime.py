@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
-from test_talk import OUT_RATE, RATE, _needs_vad, fake_cascade, needs_espeak, say
+from test_talk import OUT_RATE, RATE, _needs_vad, fake_cascade, needs_espeak, real_pipelines, say  # noqa: F401 (a fixture)
 
 from polymodal.serve.app import create_app
 from polymodal.serve.realtime import MAX_APPEND_BYTES, MAX_SESSIONS
@@ -252,3 +252,25 @@ def test_one_conversation_more_than_the_limit_is_told_the_server_is_busy():
             assert time.monotonic() < deadline, "the closed conversation's place was never freed"
             time.sleep(0.05)
     assert len(cascades) == MAX_SESSIONS + 1
+
+
+def test_real_models_answer_a_spoken_question(real_pipelines):  # noqa: F811 - the fixture of test_talk
+    """Whisper tiny.en, SmolLM2 and espeak-ng behind the route (the pipelines shared by the connections, as a server
+    would): the question is transcribed exactly and the answer, sent as audio, is about Paris."""
+    from polymodal.speech.dialogue import Cascade
+
+    asr, chat, tts = real_pipelines
+    app = create_app(ServedModels([]), realtime=lambda: Cascade(asr, chat, tts, max_new_tokens=40))
+    with TestClient(app) as client, client.websocket_connect("/v1/realtime") as ws:
+        assert ws.receive_json()["session"]["output_sample_rate"] == tts.sampling_rate
+        reader = Reader(ws)
+        speak_question(ws)
+        events = reader.until("response.done", send_silence(ws), timeout=120)
+    (transcript,) = [e["transcript"] for e in events
+                     if e["type"] == "conversation.item.input_audio_transcription.completed"]
+    assert transcript == "What is the capital of France?"
+    audio = np.concatenate([np.frombuffer(base64.b64decode(e["delta"]), "<i2") for e in events
+                            if e["type"] == "response.audio.delta"])
+    assert np.abs(audio).max() > 1000  # speech, not silence
+    done = events[-1]["response"]
+    assert done["status"] == "completed" and "paris" in done["output_transcript"].lower(), done
