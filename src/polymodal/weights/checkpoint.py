@@ -326,3 +326,21 @@ def open_checkpoint(path: str | os.PathLike, stem: str = "model") -> Checkpoint:
     """A lazy view of a checkpoint file or of a directory's weight files."""
     path = Path(path)
     return Checkpoint(checkpoint_files(path, stem) if path.is_dir() else [path])
+
+
+class LazyFloatTensors(Mapping):
+    """The mapping the single-file readers (GGUF, CTranslate2) hand the strict loader: transformers' names in
+    `_entries`, their `shapes` and float32 `dtypes` known without reading, each tensor read (and widened) only in
+    the subclass's `__getitem__`."""
+
+    _entries: dict
+    shapes: dict[str, tuple[int, ...]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def meta(self) -> dict[str, torch.Tensor]:
+        return {k: torch.empty(s, dtype=torch.float32, device="meta") for k, s in self.shapes.items()}

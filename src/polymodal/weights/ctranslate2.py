@@ -31,7 +31,6 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from polymodal.weights.checkpoint import CheckpointError, open_regular, read_json, read_tokenizer_file
+from polymodal.weights.checkpoint import CheckpointError, LazyFloatTensors, open_regular, read_json, read_tokenizer_file
 
 VERSION = 6
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}  # bfloat16 (5): not in Whisper files
@@ -178,7 +177,7 @@ _IGNORED = {"decoder/alignment_heads", "decoder/alignment_layer"}  # cross-atten
 _HEADS = ("encoder/num_heads", "decoder/num_heads")
 
 
-class CTranslate2Tensors(Mapping):
+class CTranslate2Tensors(LazyFloatTensors):
     """transformers name -> float32 tensor, read from the memory map when asked for (a slice of a fused
     variable for q/k/v). Like `checkpoint.Checkpoint`: `shapes` and `meta()` need no reading."""
 
@@ -192,14 +191,6 @@ class CTranslate2Tensors(Mapping):
         var, first, rows = self._entries[name]
         return torch.from_numpy(var.array()[first : first + rows].astype(np.float32))
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def meta(self) -> dict[str, torch.Tensor]:
-        return {k: torch.empty(s, dtype=torch.float32, device="meta") for k, s in self.shapes.items()}
 
 
 @dataclass

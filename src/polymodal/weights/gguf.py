@@ -32,7 +32,7 @@ import os
 import re
 import struct
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from polymodal.config import ConfigError, show, validate
-from polymodal.weights.checkpoint import CheckpointError, open_regular
+from polymodal.weights.checkpoint import CheckpointError, LazyFloatTensors, open_regular
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -517,7 +517,7 @@ def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
 # ============================================================================================ reading
 
 
-class GGUFTensors(Mapping):
+class GGUFTensors(LazyFloatTensors):
     """transformers name -> float32 tensor, dequantized when read (one at a time, nothing cached).
 
     Like `checkpoint.Checkpoint`: `shapes`, `dtypes` and `meta()` need no reading, so the strict loader can check
@@ -555,14 +555,6 @@ class GGUFTensors(Mapping):
             q, d, zero = (_unpermute(t, heads) for t in (q, d, zero))
         return q, d, zero
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def meta(self) -> dict[str, torch.Tensor]:
-        return {k: torch.empty(s, dtype=torch.float32, device="meta") for k, s in self.shapes.items()}
 
 
 @dataclass
