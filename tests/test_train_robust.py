@@ -164,6 +164,34 @@ def test_under_torchrun_a_signal_to_one_process_stops_both_at_the_same_step(tmp_
     assert _losses(tmp_path / "run") == _losses(tmp_path / "ref")
 
 
+def test_a_torchrun_worker_leaves_through_end_process_with_its_exit_status(tmp_path, monkeypatch, capsys):
+    """A process that joined a process group ends with os._exit after flushing (gloo's threads may still be
+    releasing a finished collective's tensors, which aborts a worker in interpreter shutdown): the status is
+    the one the command chose, from a return, a SystemExit, or SystemExit("message")."""
+    import polymodal.cli as cli
+    import polymodal.train.distributed as distributed
+
+    exits = []
+
+    def fake_exit(code):
+        exits.append(code)
+        raise RuntimeError("os._exit")  # stands in for leaving: nothing after it may run
+
+    monkeypatch.setattr(distributed.os, "_exit", fake_exit)
+    assert main(["train", "toy-regression", "--out", str(tmp_path / "a"), "--set", "lrr=1"]) == 2
+    assert exits == []  # a plain process (no process group) returns as before
+    monkeypatch.setattr(distributed, "_joined", True)
+    for argv, status in ((["train", "toy-regression", "--out", str(tmp_path / "b"), "--set", "lrr=1"], 2),
+                         (["train", "--no-such-flag"], 2)):
+        with pytest.raises(RuntimeError, match="os._exit"):
+            main(argv)
+        assert exits[-1] == status
+    monkeypatch.setattr(cli, "_main", lambda argv: (_ for _ in ()).throw(SystemExit("stopped: why")))
+    with pytest.raises(RuntimeError, match="os._exit"):
+        main([])
+    assert exits[-1] == 1 and "stopped: why" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ warm-up
 
 

@@ -897,6 +897,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+    except SystemExit as e:
+        if not _distributed_worker():
+            raise
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)  # what SystemExit("message") prints on its own way out
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if _distributed_worker():  # a torchrun worker ends without interpreter shutdown (see end_process)
+        from polymodal.train.distributed import end_process
+
+        end_process(code)
+    return code
+
+
+def _distributed_worker() -> bool:
+    module = sys.modules.get("polymodal.train.distributed")  # only imported when a command trained
+    return module is not None and module.joined()
+
+
+def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         args = build_parser().parse_args(argv)

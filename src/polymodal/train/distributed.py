@@ -5,6 +5,7 @@ A plain `python` run is a world of one: nothing is initialized and nothing is wr
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -39,12 +40,39 @@ def init_world() -> World:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    global _joined
+    _joined = True
     return World(dist.get_rank(), dist.get_world_size(), local, device)
 
 
 def close_world(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+_joined = False  # this process has been in a process group (see `end_process`)
+
+
+def joined() -> bool:
+    """Whether this process joined a process group through `init_world` (a torchrun worker)."""
+    return _joined
+
+
+def end_process(code: int) -> None:
+    """Leave a torchrun worker with `code` without the interpreter's shutdown: stdio flushed, then `os._exit`.
+
+    Why: gloo's worker threads release a finished collective's tensors after the caller has its result, and
+    releasing a tensor that Python has seen takes the GIL. `destroy_process_group` cannot join those threads
+    (DDP and FSDP keep references to the group that outlive them), so a worker that reaches interpreter
+    shutdown first is killed inside a C++ destructor: "terminate called without an active exception", SIGABRT,
+    and torchrun reports the whole run failed after it had finished and saved everything. Nothing is left to
+    do at that point but flush what was printed."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said on it
+            pass
+    os._exit(code)
 
 
 def barrier(world: World) -> None:
