@@ -312,3 +312,23 @@ def test_optimize_for_inference_under_inference_mode():
         assert isinstance(lin, PackedLinear)
         torch.testing.assert_close(lin(x), want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lin(x[:0]), want[:0])  # an empty batch takes the plain path
+
+
+@pytest.mark.parametrize("mkl_lacks_avx512", [False, True])
+def test_one_row_products_take_the_kernel_measured_faster_on_this_kind_of_cpu(monkeypatch, mkl_lacks_avx512):
+    """A one-row product of a 1024+-wide weight (a decode step) goes to MKL's GEMV where MKL runs its best kernels,
+    and to the packed oneDNN product on AVX-512 CPUs that MKL runs with AVX2 (benchmarks/bench_linear_kernels.py);
+    several rows are packed either way; the result is the plain product's."""
+    from polymodal.nn import inference
+
+    monkeypatch.setitem(inference._OPS, "mkl_lacks_avx512", mkl_lacks_avx512)
+    calls = []
+    plain = inference.F.linear
+    monkeypatch.setattr(inference.F, "linear", lambda *a: calls.append(a[0].shape[0]) or plain(*a))
+    lin = inference.optimize_for_inference(torch.nn.Linear(1024, 2048))
+    with torch.no_grad():
+        for rows in (1, 3):
+            x = torch.randn(rows, 1024)
+            torch.testing.assert_close(lin(x), plain(x, lin.weight, lin.bias), atol=1e-4, rtol=1e-5)
+    if inference._available():
+        assert calls == ([] if mkl_lacks_avx512 else [1])

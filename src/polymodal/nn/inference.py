@@ -22,7 +22,9 @@ faster, 576x576 1.08x; narrower outputs (576x1536) are 0.8x that way and keep th
 `state_dict` and saving are unchanged (saving writes contiguous tensors). Products of one row with 1024 or more input
 features (a decode step at batch 1 of a 7B or 11B model) take `F.linear` as well: they only stream the weight, which
 MKL's GEMV does faster than the packed product; from two rows on, the packed product is the faster one again (see
-`ONE_ROW_MIN_IN_FEATURES`).
+`ONE_ROW_MIN_IN_FEATURES`). That holds where MKL runs its best kernels; on an AVX-512 CPU that is not Intel's (the
+AMD EPYC benchmarks/ ran on later), MKL falls back to AVX2 and the packed product wins at one row too, 1.0-1.7x, so
+there every product above `MIN_MACS` is packed (`_mkl_lacks_avx512`; benchmarks/bench_linear_kernels.py).
 """
 
 from __future__ import annotations
@@ -50,7 +52,31 @@ MIN_MACS = 1 << 20
 # 14336x4096 41.1 / 20.0 ms, 4 of 128256x4096 416 / 197, 8 of 6144x4096 18.9 / 11.7, 8 of 49152x576 20.4 / 13.6
 # (SmolLM2's decode at batch 8 fell from 1.72x to 1.44x of transformers when such calls took F.linear). So one-row
 # calls of weights at least this wide take F.linear, and every other call above MIN_MACS the packed product.
+# On CPUs with AVX-512 that are not Intel's, MKL runs its AVX2 kernels while oneDNN runs AVX-512 ones, and there the
+# packed product beat MKL at one row as well. Measured 2026-12-04 on the AMD EPYC (Zen 5, 2 cores) of benchmarks/
+# (benchmarks/bench_linear_kernels.py, process CPU time, medians of 7, weights streamed from memory), F.linear /
+# packed, one row, one thread: 3584x18944 11.1 / 6.4 ms, 3584x152064 (Qwen2-VL-7B's head) 88.6 / 51.3, 2560x50272
+# 21.8 / 12.0, 4096x14336 9.0 / 5.4; two threads 11.1 / 9.8, 101.9 / 98.1, 30.3 / 24.0, 9.6 / 9.5 (both stream at
+# the memory's rate). Three to eight rows 2.3-5.3x, hundreds 2.2-2.5x. So there every call above MIN_MACS is packed.
 ONE_ROW_MIN_IN_FEATURES = 1024
+
+
+def _mkl_lacks_avx512() -> bool:
+    """Whether this CPU has AVX-512 that MKL does not use: ATen dispatches AVX-512 kernels and the vendor is not
+    Intel (MKL chooses its AVX-512 code paths on Intel CPUs only)."""
+    if _OPS.get("mkl_lacks_avx512") is None:
+        vendor = ""
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    if line.startswith("vendor_id"):
+                        vendor = line.split(":", 1)[1].strip()
+                        break
+        except OSError:  # not Linux: keep the rules measured where MKL is the fast one
+            pass
+        capability = torch.backends.cpu.get_cpu_capability()
+        _OPS["mkl_lacks_avx512"] = capability.startswith("AVX512") and vendor not in ("", "GenuineIntel")
+    return _OPS["mkl_lacks_avx512"]
 
 
 def _available() -> bool:
@@ -88,7 +114,8 @@ class PackedLinear(nn.Linear):
             return F.linear(x, w, self.bias)
         if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
                 and x.numel() * self.out_features >= MIN_MACS
-                and not (x.numel() == self.in_features and self.in_features >= ONE_ROW_MIN_IN_FEATURES)
+                and not (x.numel() == self.in_features and self.in_features >= ONE_ROW_MIN_IN_FEATURES
+                         and not _mkl_lacks_avx512())
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and _available()):
             packed = self._packed_weight()
             try:
