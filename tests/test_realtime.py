@@ -16,7 +16,18 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
-from test_talk import OUT_RATE, RATE, _needs_vad, fake_cascade, needs_espeak, real_pipelines, say  # noqa: F401 (a fixture)
+from test_talk import (  # noqa: F401 (a fixture)
+    OUT_RATE,
+    RATE,
+    FakeASR,
+    FakeChat,
+    FakeVoice,
+    _needs_vad,
+    fake_cascade,
+    needs_espeak,
+    real_pipelines,
+    say,
+)
 
 from polymodal.serve.app import create_app
 from polymodal.serve.realtime import MAX_APPEND_BYTES, MAX_SESSIONS
@@ -274,3 +285,111 @@ def test_real_models_answer_a_spoken_question(real_pipelines):  # noqa: F811 - t
     assert np.abs(audio).max() > 1000  # speech, not silence
     done = events[-1]["response"]
     assert done["status"] == "completed" and "paris" in done["output_transcript"].lower(), done
+
+
+# ------------------------------------------------------------------------------------------------ serve --realtime
+class FakeHosted:
+    """A served chat model of the provider kind (serve_model takes anything with `chat`), streaming one answer."""
+
+    name, modalities = "fake:hosted", {"text"}
+
+    def stream(self, messages, **options):
+        yield "Paris."
+
+    def chat(self, messages, **options):
+        return "Paris."
+
+
+def _serve_cli(monkeypatch, served: ServedModels, *argv: str) -> tuple[int, dict, list]:
+    """`polymodal serve ARGV` with the model loading, the server and the pipelines' loaders replaced by fakes ->
+    (exit status, what serve() was given, the pipelines asked for as (task, model))."""
+    import polymodal
+    import polymodal.serve.app as app_module
+    import polymodal.serve.registry as registry
+    from polymodal.cli import main
+
+    given, asked = {}, []
+
+    def fake_serve(served_, *, sock, **options):
+        sock.close()
+        given.update(options, served=served_)
+
+    def fake_pipeline(task, model=None, **_):
+        asked.append((task, model))
+        return {"text-to-speech": FakeVoice, "automatic-speech-recognition": FakeASR}.get(
+            task, lambda: FakeChat("Hello."))()
+
+    monkeypatch.setattr(app_module, "serve", fake_serve)
+    monkeypatch.setattr(registry, "load_served", lambda specs, **_: served)
+    monkeypatch.setattr(polymodal, "pipeline", fake_pipeline)
+    return main(["serve", "--port", "0", *argv]), given, asked
+
+
+def test_serve_realtime_builds_a_cascade_factory_over_the_served_chat_model(monkeypatch):
+    from polymodal.serve.registry import serve_model
+
+    hosted = FakeHosted()
+    served = ServedModels([serve_model("hosted", hosted)])
+    code, given, asked = _serve_cli(monkeypatch, served, "--realtime", "--voice", "espeak",
+                                    "--realtime-max-tokens", "7")
+    assert code == 0
+    assert asked == [("text-to-speech", "espeak"), ("automatic-speech-recognition", None)]  # loaded once, here
+    first, second = given["realtime"](), given["realtime"]()
+    assert first.chat is hosted and second.chat is hosted and first.tts is second.tts and first.asr is second.asr
+    assert first.history is not second.history and first.generation["max_new_tokens"] == 7
+    assert len(asked) == 2  # a connection loads nothing
+    # no chat model served: the embedded default, loaded once at start
+    code, given, asked = _serve_cli(monkeypatch, ServedModels([]), "--realtime", "--asr-model", "/w")
+    assert code == 0 and asked == [("text-to-speech", None), ("automatic-speech-recognition", "/w"),
+                                   ("text-generation", None)]
+    # without the flag the route stays off and nothing extra loads
+    code, given, asked = _serve_cli(monkeypatch, served)
+    assert code == 0 and given["realtime"] is None and asked == []
+
+
+@pytest.mark.parametrize("argv, says", [
+    (("--voice", "espeak"), "--voice set the realtime voice route: add --realtime"),
+    (("--realtime", "--realtime-model", "other"), "--realtime-model other: no served model has that name"),
+    (("--realtime", "--realtime-max-tokens", "0"), "--realtime-max-tokens must be at least 1"),
+])
+def test_serve_realtime_bad_options_exit_2_before_loading(monkeypatch, capsys, argv, says):
+    served = ServedModels([])
+    code, given, asked = _serve_cli(monkeypatch, served, *argv)
+    assert code == 2 and given == {} and asked == []
+    assert says in capsys.readouterr().err
+
+
+def test_served_chat_streams_the_engines_answer_and_cancels_when_closed(tmp_path):
+    """A served local model as the cascade's chat: the same greedy text the text-generation pipeline gives on the
+    same checkpoint and messages, through the model's engine; closing the stream early frees its row."""
+    from serve_helpers import save_tiny_chat_llama
+
+    import polymodal as pm
+    from polymodal.serve.realtime import ServedChat, served_chat
+    from polymodal.serve.registry import load_model
+
+    path = save_tiny_chat_llama(tmp_path, ["Hello there, how are you? I am fine."] * 20)
+    served = ServedModels([load_model("local", path)])
+    served.start()
+    try:
+        chat = served_chat(served)
+        assert isinstance(chat, ServedChat) and chat.model is served.get("local")
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+        stream = chat.stream(messages, max_new_tokens=12)
+        pieces = []
+        with contextlib.suppress(StopIteration):
+            while True:
+                pieces.append(next(stream))
+        expected = "".join(pm.pipeline("text-generation", model=str(path)).stream(messages, max_new_tokens=12))
+        assert "".join(pieces) == expected and pieces
+        stream = chat.stream(messages, max_new_tokens=200)
+        next(stream)
+        stream.close()
+        engine, deadline = served.get("local").engine, time.monotonic() + 5
+        while engine.num_active or engine.num_waiting:
+            assert time.monotonic() < deadline, "the closed stream's request still runs"
+            time.sleep(0.01)
+        with pytest.raises(ValueError, match="not served"):
+            served_chat(served, "other")
+    finally:
+        served.close()

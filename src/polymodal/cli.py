@@ -596,12 +596,37 @@ def cmd_speak(args) -> None:
           lambda r: f"{r['path']}: {r['seconds']:.2f} s of speech ({r['voice']}, {r['sampling_rate']} Hz)")
 
 
+def _cascade(args, chat: Callable[[], object], max_new_tokens: int):
+    """The spoken-dialogue cascade of `talk` and `serve --realtime`: the voice (--voice) first, so that an unknown
+    one exits 2 before the big models load, then Whisper (--asr-model, default the packaged tiny.en), then the chat
+    model `chat()` gives."""
+    import polymodal as pm
+    from polymodal.speech.dialogue import Cascade
+
+    tts = pm.pipeline("text-to-speech", model=args.voice)
+    asr = pm.pipeline("automatic-speech-recognition", model=args.asr_model)
+    return Cascade(asr, chat(), tts, max_new_tokens=max_new_tokens)
+
+
+def _realtime_factory(args, served) -> Callable:
+    """serve --realtime: () -> a Cascade for each WS /v1/realtime connection, over models loaded once. Its chat
+    model is the served chat model (--realtime-model NAME, else the first served one), else the embedded default."""
+    import polymodal as pm
+    from polymodal.serve.realtime import served_chat
+
+    def chat():
+        found = served_chat(served, args.realtime_model)
+        return found if found is not None else pm.pipeline("text-generation")
+
+    return _cascade(args, chat, args.realtime_max_tokens).fork
+
+
 def cmd_talk(args) -> None:
     """Spoken dialogue, one turn: the question in --in answered aloud into --out (polymodal/speech/dialogue.py)."""
     from pathlib import Path
 
     from polymodal.processing.audio import read_audio
-    from polymodal.speech.dialogue import MAX_TURN_SECONDS, Cascade, find_turn, live_audio_problem, replay
+    from polymodal.speech.dialogue import MAX_TURN_SECONDS, find_turn, live_audio_problem, replay
 
     if args.input is None:
         raise UsageError(f"talk: {live_audio_problem()}; answer a recording with --in question.wav --out answer.wav")
@@ -620,9 +645,7 @@ def cmd_talk(args) -> None:
     import polymodal as pm
 
     torch.set_num_threads(args.threads)
-    tts = pm.pipeline("text-to-speech", model=args.voice)  # an unknown voice: exit 2 before the big models load
-    cascade = Cascade(chat=pm.pipeline("text-generation", model=args.model), tts=tts,
-                      max_new_tokens=args.max_new_tokens)
+    cascade = _cascade(args, lambda: pm.pipeline("text-generation", model=args.model), args.max_new_tokens)
     if not args.cold:
         cascade.warm_up()  # as a live assistant is, before the user speaks
     if args.live:  # the recording played into the turn-taking loop in real time, the answer played out
@@ -655,6 +678,22 @@ def cmd_talk(args) -> None:
           ", ".join(f"{names[k]} {v:.2f} s" for k, v in r["latency"].items() if v is not None))
 
 
+def _check_realtime_options(args) -> None:
+    """serve's voice options go with --realtime; --realtime-model must name a model the specs serve."""
+    from polymodal.serve.registry import DEFAULT_MODEL_ID, default_id, parse_spec
+
+    given = [f for f, v in (("--voice", args.voice), ("--asr-model", args.asr_model),
+                            ("--realtime-model", args.realtime_model)) if v is not None]
+    if given and not args.realtime:
+        raise UsageError(f"{', '.join(given)} set the realtime voice route: add --realtime")
+    if args.realtime_max_tokens < 1:
+        raise UsageError("--realtime-max-tokens must be at least 1")
+    ids = [name or default_id(source) for name, source in map(parse_spec, args.model)] or [DEFAULT_MODEL_ID]
+    if args.realtime_model is not None and args.realtime_model not in ids:
+        raise UsageError(f"--realtime-model {args.realtime_model}: no served model has that name (served: "
+                         f"{', '.join(ids)})")
+
+
 def cmd_serve(args) -> None:
     from polymodal.serve.app import MAX_BODY_BYTES, api_key_from_env, bind_socket, serve
     from polymodal.serve.registry import load_served, parse_spec
@@ -682,15 +721,17 @@ def cmd_serve(args) -> None:
         raise UsageError("--max-visual-tokens must be at least 1")
     if args.max_body_mib is not None and args.max_body_mib < 1:
         raise UsageError("--max-body-mib must be at least 1")
+    _check_realtime_options(args)
     sock = bind_socket(args.host, args.port)  # a port in use: OSError, exit 2, before the models load
     try:
         served = load_served(args.model, max_batch=args.max_batch, max_queue=args.max_queue,  # ValueError: exit 2
                              quantize=args.quantize)
         served.limit(disable=tuple(args.disable), max_visual_tokens=args.max_visual_tokens)
+        realtime = _realtime_factory(args, served) if args.realtime else None
     except BaseException:
         sock.close()
         raise
-    serve(served, host=args.host, port=args.port, sock=sock, api_key=api_key_from_env(args.api_key),
+    serve(served, host=args.host, port=args.port, sock=sock, api_key=api_key_from_env(args.api_key), realtime=realtime,
           cors_origins=tuple(args.cors_origin), media_policy=policy,
           max_body_bytes=args.max_body_mib * 1024 * 1024 if args.max_body_mib else MAX_BODY_BYTES)
 
@@ -844,13 +885,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "espeak:<voice> (default: joe when piper is installed, else espeak)")
     sp.add_argument("--speed", type=float, default=1.0, help="0.25 to 4.0 (default 1.0)")
 
+    def add_voice(sp):  # the spoken-dialogue cascade's models (talk, serve --realtime)
+        sp.add_argument("--voice", default=None, help="joe (the packaged Piper voice), piper:<voice.onnx>, espeak or "
+                        "espeak:<voice> (default: joe when piper is installed, else espeak)")
+        sp.add_argument("--asr-model", default=None, metavar="WHISPER", help="the speech recognition model: a Whisper "
+                        "directory or hub id (default: the packaged Whisper tiny.en)")
+
     sp = add("talk", cmd_talk, "spoken dialogue: a spoken question answered aloud (Whisper, a chat model, a voice)")
     sp.add_argument("--in", dest="input", default=None, metavar="QUESTION.wav", help="the spoken question (live "
                     "microphone mode needs sound devices)")
     sp.add_argument("--out", default=None, metavar="ANSWER.wav", help="where the spoken answer goes (16-bit WAV)")
     sp.add_argument("--model", default=None, help="the chat model (default: the embedded SmolLM2-135M-Instruct)")
-    sp.add_argument("--voice", default=None, help="joe (the packaged Piper voice), piper:<voice.onnx>, espeak or "
-                    "espeak:<voice> (default: joe when piper is installed, else espeak)")
+    add_voice(sp)
     sp.add_argument("--max-new-tokens", type=int, default=96, help="the longest answer, in tokens")
     sp.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on the shared 2-core machine "
                     "the cascade answered sooner with 1 than with 2, docs/dialogue.md)")
@@ -893,6 +939,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allowed-domain", action="append", default=[], metavar="DOMAIN",
                     help="fetch media from this domain and its subdomains only (repeatable)")
     sp.add_argument("--media-root", default=None, metavar="DIR", help="serve file:// media from inside DIR")
+    sp.add_argument("--realtime", action="store_true", help="switch on WS /v1/realtime, spoken conversation "
+                    "(Whisper, the chat model, a voice; the web UI's Talk button): docs/dialogue.md")
+    sp.add_argument("--realtime-model", default=None, metavar="NAME", help="the served chat model the conversations "
+                    "talk through (default: the first served chat model, else the embedded SmolLM2)")
+    sp.add_argument("--realtime-max-tokens", type=int, default=96, help="the longest spoken answer, in tokens")
+    add_voice(sp)
     return p
 
 

@@ -39,6 +39,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from polymodal.speech.dialogue import SAMPLING_RATE, Dialogue
 
 PATH = "/v1/realtime"
+# The API key as a websocket subprotocol, as OpenAI's realtime API takes it from browsers (which cannot send an
+# Authorization header on a websocket): protocols ["realtime", "openai-insecure-api-key.<key>"]
+KEY_PROTOCOL = "openai-insecure-api-key."
 MAX_SESSIONS = 4  # conversations at once, by default
 MAX_APPEND_BYTES = 1 << 20  # the most PCM one message may carry (~33 s at 16 kHz); longer ones are refused unread
 
@@ -169,10 +172,15 @@ def add_realtime_route(app, cascade_factory: Callable | None, *, api_key: str | 
 
     @app.websocket(PATH)
     async def realtime(ws: WebSocket):
-        if key and not hmac.compare_digest(ws.headers.get("authorization", "").encode(), key):
+        offered = list(ws.scope.get("subprotocols") or [])
+        given = ws.headers.get("authorization", "")
+        for protocol in offered:  # a browser cannot set headers on a websocket: the key may come as a subprotocol
+            if protocol.startswith(KEY_PROTOCOL):
+                given = f"Bearer {protocol[len(KEY_PROTOCOL):]}"
+        if key and not hmac.compare_digest(given.encode(), key):
             await ws.close(code=1008, reason="missing or incorrect API key (Authorization: Bearer <key>)")
             return
-        await ws.accept()
+        await ws.accept(subprotocol="realtime" if "realtime" in offered else None)  # a browser needs one chosen
         if cascade_factory is None:
             await ws.send_json(error_event("invalid_request_error", "realtime_disabled",
                                            "realtime conversation is not enabled on this server"))
@@ -219,3 +227,61 @@ async def _converse(ws: WebSocket, session: Session) -> None:
         return
     finally:  # the answer in progress is cancelled and its threads joined, off the event loop
         await asyncio.to_thread(d.close)
+
+
+class ServedChat:
+    """A served local chat model as a Cascade's chat: `stream(messages, max_new_tokens, **options)` yields the
+    answer's text pieces from the model's ChatEngine (so conversations share its batches with the HTTP requests)
+    with the model's generation defaults (`ServedModel.defaults`, as a chat request that sets nothing gets);
+    closing the stream early cancels the request."""
+
+    def __init__(self, model):
+        from polymodal.serve.engine import MIN_TEMPERATURE
+
+        self.model = model
+        d = model.defaults
+        temperature = d.get("temperature", 1.0)
+        sample = temperature >= MIN_TEMPERATURE  # colder is greedy, as the chat route decodes it
+        self.sampling = {"do_sample": sample, "temperature": temperature if sample else 1.0,
+                         **{k: d[k] for k in ("top_p", "top_k", "repetition_penalty") if k in d}}
+
+    def stream(self, messages, *, max_new_tokens: int = 96, **options):
+        m = self.model
+        text = m.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = m.tokenizer.encode(text, add_special_tokens=False)  # the template placed the special tokens
+        request = m.engine.submit(ids, max_new_tokens=max_new_tokens, **{**self.sampling, **options})
+        return self._pieces(request)
+
+    @staticmethod
+    def _pieces(request):
+        from polymodal.providers.base import ChatResult
+        from polymodal.serve.engine import Finished
+
+        events, text = request.events(), ""
+        try:
+            for event in events:
+                if isinstance(event, Finished):
+                    if event.reason == "error":
+                        raise RuntimeError(f"the chat model failed: {event.error}")
+                    return ChatResult(text, event.reason, event.prompt_tokens, event.completion_tokens)
+                if event.text:
+                    text += event.text
+                    yield event.text
+        finally:
+            events.close()  # before the end: the request is cancelled
+
+
+def served_chat(served, name: str | None = None):
+    """The chat model a server's spoken conversations talk through: the served chat model `name` (any served chat
+    model when None), as a Cascade's chat (a local model through its engine, a hosted one through its provider);
+    None when no chat model is served. A `name` that is served but does not chat raises ValueError."""
+    if name is not None:
+        m = served.models.get(name)
+        if m is None or m.kind != "chat":
+            what = "is not served" if m is None else f"is a {m.kind} model, not a chat model"
+            raise ValueError(f"--realtime-model {name}: that model {what}")
+    else:
+        m = next((m for m in served.models.values() if m.kind == "chat"), None)
+        if m is None:
+            return None
+    return ServedChat(m) if m.engine is not None else m.provider

@@ -258,6 +258,13 @@ class Cascade:
         """The rate of the audio the replies speak (the voice's)."""
         return int(self.tts.sampling_rate)
 
+    def fork(self) -> Cascade:
+        """A new Cascade over the same models and settings, with a conversation of its own: what a server gives each
+        connection (the models are loaded once). The forks transcribe one at a time, as one cascade does."""
+        other = Cascade(self.asr, self.chat, self.tts, system=self.system, **self.generation)
+        other._asr_lock = self._asr_lock
+        return other
+
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
         with self._lock:
