@@ -213,6 +213,14 @@ def test_realtime_not_enabled_and_the_api_key():
         assert closed.value.code == 1008
         with client.websocket_connect("/v1/realtime", headers={"Authorization": "Bearer sesame"}) as ws:
             assert ws.receive_json()["type"] == "session.created"
+        # a browser's way (it cannot set headers on a websocket): the key as a subprotocol, as OpenAI's realtime API
+        with client.websocket_connect("/v1/realtime", subprotocols=["realtime", "openai-insecure-api-key.sesame"]
+                                      ) as ws:
+            assert ws.accepted_subprotocol == "realtime" and ws.receive_json()["type"] == "session.created"
+        with pytest.raises(WebSocketDisconnect) as closed, client.websocket_connect(
+                "/v1/realtime", subprotocols=["realtime", "openai-insecure-api-key.wrong"]):
+            pass
+        assert closed.value.code == 1008
 
 
 @needs_espeak

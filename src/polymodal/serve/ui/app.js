@@ -394,6 +394,7 @@ async function send(event) {
 
 function newChat() {
   if (state.controller) state.controller.abort();
+  endVoice();  // the server's spoken conversation ends too
   state.history = [];
   $("messages").replaceChildren();
 }
@@ -539,6 +540,242 @@ async function generateImage(event) {
   }
 }
 
+// ------------------------------------------------------------------------------------------------ voice
+// Push to talk over WS /v1/realtime (docs/dialogue.md), when the server has the route (`realtime` in GET /health).
+// Hold Talk to speak, or click it to start and click again to stop. While it is on, the microphone goes to the server
+// as 16-kHz PCM16 binary messages; while it is off, silence does, until the turn's answer is over: the server's
+// turn-taking is paced by the audio it hears (its VAD hears the end of the turn in that silence), and speaking
+// again while an answer plays interrupts it (barge-in). The user's transcript and the answer's text join the
+// chat; the answer's audio is played as it arrives. The conversation lives on the server until New chat.
+const VOICE_RATE = 16000;  // what the server hears
+const HOLD_MS = 300;       // held longer than this: push-to-talk (off when released); a shorter click toggles
+const SILENCE_MS = 2000;   // after release with no turn open: the microphone is closed after this much silence
+const voice = {
+  ws: null, ready: null, ctx: null, mic: null, source: null, processor: null,
+  talking: false, held: false, pressedAt: 0, releasedAt: 0, open: 0,  // open: turns heard and not yet answered
+  phase: 0, last: 0,                    // the resampler's position and last sample, carried across blocks
+  outRate: 24000, playAt: 0, playing: [],
+  answer: null, answerText: "",         // the answer being spoken: its message view and text so far
+};
+
+async function checkVoice() {
+  // The Talk button follows the server: disabled, with the reason as its tooltip, when it has no realtime route.
+  const talk = $("talk");
+  let enabled = false;
+  try {
+    enabled = Boolean((await (await fetch("/health")).json()).realtime);
+  } catch (_) { /* no answer: off */ }
+  const mic = Boolean(navigator.mediaDevices && navigator.mediaDevices.getUserMedia && window.AudioContext);
+  talk.disabled = !enabled || !mic;
+  talk.title = !enabled ? "This server has no realtime voice route (start it with `polymodal serve --realtime`)"
+    : !mic ? "This browser gives no microphone to this page (it needs https:// or localhost)"
+    : "Hold to speak, or click to start and click again to stop";
+}
+
+function openVoice() {
+  // One websocket per conversation; resolves once the server's session.created has come.
+  if (voice.ready) return voice.ready;
+  voice.ready = new Promise((resolve, reject) => {
+    const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/realtime`;
+    // a browser cannot send an Authorization header on a websocket: the key goes as a subprotocol, as OpenAI's
+    const protocols = ["realtime", ...(state.apiKey ? [`openai-insecure-api-key.${state.apiKey}`] : [])];
+    const ws = new WebSocket(url, protocols);
+    ws.binaryType = "arraybuffer";
+    voice.ws = ws;
+    ws.onmessage = (e) => {
+      const event = JSON.parse(e.data);
+      if (event.type === "session.created") {
+        voice.outRate = event.session.output_sample_rate;
+        resolve();
+      }
+      onVoiceEvent(event);
+    };
+    ws.onclose = (e) => {
+      if (voice.ws === ws) endVoice();
+      reject(new Error(e.code === 1008 && !state.apiKey ? "this server needs an API key" : `closed (${e.code})`));
+      if (e.code === 1008 && !state.apiKey) askForKey("This server needs an API key.", null);
+    };
+  });
+  return voice.ready;
+}
+
+function endVoice() {
+  // The conversation is over (New chat, or the server closed it): the socket and the microphone close.
+  const ws = voice.ws;
+  voice.ws = null;
+  voice.ready = null;
+  voice.open = 0;
+  if (ws && ws.readyState <= WebSocket.OPEN) ws.close();
+  stopPlayback();
+  stopCapture();
+  setTalking(false);
+}
+
+async function startCapture() {
+  if (voice.processor) return;
+  voice.mic = await navigator.mediaDevices.getUserMedia(
+    {audio: {channelCount: 1, echoCancellation: true, noiseSuppression: true}});
+  voice.source = voice.ctx.createMediaStreamSource(voice.mic);
+  voice.processor = voice.ctx.createScriptProcessor(4096, 1, 1);  // (an AudioWorklet would need a script file)
+  voice.phase = 0;
+  voice.last = 0;
+  voice.processor.onaudioprocess = (e) => sendAudio(e.inputBuffer.getChannelData(0));
+  voice.source.connect(voice.processor);
+  voice.processor.connect(voice.ctx.destination);  // (it writes silence: a processor runs only when connected)
+}
+
+function stopCapture() {
+  if (!voice.processor) return;
+  voice.processor.onaudioprocess = null;
+  voice.source.disconnect();
+  voice.processor.disconnect();
+  for (const track of voice.mic.getTracks()) track.stop();
+  voice.mic = voice.source = voice.processor = null;
+}
+
+function toPcm16(input, rate) {
+  // The context's rate -> 16 kHz by linear interpolation; the buffer starts with the previous block's last sample.
+  const step = rate / VOICE_RATE;
+  const out = new Int16Array(Math.max(0, Math.ceil((input.length - voice.phase) / step)));
+  let t = voice.phase;
+  let n = 0;
+  while (t < input.length && n < out.length) {
+    const i = Math.floor(t);
+    const a = i === 0 ? voice.last : input[i - 1];
+    const x = a + (input[i] - a) * (t - i);
+    out[n++] = Math.max(-1, Math.min(1, x)) * 32767;
+    t += step;
+  }
+  voice.phase = t - input.length;
+  voice.last = input[input.length - 1];
+  return out.subarray(0, n);
+}
+
+function sendAudio(samples) {
+  const pcm = toPcm16(samples, voice.ctx.sampleRate);
+  if (!voice.talking) pcm.fill(0);  // off: silence keeps the server's clock (the end of turn, the answer's pace)
+  if (voice.ws && voice.ws.readyState === WebSocket.OPEN) voice.ws.send(pcm.buffer.slice(pcm.byteOffset,
+    pcm.byteOffset + pcm.byteLength));
+  if (!voice.talking && voice.open <= 0 && performance.now() - voice.releasedAt > SILENCE_MS) stopCapture();
+}
+
+function playAudio(base64) {
+  const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+  const pcm = new Int16Array(bytes.buffer);
+  if (!pcm.length) return;
+  const buffer = voice.ctx.createBuffer(1, pcm.length, voice.outRate);
+  const channel = buffer.getChannelData(0);
+  let peak = 0;
+  for (let i = 0; i < pcm.length; i++) {
+    channel[i] = pcm[i] / 32768;
+    peak = Math.max(peak, Math.abs(pcm[i]));
+  }
+  const source = voice.ctx.createBufferSource();
+  source.buffer = buffer;
+  source.connect(voice.ctx.destination);
+  const at = Math.max(voice.ctx.currentTime + 0.05, voice.playAt);  // one after the other, as they came
+  source.start(at);
+  voice.playAt = at + buffer.duration;
+  voice.playing.push(source);
+  source.onended = () => { voice.playing = voice.playing.filter((s) => s !== source); };
+  if (voice.answer) {  // what was played, for the curious (and the tests)
+    const view = voice.answer;
+    view.dataset.audioSeconds = (Number(view.dataset.audioSeconds || 0) + buffer.duration).toFixed(3);
+    view.dataset.audioPeak = Math.max(Number(view.dataset.audioPeak || 0), peak);
+  }
+}
+
+function stopPlayback() {
+  for (const source of voice.playing) source.stop();
+  voice.playing = [];
+  voice.playAt = 0;
+}
+
+function onVoiceEvent(event) {
+  switch (event.type) {
+    case "input_audio_buffer.speech_started":
+      voice.open += 1;
+      stopPlayback();  // a barge-in: the server cancels the answer, and what is queued here stops
+      $("voice-status").textContent = "Hearing you…";
+      break;
+    case "input_audio_buffer.speech_stopped":
+      $("voice-status").textContent = "Thinking…";
+      break;
+    case "conversation.item.input_audio_transcription.completed": {
+      if (!event.transcript) break;
+      const user = addMessage("user");
+      user.dataset.voice = "1";
+      renderUser(user, event.transcript, []);
+      voice.answer = addMessage("assistant");
+      voice.answer.dataset.voice = "1";
+      voice.answer.dataset.status = "streaming";
+      voice.answerText = "";
+      break;
+    }
+    case "response.audio_transcript.delta":
+      if (!voice.answer) break;
+      voice.answerText += (voice.answerText ? " " : "") + event.delta;
+      renderAnswer(voice.answer, voice.answerText, false);
+      voice.answer.scrollIntoView({block: "end"});
+      break;
+    case "response.audio.delta":
+      playAudio(event.delta);
+      $("voice-status").textContent = "Speaking…";
+      break;
+    case "response.done": {
+      voice.open = Math.max(0, voice.open - 1);
+      const view = voice.answer;
+      voice.answer = null;
+      $("voice-status").textContent = "";
+      if (!view) break;
+      const heard = event.response.output_transcript || "";
+      renderAnswer(view, heard, true);
+      const cancelled = event.response.status === "cancelled";
+      if (cancelled) view.querySelector(".body").append(el("div", {class: "muted", text: "(interrupted)"}));
+      view.dataset.status = cancelled ? "stopped" : "done";
+      const said = view.previousElementSibling && view.previousElementSibling.querySelector(".text");
+      if (said && heard) {  // typed turns that follow see the spoken ones (the voice conversation is the server's)
+        state.history.push({role: "user", content: said.textContent}, {role: "assistant", content: heard});
+      }
+      break;
+    }
+    case "error":
+      setStatus(`Voice: ${event.error.message}`);
+      break;
+  }
+}
+
+function setTalking(on) {
+  voice.talking = on;
+  $("talk").setAttribute("aria-pressed", on ? "true" : "false");
+  $("talk").textContent = on ? "Listening (release or click to stop)" : "Talk";
+  if (!on) voice.releasedAt = performance.now();
+}
+
+async function talkDown(e) {
+  e.preventDefault();
+  if ($("talk").disabled) return;
+  if (voice.talking) return setTalking(false);  // a click while on: off
+  voice.held = true;
+  voice.pressedAt = performance.now();
+  setTalking(true);
+  try {
+    voice.ctx = voice.ctx || new AudioContext();  // made in the click: the browser lets it play
+    await voice.ctx.resume();
+    await openVoice();
+    await startCapture();
+  } catch (err) {
+    setTalking(false);
+    setStatus(`Voice: ${err.message}`);
+  }
+}
+
+function talkUp() {
+  if (!voice.held) return;
+  voice.held = false;
+  if (performance.now() - voice.pressedAt >= HOLD_MS) setTalking(false);  // held: push-to-talk; a click stays on
+}
+
 // ------------------------------------------------------------------------------------------------ wiring
 $("composer").addEventListener("submit", send);
 $("prompt").addEventListener("keydown", (e) => {
@@ -581,5 +818,9 @@ $("key-form").addEventListener("submit", (e) => {
 });
 $("imagegen-form").addEventListener("submit", generateImage);
 $("image-model").addEventListener("change", updateImageModel);
+$("talk").addEventListener("pointerdown", talkDown);
+$("talk").addEventListener("pointerup", talkUp);
+$("talk").addEventListener("pointerleave", talkUp);
 
 loadModels();
+checkVoice();
