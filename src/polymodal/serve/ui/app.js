@@ -748,7 +748,7 @@ function onVoiceEvent(event) {
 function setTalking(on) {
   voice.talking = on;
   $("talk").setAttribute("aria-pressed", on ? "true" : "false");
-  $("talk").textContent = on ? "Listening (release or click to stop)" : "Talk";
+  $("talk").textContent = on ? "Listening…" : "Talk";
   if (!on) voice.releasedAt = performance.now();
 }
 
