@@ -401,3 +401,41 @@ def test_served_chat_streams_the_engines_answer_and_cancels_when_closed(tmp_path
             served_chat(served, "other")
     finally:
         served.close()
+
+
+@needs_espeak
+def test_polymodal_serve_realtime_answers_a_spoken_question(tmp_path):
+    """The real flag end to end: `polymodal serve --realtime --voice espeak` (the embedded SmolLM2 served, and the
+    conversation's chat model through its engine; the packaged Whisper tiny.en), its /health saying so, and a
+    spoken question over a real websocket answered about Paris, as audio."""
+    from test_talk import _have_models
+
+    why = _have_models()
+    if why:
+        pytest.skip(why)
+    pytest.importorskip("websockets", reason="uvicorn's websocket support needs the websockets package")
+    import httpx
+    from serve_helpers import serve_subprocess
+    from websockets.sync.client import connect
+
+    with serve_subprocess(tmp_path, "--realtime", "--voice", "espeak") as url:
+        assert httpx.get(url + "/health").json()["realtime"] is True
+        with connect(url.replace("http", "ws") + "/v1/realtime") as ws:
+            assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+            question = np.concatenate([np.zeros(RATE // 2, np.float32), say("What is the capital of France?")])
+            ws.send(pcm(question))
+            events, deadline = [], time.monotonic() + 60
+            while not events or events[-1]["type"] != "response.done":
+                assert time.monotonic() < deadline, [e["type"] for e in events]
+                try:
+                    events.append(json.loads(ws.recv(timeout=0.02)))
+                except TimeoutError:
+                    ws.send(bytes(2 * 512))
+    transcripts = [e["transcript"] for e in events
+                   if e["type"] == "conversation.item.input_audio_transcription.completed"]
+    assert transcripts == ["What is the capital of France?"]
+    audio = np.concatenate([np.frombuffer(base64.b64decode(e["delta"]), "<i2") for e in events
+                            if e["type"] == "response.audio.delta"])
+    assert np.abs(audio).max() > 1000
+    done = events[-1]["response"]
+    assert done["status"] == "completed" and "paris" in done["output_transcript"].lower(), done
