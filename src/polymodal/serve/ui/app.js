@@ -555,7 +555,7 @@ const voice = {
   talking: false, held: false, pressedAt: 0, releasedAt: 0, open: 0,  // open: turns heard and not yet answered
   phase: 0, last: 0,                    // the resampler's position and last sample, carried across blocks
   outRate: 24000, playAt: 0, playing: [],
-  answer: null, answerText: "",         // the answer being spoken: its message view and text so far
+  said: "", answer: null, answerText: "",  // the turn's transcript, the answer's message view and text so far
 };
 
 async function checkVoice() {
@@ -706,6 +706,7 @@ function onVoiceEvent(event) {
       const user = addMessage("user");
       user.dataset.voice = "1";
       renderUser(user, event.transcript, []);
+      voice.said = event.transcript;
       voice.answer = addMessage("assistant");
       voice.answer.dataset.voice = "1";
       voice.answer.dataset.status = "streaming";
@@ -733,9 +734,8 @@ function onVoiceEvent(event) {
       const cancelled = event.response.status === "cancelled";
       if (cancelled) view.querySelector(".body").append(el("div", {class: "muted", text: "(interrupted)"}));
       view.dataset.status = cancelled ? "stopped" : "done";
-      const said = view.previousElementSibling && view.previousElementSibling.querySelector(".text");
-      if (said && heard) {  // typed turns that follow see the spoken ones (the voice conversation is the server's)
-        state.history.push({role: "user", content: said.textContent}, {role: "assistant", content: heard});
+      if (heard) {  // typed turns that follow see the spoken ones (the voice conversation is the server's)
+        state.history.push({role: "user", content: voice.said}, {role: "assistant", content: heard});
       }
       break;
     }
@@ -821,6 +821,11 @@ $("image-model").addEventListener("change", updateImageModel);
 $("talk").addEventListener("pointerdown", talkDown);
 $("talk").addEventListener("pointerup", talkUp);
 $("talk").addEventListener("pointerleave", talkUp);
+$("talk").addEventListener("keydown", (e) => {  // Space or Enter: held, push-to-talk; pressed, a toggle
+  if ((e.key === " " || e.key === "Enter") && !e.repeat) talkDown(e);
+});
+$("talk").addEventListener("keyup", (e) => { if (e.key === " " || e.key === "Enter") talkUp(); });
+$("talk").addEventListener("click", (e) => e.preventDefault());  // (handled on pointerdown and keydown)
 
 loadModels();
 checkVoice();
