@@ -96,3 +96,33 @@ def test_talk_is_disabled_with_the_reason_when_the_server_has_no_realtime_route(
         page.goto(url + "/")
         page.locator("#talk[title*='--realtime']").wait_for()
         assert page.locator("#talk").is_disabled()
+
+
+def test_holding_talk_on_polymodal_serve_realtime_with_the_real_models(page, tmp_path):
+    """The whole way: `polymodal serve --realtime --voice espeak` (the embedded SmolLM2 through its engine, Whisper
+    tiny.en, espeak-ng) run as a subprocess, the Talk button held while the microphone file speaks, then released:
+    the question transcribed, and a spoken answer about Paris shown and played."""
+    why = _have_models()
+    if why:
+        pytest.skip(why)
+    from serve_helpers import serve_subprocess
+
+    with serve_subprocess(tmp_path, "--realtime", "--voice", "espeak") as url:
+        page.goto(url + "/")
+        talk = page.locator("#talk")
+        talk.and_(page.locator(":enabled")).wait_for()
+        box = talk.bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.mouse.down()  # held: push-to-talk
+        user = page.locator(".message.user[data-voice]")
+        user.wait_for(timeout=30_000)
+        assert talk.get_attribute("aria-pressed") == "true"
+        page.mouse.up()
+        assert talk.get_attribute("aria-pressed") == "false"
+        answer = page.locator(".message.assistant[data-voice]")
+        answer.and_(page.locator("[data-status=done]")).wait_for(timeout=60_000)
+        said = user.locator(".text").text_content()
+        assert said.strip().lower().rstrip("?.") == "what is the capital of france", said
+        assert "paris" in answer.locator(".body").text_content().lower()
+        assert float(answer.get_attribute("data-audio-seconds")) > 0.5
+        assert int(answer.get_attribute("data-audio-peak")) > 1000  # speech, not silence
