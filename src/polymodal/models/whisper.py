@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -427,6 +428,210 @@ class Whisper(nn.Module):
                        **options)[:, T:]
         return _strip_end(out, options["eos_token_id"], options["pad_token_id"])
 
+
+    # ------------------------------------------------------------------------------ long-form (sequential) decoding
+
+    @torch.inference_mode()
+    def generate_long(self, input_features: Tensor, attention_mask: Tensor | None = None, *,
+                      language: str | list[str] | None = None, task: str | None = None,
+                      max_new_tokens: int | None = None, condition_on_prev_tokens: bool = False,
+                      temperature: float | tuple[float, ...] | None = None,
+                      compression_ratio_threshold: float | None = None, logprob_threshold: float | None = None,
+                      no_speech_threshold: float | None = None, generator: torch.Generator | None = None) -> dict:
+        """The paper's sequential long-form transcription, as transformers' Whisper `generate` runs it on inputs
+        over 30 s (`return_timestamps=True, return_segments=True`).
+
+        input_features (B, n_mels, N) the log-mel of whole audios (N any length), attention_mask (B, N) their
+        valid frames (needed for B > 1). A seek pointer per audio: the 30-s window at seek is decoded with
+        timestamps, cut into segments at timestamp pairs, and seek moves to the last complete pair's end (by the
+        whole window when the window ends with a single timestamp or has no pair). Options as transformers names
+        them: condition_on_prev_tokens (the tokens so far, after <|startofprev|>, prompt the next window),
+        temperature (a tuple: the next one is tried for a window whose compression ratio is over
+        compression_ratio_threshold or whose average log-prob is under logprob_threshold), no_speech_threshold
+        (with logprob_threshold: a window whose <|nospeech|> probability is higher and log-prob lower is
+        skipped). Defaults are transformers': greedy, no conditioning, no thresholds.
+
+        -> {"sequences": (B, L) every segment's tokens in order, padded; "segments": per audio a list of
+        {"start", "end" (s), "seek" (frame), "tokens", "temperature", "avg_logprob", "compression_ratio",
+        "no_speech_prob"}}."""
+        c, gen = self.config, self.generation_settings()
+        if input_features.dim() != 3 or input_features.shape[1] != c.num_mel_bins:
+            raise ValueError(f"input_features must be (batch, n_mels={c.num_mel_bins}, frames), got "
+                             f"{tuple(input_features.shape)}")
+        B, _, N = input_features.shape
+        if attention_mask is None:
+            if B > 1:
+                raise ValueError("batched long-form transcription needs attention_mask (B, frames): each audio's "
+                                 "valid frames")
+            frames = [N]
+        else:
+            if attention_mask.shape != (B, N):
+                raise ValueError(f"attention_mask must be (batch={B}, frames={N}), got {tuple(attention_mask.shape)}")
+            frames = attention_mask.sum(-1).tolist()
+        if gen.get("no_timestamps_token_id") is None:
+            raise ValueError("long-form decoding needs timestamps, and this checkpoint's generation config has no "
+                             "<|notimestamps|> id")
+        temps = tuple(temperature) if isinstance(temperature, (tuple, list)) else (temperature,)
+        if not temps or any(t is not None and t < 0 for t in temps):
+            raise ValueError(f"temperature must be a number >= 0 or a non-empty tuple of them, got {temperature!r}")
+        if no_speech_threshold is not None and logprob_threshold is None:
+            raise ValueError("no_speech_threshold needs logprob_threshold: a window is skipped when both say so")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        W, ts_begin = c.num_frames, gen["no_timestamps_token_id"] + 1
+        first = F.pad(input_features[..., :W], (0, max(0, W - N)))
+        init = self.prompt_ids(first, language, task, timestamps=True)
+        suppress = gen.get("suppress_tokens") or []
+        # transformers' <|startofprev|>: the generation config's, else the second-to-last suppressed token
+        prev_sot = gen.get("prev_sot_token_id", suppress[-2] if len(suppress) >= 2 else None)
+        if condition_on_prev_tokens and prev_sot is None:
+            raise ValueError("condition_on_prev_tokens needs <|startofprev|>, which this generation config lacks")
+        cutoff = c.max_target_positions // 2 - 1  # the previous tokens kept: the paper's half the context
+        settings = dict(temps=temps, max_new_tokens=max_new_tokens, crt=compression_ratio_threshold,
+                        lpt=logprob_threshold, nst=no_speech_threshold, generator=generator)
+        seek, segments, condition = [0] * B, [[] for _ in range(B)], [condition_on_prev_tokens] * B
+        while active := [i for i in range(B) if seek[i] < frames[i]]:
+            n_frames = {i: min(W, frames[i] - seek[i]) for i in active}
+            windows = {i: F.pad(input_features[i, :, seek[i] : seek[i] + n_frames[i]], (0, W - n_frames[i]))
+                       for i in active}
+            # transformers conditions only when some row asks and the first audio has segments; every row then
+            # starts with <|startofprev|> (followed by its own tokens if it conditions)
+            prompts = {i: list(init[i]) for i in active}
+            if any(condition) and segments[0]:
+                for i in active:
+                    prev = [t for s in segments[i] for t in (s["tokens"][:-1] if len(s["tokens"]) > 2 and
+                                                             s["tokens"][-2] >= ts_begin else s["tokens"])]
+                    prompts[i] = [prev_sot, *(prev[-cutoff:] if condition[i] else []), *init[i]]
+            results = self._decode_with_fallback(windows, prompts, len(init[active[0]]), ts_begin, **settings)
+            for i in active:
+                tokens, info = results[i]
+                condition[i] = condition_on_prev_tokens and (info["temperature"] is None or info["temperature"] < 0.5)
+                if info.pop("skip"):
+                    seek[i] += n_frames[i]
+                    continue
+                new, advance = _split_segments(tokens, ts_begin, seek[i], n_frames[i])
+                for s in new:
+                    s.update(info, seek=seek[i])
+                segments[i] += new
+                seek[i] += advance
+        rows = [[t for s in segs for t in s["tokens"]] for segs in segments]
+        L = max(map(len, rows), default=0)
+        sequences = torch.tensor([r + [c.pad_token_id] * (L - len(r)) for r in rows], dtype=torch.long).reshape(B, L)
+        return {"sequences": sequences, "segments": segments}
+
+    def _decode_with_fallback(self, windows: dict[int, Tensor], prompts: dict[int, list[int]], init_len: int,
+                              ts_begin: int, *, temps, max_new_tokens, crt, lpt, nst, generator) -> dict:
+        """Decode each row's window at the first temperature; rows that fail a threshold again at the next one
+        (the last one's result stands) -> {row: (tokens without <|endoftext|>, info)}."""
+        out, todo = {}, list(windows)
+        for k, temp in enumerate(temps):
+            retry = []
+            # rows with prompts of one length decode as one batch (no padding; see docs/whisper.md)
+            for length in sorted({len(prompts[i]) for i in todo}):
+                rows = [i for i in todo if len(prompts[i]) == length]
+                feats = torch.stack([windows[i] for i in rows])
+                ids = torch.tensor([prompts[i] for i in rows], device=feats.device)
+                decoded = self._decode_window(feats, ids, length - init_len, temp, max_new_tokens, generator,
+                                              no_speech=nst is not None)
+                for i, (tokens, avg_logprob, no_speech_prob) in zip(rows, decoded):
+                    ratio = compression_ratio(tokens, self.config.vocab_size)
+                    fallback = (crt is not None and ratio > crt) or (lpt is not None and avg_logprob < lpt)
+                    skip = nst is not None and avg_logprob < lpt and no_speech_prob > nst
+                    if tokens and tokens[-1] == self.config.eos_token_id:
+                        tokens = tokens[:-1]
+                    out[i] = (tokens, dict(temperature=0.0 if temp is None else float(temp), avg_logprob=avg_logprob,
+                                           compression_ratio=ratio, no_speech_prob=no_speech_prob, skip=skip))
+                    if fallback and not skip and k < len(temps) - 1:
+                        retry.append(i)
+            if not retry:
+                break
+            todo = retry
+        return out
+
+    def _decode_window(self, feats: Tensor, ids: Tensor, sot_index: int, temp: float | None, max_new_tokens,
+                       generator, *, no_speech: bool) -> list[tuple[list[int], float, float]]:
+        """One batch of 30-s windows with equal-length prompts (B, T), timestamps on -> per row (the new tokens up
+        to and with <|endoftext|>, their average log-prob under the processed logits, the <|nospeech|>
+        probability at <|startoftranscript|>)."""
+        c = self.config
+        B, T = ids.shape
+        room = c.max_target_positions - T
+        if room < 1:
+            raise ValueError(f"a decoder prompt of {T} tokens leaves no room in Whisper's {c.max_target_positions} "
+                             f"positions")
+        n = room if max_new_tokens is None else min(max_new_tokens, room)  # transformers clamps it the same way
+        state, logits = self.generation_prefill(ids, torch.ones_like(ids, dtype=torch.bool), T + n,
+                                                input_features=feats, timestamps=True)
+        no_speech_prob = [0.0] * B
+        if no_speech:  # the raw logits at <|startoftranscript|> (transformers' WhisperNoSpeechDetection)
+            at_sot = self.decode(ids[:, : sot_index + 1], state.cross)[:, sot_index].float().softmax(-1)
+            no_speech_prob = at_sot[:, self.generation_settings()["no_timestamps_token_id"] - 1].tolist()
+        eos, pad = c.eos_token_id, c.pad_token_id
+        done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+        tokens, logprobs = [], []
+        for step in range(n):
+            lp = F.log_softmax(logits.float(), dim=-1)  # transformers' `scores` (processed), the log-prob checks
+            if temp is None or temp == 0:
+                nxt = logits.argmax(-1)
+            else:
+                warped = logits.float() / temp
+                # transformers samples with its default top_k=50 (the paper's decoder has none)
+                kth = warped.topk(min(SAMPLING_TOP_K, warped.shape[-1]), dim=-1).values[:, -1:]
+                probs = F.softmax(warped.masked_fill(warped < kth, float("-inf")), dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            nxt = nxt.masked_fill(done, pad)
+            tokens.append(nxt)
+            logprobs.append(lp.gather(-1, nxt[:, None]).squeeze(1))
+            done = done | (nxt == eos)
+            if bool(done.all()) or step == n - 1:
+                break
+            logits = self.generation_step(nxt, state)
+        toks, lps = torch.stack(tokens, 1).tolist(), torch.stack(logprobs, 1).tolist()
+        out = []
+        for b in range(B):
+            row = toks[b]
+            length = row.index(eos) + 1 if eos in row else len(row)  # up to and with <|endoftext|>
+            out.append((row[:length], sum(lps[b][:length]) / length, no_speech_prob[b]))
+        return out
+
+
+SAMPLING_TOP_K = 50  # transformers' generation default, which its Whisper long-form sampling keeps
+
+
+def compression_ratio(tokens: list[int], vocab_size: int) -> float:
+    """Raw / zlib-compressed byte length of the tokens (each as little-endian bytes): transformers' and the paper's
+    repetition check (a window that loops compresses well)."""
+    width = int(math.log2(vocab_size) / 8) + 1
+    raw = b"".join(t.to_bytes(width, "little") for t in tokens)
+    return len(raw) / len(zlib.compress(raw)) if raw else 0.0
+
+
+def _split_segments(tokens: list[int], ts_begin: int, seek: int, n_frames: int) -> tuple[list[dict], int]:
+    """One window's tokens (no <|endoftext|>) -> (segments with absolute times, frames to move seek by), as
+    transformers' `_retrieve_segment`: cut after every timestamp pair; a window ending in a single timestamp
+    (nothing after it) or with no pair is consumed whole; otherwise the text after the last pair is dropped and
+    seek moves to that pair's time (2 mel frames per 0.02-s step)."""
+    offset = seek * 0.02 / 2  # seconds: 100 frames a second
+    is_ts = [t >= ts_begin for t in tokens]
+    single_end = is_ts[-2:] == [False, True]
+    cuts = [i + 1 for i in range(len(tokens) - 1) if is_ts[i] and is_ts[i + 1]]
+    if not cuts:
+        stamps = [t for t in tokens if t >= ts_begin]
+        # the window's end, or its last timestamp when that is not <|0.00|>
+        end = stamps[-1] - ts_begin if stamps and stamps[-1] != ts_begin else int(n_frames * 0.01 / 0.02)
+        return [{"start": offset, "end": offset + end * 0.02, "tokens": tokens}], n_frames
+    if single_end:
+        cuts.append(len(tokens))
+    else:
+        cuts[-1] += 1  # the last pair's closing timestamp stays in its segment
+    out, last = [], 0
+    for k, cut in enumerate(cuts):
+        piece = tokens[last:cut]
+        end_at = -2 if k == len(cuts) - 1 and not single_end else -1
+        out.append({"start": offset + (piece[0] - ts_begin) * 0.02, "end": offset + (piece[end_at] - ts_begin) * 0.02,
+                    "tokens": piece})
+        last = cut
+    return out, n_frames if single_end else (tokens[last - 2] - ts_begin) * 2
 
 def _strip_end(tokens: Tensor, eos: int | list[int], pad: int) -> Tensor:
     """transformers' Whisper output: each row without its <|endoftext|>, padded to the longest row that remains."""
