@@ -76,6 +76,33 @@ def test_openai_client_gets_the_pipelines_text(server):
     assert isinstance(text, str) and "amiable" in text
 
 
+@needs_real
+def test_openai_client_gets_segments_as_verbose_json_srt_and_vtt(server):
+    """verbose_json, srt and vtt come from the pipeline's long-form segments (here 2 clips with 1 s between)."""
+    from polymodal.processing.audio import read_audio
+
+    url, served = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    audio = np.concatenate([read_audio(CLIPS[4]), np.zeros(16000, np.float32), read_audio(CLIPS[1])])
+    body = wav(audio)
+    got = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", body), response_format="verbose_json")
+    want = served.get("whisper").speech.pipe.transcribe(audio, return_segments=True)
+    assert got.text == want["text"] and got.language == "english" and got.task == "transcribe"
+    assert abs(got.duration - len(audio) / 16000) < 1e-3
+    assert [s.text for s in got.segments] == [s["text"] for s in want["segments"]] and len(got.segments) >= 2
+    first = got.segments[0]
+    assert first.id == 0 and first.seek == 0 and first.start == 0.0 and first.end > first.start
+    assert first.temperature == 0.0 and first.avg_logprob < 0 and first.compression_ratio > 0
+    assert 0 <= first.no_speech_prob <= 1 and first.tokens == list(want["segments"][0]["tokens"])
+    srt = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", body), response_format="srt")
+    blocks = srt.strip().split("\n\n")
+    assert len(blocks) == len(got.segments) and blocks[0].splitlines()[0] == "1"
+    assert blocks[0].splitlines()[1].startswith("00:00:00,000 --> 00:00:0")
+    assert blocks[0].splitlines()[2] == got.segments[0].text.strip()
+    vtt = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", body), response_format="vtt")
+    assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> ") and got.segments[-1].text.strip() in vtt
+
+
 def test_models_list_says_it_transcribes(server):
     import httpx
 
@@ -98,7 +125,7 @@ def _post(url: str, files=None, data=None, **kw):
     ({"other": ("x", b"1", "text/plain")}, {"model": "whisper"}, 400, "Unknown form field"),
     ({"file": ("x.wav", wav(np.zeros(1600)), "audio/wav")}, {"model": "nope"}, 404, "does not exist"),
     ({"file": ("x.wav", wav(np.zeros(1600)), "audio/wav")}, {"model": "chat"}, 400, "does not transcribe"),
-    ({"file": ("x.wav", wav(np.zeros(1600)), "audio/wav")}, {"model": "whisper", "response_format": "srt"}, 400,
+    ({"file": ("x.wav", wav(np.zeros(1600)), "audio/wav")}, {"model": "whisper", "response_format": "xml"}, 400,
      "not supported"),
     ({"file": ("x.wav", wav(np.zeros(1600)), "audio/wav")}, {"model": "whisper", "temperature": "0.7"}, 400,
      "temperature 0"),

@@ -1,7 +1,8 @@
 """Speech recognition behind POST /v1/audio/transcriptions, OpenAI's route and request shape: a multipart form with
-`file` (the audio) and `model`, optionally `language`, `response_format` ("json", the default, or "text") and
-`temperature` (0 only: greedy). The answer is {"text": ...}, what the official client's `audio.transcriptions.create`
-reads.
+`file` (the audio) and `model`, optionally `language`, `response_format` and `temperature` (0 only: greedy). The
+answer is {"text": ...} ("json", the default), the text ("text"), or the segments of Whisper's sequential long-form
+decoding as OpenAI returns them: "verbose_json" (task, language, duration, text, segments with id, seek, start,
+end, text, tokens, temperature, avg_logprob, compression_ratio, no_speech_prob), "srt" and "vtt" (text/plain).
 
     worker = SpeechWorker(AutomaticSpeechRecognitionPipeline(model), max_queue=32)
     text = await worker.transcribe(audio_bytes, language="en")        # QueueFull when the queue is full
@@ -41,25 +42,29 @@ class SpeechWorker:
         self._count = threading.Lock()
         self._last_seconds = 1.0
 
-    async def transcribe(self, audio: bytes, *, language: str | None = None) -> str:
+    async def transcribe(self, audio: bytes, *, language: str | None = None, segments: bool = False):
+        """The text of the audio; segments: {"text", "segments", "duration"} (the pipeline's long-form segments)."""
         with self._count:
             if self._waiting >= self.max_queue + 1:
                 raise QueueFull("too many transcriptions waiting", self._last_seconds * self._waiting)
             self._waiting += 1
         try:
-            return await asyncio.to_thread(self._run, audio, language)
+            return await asyncio.to_thread(self._run, audio, language, segments)
         finally:
             with self._count:
                 self._waiting -= 1
 
-    def _run(self, audio: bytes, language: str | None) -> str:
+    def _run(self, audio: bytes, language: str | None, segments: bool = False):
         from polymodal.processing.audio import read_audio
 
         samples = read_audio(audio, max_seconds=MAX_SECONDS)  # AudioError (a ValueError) for bad audio
         with self._lock:
             start = time.monotonic()
             try:
-                return self.pipe.transcribe(samples, language=language)["text"]
+                if not segments:
+                    return self.pipe.transcribe(samples, language=language)["text"]
+                out = self.pipe.transcribe(samples, language=language, return_segments=True)
+                return {**out, "duration": len(samples) / self.pipe.features.sampling_rate}
             finally:
                 self._last_seconds = max(time.monotonic() - start, 0.1)
 
@@ -116,9 +121,9 @@ async def transcription(served, body: bytes, content_type: str):
     if "file" not in fields or not fields["file"][0]:
         raise APIError(400, "The form has no audio: send it as the `file` field.", param="file")
     response_format = _text(fields, "response_format", "json")
-    if response_format not in ("json", "text"):
-        raise APIError(400, f"response_format {response_format!r} is not supported: 'json' or 'text' (segments and "
-                       "timestamps per segment are not served yet).", param="response_format")
+    if response_format not in FORMATS:
+        raise APIError(400, f"response_format {response_format!r} is not supported: one of "
+                       f"{', '.join(map(repr, FORMATS))}.", param="response_format")
     temperature = _text(fields, "temperature", "0")
     try:
         greedy = float(temperature) == 0
@@ -130,10 +135,46 @@ async def transcription(served, body: bytes, content_type: str):
         raise APIError(400, "A `prompt` is not supported yet by polymodal's Whisper.", param="prompt")
     language = _text(fields, "language") or None
     try:
-        text = await m.speech.transcribe(fields["file"][0], language=language)
+        text = await m.speech.transcribe(fields["file"][0], language=language,
+                                         segments=response_format not in ("json", "text"))
     except QueueFull as e:
         raise APIError(429, f"The model {m.id!r} has too many transcriptions waiting; retry in a moment.",
                        headers={"Retry-After": str(max(1, round(e.retry_after)))}) from None
     except ValueError as e:  # AudioError: the audio; an unknown language
         raise APIError(400, f"{str(e).splitlines()[0]}", param="file" if language is None else None) from None
-    return text if response_format == "text" else {"text": text}
+    if response_format in ("json", "text"):
+        return text if response_format == "text" else {"text": text}
+    if response_format == "verbose_json":
+        return verbose_json(text, language, m.speech.pipe.model.is_multilingual)
+    return subtitles(text["segments"], vtt=response_format == "vtt")
+
+
+FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
+
+
+def verbose_json(out: dict, language: str | None, multilingual: bool) -> dict:
+    """The pipeline's segments -> OpenAI's verbose_json transcription."""
+    from polymodal.models.whisper import LANGUAGE_CODES
+
+    names = {code: name for name, code in LANGUAGE_CODES.items()}
+    lang = names.get(language, language) if language else None if multilingual else "english"
+    return {"task": "transcribe", "language": lang, "duration": round(out["duration"], 3), "text": out["text"],
+            "segments": [{"id": i, "seek": s["seek"], "start": round(s["start"], 2), "end": round(s["end"], 2),
+                          "text": s["text"], "tokens": list(s["tokens"]), "temperature": s["temperature"],
+                          "avg_logprob": s["avg_logprob"], "compression_ratio": s["compression_ratio"],
+                          "no_speech_prob": s["no_speech_prob"]} for i, s in enumerate(out["segments"])]}
+
+
+def _clock(seconds: float, mark: str) -> str:
+    ms = round(seconds * 1000)
+    return f"{ms // 3600000:02d}:{ms // 60000 % 60:02d}:{ms // 1000 % 60:02d}{mark}{ms % 1000:03d}"
+
+
+def subtitles(segments: list[dict], *, vtt: bool) -> str:
+    """Segments -> SubRip (numbered cues, hh:mm:ss,mmm) or WebVTT (a WEBVTT header, hh:mm:ss.mmm), as OpenAI
+    returns them."""
+    mark = "." if vtt else ","
+    cues = [f"{_clock(s['start'], mark)} --> {_clock(s['end'], mark)}\n{s['text'].strip()}\n" for s in segments]
+    if vtt:
+        return "WEBVTT\n\n" + "\n".join(cues)
+    return "\n".join(f"{i}\n{cue}" for i, cue in enumerate(cues, 1))
