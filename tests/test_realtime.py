@@ -206,8 +206,12 @@ def test_realtime_not_enabled_and_the_api_key():
         assert ws.receive_json()["error"]["code"] == "realtime_disabled"
         with pytest.raises(WebSocketDisconnect):
             ws.receive_json()
+        assert client.get("/v1/realtime").json()["enabled"] is False  # what the web UI reads
     app = create_app(ServedModels([]), api_key="sesame", realtime=fake_cascade)
     with TestClient(app) as client:
+        assert client.get("/v1/realtime").status_code == 401  # as every /v1 route
+        info = client.get("/v1/realtime", headers={"Authorization": "Bearer sesame"}).json()
+        assert info["enabled"] is True and info["input_sample_rate"] == RATE and info["max_sessions"] == MAX_SESSIONS
         with pytest.raises(WebSocketDisconnect) as closed, client.websocket_connect("/v1/realtime"):
             pass
         assert closed.value.code == 1008
@@ -419,7 +423,7 @@ def test_polymodal_serve_realtime_answers_a_spoken_question(tmp_path):
     from websockets.sync.client import connect
 
     with serve_subprocess(tmp_path, "--realtime", "--voice", "espeak") as url:
-        assert httpx.get(url + "/health").json()["realtime"] is True
+        assert httpx.get(url + "/v1/realtime").json()["enabled"] is True
         with connect(url.replace("http", "ws") + "/v1/realtime") as ws:
             assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
             question = np.concatenate([np.zeros(RATE // 2, np.float32), say("What is the capital of France?")])

@@ -102,8 +102,7 @@ def create_app(served: ServedModels, *, api_key: str | None = None, cors_origins
 
     @app.get("/health")
     async def health():
-        # realtime: whether WS /v1/realtime holds conversations (the web UI's Talk button follows it)
-        return {"status": "ok", "models": served.ids(), "realtime": realtime is not None}
+        return {"status": "ok", "models": served.ids()}
 
     @app.get("/v1/models")
     async def list_models():

@@ -170,6 +170,12 @@ def add_realtime_route(app, cascade_factory: Callable | None, *, api_key: str | 
     key = f"Bearer {api_key}".encode() if api_key else None
     open_sessions = 0  # (changed on the event loop only)
 
+    @app.get(PATH)
+    async def realtime_info():
+        """Whether the websocket holds conversations (the web UI's Talk button follows it), and its audio format."""
+        return {"object": "realtime.info", "enabled": cascade_factory is not None, "input_audio_format": "pcm16",
+                "input_sample_rate": SAMPLING_RATE, "sessions": open_sessions, "max_sessions": max_sessions}
+
     @app.websocket(PATH)
     async def realtime(ws: WebSocket):
         offered = list(ws.scope.get("subprotocols") or [])

@@ -107,6 +107,7 @@ async function loadModels() {
     : "No chat model is served here.");
   updateModel();
   updateImageModel();
+  checkVoice();
 }
 
 function updateImageModel() {
@@ -541,7 +542,7 @@ async function generateImage(event) {
 }
 
 // ------------------------------------------------------------------------------------------------ voice
-// Push to talk over WS /v1/realtime (docs/dialogue.md), when the server has the route (`realtime` in GET /health).
+// Push to talk over WS /v1/realtime (docs/dialogue.md), when the server has the route (GET /v1/realtime says `enabled`).
 // Hold Talk to speak, or click it to start and click again to stop. While it is on, the microphone goes to the server
 // as 16-kHz PCM16 binary messages; while it is off, silence does, until the turn's answer is over: the server's
 // turn-taking is paced by the audio it hears (its VAD hears the end of the turn in that silence), and speaking
@@ -559,11 +560,13 @@ const voice = {
 };
 
 async function checkVoice() {
-  // The Talk button follows the server: disabled, with the reason as its tooltip, when it has no realtime route.
+  // The Talk button follows the server (GET /v1/realtime): disabled, with the reason as its tooltip, when it has no
+  // realtime route. Checked after the models load, so that the API key is known by then.
   const talk = $("talk");
   let enabled = false;
   try {
-    enabled = Boolean((await (await fetch("/health")).json()).realtime);
+    const response = await fetch("/v1/realtime", {headers: headers(false)});
+    enabled = response.ok && Boolean((await response.json()).enabled);
   } catch (_) { /* no answer: off */ }
   const mic = Boolean(navigator.mediaDevices && navigator.mediaDevices.getUserMedia && window.AudioContext);
   talk.disabled = !enabled || !mic;
@@ -828,4 +831,3 @@ $("talk").addEventListener("keyup", (e) => { if (e.key === " " || e.key === "Ent
 $("talk").addEventListener("click", (e) => e.preventDefault());  // (handled on pointerdown and keydown)
 
 loadModels();
-checkVoice();
